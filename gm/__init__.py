@@ -1,0 +1,1 @@
+"""MindBooth: SDXL in MindSpore (sgm-style `gm` package)."""

@@ -1,0 +1,59 @@
+"""Config helpers in the style of Stability's generative-models (sgm)."""
+import importlib
+
+
+def get_obj_from_str(string: str):
+    """'pkg.module.Name' -> the object it names."""
+    module, name = string.rsplit(".", 1)
+    return getattr(importlib.import_module(module), name)
+
+
+def instantiate_from_config(config, **extra_params):
+    """Build `target(**params)` from a `{target:, params:}` mapping (OmegaConf or dict)."""
+    if "target" not in config:
+        if config in ("__is_first_stage__", "__is_unconditional__"):
+            return None
+        raise KeyError(f"config has no 'target' key: {dict(config) if hasattr(config, 'keys') else config}")
+    params = dict(config.get("params", None) or {})
+    params.update(extra_params)
+    return get_obj_from_str(config["target"])(**params)
+
+
+def default(value, fallback):
+    return fallback if value is None else value
+
+
+def append_dims(x, target_ndim: int):
+    """Append trailing singleton axes to `x` until it has `target_ndim` axes."""
+    missing = target_ndim - x.ndim
+    if missing < 0:
+        raise ValueError(f"input has {x.ndim} dims but target_ndim is {target_ndim}, which is less")
+    return x.reshape(x.shape + (1,) * missing)
+
+
+def load_params(net, params: dict, strict: bool = True, what: str = "checkpoint"):
+    """Copy `params` (name -> numpy array / Tensor / Parameter) into `net`'s parameters by name.
+
+    MindSpore's `load_param_into_net(strict_load=True)` does not raise on missing or unexpected
+    names (it returns them), so strictness is checked here. Returns (missing, unexpected).
+    """
+    import mindspore as ms
+
+    own = dict(net.parameters_and_names())
+    missing = sorted(set(own) - set(params))
+    unexpected = sorted(set(params) - set(own))
+    if strict and (missing or unexpected):
+        raise ValueError(
+            f"{what} does not match the model: {len(missing)} missing (first: {missing[:3]}), "
+            f"{len(unexpected)} unexpected (first: {unexpected[:3]}); check that config and weights are the same model"
+        )
+    for name in set(own) & set(params):
+        value = params[name]
+        if isinstance(value, ms.Parameter):
+            value = value.value()
+        param = own[name]
+        if tuple(value.shape) != tuple(param.shape):
+            raise ValueError(f"{what}: '{name}' has shape {tuple(value.shape)}, the model expects {tuple(param.shape)}")
+        value = ms.Tensor(value) if not isinstance(value, ms.Tensor) else value
+        param.set_data(value.astype(param.dtype))
+    return missing, unexpected
