@@ -1,0 +1,101 @@
+"""Transformer parts of the SDXL UNet: attention, GEGLU feed-forward, BasicTransformerBlock and the
+SpatialTransformer (linear proj_in/out), with sgm's parameter names."""
+import mindspore as ms
+from mindspore import nn, ops
+
+from gm.modules.diffusionmodules.util import zero_module
+
+
+class CrossAttention(nn.Cell):
+    """Multi-head attention; self-attention when `context` is None (attn1), cross-attention on the
+    text context otherwise (attn2). to_q/to_k/to_v have no bias, as in SDXL."""
+
+    def __init__(self, query_dim: int, context_dim: int = None, heads: int = 8, dim_head: int = 64, dropout: float = 0.0):
+        super().__init__()
+        inner_dim = heads * dim_head
+        context_dim = query_dim if context_dim is None else context_dim
+        self.heads = heads
+        self.scale = dim_head**-0.5
+        self.to_q = nn.Dense(query_dim, inner_dim, has_bias=False)
+        self.to_k = nn.Dense(context_dim, inner_dim, has_bias=False)
+        self.to_v = nn.Dense(context_dim, inner_dim, has_bias=False)
+        self.to_out = nn.SequentialCell([nn.Dense(inner_dim, query_dim), nn.Dropout(p=dropout)])
+
+    def _split_heads(self, x):
+        batch, tokens, _ = x.shape
+        return x.reshape(batch, tokens, self.heads, -1).transpose(0, 2, 1, 3)
+
+    def construct(self, x, context=None):
+        context = x if context is None else context
+        q = self._split_heads(self.to_q(x))
+        k = self._split_heads(self.to_k(context))
+        v = self._split_heads(self.to_v(context))
+        # Scores and softmax in fp32 whatever the compute dtype: fp16 softmax over 4096 tokens overflows.
+        scores = ops.matmul(q.astype(ms.float32) * self.scale, k.astype(ms.float32).swapaxes(-1, -2))
+        weights = ops.softmax(scores, axis=-1).astype(v.dtype)
+        out = ops.matmul(weights, v)
+        batch, _, tokens, _ = out.shape
+        out = out.transpose(0, 2, 1, 3).reshape(batch, tokens, -1)
+        return self.to_out(out)
+
+
+class GEGLU(nn.Cell):
+    """Gated GELU: one projection gives the value and its gate."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Dense(dim_in, dim_out * 2)
+
+    def construct(self, x):
+        value, gate = ops.chunk(self.proj(x), 2, axis=-1)
+        return value * ops.gelu(gate, approximate="none")
+
+
+class FeedForward(nn.Cell):
+    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
+        super().__init__()
+        inner_dim = dim * mult
+        self.net = nn.SequentialCell([GEGLU(dim, inner_dim), nn.Dropout(p=dropout), nn.Dense(inner_dim, dim)])
+
+    def construct(self, x):
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Cell):
+    def __init__(self, dim: int, n_heads: int, d_head: int, context_dim: int, dropout: float = 0.0):
+        super().__init__()
+        self.attn1 = CrossAttention(dim, heads=n_heads, dim_head=d_head, dropout=dropout)
+        self.ff = FeedForward(dim, dropout=dropout)
+        self.attn2 = CrossAttention(dim, context_dim=context_dim, heads=n_heads, dim_head=d_head, dropout=dropout)
+        self.norm1 = nn.LayerNorm((dim,), epsilon=1e-5)
+        self.norm2 = nn.LayerNorm((dim,), epsilon=1e-5)
+        self.norm3 = nn.LayerNorm((dim,), epsilon=1e-5)
+
+    def construct(self, x, context):
+        x = self.attn1(self.norm1(x)) + x
+        x = self.attn2(self.norm2(x), context) + x
+        return self.ff(self.norm3(x)) + x
+
+
+class SpatialTransformer(nn.Cell):
+    """GroupNorm, linear proj_in over the flattened pixels, `depth` transformer blocks, proj_out, residual."""
+
+    def __init__(self, in_channels: int, n_heads: int, d_head: int, depth: int, context_dim: int, dropout: float = 0.0):
+        super().__init__()
+        inner_dim = n_heads * d_head
+        self.norm = nn.GroupNorm(32, in_channels, eps=1e-6)
+        self.proj_in = nn.Dense(in_channels, inner_dim)
+        self.transformer_blocks = nn.CellList(
+            [BasicTransformerBlock(inner_dim, n_heads, d_head, context_dim, dropout) for _ in range(depth)]
+        )
+        self.proj_out = zero_module(nn.Dense(inner_dim, in_channels))
+
+    def construct(self, x, context):
+        batch, channels, height, width = x.shape
+        x_in = x
+        x = self.norm(x).reshape(batch, channels, height * width).swapaxes(1, 2)
+        x = self.proj_in(x)
+        for block in self.transformer_blocks:
+            x = block(x, context)
+        x = self.proj_out(x)
+        return x.swapaxes(1, 2).reshape(batch, channels, height, width) + x_in

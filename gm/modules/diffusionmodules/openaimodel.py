@@ -1,0 +1,185 @@
+"""The SDXL UNet (sgm's `openaimodel.UNetModel`), with the official checkpoint's block numbering:
+input_blocks / middle_block / output_blocks, each a TimestepEmbedSequential of ResBlocks,
+SpatialTransformers and Down/Upsamplers."""
+from typing import List, Sequence, Union
+
+from mindspore import nn, ops
+
+from gm.modules.attention import SpatialTransformer
+from gm.modules.diffusionmodules.util import normalization, timestep_embedding, zero_module
+
+
+def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, 3, stride=stride, pad_mode="pad", padding=1, has_bias=True)
+
+
+class ResBlock(nn.Cell):
+    """GroupNorm-SiLU-conv, add the projected time embedding, GroupNorm-SiLU-dropout-conv, residual."""
+
+    def __init__(self, channels: int, emb_channels: int, out_channels: int, dropout: float = 0.0):
+        super().__init__()
+        self.in_layers = nn.SequentialCell([normalization(channels), nn.SiLU(), conv3x3(channels, out_channels)])
+        self.emb_layers = nn.SequentialCell([nn.SiLU(), nn.Dense(emb_channels, out_channels)])
+        self.out_layers = nn.SequentialCell(
+            [normalization(out_channels), nn.SiLU(), nn.Dropout(p=dropout), zero_module(conv3x3(out_channels, out_channels))]
+        )
+        self.has_skip_projection = out_channels != channels
+        if self.has_skip_projection:
+            self.skip_connection = nn.Conv2d(channels, out_channels, 1, has_bias=True)
+
+    def construct(self, x, emb):
+        h = self.in_layers(x)
+        h = h + self.emb_layers(emb)[:, :, None, None]
+        h = self.out_layers(h)
+        skip = self.skip_connection(x) if self.has_skip_projection else x
+        return skip + h
+
+
+class Downsample(nn.Cell):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.op = conv3x3(channels, channels, stride=2)
+
+    def construct(self, x):
+        return self.op(x)
+
+
+class Upsample(nn.Cell):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = conv3x3(channels, channels)
+
+    def construct(self, x):
+        height, width = x.shape[-2:]
+        x = ops.interpolate(x, size=(height * 2, width * 2), mode="nearest")
+        return self.conv(x)
+
+
+class TimestepEmbedSequential(nn.SequentialCell):
+    """Runs its layers in order, giving each the inputs it needs (time embedding or text context)."""
+
+    def construct(self, x, emb, context):
+        for layer in self.cell_list:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            else:
+                x = layer(x)
+        return x
+
+
+def _per_level(value: Union[int, Sequence[int]], levels: int, name: str) -> List[int]:
+    if isinstance(value, int):
+        return [value] * levels
+    value = list(value)
+    if len(value) != levels:
+        raise ValueError(f"{name} has {len(value)} entries but channel_mult has {levels} levels; give one per level")
+    return value
+
+
+class UNetModel(nn.Cell):
+    """SDXL's UNet. Sizes use sgm's parameter names; attention sits at the downsampling rates listed in
+    `attention_resolutions` (1, 2, 4, ... for levels 0, 1, 2, ...)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        model_channels: int,
+        out_channels: int,
+        num_res_blocks: Union[int, Sequence[int]],
+        attention_resolutions: Sequence[int],
+        channel_mult: Sequence[int] = (1, 2, 4),
+        num_head_channels: int = 64,
+        transformer_depth: Union[int, Sequence[int]] = 1,
+        transformer_depth_middle: int = None,
+        context_dim: int = None,
+        adm_in_channels: int = None,
+        num_classes: str = None,
+        dropout: float = 0.0,
+        use_linear_in_transformer: bool = True,
+        **unused_sgm_options,
+    ):
+        super().__init__()
+        if not use_linear_in_transformer:
+            raise ValueError("only use_linear_in_transformer: True (SDXL's linear proj_in/proj_out) is implemented")
+        if num_classes not in (None, "sequential"):
+            raise ValueError(f"num_classes must be 'sequential' (SDXL's vector conditioning) or absent, got {num_classes!r}")
+        levels = len(channel_mult)
+        num_res_blocks = _per_level(num_res_blocks, levels, "num_res_blocks")
+        transformer_depth = _per_level(transformer_depth, levels, "transformer_depth")
+        transformer_depth_middle = transformer_depth[-1] if transformer_depth_middle is None else transformer_depth_middle
+        self.model_channels = model_channels
+        time_embed_dim = model_channels * 4
+
+        def transformer(channels, depth):
+            if channels % num_head_channels:
+                raise ValueError(f"{channels} channels do not divide into heads of num_head_channels={num_head_channels}")
+            return SpatialTransformer(channels, channels // num_head_channels, num_head_channels, depth, context_dim, dropout)
+
+        self.time_embed = nn.SequentialCell(
+            [nn.Dense(model_channels, time_embed_dim), nn.SiLU(), nn.Dense(time_embed_dim, time_embed_dim)]
+        )
+        self.has_label_emb = num_classes == "sequential"
+        if self.has_label_emb:
+            self.label_emb = nn.SequentialCell(
+                [nn.SequentialCell([nn.Dense(adm_in_channels, time_embed_dim), nn.SiLU(), nn.Dense(time_embed_dim, time_embed_dim)])]
+            )
+
+        input_blocks = [TimestepEmbedSequential([conv3x3(in_channels, model_channels)])]
+        skip_channels = [model_channels]
+        channels, rate = model_channels, 1
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks[level]):
+                layers = [ResBlock(channels, time_embed_dim, mult * model_channels, dropout)]
+                channels = mult * model_channels
+                if rate in attention_resolutions:
+                    layers.append(transformer(channels, transformer_depth[level]))
+                input_blocks.append(TimestepEmbedSequential(layers))
+                skip_channels.append(channels)
+            if level != levels - 1:
+                input_blocks.append(TimestepEmbedSequential([Downsample(channels)]))
+                skip_channels.append(channels)
+                rate *= 2
+        self.input_blocks = nn.CellList(input_blocks)
+
+        self.middle_block = TimestepEmbedSequential(
+            [
+                ResBlock(channels, time_embed_dim, channels, dropout),
+                transformer(channels, transformer_depth_middle),
+                ResBlock(channels, time_embed_dim, channels, dropout),
+            ]
+        )
+
+        output_blocks = []
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for i in range(num_res_blocks[level] + 1):
+                layers = [ResBlock(channels + skip_channels.pop(), time_embed_dim, model_channels * mult, dropout)]
+                channels = model_channels * mult
+                if rate in attention_resolutions:
+                    layers.append(transformer(channels, transformer_depth[level]))
+                if level and i == num_res_blocks[level]:
+                    layers.append(Upsample(channels))
+                    rate //= 2
+                output_blocks.append(TimestepEmbedSequential(layers))
+        self.output_blocks = nn.CellList(output_blocks)
+
+        self.out = nn.SequentialCell([normalization(channels), nn.SiLU(), zero_module(conv3x3(model_channels, out_channels))])
+
+    def construct(self, x, timesteps, context=None, y=None):
+        """x: (B, C, H, W) noisy latents; timesteps: (B,); context: (B, 77, context_dim); y: (B, adm_in_channels)."""
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).astype(x.dtype))
+        if self.has_label_emb:
+            emb = emb + self.label_emb(y)
+        skips = []
+        h = x
+        for block in self.input_blocks:
+            h = block(h, emb, context)
+            skips.append(h)
+        h = self.middle_block(h, emb, context)
+        skip_index = len(skips) - 1  # consumed last-in first-out (an index: list.pop does not compile in GRAPH_MODE)
+        for block in self.output_blocks:
+            h = ops.cat((h, skips[skip_index]), axis=1)
+            h = block(h, emb, context)
+            skip_index -= 1
+        return self.out(h)
