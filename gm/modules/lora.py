@@ -1,0 +1,142 @@
+"""LoRA (Hu et al., 2021) on the UNet's attention projections.
+
+A wrapped `nn.Dense` keeps its frozen `weight`/`bias` under the same names and gains `lora_A` (rank x in)
+and `lora_B` (out x rank): y = W x + b + (alpha / rank) * B A dropout(x). B starts at zero, so a fresh
+LoRA changes nothing. Names follow MindONE (`…attn1.to_q.lora_A.weight`), so its LoRA checkpoints load.
+"""
+import math
+from typing import Sequence
+
+import mindspore as ms
+from mindspore import nn, ops
+from mindspore.common.initializer import HeUniform
+
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+DEFAULT_ATTENTIONS = ("attn1", "attn2")
+
+
+class LoRADense(nn.Cell):
+    def __init__(self, base: nn.Dense, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        out_features, in_features = base.weight.shape
+        if rank < 1 or rank > min(in_features, out_features):
+            raise ValueError(f"LoRA rank must be in 1..{min(in_features, out_features)} for a {in_features}->{out_features} layer, got {rank}")
+        self.weight = base.weight
+        self.has_bias = base.has_bias
+        self.bias = base.bias if base.has_bias else None
+        self.rank = rank
+        self.scale = alpha / rank
+        self.lora_dropout = nn.Dropout(p=dropout)
+        # A as peft initialises it (Kaiming-uniform, a=sqrt(5)); B zero.
+        self.lora_A = nn.Dense(in_features, rank, has_bias=False, weight_init=HeUniform(negative_slope=math.sqrt(5)))
+        self.lora_B = nn.Dense(rank, out_features, has_bias=False, weight_init="zeros")
+        self.merged = False
+        self.matmul = ops.MatMul(transpose_b=True)
+        self.bias_add = ops.BiasAdd()
+
+    def construct(self, x):
+        # The base path computes exactly as nn.Dense does, so a fresh LoRA is bit-identical to no LoRA.
+        x_shape = x.shape
+        x_2d = x.reshape(-1, x_shape[-1])
+        out = self.matmul(x_2d, self.weight.astype(x.dtype))
+        if self.has_bias:
+            out = self.bias_add(out, self.bias.astype(x.dtype))
+        if not self.merged:
+            out = out + self.lora_B(self.lora_A(self.lora_dropout(x_2d))) * self.scale
+        return out.reshape(x_shape[:-1] + (out.shape[-1],))
+
+    def delta_weight(self):
+        return ops.matmul(self.lora_B.weight.astype(ms.float32), self.lora_A.weight.astype(ms.float32)) * self.scale
+
+    def merge(self, scale: float = 1.0):
+        """Fold scale * (alpha/rank) * B A into the base weight; the layer then skips its LoRA branch."""
+        if self.merged:
+            raise RuntimeError("LoRA already merged into this layer")
+        self.weight.set_data((self.weight.astype(ms.float32) + scale * self.delta_weight()).astype(self.weight.dtype))
+        self.merged = True
+        self._merge_scale = scale
+
+    def unmerge(self):
+        if not self.merged:
+            raise RuntimeError("LoRA is not merged into this layer")
+        self.weight.set_data((self.weight.astype(ms.float32) - self._merge_scale * self.delta_weight()).astype(self.weight.dtype))
+        self.merged = False
+
+
+def _child(cell: nn.Cell, name: str):
+    return cell[int(name)] if isinstance(cell, nn.SequentialCell) else getattr(cell, name)
+
+
+def _replace_child(cell: nn.Cell, name: str, new: nn.Cell):
+    if isinstance(cell, nn.SequentialCell):
+        cell[int(name)] = new
+    else:
+        setattr(cell, name, new)
+
+
+def inject_lora(
+    net: nn.Cell,
+    rank: int = 4,
+    alpha: float = None,
+    dropout: float = 0.0,
+    target_modules: Sequence[str] = DEFAULT_TARGETS,
+    attentions: Sequence[str] = DEFAULT_ATTENTIONS,
+) -> int:
+    """Wrap `target_modules` of every attention cell named in `attentions` inside `net` with LoRADense.
+    Parameter names are then reset to their paths from `net`, so call it on the checkpoint's root Cell.
+    Returns the number of wrapped layers. alpha defaults to rank (scale 1)."""
+    alpha = rank if alpha is None else alpha
+    attention_cells = [cell for name, cell in net.cells_and_names() if name.rsplit(".", 1)[-1] in attentions]
+    wrapped = 0
+    for attention in attention_cells:
+        for target in target_modules:
+            *path, last = target.split(".")
+            parent = attention
+            for part in path:
+                parent = _child(parent, part)
+            layer = _child(parent, last)
+            if isinstance(layer, LoRADense):
+                raise RuntimeError("LoRA is already injected into this network")
+            if not isinstance(layer, nn.Dense):
+                raise TypeError(f"LoRA target '{target}' is a {type(layer).__name__}, not a Dense layer")
+            _replace_child(parent, last, LoRADense(layer, rank, alpha, dropout))
+            wrapped += 1
+    if not wrapped:
+        raise ValueError(f"no attention layers named {list(attentions)} found to put LoRA on")
+    for name, param in net.parameters_and_names():
+        param.name = name
+    return wrapped
+
+
+def is_lora_name(name: str) -> bool:
+    return ".lora_A." in name or ".lora_B." in name
+
+
+def lora_layers(net: nn.Cell):
+    return [cell for _, cell in net.cells_and_names() if isinstance(cell, LoRADense)]
+
+
+def freeze_all_but_lora(net: nn.Cell):
+    """Only LoRA parameters train; everything else is frozen base model."""
+    for param in net.get_parameters():
+        param.requires_grad = is_lora_name(param.name)
+
+
+def lora_parameters(net: nn.Cell) -> dict:
+    """{name: Parameter} of the LoRA weights only, MindONE names."""
+    return {name: param for name, param in net.parameters_and_names() if is_lora_name(name)}
+
+
+def set_lora_merged(net: nn.Cell, merged: bool, scale: float = 1.0):
+    for layer in lora_layers(net):
+        if merged and not layer.merged:
+            layer.merge(scale)
+        elif not merged and layer.merged:
+            layer.unmerge()
+
+
+def new_lora_init(shape, seed_rng) -> ms.Tensor:
+    """A fresh lora_A draw from a numpy Generator (identical on every data-parallel rank)."""
+    fan_in = shape[1]
+    bound = math.sqrt(6.0 / ((1 + 5.0) * fan_in))  # Kaiming-uniform with a=sqrt(5)
+    return ms.Tensor(seed_rng.uniform(-bound, bound, size=shape).astype("float32"))

@@ -1,0 +1,75 @@
+"""LoRA on the UNet attention: MindONE names, zero-init identity, merge == unmerged, only LoRA trains."""
+import mindspore as ms
+import numpy as np
+from mindspore.nn.utils import no_init_parameters
+
+from conftest import BASE_CONFIG, ROOT, SHARED, TINY_CONFIG
+from gm.modules.lora import freeze_all_but_lora, inject_lora, lora_layers, lora_parameters, set_lora_merged
+from test_unet import _Holder, build_unet, relative_error, run_ours
+
+LORA_REFERENCE = SHARED / "reference" / "sdxl_keys" / "mindone" / "lora_conversion" / "ms_lora_params.txt"
+
+
+def test_full_size_lora_names_and_shapes_equal_mindone_lora_checkpoint():
+    reference = {}
+    for line in LORA_REFERENCE.read_text().splitlines():
+        if not line.strip():
+            continue
+        name, shape, _ = line.split("#")
+        reference[name] = tuple(int(d) for d in shape.strip("()").split(","))
+    with no_init_parameters():
+        holder = _Holder(build_unet(BASE_CONFIG))
+    assert inject_lora(holder, rank=4) == 560
+    ours = {name: tuple(p.shape) for name, p in lora_parameters(holder).items()}
+    assert ours == reference
+    assert len(ours) == 1120
+
+
+def _tiny_inputs(rng):
+    return dict(
+        x=rng.standard_normal((1, 4, 8, 8)).astype(np.float32),
+        t=np.array([400.0], np.float32),
+        context=rng.standard_normal((1, 77, 96)).astype(np.float32),
+        y=rng.standard_normal((1, 1584)).astype(np.float32),
+    )
+
+
+def _randomize(unet, rng):
+    for _, param in unet.parameters_and_names():
+        param.set_data(ms.Tensor(rng.standard_normal(param.shape).astype(np.float32) * 0.1))
+
+
+def test_lora_identity_merge_and_trainable_set():
+    rng = np.random.default_rng(0)
+    holder = _Holder(build_unet(TINY_CONFIG))
+    unet = holder.model.diffusion_model
+    _randomize(unet, rng)
+    inputs = _tiny_inputs(rng)
+    base_out = run_ours(unet, inputs)
+    base_weights = {n: p.asnumpy().copy() for n, p in holder.parameters_and_names()}
+
+    inject_lora(holder, rank=2, alpha=4.0)
+    # Base parameters keep their names and values; a fresh LoRA (B = 0) changes nothing.
+    assert {n: p.asnumpy() for n, p in holder.parameters_and_names() if n in base_weights}.keys() == base_weights.keys()
+    np.testing.assert_array_equal(run_ours(unet, inputs), base_out)
+
+    freeze_all_but_lora(holder)
+    trainable = [p.name for p in holder.trainable_params()]
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    assert len(trainable) == 2 * len(lora_layers(holder))
+
+    for layer in lora_layers(holder):
+        layer.lora_B.weight.set_data(ms.Tensor(rng.standard_normal(layer.lora_B.weight.shape).astype(np.float32) * 0.1))
+    with_lora = run_ours(unet, inputs)
+    assert relative_error(with_lora, base_out) > 1e-3  # the LoRA now matters
+
+    # scale = alpha / rank is applied: the delta equals 2 * B A for alpha 4, rank 2
+    layer = lora_layers(holder)[0]
+    np.testing.assert_allclose(layer.delta_weight().asnumpy(), 2.0 * layer.lora_B.weight.asnumpy() @ layer.lora_A.weight.asnumpy(), rtol=1e-6)
+
+    set_lora_merged(holder, True)
+    assert relative_error(run_ours(unet, inputs), with_lora) < 1e-5
+    set_lora_merged(holder, False)
+    for name, value in base_weights.items():
+        np.testing.assert_allclose(dict(holder.parameters_and_names())[name].asnumpy(), value, atol=1e-6)
+    assert relative_error(run_ours(unet, inputs), with_lora) < 1e-6
