@@ -1,0 +1,54 @@
+"""SDXL's first stage: the KL-regularised autoencoder (sgm `AutoencoderKL`), inference only.
+
+Images are NCHW in [-1, 1]; latents are unscaled (the diffusion engine applies `scale_factor`).
+"""
+from mindspore import nn
+
+from gm.modules.diffusionmodules.model import Decoder, Encoder
+from gm.modules.distributions import DiagonalGaussianDistribution, gaussian_parameters, gaussian_sample
+
+
+class AutoencoderKL(nn.Cell):
+    """Encoder -> quant_conv -> Gaussian posterior moments; latent -> post_quant_conv -> Decoder.
+
+    Training-only sgm keys (monitor, lossconfig, ckpt_path, ...) are accepted and ignored.
+    """
+
+    def __init__(self, embed_dim: int, ddconfig: dict, **ignored):
+        super().__init__()
+        ddconfig = dict(ddconfig)
+        if not ddconfig.get("double_z", True):
+            raise ValueError("AutoencoderKL needs ddconfig double_z: True (the encoder predicts mean and log-variance)")
+        self.encoder = Encoder(**ddconfig)
+        self.decoder = Decoder(**ddconfig)
+        z_channels = ddconfig["z_channels"]
+        self.quant_conv = nn.Conv2d(2 * z_channels, 2 * embed_dim, 1, has_bias=True)
+        self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1, has_bias=True)
+        self.embed_dim = embed_dim
+        self.downsample_factor = 2 ** (len(ddconfig["ch_mult"]) - 1)
+
+    def encode_moments(self, x):
+        """Image (B, C, H, W) -> posterior moments (B, 2*embed_dim, H/f, W/f): mean, then log-variance."""
+        return self.quant_conv(self.encoder(x))
+
+    def posterior(self, x) -> DiagonalGaussianDistribution:
+        """Eager convenience (PyNative); graph code uses `encode`."""
+        return DiagonalGaussianDistribution(self.encode_moments(x))
+
+    def encode(self, x, noise=None):
+        """Image -> latent sampled from the posterior: mean + std * noise (noise drawn if None)."""
+        mean, _, std = gaussian_parameters(self.encode_moments(x))
+        return gaussian_sample(mean, std, noise)
+
+    def decode(self, z):
+        """Latent (B, embed_dim, h, w) -> image (B, out_ch, h*f, w*f)."""
+        return self.decoder(self.post_quant_conv(z))
+
+    def construct(self, x, noise=None):
+        """Reconstruction: decode(encode(x))."""
+        return self.decode(self.encode(x, noise))
+
+
+class AutoencoderKLInferenceWrapper(AutoencoderKL):
+    """The `first_stage_config` target of SDXL's configs: `encode` returns a latent sample, not a distribution
+    (in this code base `AutoencoderKL.encode` already does, so the wrapper only keeps sgm's config name)."""
