@@ -53,5 +53,13 @@ class DiffusionEngine(nn.Cell):
     def decode_first_stage(self, latents):
         return self.first_stage_model.decode(latents / self.scale_factor)
 
+    def free_encoders(self):
+        """Drop the VAE encoder and the text encoders (after latents and embeddings were cached)."""
+        for name in ("encoder", "quant_conv"):
+            if hasattr(self.first_stage_model, name):
+                delattr(self.first_stage_model, name)
+        del self.conditioner
+        self.conditioner = None
+
     def denoise(self, x, sigma, cond):
         return self.denoiser(self.model, x, sigma, cond)

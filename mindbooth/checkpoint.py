@@ -1,0 +1,101 @@
+"""Loading base and LoRA weights into a model, and saving LoRA checkpoints and training state atomically."""
+import json
+from pathlib import Path
+
+import mindspore as ms
+import numpy as np
+
+from gm.modules.lora import inject_lora, is_lora_name, lora_parameters
+from gm.util import load_params
+from mindbooth.images import atomic_write
+
+LORA_METADATA = ("lora_rank", "lora_alpha")
+
+
+def read_checkpoint(path) -> dict:
+    """{name: Parameter} from a MindSpore .ckpt or a .safetensors file, with a clear error if unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weight file not found: {path}")
+    file_format = "safetensors" if path.suffix == ".safetensors" else "ckpt"
+    try:
+        return ms.load_checkpoint(str(path), format=file_format)
+    except Exception as error:  # MindSpore raises bare ValueError/RuntimeError with long C++ traces
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"cannot read weights from {path} ({file_format}): {first_line}") from None
+
+
+def load_weights(engine, paths, lora_dropout: float = 0.0):
+    """Load `paths` in order: the first is the base model (every non-LoRA parameter must be there),
+    the rest are LoRA checkpoints (LoRA is injected on first use with the file's rank and alpha)."""
+    paths = [p for p in paths if p]
+    if not paths:
+        raise ValueError("no weights given: pass --weight path/to/base.ckpt[,path/to/lora.ckpt]")
+    base = read_checkpoint(paths[0])
+    base_only = {k: v for k, v in base.items() if not is_lora_name(k) and k not in LORA_METADATA}
+    own_base = {n for n, _ in engine.parameters_and_names() if not is_lora_name(n)}
+    missing = sorted(own_base - set(base_only))
+    unexpected = sorted(set(base_only) - own_base)
+    if missing or unexpected:
+        raise ValueError(
+            f"{paths[0]} does not match the model config: {len(missing)} missing (first: {missing[:3]}), "
+            f"{len(unexpected)} unexpected (first: {unexpected[:3]})"
+        )
+    load_params(engine, base_only, strict=False, what=str(paths[0]))
+    base_lora = {k: v for k, v in base.items() if is_lora_name(k)}
+    if base_lora:  # a base file with LoRA weights in it (e.g. a MindONE full save)
+        _load_lora(engine, base_lora, base, paths[0], lora_dropout)
+    for path in paths[1:]:
+        params = read_checkpoint(path)
+        lora = {k: v for k, v in params.items() if is_lora_name(k)}
+        if not lora:
+            raise ValueError(f"{path} holds no LoRA weights (names with .lora_A./.lora_B.); give the base model first")
+        _load_lora(engine, lora, params, path, lora_dropout)
+
+
+def lora_rank_alpha(params: dict):
+    ranks = {tuple(v.shape)[0] for k, v in params.items() if ".lora_A." in k}
+    if len(ranks) != 1:
+        raise ValueError(f"LoRA layers have different ranks {sorted(ranks)}; MindBooth needs one rank per file")
+    rank = ranks.pop()
+    alpha = float(params["lora_alpha"].asnumpy()) if "lora_alpha" in params else float(rank)  # MindONE: alpha = rank
+    return rank, alpha
+
+
+def _load_lora(engine, lora: dict, params: dict, path, lora_dropout: float):
+    rank, alpha = lora_rank_alpha({**lora, **{k: params[k] for k in LORA_METADATA if k in params}})
+    if not lora_parameters(engine):
+        inject_lora(engine.model, rank=rank, alpha=alpha, dropout=lora_dropout)
+        for name, param in engine.parameters_and_names():
+            param.name = name
+    own = lora_parameters(engine)
+    unexpected = sorted(set(lora) - set(own))
+    if unexpected:
+        raise ValueError(f"{path}: {len(unexpected)} LoRA weights have no layer in this model (first: {unexpected[:3]})")
+    for layer_name in {k.rsplit(".lora_", 1)[0] for k in lora}:
+        layer = _layer(engine, layer_name)
+        if layer.rank != rank:
+            raise ValueError(f"{path} has LoRA rank {rank} but the model's LoRA has rank {layer.rank}; load one LoRA at a time")
+        layer.scale = alpha / rank
+    load_params(engine, lora, strict=False, what=str(path))
+
+
+def _layer(engine, layer_name):
+    cells = dict(engine.cells_and_names())
+    return cells[layer_name]
+
+
+def save_checkpoint_atomic(params: dict, path, metadata: dict = None):
+    """Save {name: Parameter/Tensor/array} (+ scalar metadata) as a .ckpt; a crash never leaves a partial file."""
+    entries = [{"name": k, "data": v if isinstance(v, (ms.Tensor, ms.Parameter)) else ms.Tensor(v)} for k, v in params.items()]
+    for key, value in (metadata or {}).items():
+        entries.append({"name": key, "data": ms.Tensor(np.array(value, dtype=np.float32))})
+    atomic_write(path, lambda temporary: ms.save_checkpoint(entries, temporary))
+
+
+def save_lora(engine, path, rank: int, alpha: float):
+    save_checkpoint_atomic({k: v.value() for k, v in lora_parameters(engine).items()}, path, {"lora_rank": rank, "lora_alpha": alpha})
+
+
+def save_json_atomic(data: dict, path):
+    atomic_write(path, lambda temporary: Path(temporary).write_text(json.dumps(data, indent=1)))

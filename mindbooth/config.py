@@ -1,0 +1,67 @@
+"""Training configuration: the YAML holds everything; a command-line flag, when given, overrides it."""
+import argparse
+
+from omegaconf import OmegaConf
+
+
+def str2bool(value) -> bool:
+    if isinstance(value, bool):
+        return value
+    if value.lower() in ("true", "1", "yes", "y"):
+        return True
+    if value.lower() in ("false", "0", "no", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
+
+
+# flag -> (config path, type, help). MindONE's DreamBooth flags keep their meaning.
+TRAIN_FLAGS = {
+    "instance_data_path": ("dreambooth.instance_data_path", str, "folder with the subject's 3-10 photos"),
+    "instance_prompt": ("dreambooth.instance_prompt", str, 'prompt with the rare token, e.g. "A photo of a sks dog"'),
+    "class_data_path": ("dreambooth.class_data_path", str, "folder of class images (missing ones are sampled here)"),
+    "class_prompt": ("dreambooth.class_prompt", str, 'prompt of the class, e.g. "A photo of a dog"'),
+    "num_class_images": ("dreambooth.num_class_images", int, "class images wanted for prior preservation"),
+    "prior_loss_weight": ("dreambooth.prior_loss_weight", float, "weight of the class (prior-preservation) loss"),
+    "train_data_repeat": ("dreambooth.train_data_repeat", int, "repeats of the instance images per epoch"),
+    "per_batch_size": ("train.per_batch_size", int, "instance images per micro-batch and device"),
+    "gradient_accumulation_steps": ("train.gradient_accumulation_steps", int, "micro-batches per optimizer step"),
+    "clip_grad": ("train.clip_grad", str2bool, "clip gradients by global norm"),
+    "max_grad_norm": ("train.max_grad_norm", float, "global-norm limit when clip_grad"),
+    "total_step": ("train.total_step", int, "optimizer steps to train"),
+    "learning_rate": ("optim.learning_rate", float, "AdamW learning rate"),
+    "lora_rank": ("model.params.lora_config.rank", int, "LoRA rank"),
+    "lora_alpha": ("model.params.lora_config.alpha", float, "LoRA alpha (scale = alpha / rank)"),
+    "cache_latents": ("data.cache_latents", str2bool, "encode images and prompts once, then free the encoders"),
+    "seed": ("train.seed", int, "random seed"),
+    "save_path": ("train.save_path", str, "output folder"),
+    "save_ckpt_interval": ("train.save_ckpt_interval", int, "save the LoRA every N steps"),
+    "max_num_ckpt": ("train.max_num_ckpt", int, "keep at most N LoRA checkpoints (oldest removed)"),
+    "log_interval": ("train.log_interval", int, "log every N steps"),
+    "infer_during_train": ("train.infer_during_train", str2bool, "write a validation grid during training"),
+    "infer_interval": ("train.infer_interval", int, "steps between validation grids"),
+    "resolution": ("data.resolution", int, "training image size"),
+}
+
+
+def training_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="DreamBooth-LoRA fine-tuning of SDXL with prior preservation.")
+    parser.add_argument("--config", required=True, help="training YAML (model, dreambooth, data, optim, train)")
+    parser.add_argument("--weight", default="", help="base weights .ckpt[,LoRA .ckpt to start from]")
+    parser.add_argument("--ms_mode", type=int, default=0, help="0: GRAPH_MODE (fast), 1: PYNATIVE_MODE")
+    parser.add_argument("--jit_level", default="O0", choices=["O0", "O1", "O2"], help="GRAPH_MODE optimisation level")
+    parser.add_argument("--device_target", default="Ascend", choices=["Ascend", "GPU", "CPU"])
+    parser.add_argument("--is_parallel", type=str2bool, default=False, help="data parallel over all launched processes")
+    parser.add_argument("--resume", default="", help="output folder (or True for --save_path) of a run to continue")
+    parser.add_argument("--train_text_encoder", type=str2bool, default=False, help="not supported: LoRA trains the UNet only")
+    for flag, (_, kind, help_text) in TRAIN_FLAGS.items():
+        parser.add_argument(f"--{flag}", type=kind, default=None, help=help_text)
+    return parser
+
+
+def load_training_config(args):
+    config = OmegaConf.load(args.config)
+    for flag, (path, _, _) in TRAIN_FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            OmegaConf.update(config, path, value, force_add=True)
+    return config

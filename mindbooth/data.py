@@ -1,0 +1,111 @@
+"""The DreamBooth dataset: instance images with the instance prompt, paired with class images and the
+class prompt. Each image brings its own SDXL size conditioning (original size, crop corner, target size)."""
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from mindbooth.images import list_images, load_rgb
+
+
+@dataclass
+class Example:
+    pixels: np.ndarray  # (3, H, W) float32 in [-1, 1]
+    original_size: tuple  # (height, width) of the file, after EXIF rotation
+    crop_top_left: tuple  # (top, left) in the resized image
+    target_size: tuple  # (height, width) of the training crop
+
+
+def prepare_image(image: Image.Image, resolution: int, center_crop: bool, random_flip: bool, rng: np.random.Generator) -> Example:
+    """Resize the shorter side to `resolution`, optionally flip, crop a square (random or centered)."""
+    width, height = image.size
+    scale = resolution / min(width, height)
+    resized_w, resized_h = max(resolution, round(width * scale)), max(resolution, round(height * scale))
+    image = image.resize((resized_w, resized_h), Image.BICUBIC)
+    if random_flip and rng.random() < 0.5:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    if center_crop:
+        top, left = (resized_h - resolution) // 2, (resized_w - resolution) // 2
+    else:
+        top, left = int(rng.integers(0, resized_h - resolution + 1)), int(rng.integers(0, resized_w - resolution + 1))
+    image = image.crop((left, top, left + resolution, top + resolution))
+    pixels = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0
+    return Example(pixels, (height, width), (top, left), (resolution, resolution))
+
+
+class DreamBoothDataset:
+    """Item i pairs instance image i mod n_instance with class image i mod n_class.
+    Length = n_instance * train_data_repeat (at least one pass over the class images)."""
+
+    def __init__(self, instance_data_path, instance_prompt: str, resolution: int, class_data_path=None, class_prompt: str = None,
+                 train_data_repeat: int = 1, center_crop: bool = False, random_flip: bool = False):
+        self.instance_paths = list_images(instance_data_path)
+        if not self.instance_paths:
+            raise ValueError(f"no images found in instance_data_path {instance_data_path}; put 3-10 photos of your subject there")
+        self.instance_prompt = instance_prompt
+        self.with_prior_preservation = class_data_path is not None
+        self.class_paths = list_images(class_data_path) if self.with_prior_preservation else []
+        if self.with_prior_preservation and not self.class_paths:
+            raise ValueError(f"no class images in {class_data_path}: sample them first (num_class_images > 0)")
+        self.class_prompt = class_prompt
+        self.resolution = resolution
+        self.center_crop = center_crop
+        self.random_flip = random_flip
+        self.length = max(len(self.instance_paths) * max(1, train_data_repeat), len(self.class_paths))
+        # items i and i + num_distinct pair the same two files (what a latent cache keys on)
+        self.num_distinct = math.lcm(len(self.instance_paths), len(self.class_paths) or 1)
+        for path in self.instance_paths + self.class_paths:  # fail before training, naming the bad file
+            load_rgb(path)
+
+    def __len__(self):
+        return self.length
+
+    def examples(self, index: int, rng: np.random.Generator):
+        """[(Example, prompt)] for item `index`: the instance one, then the class one if any."""
+        pairs = [(self.instance_paths[index % len(self.instance_paths)], self.instance_prompt)]
+        if self.with_prior_preservation:
+            pairs.append((self.class_paths[index % len(self.class_paths)], self.class_prompt))
+        return [(prepare_image(load_rgb(p), self.resolution, self.center_crop, self.random_flip, rng), prompt) for p, prompt in pairs]
+
+
+def collate(items) -> dict:
+    """Items from `DreamBoothDataset.examples` -> one batch: all instance examples first, then all class
+    examples (the order `DreamBoothLoss` splits on)."""
+    ordered = [item[0] for item in items] + [item[1] for item in items if len(item) > 1]
+    return {
+        "pixels": np.stack([e.pixels for e, _ in ordered]),
+        "txt": [prompt for _, prompt in ordered],
+        "original_size_as_tuple": np.array([e.original_size for e, _ in ordered], np.float32),
+        "crop_coords_top_left": np.array([e.crop_top_left for e, _ in ordered], np.float32),
+        "target_size_as_tuple": np.array([e.target_size for e, _ in ordered], np.float32),
+    }
+
+
+class BatchSampler:
+    """Shuffled indices, epoch after epoch, from a numpy Generator whose state can be saved and restored.
+    With `num_shards` > 1 each rank takes every num_shards-th index of the same global order."""
+
+    def __init__(self, dataset_length: int, batch_size: int, seed: int, shard: int = 0, num_shards: int = 1):
+        self.dataset_length = dataset_length
+        self.batch_size = batch_size
+        self.shard, self.num_shards = shard, num_shards
+        self.rng = np.random.default_rng(seed)
+        self.order, self.position = [], 0
+
+    def next_indices(self) -> list:
+        global_batch = self.batch_size * self.num_shards
+        indices = []
+        while len(indices) < global_batch:
+            if self.position >= len(self.order):
+                self.order, self.position = self.rng.permutation(self.dataset_length).tolist(), 0
+            indices.append(self.order[self.position])
+            self.position += 1
+        return indices[self.shard::self.num_shards]
+
+    def state(self) -> dict:
+        return {"rng": self.rng.bit_generator.state, "order": list(self.order), "position": self.position}
+
+    def load_state(self, state: dict):
+        self.rng.bit_generator.state = state["rng"]
+        self.order, self.position = list(state["order"]), state["position"]

@@ -1,0 +1,165 @@
+"""The DreamBooth training step as GRAPH_MODE-compilable Cells.
+
+One optimizer step = `gradient_accumulation_steps` calls of `GradStep` (forward, backward, gradients
+added to buffers) and one call of `ApplyStep` (average, clip, AdamW, clear buffers). Randomness (noise,
+sigmas) comes from the host so runs are reproducible and resumable.
+
+Loss scaling: the loss is multiplied by `loss_scale` once before backward and the gradients divided by it
+once after; accumulation divides by the number of micro-steps once. Nothing else rescales."""
+import mindspore as ms
+from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
+
+
+class DreamBoothLoss(nn.Cell):
+    """loss = loss_instance + prior_loss_weight * loss_class (Ruiz et al., 2023, eq. 2).
+
+    The batch holds the instance samples first and the class samples after them; each part's loss is
+    the mean of the per-sample diffusion loss over that part."""
+
+    def __init__(self, engine, prior_loss_weight: float, with_prior_preservation: bool):
+        super().__init__(auto_prefix=False)
+        self.network = engine.model
+        self.denoiser = engine.denoiser
+        self.loss_fn = engine.loss_fn
+        self.prior_loss_weight = float(prior_loss_weight)
+        self.with_prior_preservation = with_prior_preservation
+
+    def construct(self, latents, noise, sigmas, crossattn, vector):
+        cond = {"crossattn": crossattn, "vector": vector}
+        per_sample = self.loss_fn(self.network, self.denoiser, cond, latents, noise, sigmas)
+        if self.with_prior_preservation:
+            half = per_sample.shape[0] // 2
+            loss_instance = per_sample[:half].mean()
+            loss_class = per_sample[half:].mean()
+            return loss_instance + self.prior_loss_weight * loss_class, loss_instance, loss_class
+        loss_instance = per_sample.mean()
+        return loss_instance, loss_instance, ops.zeros_like(loss_instance)
+
+
+_accumulate = ops.MultitypeFuncGraph("accumulate")
+
+
+@_accumulate.register("Tensor", "Tensor", "Tensor")
+def _accumulate_one(inverse_scale, buffer, grad):
+    ops.assign_add(buffer, grad.astype(ms.float32) * inverse_scale)
+    return True
+
+
+_all_finite = ops.MultitypeFuncGraph("all_finite")
+
+
+@_all_finite.register("Tensor")
+def _finite_one(grad):
+    return ops.isfinite(grad).all()
+
+
+_square_sum = ops.MultitypeFuncGraph("square_sum")
+
+
+@_square_sum.register("Tensor")
+def _square_sum_one(grad):
+    return (grad * grad).sum()
+
+
+_scale = ops.MultitypeFuncGraph("scale")
+
+
+@_scale.register("Tensor", "Tensor")
+def _scale_one(factor, grad):
+    return grad * factor
+
+
+_clear = ops.MultitypeFuncGraph("clear")
+
+
+@_clear.register("Tensor")
+def _clear_one(buffer):
+    ops.assign(buffer, ops.zeros_like(buffer))
+    return True
+
+
+class GradStep(nn.Cell):
+    """Forward + backward of one micro-batch; adds loss_scale-unscaled gradients into `buffers`.
+    Returns (loss, loss_instance, loss_class, gradients_finite)."""
+
+    def __init__(self, loss_net: DreamBoothLoss, params, buffers: ParameterTuple, grad_reducer=None):
+        super().__init__(auto_prefix=False)
+        self.loss_net = loss_net
+        self.params = ParameterTuple(params)
+        self.buffers = buffers
+        self.grad_reducer = grad_reducer if grad_reducer is not None else ops.identity
+        self.hyper_map = ops.HyperMap()
+        self.value_and_grad = ms.value_and_grad(self._scaled_loss, grad_position=None, weights=self.params, has_aux=True)
+
+    def _scaled_loss(self, latents, noise, sigmas, crossattn, vector, loss_scale):
+        loss, loss_instance, loss_class = self.loss_net(latents, noise, sigmas, crossattn, vector)
+        return loss * loss_scale, loss, loss_instance, loss_class
+
+    def construct(self, latents, noise, sigmas, crossattn, vector, loss_scale):
+        (_, loss, loss_instance, loss_class), grads = self.value_and_grad(latents, noise, sigmas, crossattn, vector, loss_scale)
+        grads = self.grad_reducer(grads)
+        finite = ops.stack(self.hyper_map(_all_finite, grads)).all()
+        accumulated = self.hyper_map(ops.partial(_accumulate, 1.0 / loss_scale), self.buffers, grads)
+        return ops.depend(loss, accumulated), loss_instance, loss_class, finite
+
+
+class ApplyStep(nn.Cell):
+    """Averages the accumulated gradients, clips them by global norm, runs the optimizer, clears the buffers.
+    Returns the global gradient norm before clipping."""
+
+    def __init__(self, buffers: ParameterTuple, optimizer: nn.Cell, accumulation_steps: int, clip_grad: bool, max_grad_norm: float):
+        super().__init__(auto_prefix=False)
+        self.buffers = buffers
+        self.optimizer = optimizer
+        self.inverse_steps = ms.Tensor(1.0 / accumulation_steps, ms.float32)
+        self.clip_grad = clip_grad
+        self.max_grad_norm = float(max_grad_norm)
+        self.hyper_map = ops.HyperMap()
+
+    def construct(self):
+        grads = self.hyper_map(ops.partial(_scale, self.inverse_steps), self.buffers)
+        norm = ops.sqrt(ops.stack(self.hyper_map(_square_sum, grads)).sum())
+        if self.clip_grad:
+            clip = ops.minimum(self.max_grad_norm / (norm + 1e-6), ms.Tensor(1.0, ms.float32))
+            grads = self.hyper_map(ops.partial(_scale, clip), grads)
+        norm = ops.depend(norm, self.optimizer(grads))
+        norm = ops.depend(norm, self.hyper_map(_clear, self.buffers))
+        return norm
+
+
+def make_buffers(params) -> ParameterTuple:
+    return ParameterTuple(params).clone(prefix="grad_accum", init="zeros")
+
+
+class DynamicLossScale:
+    """Host-side loss scale for fp16: halve on overflow (the step is skipped), double after
+    `growth_interval` clean steps. In fp32 it stays at 1 (disabled)."""
+
+    def __init__(self, enabled: bool, initial_scale: float = 2.0**16, growth_interval: int = 1000):
+        self.enabled = enabled
+        self.scale = initial_scale if enabled else 1.0
+        self.growth_interval = growth_interval
+        self.clean_steps = 0
+        self.skipped_steps = 0
+
+    def tensor(self) -> Tensor:
+        return Tensor(self.scale, ms.float32)
+
+    def update(self, finite: bool) -> bool:
+        """Record one optimizer step's overflow status; returns whether the step may be applied."""
+        if finite:
+            self.clean_steps += 1
+            if self.enabled and self.clean_steps % self.growth_interval == 0:
+                self.scale *= 2.0
+            return True
+        self.skipped_steps += 1
+        self.clean_steps = 0
+        if self.enabled:
+            self.scale = max(self.scale / 2.0, 1.0)
+        return False
+
+    def state(self) -> dict:
+        return {"scale": self.scale, "clean_steps": self.clean_steps, "skipped_steps": self.skipped_steps}
+
+    def load_state(self, state: dict):
+        self.scale, self.clean_steps, self.skipped_steps = state["scale"], state["clean_steps"], state["skipped_steps"]

@@ -1,0 +1,223 @@
+"""DreamBooth-LoRA fine-tuning of SDXL with prior preservation (Ruiz et al., CVPR 2023), in MindSpore.
+
+    python train_dreambooth.py --config configs/training/sd_xl_base_finetune_dreambooth_lora_910b.yaml \
+        --weight checkpoints/sd_xl_base_1.0_ms.ckpt --instance_data_path DIR --instance_prompt "A photo of a sks dog" \
+        --class_data_path DIR --class_prompt "A photo of a dog" --device_target Ascend
+
+Phases: arguments and config -> runtime -> model -> class images -> data -> optimizer -> training loop -> save.
+"""
+import math
+import sys
+import time
+from pathlib import Path
+
+from mindbooth.distributed import setup_distributed_environment
+
+setup_distributed_environment()  # before MindSpore is imported: mpirun's variables -> MindSpore's
+
+import mindspore as ms  # noqa: E402
+import numpy as np  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+from PIL import Image  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from gm.modules.lora import lora_parameters, new_lora_init  # noqa: E402
+from gm.util import instantiate_from_config  # noqa: E402
+from mindbooth import checkpoint as ckpt  # noqa: E402
+from mindbooth.class_images import missing_class_image_names, sample_class_images  # noqa: E402
+from mindbooth.config import load_training_config, training_parser  # noqa: E402
+from mindbooth.data import BatchSampler, DreamBoothDataset, collate  # noqa: E402
+from mindbooth.distributed import Distributed  # noqa: E402
+from mindbooth.images import make_grid, save_image_atomic  # noqa: E402
+from mindbooth.optim import AdamW  # noqa: E402
+from mindbooth.pipeline import Text2Image  # noqa: E402
+from mindbooth.progress_log import LossLog  # noqa: E402
+from mindbooth.train_step import ApplyStep, DreamBoothLoss, DynamicLossScale, GradStep, make_buffers  # noqa: E402
+from mindbooth.training_state import TrainingState, learning_rate_at  # noqa: E402
+
+
+def fail(message: str):
+    sys.exit(f"error: {message}")
+
+
+def main(argv=None):
+    # ---- arguments and config -------------------------------------------------------------------------------
+    args = training_parser().parse_args(argv)
+    if args.train_text_encoder:
+        fail("--train_text_encoder is not supported: MindBooth trains LoRA on the UNet only (as MindONE's SDXL DreamBooth)")
+    config = load_training_config(args)
+    db, data_cfg, optim_cfg, train_cfg = config.dreambooth, config.data, config.optim, config.train
+    for key in ("instance_data_path", "instance_prompt"):
+        if not db.get(key):
+            fail(f"--{key} is required (or set dreambooth.{key} in {args.config})")
+    with_prior = float(db.get("prior_loss_weight", 1.0)) > 0 and bool(db.get("class_data_path"))
+    if with_prior and not db.get("class_prompt"):
+        fail("--class_prompt is required with --class_data_path (prior preservation)")
+    save_path = Path(args.resume if args.resume not in ("", "True", "true") else train_cfg.save_path)
+    resuming = bool(args.resume)
+
+    # ---- runtime ---------------------------------------------------------------------------------------------
+    ms.set_context(mode=ms.GRAPH_MODE if args.ms_mode == 0 else ms.PYNATIVE_MODE, jit_config={"jit_level": args.jit_level})
+    ms.set_device(args.device_target)
+    dist = Distributed(args.is_parallel)
+    seed = int(train_cfg.seed)
+    ms.set_seed(seed)
+    if dist.is_main:
+        save_path.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(config, save_path / "config.yaml")  # the effective config: YAML + flags
+
+    # ---- model -----------------------------------------------------------------------------------------------
+    engine = instantiate_from_config(config.model)
+    weights = [w for w in args.weight.split(",") if w]
+    try:
+        ckpt.load_weights(engine, weights)
+    except (ValueError, FileNotFoundError) as error:
+        fail(str(error))
+    lora = lora_parameters(engine)
+    if not lora:
+        fail("the model config has no lora_config: add model.params.lora_config (rank, alpha) to the training YAML")
+    lora_rng = np.random.default_rng(seed)  # identical initial LoRA on every rank
+    if len(weights) < 2:
+        for name, param in sorted(lora.items()):
+            if ".lora_A." in name:
+                param.set_data(new_lora_init(param.shape, lora_rng))
+    rank, alpha = int(config.model.params.lora_config.rank), float(config.model.params.lora_config.get("alpha", config.model.params.lora_config.rank))
+    text2image = Text2Image(engine)
+
+    # ---- class images (prior preservation) -------------------------------------------------------------------
+    resolution = int(data_cfg.resolution)
+    if with_prior:
+        names = missing_class_image_names(db.class_data_path, int(db.num_class_images), db.class_prompt) if dist.is_main else []
+        names = dist.broadcast_names(names)
+        if names:
+            sample_class_images(text2image, db.class_data_path, names, db.class_prompt, resolution, dict(db.get("class_sampling", {})),
+                                seed, dist.rank, dist.world_size, show_progress=True)
+        dist.barrier()
+
+    # ---- data ------------------------------------------------------------------------------------------------
+    try:
+        dataset = DreamBoothDataset(db.instance_data_path, db.instance_prompt, resolution,
+                                    db.class_data_path if with_prior else None, db.get("class_prompt"),
+                                    int(db.get("train_data_repeat", 1)), bool(data_cfg.get("center_crop", False)),
+                                    bool(data_cfg.get("random_flip", False)))
+    except (ValueError, FileNotFoundError) as error:
+        fail(str(error))
+    batch_size = int(train_cfg.per_batch_size)
+    sampler = BatchSampler(len(dataset), batch_size, seed, dist.rank, dist.world_size)
+    data_rng = np.random.default_rng([seed, dist.rank])  # crops, flips, VAE and diffusion noise of this rank
+    loss_fn = engine.loss_fn
+    cache = {} if data_cfg.get("cache_latents", False) else None
+    validation_prompts = list(train_cfg.get("validation_prompts", []) or [db.instance_prompt])
+
+    def encode_batch(indices):
+        """Images -> latents, prompts + per-image sizes -> conditioning (frozen VAE and text encoders)."""
+        items = []
+        for index in indices:
+            if cache is not None:
+                index %= dataset.num_distinct
+                if index in cache:
+                    items.append(cache[index])
+                    continue
+            batch = collate([dataset.examples(index, data_rng)])
+            moments = engine.first_stage_model.encode_moments(ms.Tensor(batch["pixels"])).asnumpy()
+            cond = engine.conditioner.encode({k: v for k, v in batch.items() if k != "pixels"})
+            item = (moments, cond["crossattn"].asnumpy(), cond["vector"].asnumpy())
+            if cache is not None:
+                cache[index] = item
+            items.append(item)
+        moments, crossattn, vector = (np.concatenate([it[i] for it in items]) for i in range(3))
+        if with_prior:  # collate puts instance then class per item; regroup all instances first, then all classes
+            order = np.concatenate([np.arange(0, 2 * len(items), 2), np.arange(1, 2 * len(items), 2)])
+            moments, crossattn, vector = moments[order], crossattn[order], vector[order]
+        mean, logvar = np.split(moments, 2, axis=1)
+        std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
+        latents = (mean + std * data_rng.standard_normal(mean.shape).astype(np.float32)) * engine.scale_factor
+        return latents.astype(np.float32), crossattn, vector
+
+    if cache is not None:
+        for index in tqdm(range(dataset.num_distinct), desc="caching latents and text embeddings", disable=not dist.is_main):
+            encode_batch([index])
+        sample_prompt = train_cfg.get("final_sample_prompt") or db.instance_prompt
+        guidance = float(train_cfg.get("validation_sampling", {}).get("guidance_scale", 5.0))
+        for prompts in (validation_prompts, [sample_prompt]):
+            text2image.cache_prompts(prompts, resolution, resolution, guidance)
+        engine.free_encoders()  # the VAE encoder and the text encoders are no longer needed
+
+    # ---- optimizer -------------------------------------------------------------------------------------------
+    params = [lora[name] for name in sorted(lora)]
+    buffers = make_buffers(params)
+    optimizer = AdamW(params, learning_rate=float(optim_cfg.learning_rate), beta1=float(optim_cfg.get("beta1", 0.9)),
+                      beta2=float(optim_cfg.get("beta2", 0.999)), eps=float(optim_cfg.get("eps", 1e-8)),
+                      weight_decay=float(optim_cfg.get("weight_decay", 1e-2)))
+    loss_net = DreamBoothLoss(engine, float(db.get("prior_loss_weight", 1.0)), with_prior)
+    accumulation = int(train_cfg.get("gradient_accumulation_steps", 1))
+    grad_step = GradStep(loss_net, params, buffers, dist.grad_reducer(params))
+    apply_step = ApplyStep(buffers, optimizer, accumulation, bool(train_cfg.get("clip_grad", False)),
+                           float(train_cfg.get("max_grad_norm", 1.0)))
+    loss_scale = DynamicLossScale(enabled=str(train_cfg.get("precision", "fp32")) == "fp16")
+    state = TrainingState(save_path, engine, optimizer, sampler, data_rng, loss_scale, rank, alpha, int(train_cfg.get("max_num_ckpt", 3)))
+    start_step = state.restore() if resuming else 0
+    if resuming and dist.is_main:
+        print(f"resuming {save_path} from step {start_step}")
+
+    # ---- training loop ---------------------------------------------------------------------------------------
+    total_step = int(train_cfg.total_step)
+    log = LossLog(save_path, start_step) if dist.is_main else None
+    progress = tqdm(range(start_step, total_step), initial=start_step, total=total_step, desc="training", disable=not dist.is_main)
+    engine.set_train(False)  # frozen base: no dropout; LoRA dropout is configured on the LoRA layers
+    for step in progress:
+        started = time.time()
+        lr = learning_rate_at(step, optim_cfg)
+        optimizer.learning_rate.set_data(ms.Tensor(lr, ms.float32))
+        finite, losses = True, np.zeros(3)
+        for _ in range(accumulation):
+            latents, crossattn, vector = encode_batch(sampler.next_indices())
+            noise = loss_fn.sample_noise(latents.shape, data_rng)
+            sigmas = loss_fn.sample_sigmas(latents.shape[0], data_rng)
+            outputs = grad_step(ms.Tensor(latents), ms.Tensor(noise), ms.Tensor(sigmas), ms.Tensor(crossattn), ms.Tensor(vector),
+                                loss_scale.tensor())
+            losses += np.array([float(o.asnumpy()) for o in outputs[:3]]) / accumulation
+            finite = finite and bool(outputs[3].asnumpy())
+        if not np.isfinite(losses).all() and not loss_scale.enabled:
+            fail(f"loss became {losses[0]} at step {step + 1}: lower --learning_rate or enable --clip_grad")
+        if loss_scale.update(finite):
+            grad_norm = float(apply_step().asnumpy())
+        else:  # fp16 overflow: drop this step's gradients, the scale was lowered
+            buffers_zero(buffers)
+            grad_norm = float("nan")
+        seconds = time.time() - started
+        done = step + 1
+        if dist.is_main:
+            progress.set_postfix(loss=f"{losses[0]:.4f}", lr=f"{lr:.2e}", s_per_step=f"{seconds:.2f}")
+            if done % int(train_cfg.get("log_interval", 1)) == 0 or done == total_step:
+                log.append(step=done, loss=losses[0], loss_instance=losses[1], loss_class=losses[2], lr=lr, grad_norm=grad_norm,
+                           seconds_per_step=round(seconds, 4), loss_scale=loss_scale.scale, skipped_steps=loss_scale.skipped_steps)
+            if done % int(train_cfg.save_ckpt_interval) == 0 or done == total_step:
+                state.save(done, config.get("version", "SDXL"))
+                log.plot()
+            if train_cfg.get("infer_during_train", False) and done % int(train_cfg.infer_interval) == 0:
+                write_grid(text2image, validation_prompts, save_path / f"validation_step{done:06d}.png", train_cfg, resolution, seed)
+        dist.barrier_if_needed(done, total_step)
+
+    # ---- save ------------------------------------------------------------------------------------------------
+    if dist.is_main:
+        sample_prompt = train_cfg.get("final_sample_prompt") or db.instance_prompt
+        write_grid(text2image, [sample_prompt], save_path / "sample_final.png", train_cfg, resolution, seed)
+        print(f"done: LoRA in {state.latest_lora_path()}, loss plot {save_path / 'loss.png'}, sample {save_path / 'sample_final.png'}")
+
+
+def buffers_zero(buffers):
+    for buffer in buffers:
+        buffer.set_data(ms.ops.zeros_like(buffer))
+
+
+def write_grid(text2image, prompts, path, train_cfg, resolution, seed):
+    sampling = dict(train_cfg.get("validation_sampling", {}))
+    images = text2image(prompts, width=resolution, height=resolution, num_steps=int(sampling.get("num_steps", 20)),
+                        guidance_scale=float(sampling.get("guidance_scale", 5.0)), sampler=sampling.get("sampler", "EulerEDMSampler"),
+                        seed=seed)
+    save_image_atomic(make_grid(images, int(math.ceil(math.sqrt(len(images))))), path, overwrite=True)
+
+
+if __name__ == "__main__":
+    main()
