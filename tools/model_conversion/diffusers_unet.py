@@ -119,3 +119,16 @@ def _official_name_to_diffusers(name: str, layers: int) -> str:
             return f"up_blocks.{level}.resnets.{j}.{_resnet_part(rest, RESNET_OFFICIAL_TO_DIFFUSERS)}"
         return f"up_blocks.{level}.attentions.{j}.{rest}"
     raise KeyError(f"unknown official UNet parameter '{name}'")
+
+
+def official_name_to_diffusers(name: str, layers_per_block: int) -> str:
+    """One official name (the `model.diffusion_model.` prefix optional) -> its diffusers name, for a UNet with
+    `layers_per_block` ResBlocks per level (SDXL: 2). Also maps module paths inside attention blocks
+    (e.g. `input_blocks.4.1.transformer_blocks.0.attn1.to_q`): what follows the block passes through."""
+    return _official_name_to_diffusers(name[len(PREFIX):] if name.startswith(PREFIX) else name, layers_per_block)
+
+
+def diffusers_name_to_official(name: str, layers_per_block: int, up_with_attention=()) -> str:
+    """One diffusers name -> its official name (without the prefix); the inverse of official_name_to_diffusers.
+    `up_with_attention` (the up levels that have attention blocks) matters only for upsampler names."""
+    return _diffusers_name_to_official(name, layers_per_block, set(up_with_attention))

@@ -1,0 +1,206 @@
+"""SDXL base weights: official `.safetensors` (or a diffusers folder) <-> MindSpore `.ckpt`.
+
+Every conversion maps by name and checks the whole key set and every shape against `expected`,
+the {MindSpore name: shape} of the model the checkpoint is for (see `sdxl_layout`), before it
+writes anything. It then streams one tensor at a time into `<output>.partial` and renames that to
+the output at the very end, so an interrupted run never leaves a file that looks complete.
+"""
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from tools.model_conversion.ckpt_stream import CkptReader, CkptWriter
+from tools.model_conversion.diffusers_folder import DiffusersFolder, materialize
+from tools.model_conversion.dtypes import CHOICES, FLOATS, ConversionError, cast, itemsize
+from tools.model_conversion.keymap import mindspore_to_official_name
+from tools.model_conversion.safetensors_stream import SafetensorsReader, TensorInfo, write_safetensors
+from tools.model_conversion.sdxl_layout import detect
+
+FIRST = 5  # how many names an error lists
+
+
+def _first(names):
+    names = list(names)
+    return ", ".join(names[:FIRST]) + (", ..." if len(names) > FIRST else "")
+
+
+def official_expectation(expected: dict) -> dict:
+    """{MindSpore name: shape} -> {official name: (MindSpore name, shape)}."""
+    out = {}
+    for ms_name, shape in expected.items():
+        official = mindspore_to_official_name(ms_name)
+        if official in out:
+            raise ConversionError(f"model parameters '{out[official][0]}' and '{ms_name}' map to the same name")
+        out[official] = (ms_name, tuple(shape))
+    return out
+
+
+def check_keys(found: dict, expected: dict, source: str, layout: str):
+    """Raise one clear error unless `found` {name: shape} is exactly `expected` {name: shape}.
+
+    `layout` names the layout of both ("official" or "MindSpore"), for the message. For official names
+    the message says what the file looks like when it is some other model."""
+    missing = [n for n in expected if n not in found]
+    unexpected = [n for n in found if n not in expected]
+    wrong = [n for n in expected if n in found and tuple(found[n]) != tuple(expected[n])]
+    if not (missing or unexpected or wrong):
+        return
+    official_view = found if layout == "official" else {mindspore_to_official_name(n): s for n, s in found.items()}
+    kind = detect(official_view)
+    what = "" if kind == "SDXL base layout" else f"{source} looks like {kind}, not SDXL base 1.0: "
+    if missing or unexpected:
+        problem = (f"{len(missing)} {layout} keys missing (first: {_first(missing) or '-'}), "
+                   f"{len(unexpected)} unexpected (first: {_first(unexpected) or '-'})")
+    else:
+        problem = f"{len(wrong)} tensors have the wrong shape (first: " + ", ".join(
+            f"{n} is {tuple(found[n])}, expected {tuple(expected[n])}" for n in wrong[:FIRST]) + ")"
+    raise ConversionError((what or f"{source} does not match SDXL base 1.0: ") + problem)
+
+
+def _target_dtype(dtype: str, source_code: str) -> str:
+    if dtype not in CHOICES:
+        raise ConversionError(f"unknown --dtype {dtype!r}: choose one of {', '.join(CHOICES)}")
+    return CHOICES[dtype] or source_code
+
+
+def _check_float(name, code, source):
+    if code not in FLOATS:
+        raise ConversionError(f"{source}: '{name}' is {code}; SDXL weights are floating point")
+
+
+def check_output(path, overwrite: bool, inputs=()):
+    """Fail early (before any work) when the output may not be written."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConversionError(f"output is a directory: {path}")
+    if path.exists() and not overwrite:
+        raise ConversionError(f"output exists: {path} (pass --overwrite to replace it)")
+    for src in inputs:
+        if path.exists() and os.path.samefile(src, path):
+            raise ConversionError(f"output {path} is the input file")
+
+
+@contextmanager
+def atomic_output(path, overwrite: bool, inputs=()):
+    """Yield a binary file that becomes `path` only if the block finishes."""
+    path = Path(path)
+    check_output(path, overwrite, inputs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    try:
+        with open(partial, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
+def _progress(total, desc, enabled):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=not enabled,
+                dynamic_ncols=True)
+
+
+def _sniff(path) -> str:
+    """'safetensors', 'ckpt' or '' from a file's first bytes (for 'wrong --task' hints)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        return ""
+    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100_000_000:
+        return "safetensors"
+    # a .ckpt starts with Checkpoint.value (0x0a, length varint) whose first field is Value.tag (0x0a)
+    at = 1
+    while at < len(head) and head[at] & 0x80:
+        at += 1
+    return "ckpt" if head[:1] == b"\x0a" and head[at + 1:at + 2] == b"\x0a" else ""
+
+
+def _stream_to_ckpt(entries, dst, dtype, overwrite, progress, desc, inputs, check_only):
+    """entries: [(MindSpore name, source code, shape, load() -> (data, code))] -> `.ckpt` at dst."""
+    targets = [_target_dtype(dtype, code) for _, code, _, _ in entries]
+    total = sum(int(_numel(shape)) * itemsize(t) for (_, _, shape, _), t in zip(entries, targets))
+    if check_only:
+        return {"tensors": len(entries), "bytes": total, "seconds": 0.0, "written": False,
+                "names": [e[0] for e in entries]}
+    start = time.time()
+    with atomic_output(dst, overwrite, inputs) as f, _progress(total, desc, progress) as bar:
+        writer = CkptWriter(f)
+        for (ms_name, _, shape, load), target in zip(entries, targets):
+            data, code = load()
+            data = cast(data, code, target)
+            writer.write(ms_name, target, data.reshape(shape))
+            bar.update(data.nbytes)
+    return {"tensors": len(entries), "bytes": total, "seconds": time.time() - start, "written": True}
+
+
+def _numel(shape):
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def official_to_mindspore(src, dst, expected: dict, dtype="fp32", overwrite=False, progress=True, check_only=False):
+    """Official single-file `.safetensors` -> MindSpore `.ckpt` with the names of `expected`.
+    `check_only`: validate everything, write nothing."""
+    check_output(dst, overwrite or check_only, [src])
+    if _sniff(src) == "ckpt":
+        raise ConversionError(f"not a safetensors file: {src} (it looks like a MindSpore .ckpt: use --task ms_to_pt)")
+    want = official_expectation(expected)
+    with SafetensorsReader(src) as reader:
+        check_keys(reader.shapes(), {n: s for n, (_, s) in want.items()}, str(src), "official")
+        for t in reader.tensors.values():
+            _check_float(t.name, t.dtype, src)
+        entries = [(want[t.name][0], t.dtype, t.shape, lambda n=t.name, c=t.dtype: (reader.read(n), c))
+                   for t in reader.in_file_order()]  # sequential reads
+        return _stream_to_ckpt(entries, dst, dtype, overwrite, progress, "pt_to_ms", [src], check_only)
+
+
+def diffusers_to_mindspore(folder, dst, expected: dict, dtype="fp32", overwrite=False, progress=True, variant=None,
+                           check_only=False):
+    """diffusers SDXL base pipeline folder -> MindSpore `.ckpt` (via the official names)."""
+    check_output(dst, overwrite or check_only)
+    want = official_expectation(expected)
+    with DiffusersFolder(folder, variant) as pipe:
+        check_keys(pipe.shapes(), {n: s for n, (_, s) in want.items()}, str(folder), "official")
+        keep = pipe.source_dtype() if dtype == "keep" else None
+        entries = []
+        for name, value in pipe.state.items():
+            code = keep or "F32"
+            entries.append((want[name][0], code, want[name][1], lambda v=value: materialize(v)))
+        return _stream_to_ckpt(entries, dst, dtype, overwrite, progress, "diffusers_to_ms", [], check_only)
+
+
+def mindspore_to_official(src, dst, expected: dict, dtype="fp32", overwrite=False, progress=True, check_only=False):
+    """MindSpore `.ckpt` -> official single-file `.safetensors` (laid out as the safetensors library does)."""
+    check_output(dst, overwrite or check_only, [src])
+    if _sniff(src) == "safetensors":
+        raise ConversionError(f"not a MindSpore checkpoint: {src} (it is a safetensors file: use --task pt_to_ms)")
+    with CkptReader(src) as reader:
+        check_keys(reader.shapes(), {n: tuple(s) for n, s in expected.items()}, str(src), "MindSpore")
+        infos, sources = [], {}
+        for t in reader.tensors.values():
+            _check_float(t.name, t.dtype, src)
+            official = mindspore_to_official_name(t.name)
+            infos.append(TensorInfo(official, _target_dtype(dtype, t.dtype), t.shape))
+            sources[official] = t
+        start, total = time.time(), sum(i.nbytes for i in infos)
+        if check_only:
+            return {"tensors": len(infos), "bytes": total, "seconds": 0.0, "written": False,
+                    "names": [i.name for i in infos]}
+        targets = {i.name: i.dtype for i in infos}
+
+        def fetch(name):
+            t = sources[name]
+            return cast(reader.read(t.name), t.dtype, targets[name])
+
+        with atomic_output(dst, overwrite, [src]) as f, _progress(total, "ms_to_pt", progress) as bar:
+            write_safetensors(f, infos, fetch, progress=bar)
+        return {"tensors": len(infos), "bytes": total, "seconds": time.time() - start, "written": True}

@@ -1,0 +1,107 @@
+"""Convert SDXL base weights between the official `.safetensors` and MindBooth's MindSpore `.ckpt`.
+
+    python tools/model_conversion/convert_weight.py --task pt_to_ms \
+        --weight_safetensors sd_xl_base_1.0.safetensors --weight_ms checkpoints/sd_xl_base_1.0_ms.ckpt
+    python tools/model_conversion/convert_weight.py --task ms_to_pt \
+        --weight_ms checkpoints/sd_xl_base_1.0_ms.ckpt --weight_safetensors sd_xl_base_1.0_back.safetensors
+
+`--weight_safetensors` may also be a diffusers pipeline folder (pt_to_ms only). The names and shapes the
+checkpoint must have come from the model that `--config` builds. See weight_convertion.md.
+"""
+import argparse
+import resource
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tools.model_conversion.dtypes import CHOICES, ConversionError  # noqa: E402
+
+TASKS = {"pt_to_ms": "pt_to_ms", "st_to_ms": "pt_to_ms", "ms_to_pt": "ms_to_pt", "ms_to_st": "ms_to_pt"}
+DEFAULT_CONFIG = ROOT / "configs" / "inference" / "sd_xl_base.yaml"
+
+
+def _model_shapes(config):
+    import mindspore as ms
+
+    from tools.model_conversion.sdxl_layout import model_mindspore_shapes
+
+    ms.set_device("CPU")  # only parameter names and shapes are read; nothing is allocated or run
+    return model_mindspore_shapes(config)
+
+
+def expected_shapes(config) -> dict:
+    """{MindSpore name: shape} of the model `config` builds. Built in a child process, so this process
+    never holds MindSpore (about 1 GB) while it streams the weights."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    if not Path(config).is_file():
+        raise ConversionError(f"model config not found: {config}")
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:
+            return pool.submit(_model_shapes, str(config)).result()
+        except Exception as e:
+            raise ConversionError(f"could not build the model of {config} to read its parameter names: "
+                                  f"{type(e).__name__}: {e}") from None
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--task", required=True, choices=sorted(TASKS),
+                   help="pt_to_ms: safetensors (or diffusers folder) -> .ckpt; ms_to_pt: .ckpt -> safetensors")
+    p.add_argument("--weight_safetensors", required=True,
+                   help="official single-file .safetensors (input of pt_to_ms, output of ms_to_pt), "
+                        "or a diffusers SDXL pipeline folder (pt_to_ms)")
+    p.add_argument("--weight_ms", required=True, help="MindSpore .ckpt (output of pt_to_ms, input of ms_to_pt)")
+    p.add_argument("--dtype", default="fp32", choices=list(CHOICES),
+                   help="element type written (default fp32; 'keep' keeps the input's)")
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="model config the weights are for")
+    p.add_argument("--variant", default=None, help="diffusers weight variant to read, e.g. fp16")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--check", action="store_true",
+                   help="only validate the input against the model (names, shapes, dtypes, file size); write nothing")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    task = TASKS[args.task]
+    from tools.model_conversion import conversion
+
+    try:
+        src, dst = (args.weight_safetensors, args.weight_ms) if task == "pt_to_ms" else (args.weight_ms,
+                                                                                         args.weight_safetensors)
+        if not Path(src).exists():
+            raise ConversionError(f"input not found: {src}")
+        conversion.check_output(dst, args.overwrite or args.check)  # before the model is built
+        expected = expected_shapes(args.config)
+        common = dict(dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress, check_only=args.check)
+        if task == "pt_to_ms":
+            if Path(src).is_dir():
+                summary = conversion.diffusers_to_mindspore(src, dst, expected, variant=args.variant, **common)
+            else:
+                summary = conversion.official_to_mindspore(src, dst, expected, **common)
+        else:
+            summary = conversion.mindspore_to_official(src, dst, expected, **common)
+    except ConversionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: no output written", file=sys.stderr)
+        return 130
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    if not summary["written"]:
+        print(f"ok: {src} matches the model of {args.config}: {summary['tensors']} tensors; "
+              f"{task} would write {summary['bytes'] / 2**30:.2f} GiB ({args.dtype}) to {dst}")
+        return 0
+    print(f"wrote {dst}: {summary['tensors']} tensors, {summary['bytes'] / 2**30:.2f} GiB ({args.dtype}) "
+          f"in {summary['seconds']:.1f} s; peak RSS {peak:.2f} GiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

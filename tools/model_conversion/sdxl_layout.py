@@ -1,0 +1,288 @@
+"""What an SDXL base checkpoint in the official ("original") layout contains, and what a file is
+when it is not one.
+
+`official_shapes(model_params)` derives every official parameter name and shape from the
+architecture numbers of a model config (the `model.params` of `configs/inference/sd_xl_*.yaml`),
+by the same rules Stability's sgm code uses to build the model. For `sd_xl_base.yaml` it gives the
+2514 entries of `sd_xl_base_1.0.safetensors`; for the tiny config, the same names with small shapes.
+
+`model_mindspore_shapes(config)` reads the names and shapes from the MindSpore model itself
+(built without allocating weights): the set the converted checkpoint must load into.
+
+`detect(shapes)` names the model family of a key set (SD 1.x, SD 2.x, SDXL refiner, ...) so that
+a wrong input gets an error that says what it is.
+"""
+from collections import OrderedDict
+
+UNET = "model.diffusion_model."
+CLIP_L = "conditioner.embedders.0.transformer.text_model."
+CLIP_G = "conditioner.embedders.1.model."
+VAE = "first_stage_model."
+
+CLIP_VOCAB = 49408
+CLIP_CONTEXT = 77
+
+
+# ---------------------------------------------------------------- rule-derived official layout
+def _linear(out, prefix, n_out, n_in, bias=True):
+    out[prefix + ".weight"] = (n_out, n_in)
+    if bias:
+        out[prefix + ".bias"] = (n_out,)
+
+
+def _conv(out, prefix, n_out, n_in, k):
+    out[prefix + ".weight"] = (n_out, n_in, k, k)
+    out[prefix + ".bias"] = (n_out,)
+
+
+def _norm(out, prefix, n):
+    out[prefix + ".weight"] = (n,)
+    out[prefix + ".bias"] = (n,)
+
+
+def _unet_resblock(out, p, ch_in, ch_out, emb):
+    _norm(out, p + ".in_layers.0", ch_in)
+    _conv(out, p + ".in_layers.2", ch_out, ch_in, 3)
+    _linear(out, p + ".emb_layers.1", ch_out, emb)
+    _norm(out, p + ".out_layers.0", ch_out)
+    _conv(out, p + ".out_layers.3", ch_out, ch_out, 3)
+    if ch_in != ch_out:
+        _conv(out, p + ".skip_connection", ch_out, ch_in, 1)
+
+
+def _unet_transformer(out, p, ch, depth, context_dim):
+    _norm(out, p + ".norm", ch)
+    _linear(out, p + ".proj_in", ch, ch)  # SDXL: use_linear_in_transformer
+    for d in range(depth):
+        b = f"{p}.transformer_blocks.{d}"
+        for attn, kv_dim in (("attn1", ch), ("attn2", context_dim)):
+            _linear(out, f"{b}.{attn}.to_q", ch, ch, bias=False)
+            _linear(out, f"{b}.{attn}.to_k", ch, kv_dim, bias=False)
+            _linear(out, f"{b}.{attn}.to_v", ch, kv_dim, bias=False)
+            _linear(out, f"{b}.{attn}.to_out.0", ch, ch)
+        _linear(out, f"{b}.ff.net.0.proj", 8 * ch, ch)  # GEGLU: 2 x (4 x ch)
+        _linear(out, f"{b}.ff.net.2", ch, 4 * ch)
+        for i in (1, 2, 3):
+            _norm(out, f"{b}.norm{i}", ch)
+    _linear(out, p + ".proj_out", ch, ch)
+
+
+def _as_depths(value, n):
+    return list(value) if isinstance(value, (list, tuple)) else [value] * n
+
+
+def unet_shapes(p, prefix=UNET):
+    """sgm `UNetModel` (SDXL flavour: linear proj_in/out, sequential label embedding)."""
+    out = OrderedDict()
+    mc, mult, nres = p["model_channels"], list(p["channel_mult"]), p["num_res_blocks"]
+    depth = _as_depths(p.get("transformer_depth", 1), len(mult))
+    attn_res, ctx, emb = list(p["attention_resolutions"]), p["context_dim"], 4 * p["model_channels"]
+    pre = prefix
+    _linear(out, pre + "time_embed.0", emb, mc)
+    _linear(out, pre + "time_embed.2", emb, emb)
+    if p.get("num_classes") == "sequential":
+        _linear(out, pre + "label_emb.0.0", emb, p["adm_in_channels"])
+        _linear(out, pre + "label_emb.0.2", emb, emb)
+    _conv(out, pre + "input_blocks.0.0", mc, p["in_channels"], 3)
+    chans, ch, ds, block = [mc], mc, 1, 1
+    for level, m in enumerate(mult):
+        for _ in range(nres):
+            _unet_resblock(out, f"{pre}input_blocks.{block}.0", ch, m * mc, emb)
+            ch = m * mc
+            if ds in attn_res:
+                _unet_transformer(out, f"{pre}input_blocks.{block}.1", ch, depth[level], ctx)
+            chans.append(ch)
+            block += 1
+        if level != len(mult) - 1:
+            _conv(out, f"{pre}input_blocks.{block}.0.op", ch, ch, 3)
+            chans.append(ch)
+            block, ds = block + 1, ds * 2
+    _unet_resblock(out, pre + "middle_block.0", ch, ch, emb)
+    _unet_transformer(out, pre + "middle_block.1", ch, depth[-1], ctx)
+    _unet_resblock(out, pre + "middle_block.2", ch, ch, emb)
+    block = 0
+    for level, m in reversed(list(enumerate(mult))):
+        for i in range(nres + 1):
+            b = f"{pre}output_blocks.{block}"
+            _unet_resblock(out, b + ".0", ch + chans.pop(), m * mc, emb)
+            ch, sub = m * mc, 1
+            if ds in attn_res:
+                _unet_transformer(out, b + ".1", ch, depth[level], ctx)
+                sub = 2
+            if level and i == nres:
+                _conv(out, f"{b}.{sub}.conv", ch, ch, 3)
+                ds //= 2
+            block += 1
+    _norm(out, pre + "out.0", mc)
+    _conv(out, pre + "out.2", p["out_channels"], mc, 3)
+    return out
+
+
+def clip_l_shapes(p, prefix=CLIP_L):
+    """HF `CLIPTextModel` names, as the official file stores embedder 0."""
+    out = OrderedDict()
+    w, mlp = p["width"], p["mlp_width"]
+    out[prefix + "embeddings.token_embedding.weight"] = (CLIP_VOCAB, w)
+    out[prefix + "embeddings.position_embedding.weight"] = (CLIP_CONTEXT, w)
+    for i in range(p["layers"]):
+        b = f"{prefix}encoder.layers.{i}"
+        for proj in ("k_proj", "v_proj", "q_proj", "out_proj"):
+            _linear(out, f"{b}.self_attn.{proj}", w, w)
+        _norm(out, b + ".layer_norm1", w)
+        _linear(out, b + ".mlp.fc1", mlp, w)
+        _linear(out, b + ".mlp.fc2", w, mlp)
+        _norm(out, b + ".layer_norm2", w)
+    _norm(out, prefix + "final_layer_norm", w)
+    return out
+
+
+def clip_g_shapes(p, prefix=CLIP_G):
+    """OpenCLIP text tower names (fused attention in_proj), as the official file stores embedder 1."""
+    out = OrderedDict()
+    w, mlp = p["width"], p["mlp_width"]
+    out[prefix + "positional_embedding"] = (CLIP_CONTEXT, w)
+    out[prefix + "text_projection"] = (w, p["projection_dim"])  # used as x @ text_projection
+    out[prefix + "logit_scale"] = ()
+    out[prefix + "token_embedding.weight"] = (CLIP_VOCAB, w)
+    for i in range(p["layers"]):
+        b = f"{prefix}transformer.resblocks.{i}"
+        _norm(out, b + ".ln_1", w)
+        out[b + ".attn.in_proj_weight"] = (3 * w, w)
+        out[b + ".attn.in_proj_bias"] = (3 * w,)
+        _linear(out, b + ".attn.out_proj", w, w)
+        _norm(out, b + ".ln_2", w)
+        _linear(out, b + ".mlp.c_fc", mlp, w)
+        _linear(out, b + ".mlp.c_proj", w, mlp)
+    _norm(out, prefix + "ln_final", w)
+    return out
+
+
+def _vae_resblock(out, p, ch_in, ch_out):
+    _norm(out, p + ".norm1", ch_in)
+    _conv(out, p + ".conv1", ch_out, ch_in, 3)
+    _norm(out, p + ".norm2", ch_out)
+    _conv(out, p + ".conv2", ch_out, ch_out, 3)
+    if ch_in != ch_out:
+        _conv(out, p + ".nin_shortcut", ch_out, ch_in, 1)
+
+
+def _vae_attn(out, p, ch):
+    _norm(out, p + ".norm", ch)
+    for conv in ("q", "k", "v", "proj_out"):
+        _conv(out, f"{p}.{conv}", ch, ch, 1)
+
+
+def _vae_mid(out, p, ch):
+    _vae_resblock(out, p + ".block_1", ch, ch)
+    _vae_attn(out, p + ".attn_1", ch)
+    _vae_resblock(out, p + ".block_2", ch, ch)
+
+
+def vae_shapes(p, prefix=VAE):
+    """sgm `AutoencoderKL` (encoder, decoder, quant convs); `p` holds `embed_dim` and `ddconfig`."""
+    out = OrderedDict()
+    dd = p["ddconfig"]
+    ch, mult, nres, z = dd["ch"], list(dd["ch_mult"]), dd["num_res_blocks"], dd["z_channels"]
+    attn_res = list(dd.get("attn_resolutions", []))
+    if attn_res:
+        raise NotImplementedError("VAE layouts with attention inside the down/up blocks are not SDXL's")
+    e = prefix + "encoder."
+    _conv(out, e + "conv_in", ch, dd["in_channels"], 3)
+    c = ch
+    for i, m in enumerate(mult):
+        for j in range(nres):
+            _vae_resblock(out, f"{e}down.{i}.block.{j}", c, ch * m)
+            c = ch * m
+        if i != len(mult) - 1:
+            _conv(out, f"{e}down.{i}.downsample.conv", c, c, 3)
+    _vae_mid(out, e + "mid", c)
+    _norm(out, e + "norm_out", c)
+    _conv(out, e + "conv_out", 2 * z if dd.get("double_z", True) else z, c, 3)
+    d = prefix + "decoder."
+    c = ch * mult[-1]
+    _conv(out, d + "conv_in", c, z, 3)
+    _vae_mid(out, d + "mid", c)
+    for i in reversed(range(len(mult))):
+        for j in range(nres + 1):
+            _vae_resblock(out, f"{d}up.{i}.block.{j}", c, ch * mult[i])
+            c = ch * mult[i]
+        if i != 0:
+            _conv(out, f"{d}up.{i}.upsample.conv", c, c, 3)
+    _norm(out, d + "norm_out", c)
+    _conv(out, d + "conv_out", dd["out_ch"], c, 3)
+    _conv(out, prefix + "quant_conv", 2 * p["embed_dim"], 2 * z, 1)
+    _conv(out, prefix + "post_quant_conv", z, p["embed_dim"], 1)
+    return out
+
+
+def official_shapes(model_params) -> "OrderedDict[str, tuple]":
+    """{official name: shape} of an SDXL-base-layout checkpoint for `model.params` of a config."""
+    embedders = model_params["conditioner_config"]["params"]["emb_models"]
+    clip_l, clip_g = embedders[0]["params"], embedders[1]["params"]
+    out = unet_shapes(model_params["network_config"]["params"])
+    out.update(clip_l_shapes(clip_l))
+    out.update(clip_g_shapes(clip_g))
+    out.update(vae_shapes(model_params["first_stage_config"]["params"]))
+    return out
+
+
+def load_config(path):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(str(path)), resolve=True)
+
+
+# ---------------------------------------------------------------- model-derived expectation
+def model_mindspore_shapes(config_path) -> dict:
+    """{MindSpore parameter name: shape} of the model a config builds, with no weight allocated.
+
+    This is what a converted checkpoint must load into, strictly.
+    """
+    from mindspore.nn.utils import no_init_parameters
+
+    from gm.util import instantiate_from_config
+
+    config = load_config(config_path)
+    with no_init_parameters():
+        model = instantiate_from_config(config["model"])
+    return {name: tuple(int(d) for d in p.shape) for name, p in model.parameters_and_names()}
+
+
+# ---------------------------------------------------------------- what is this file?
+def _has(names, *parts):
+    return any(all(part in n for part in parts) for n in names)
+
+
+def detect(shapes: dict) -> str:
+    """Name the kind of checkpoint a {name: shape} key set is, from telltale keys."""
+    names = list(shapes)
+    if not names:
+        return "an empty file (no tensors)"
+    if _has(names, "lora_") or _has(names, "lora.") or _has(names, ".alpha"):
+        return "a LoRA file, not a full model"
+    if _has(names, ".gamma") or _has(names, ".beta") or _has(names, "embedding_table"):
+        return "a file with MindSpore parameter names (gamma/beta/embedding_table), not the official layout"
+    if _has(names, "cond_stage_model.model.transformer.resblocks"):
+        return "Stable Diffusion 2.x (OpenCLIP ViT-H text encoder)"
+    if _has(names, "cond_stage_model.transformer"):
+        return "Stable Diffusion 1.x (CLIP ViT-L text encoder under cond_stage_model)"
+    if CLIP_G.replace(".1.", ".0.") + "token_embedding.weight" in shapes and not _has(names, "conditioner.embedders.1."):
+        return "the SDXL refiner (OpenCLIP bigG is embedder 0, no CLIP ViT-L)"
+    if CLIP_G + "text_projection.weight" in shapes and CLIP_G + "logit_scale" not in shapes:
+        return "an SDXL LCM-layout checkpoint (text_projection.weight, no logit_scale)"
+    if _has(names, "down_blocks.", "resnets.") and not _has(names, UNET):
+        return "a diffusers-format component (pass the diffusers model folder instead)"
+    first = shapes.get(UNET + "input_blocks.0.0.weight")
+    if first is not None and len(first) == 4 and first[1] == 9:
+        return "an SDXL inpainting model (9 UNet input channels)"
+    if first is not None and len(first) == 4 and first[1] != 4:
+        return f"a UNet with {first[1]} input channels (SDXL base has 4)"
+    parts = [what for prefix, what in ((UNET, "UNet"), (CLIP_L, "CLIP ViT-L"), (CLIP_G, "OpenCLIP bigG"), (VAE, "VAE"))
+             if _has(names, prefix)]
+    if _has(names, "encoder.conv_in") and not parts:
+        return "a standalone VAE"
+    if len(parts) == 4:
+        return "SDXL base layout"
+    if parts:
+        return "a partial SDXL checkpoint (only " + ", ".join(parts) + ")"
+    return "an unknown model (no SDXL, SD 1.x or SD 2.x telltale keys)"
