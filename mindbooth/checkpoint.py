@@ -8,6 +8,7 @@ import numpy as np
 from gm.modules.lora import inject_lora, is_lora_name, lora_parameters
 from gm.util import load_params
 from mindbooth.images import atomic_write
+from tools.model_conversion.ckpt_stream import CkptReader, iter_arrays
 
 LORA_METADATA = ("lora_rank", "lora_alpha")
 
@@ -25,26 +26,64 @@ def read_checkpoint(path) -> dict:
         raise ValueError(f"cannot read weights from {path} ({file_format}): {first_line}") from None
 
 
+def _tensor_names(path) -> list:
+    """Names in a weight file, read from its index only."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weight file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="np") as handle:
+                return list(handle.keys())
+        with CkptReader(path) as reader:
+            return list(reader.tensors)
+    except Exception as error:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+        raise ValueError(f"cannot read weights from {path}: {error}") from None
+
+
+def _iter_tensors(path, names):
+    """(name, numpy array) one tensor at a time: peak memory is the model plus one tensor
+    (`ms.load_checkpoint` holds about twice the file, which does not fit for full-size SDXL in fp32)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="np") as handle:
+            for name in names:
+                yield name, handle.get_tensor(name)
+    else:
+        yield from iter_arrays(path, names)
+
+
 def load_weights(engine, paths, lora_dropout: float = 0.0):
     """Load `paths` in order: the first is the base model (every non-LoRA parameter must be there),
     the rest are LoRA checkpoints (LoRA is injected on first use with the file's rank and alpha)."""
     paths = [p for p in paths if p]
     if not paths:
         raise ValueError("no weights given: pass --weight path/to/base.ckpt[,path/to/lora.ckpt]")
-    base = read_checkpoint(paths[0])
-    base_only = {k: v for k, v in base.items() if not is_lora_name(k) and k not in LORA_METADATA}
-    own_base = {n for n, _ in engine.parameters_and_names() if not is_lora_name(n)}
-    missing = sorted(own_base - set(base_only))
-    unexpected = sorted(set(base_only) - own_base)
+    names = _tensor_names(paths[0])
+    base_names = [k for k in names if not is_lora_name(k) and k not in LORA_METADATA]
+    if not base_names and any(is_lora_name(k) for k in names):
+        raise ValueError(f"{paths[0]} holds only LoRA weights; give the base model first: --weight base.ckpt,{paths[0]}")
+    own = dict(engine.parameters_and_names())
+    own_base = {n for n in own if not is_lora_name(n)}
+    missing = sorted(own_base - set(base_names))
+    unexpected = sorted(set(base_names) - own_base)
     if missing or unexpected:
         raise ValueError(
             f"{paths[0]} does not match the model config: {len(missing)} missing (first: {missing[:3]}), "
             f"{len(unexpected)} unexpected (first: {unexpected[:3]})"
         )
-    load_params(engine, base_only, strict=False, what=str(paths[0]))
-    base_lora = {k: v for k, v in base.items() if is_lora_name(k)}
-    if base_lora:  # a base file with LoRA weights in it (e.g. a MindONE full save)
-        _load_lora(engine, base_lora, base, paths[0], lora_dropout)
+    for name, array in _iter_tensors(paths[0], base_names):
+        param = own[name]
+        if tuple(array.shape) != tuple(param.shape):
+            raise ValueError(f"{paths[0]}: '{name}' has shape {tuple(array.shape)}, the model expects {tuple(param.shape)}")
+        param.set_data(ms.Tensor(array).astype(param.dtype))
+    if any(is_lora_name(k) for k in names):  # a base file with LoRA weights in it (e.g. a MindONE full save)
+        params = read_checkpoint(paths[0])
+        _load_lora(engine, {k: v for k, v in params.items() if is_lora_name(k)}, params, paths[0], lora_dropout)
     for path in paths[1:]:
         params = read_checkpoint(path)
         lora = {k: v for k, v in params.items() if is_lora_name(k)}
