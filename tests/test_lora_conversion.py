@@ -1,0 +1,354 @@
+"""LoRA tools: MindBooth .ckpt <-> diffusers/PEFT and kohya safetensors, checked against diffusers' own loaders
+and converters on identical weights; merging a LoRA into a base checkpoint."""
+import copy
+import json
+from types import SimpleNamespace
+
+import mindspore as ms
+import numpy as np
+import pytest
+import torch
+from mindspore.nn.utils import no_init_parameters
+from omegaconf import OmegaConf
+from safetensors import safe_open
+
+from conftest import BASE_CONFIG, SHARED, TINY_CONFIG
+from gm.modules.lora import inject_lora, lora_layers, lora_parameters
+from gm.util import load_params
+from test_unet import (
+    _diffusers_forward_with_emb, _Holder, build_unet, load_diffusers_unet_into_ours, relative_error, run_ours,
+    tiny_diffusers_unet,
+)
+from tools.lora_conversion import lora_formats as lf
+from tools.lora_conversion.convert_lora import convert, main as convert_main, read_state, write_safetensors
+from tools.lora_conversion.merge_lora import merge
+from tools.model_conversion.diffusers_unet import diffusers_name_to_official
+from tools.model_conversion.dtypes import ConversionError
+
+LORA_KEYS = SHARED / "reference" / "sdxl_keys" / "mindone" / "lora_conversion"
+RANK, ALPHA = 4, 8.0
+
+
+def _save_mindbooth(params: dict, path, rank=RANK, alpha=ALPHA):
+    """As the trainer writes a LoRA: ms.save_checkpoint of the LoRA weights + fp32 `lora_rank`/`lora_alpha`."""
+    entries = [{"name": k, "data": ms.Tensor(np.asarray(v))} for k, v in params.items()]
+    for key, value in (("lora_rank", rank), ("lora_alpha", alpha)):
+        entries.append({"name": key, "data": ms.Tensor(np.array(value, np.float32))})
+    ms.save_checkpoint(entries, str(path))
+
+
+def _diffusers_run(model, inputs):
+    with torch.no_grad():
+        x, t = torch.from_numpy(inputs["x"]), torch.from_numpy(inputs["t"])
+        emb = model.time_embedding(model.get_time_embed(sample=x, timestep=t))
+        emb = emb + model.add_embedding(torch.from_numpy(inputs["y"]))
+        return _diffusers_forward_with_emb(model, x, emb, torch.from_numpy(inputs["context"])).numpy()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The tiny diffusers UNet and ours on the same weights, ours with a rank-4 alpha-8 LoRA (random A and B)
+    saved as a MindBooth checkpoint, and the outputs with and without the LoRA."""
+    folder = tmp_path_factory.mktemp("lora")
+    reference = tiny_diffusers_unet(OmegaConf.load(TINY_CONFIG))
+    holder = _Holder(build_unet(TINY_CONFIG))
+    unet = holder.model.diffusion_model
+    load_diffusers_unet_into_ours(reference, unet)
+    base = {n: p.asnumpy().copy() for n, p in holder.parameters_and_names()}
+    rng = np.random.default_rng(0)
+    inputs = dict(  # one small sample: PyNative runs cost ~4 s each whatever the size
+        x=rng.standard_normal((1, 4, 8, 8)).astype(np.float32),
+        t=np.array([617.0], np.float32),
+        context=rng.standard_normal((1, 77, 96)).astype(np.float32),
+        y=rng.standard_normal((1, 1584)).astype(np.float32),
+    )
+    base_out = run_ours(unet, inputs)
+    inject_lora(holder, rank=RANK, alpha=ALPHA)
+    for name, param in lora_parameters(holder).items():
+        param.set_data(ms.Tensor((rng.standard_normal(param.shape) * 0.1).astype(np.float32)))
+    lora = {n: p.asnumpy().copy() for n, p in lora_parameters(holder).items()}
+    lora_out = run_ours(unet, inputs)
+    lora_ckpt = folder / "lora.ckpt"
+    _save_mindbooth(lora, lora_ckpt)
+    return SimpleNamespace(folder=folder, reference=reference, holder=holder, base=base, lora=lora, inputs=inputs,
+                           base_out=base_out, lora_out=lora_out, lora_ckpt=lora_ckpt)
+
+
+def test_tiny_fixture_lora_changes_the_output(tiny):
+    assert len(lora_layers(tiny.holder)) == 136 and len(tiny.lora) == 272
+    assert relative_error(tiny.lora_out, tiny.base_out) > 1e-2  # so a lost or wrong alpha would show below
+
+
+# ---------------------------------------------------------------- 1. export -> import is the identity
+
+@pytest.mark.parametrize("task", ["ms_to_diffusers", "ms_to_kohya"])
+def test_export_then_import_is_bit_identical(tiny, task):
+    exported = tiny.folder / f"{task}.safetensors"
+    convert(task, tiny.lora_ckpt, exported, base_model="sdxl-tiny", instance_prompt="a photo of sks dog",
+            overwrite=True)
+    back = tiny.folder / f"{task}_back.ckpt"
+    summary = convert("to_ms", exported, back, overwrite=True)
+    assert summary["format"] == task[len("ms_to_"):] and summary["layers"] == 136
+    loaded = ms.load_checkpoint(str(back))  # MindSpore itself reads what we wrote
+    assert set(loaded) == set(tiny.lora) | {"lora_rank", "lora_alpha"}
+    for name, value in tiny.lora.items():
+        assert loaded[name].dtype == ms.float32
+        np.testing.assert_array_equal(loaded[name].asnumpy(), value)
+    assert float(loaded["lora_rank"].asnumpy()) == RANK and float(loaded["lora_alpha"].asnumpy()) == ALPHA
+
+    with safe_open(str(exported), "np") as f:
+        meta = f.metadata()
+        keys = list(f.keys())
+    assert meta["lora_rank"] == "4" and meta["lora_alpha"] == "8.0" and meta["base_model"] == "sdxl-tiny"
+    assert meta["instance_prompt"] == "a photo of sks dog"
+    if task == "ms_to_kohya":
+        assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "8.0"
+        assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.alpha" in keys
+    else:
+        config = json.loads(meta[lf.LORA_ADAPTER_METADATA_KEY])
+        assert config["unet.r"] == 4 and config["unet.lora_alpha"] == 8.0
+        assert "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight" in keys
+
+
+# ---------------------------------------------------------------- 2. diffusers' own loaders agree with our UNet
+
+def _assert_diffusers_matches(tiny, model):
+    out = _diffusers_run(model, tiny.inputs)
+    assert relative_error(out, tiny.lora_out) < 1e-4
+    assert relative_error(out, tiny.base_out) > 1e-2
+
+
+def test_diffusers_peft_file_loads_into_diffusers_unet_with_same_output(tiny):
+    from diffusers.loaders import StableDiffusionXLLoraLoaderMixin as SDXLLoader
+
+    exported = tiny.folder / "peft.safetensors"
+    convert("ms_to_diffusers", tiny.lora_ckpt, exported, overwrite=True)
+    # the bare model's loader (reads alpha from the header when told the file is safetensors)
+    model = copy.deepcopy(tiny.reference)
+    model.load_lora_adapter(str(exported), prefix="unet", adapter_name="mb", use_safetensors=True)
+    assert model.peft_config["mb"].lora_alpha == ALPHA and model.peft_config["mb"].r == RANK
+    _assert_diffusers_matches(tiny, model)
+    # what StableDiffusionXLPipeline.load_lora_weights does for its UNet
+    model = copy.deepcopy(tiny.reference)
+    state, alphas, metadata = SDXLLoader.lora_state_dict(str(exported), unet_config=model.config,
+                                                         return_lora_metadata=True)
+    SDXLLoader.load_lora_into_unet(state, alphas, unet=model, metadata=metadata)
+    _assert_diffusers_matches(tiny, model)
+
+
+def test_folded_alpha_file_is_right_even_where_diffusers_ignores_the_header(tiny):
+    exported = tiny.folder / "peft_folded.safetensors"
+    convert("ms_to_diffusers", tiny.lora_ckpt, exported, overwrite=True, fold_alpha=True)
+    model = copy.deepcopy(tiny.reference)
+    model.load_lora_adapter(str(exported), prefix="unet")  # no use_safetensors: alpha = rank assumed
+    _assert_diffusers_matches(tiny, model)
+
+
+def test_kohya_file_loads_through_diffusers_sdxl_lora_loader_with_same_output(tiny):
+    """diffusers reads kohya SDXL files (sgm names, .alpha) in the SDXL pipeline's loader, whose class methods
+    take a bare UNet: the same path `pipe.load_lora_weights` takes."""
+    from diffusers.loaders import StableDiffusionXLLoraLoaderMixin as SDXLLoader
+
+    exported = tiny.folder / "kohya.safetensors"
+    convert("ms_to_kohya", tiny.lora_ckpt, exported, overwrite=True)
+    model = copy.deepcopy(tiny.reference)
+    state, alphas = SDXLLoader.lora_state_dict(str(exported), unet_config=model.config)
+    assert set(alphas.values()) == {ALPHA}
+    SDXLLoader.load_lora_into_unet(state, alphas, unet=model)
+    _assert_diffusers_matches(tiny, model)
+
+
+def test_mixed_ranks_and_alphas_reach_peft_with_the_right_per_layer_delta(tiny):
+    """A LoRA with per-layer ranks/alphas (as kohya files may have) -> MindBooth -> diffusers: peft's delta
+    weight of every layer equals alpha_l / rank_l * B A."""
+    from peft.tuners.lora import LoraLayer as PeftLoraLayer
+
+    rng = np.random.default_rng(1)
+    layers, _ = lf.from_mindbooth({**tiny.lora, "lora_alpha": np.float32(ALPHA)})
+    for i, (name, layer) in enumerate(layers.items()):
+        if i % 3 == 0:  # rank 2, alpha 3
+            layers[name] = lf.LoraLayer(layer.down[:2], layer.up[:, :2], 3.0)
+        elif i % 3 == 1:  # rank 4, alpha 1
+            layers[name] = lf.LoraLayer(layer.down, layer.up * rng.uniform(0.5, 2), 1.0)
+    kohya = tiny.folder / "mixed_kohya.safetensors"
+    write_safetensors(lf.to_kohya(layers), {}, kohya, overwrite=True)
+
+    expected = lf.merge_deltas(layers)
+    for uniform in (False, True):
+        ckpt = tiny.folder / f"mixed_{uniform}.ckpt"
+        convert("to_ms", kohya, ckpt, overwrite=True, uniform_rank=uniform)
+        state, _ = read_state(ckpt)
+        ranks = {v.shape[0] for k, v in state.items() if k.endswith(".lora_A.weight")}
+        assert ranks == ({4} if uniform else {2, 4})
+        back, _ = lf.from_mindbooth(state)
+        for name, delta in lf.merge_deltas(back).items():
+            np.testing.assert_allclose(delta, expected[name], rtol=1e-5, atol=1e-7)
+
+    # to diffusers twice: from the MindBooth file (one alpha, per-layer ranks: rank_pattern) and straight from
+    # the layers (per-layer ranks and alphas: rank_pattern + alpha_pattern)
+    from_ckpt = tiny.folder / "mixed_peft_from_ckpt.safetensors"
+    convert("ms_to_diffusers", tiny.folder / "mixed_False.ckpt", from_ckpt, overwrite=True)
+    direct = tiny.folder / "mixed_peft_direct.safetensors"
+    tensors, config = lf.to_diffusers(layers)
+    assert config["rank_pattern"] and config["alpha_pattern"]
+    write_safetensors(tensors, lf.export_metadata("diffusers", layers, adapter_config=config), direct, overwrite=True)
+    for peft_file in (from_ckpt, direct):
+        model = copy.deepcopy(tiny.reference)
+        model.load_lora_adapter(str(peft_file), prefix="unet", adapter_name="mb", use_safetensors=True)
+        checked = 0
+        for path, module in model.named_modules():
+            if isinstance(module, PeftLoraLayer):
+                ours = expected[f"{lf.MINDBOOTH_PREFIX}{diffusers_name_to_official(path, 2)}.weight"]
+                np.testing.assert_allclose(module.get_delta_weight("mb").detach().numpy(), ours, rtol=1e-5, atol=1e-7)
+                checked += 1
+        assert checked == 136
+        # and our reader interprets the patterns as peft does
+        state, header = read_state(peft_file)
+        back, _ = lf.read_layers(state, header)
+        for name, delta in lf.merge_deltas(back).items():
+            np.testing.assert_allclose(delta, expected[name], rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------- other inputs and errors
+
+def test_attention_processor_names_import_like_diffusers_converts_them(tiny):
+    """Older diffusers files (`…attn1.processor.to_q_lora.down.weight`, no alpha): the same layers as diffusers'
+    own convert_unet_state_dict_to_peft gives, with alpha = rank."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    peft_state, _ = lf.to_diffusers(lf.from_mindbooth({**tiny.lora, "lora_alpha": np.float32(ALPHA)})[0])
+    old = {}
+    for key, value in peft_state.items():
+        path, _, part = key.rpartition(".lora_")
+        module, _, proj = path.rpartition(".")
+        module, proj = (module[:-len(".to_out")], "to_out") if proj == "0" else (module, proj)
+        old[f"{module}.processor.{proj}_lora.{'down' if part == 'A.weight' else 'up'}.weight"] = value
+    by_diffusers = convert_unet_state_dict_to_peft({k: torch.from_numpy(v) for k, v in old.items()})
+    assert set(by_diffusers) == set(peft_state)
+    layers, info = lf.read_layers(old)
+    assert info["format"] == "diffusers"
+    ours = lf.to_mindbooth(layers)
+    assert float(ours["lora_alpha"]) == RANK  # no alpha in the file: diffusers' scale 1
+    for name, value in tiny.lora.items():
+        np.testing.assert_array_equal(ours[name], value)
+
+
+def test_unsupported_keys_are_refused_with_one_line_errors(tiny, capsys):
+    kohya, _ = lf.export_lora({**tiny.lora, "lora_alpha": np.float32(ALPHA)}, "kohya")
+    te = {"lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": np.zeros((4, 32), np.float32),
+          "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": np.zeros((32, 4), np.float32)}
+    with pytest.raises(ConversionError, match="text-encoder LoRA.*--drop_text_encoder"):
+        lf.read_layers({**kohya, **te})
+    layers, info = lf.read_layers({**kohya, **te}, drop_text_encoder=True)
+    assert len(layers) == 136 and info["dropped_text_encoder"] == 2
+    with pytest.raises(ConversionError, match="not on a UNet attention projection"):
+        lf.read_layers({**kohya, "lora_unet_input_blocks_4_1_proj_in.lora_down.weight": np.zeros((4, 64), np.float32),
+                        "lora_unet_input_blocks_4_1_proj_in.lora_up.weight": np.zeros((64, 4), np.float32)})
+    with pytest.raises(ConversionError, match="unknown LoRA key 'something.weight'"):
+        lf.read_layers({**kohya, "something.weight": np.zeros(3)})
+    with pytest.raises(ConversionError, match="mixes LoRA formats"):
+        lf.read_layers({**kohya, **tiny.lora})
+    up = next(k for k in kohya if k.endswith(".lora_up.weight"))
+    with pytest.raises(ConversionError, match="has no up/B weight"):
+        lf.read_layers({k: v for k, v in kohya.items() if k != up})
+    # the command line turns them into one line on stderr
+    bad = tiny.folder / "te.safetensors"
+    write_safetensors({**kohya, **te}, {}, bad, overwrite=True)
+    assert convert_main(["--task", "to_ms", "--src", str(bad), "--dst", str(tiny.folder / "te.ckpt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and not (tiny.folder / "te.ckpt").exists()
+
+
+# ---------------------------------------------------------------- 3. merge
+
+def test_merged_checkpoint_equals_base_plus_lora_at_inference(tiny):
+    base_ckpt = tiny.folder / "base.ckpt"
+    extra = np.arange(6, dtype=np.float16).reshape(2, 3)  # a non-UNet fp16 entry passes through untouched
+    entries = [{"name": n, "data": ms.Tensor(v)} for n, v in tiny.base.items()]
+    entries.append({"name": "first_stage_model.extra", "data": ms.Tensor(extra)})
+    ms.save_checkpoint(entries, str(base_ckpt))
+    merged_ckpt = tiny.folder / "merged.ckpt"
+    summary = merge(base_ckpt, tiny.lora_ckpt, merged_ckpt)
+    assert summary["merged"] == 136
+
+    merged = ms.load_checkpoint(str(merged_ckpt))
+    assert merged["first_stage_model.extra"].dtype == ms.float16
+    np.testing.assert_array_equal(merged["first_stage_model.extra"].asnumpy(), extra)
+    lora_targets = {n.replace(".lora_A.weight", ".weight") for n in tiny.lora if ".lora_A." in n}
+    for name, value in tiny.base.items():
+        if name not in lora_targets:
+            np.testing.assert_array_equal(merged[name].asnumpy(), value)
+    fresh = _Holder(build_unet(TINY_CONFIG))
+    load_params(fresh, {k: v for k, v in merged.items() if k != "first_stage_model.extra"}, strict=True)
+    out = run_ours(fresh.model.diffusion_model, tiny.inputs)
+    assert relative_error(out, tiny.lora_out) < 1e-5
+    assert relative_error(out, tiny.base_out) > 1e-2
+
+    # never overwrites by accident, and leaves no partial file behind
+    with pytest.raises(ConversionError, match="exists.*--overwrite"):
+        merge(base_ckpt, tiny.lora_ckpt, merged_ckpt)
+    merge(base_ckpt, tiny.lora_ckpt, merged_ckpt, scale=0.0, overwrite=True)
+    np.testing.assert_array_equal(ms.load_checkpoint(str(merged_ckpt))[sorted(lora_targets)[0]].asnumpy(),
+                                  tiny.base[sorted(lora_targets)[0]])
+    # every LoRA layer needs its base weight
+    missing = sorted(lora_targets)[5]
+    ms.save_checkpoint([e for e in entries if e["name"] != missing], str(tiny.folder / "partial_base.ckpt"))
+    with pytest.raises(ConversionError, match=f"no weight '{missing}'"):
+        merge(tiny.folder / "partial_base.ckpt", tiny.lora_ckpt, tiny.folder / "never.ckpt")
+    assert not (tiny.folder / "never.ckpt").exists() and not list(tiny.folder.glob("*.partial"))
+
+
+# ---------------------------------------------------------------- 4. full-size names
+
+def _reference_lines(name):
+    lines = []
+    for line in (LORA_KEYS / name).read_text().splitlines():
+        if line.strip():
+            key, shape = line.split("#")[:2]
+            lines.append((key, tuple(int(d) for d in shape.strip("()").split(","))))
+    return lines
+
+
+def _processor_to_peft(key):
+    """`….attn1.processor.to_q_lora.down.weight` -> `….attn1.to_q.lora_A.weight` (the PEFT naming)."""
+    module, _, rest = key.partition(".processor.")
+    proj, _, part = rest.partition("_lora.")
+    proj = "to_out.0" if proj == "to_out" else proj
+    return f"{module}.{proj}.lora_{'A' if part == 'down.weight' else 'B'}.weight"
+
+
+def test_full_size_names_match_mindone_and_diffusers_references():
+    with no_init_parameters():
+        holder = _Holder(build_unet(BASE_CONFIG))
+    inject_lora(holder, rank=RANK)
+    shapes = {name: tuple(p.shape) for name, p in lora_parameters(holder).items()}
+    ms_lines, pt_lines = _reference_lines("ms_lora_params.txt"), _reference_lines("pt_lora_params_ordered.txt")
+    assert shapes == dict(ms_lines)
+    # tag each tensor with its line number so that the pairing itself is checked, not just the name sets
+    state = {name: np.full(shape, i, np.float32) for i, (name, shape) in enumerate(ms_lines)}
+    state.update(lora_rank=np.float32(RANK), lora_alpha=np.float32(RANK))
+
+    peft, _ = lf.export_lora(state, "diffusers")
+    expected = {_processor_to_peft(key): (i, shape) for i, (key, shape) in enumerate(pt_lines)}
+    assert set(peft) == set(expected) and len(peft) == 1120
+    for key, (i, shape) in expected.items():
+        assert peft[key].shape == shape and peft[key].flat[0] == i
+
+    # kohya names, converted by diffusers' own kohya-SDXL converter, give the reference attention-processor names
+    from diffusers.loaders.lora_conversion_utils import (
+        _convert_non_diffusers_lora_to_diffusers, _maybe_map_sgm_blocks_to_diffusers,
+    )
+    kohya, _ = lf.export_lora(state, "kohya")
+    assert "lora_unet_output_blocks_5_1_transformer_blocks_1_attn2_to_out_0.lora_up.weight" in kohya
+    as_torch = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in kohya.items()}
+    mapped = _maybe_map_sgm_blocks_to_diffusers(as_torch, SimpleNamespace(layers_per_block=2))
+    converted, alphas = _convert_non_diffusers_lora_to_diffusers(mapped)
+    assert len(alphas) == 560
+    for i, (key, shape) in enumerate(pt_lines):
+        assert tuple(converted[key].shape) == shape and converted[key].flatten()[0].item() == i
+
+    # and both come back to the MindONE names and values
+    for exported in (peft, kohya):
+        back = lf.to_mindbooth(lf.read_layers(exported)[0])
+        assert set(back) == set(state)
+        assert all(back[name].flat[0] == i for i, (name, _) in enumerate(ms_lines))
