@@ -204,6 +204,7 @@ def main(argv=None):
         sample_prompt = train_cfg.get("final_sample_prompt") or db.instance_prompt
         write_grid(text2image, [sample_prompt], save_path / "sample_final.png", train_cfg, resolution, seed)
         print(f"done: LoRA in {state.latest_lora_path()}, loss plot {save_path / 'loss.png'}, sample {save_path / 'sample_final.png'}")
+    return engine
 
 
 def buffers_zero(buffers):

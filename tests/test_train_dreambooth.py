@@ -1,0 +1,242 @@
+"""DreamBooth training on the tiny model: the prior-preservation loss, per-image size conditioning,
+class-image sampling that never touches user files, only LoRA changes, loss falls when overfitting,
+resume == uninterrupted, GRAPH == PyNative."""
+import csv
+import hashlib
+import os
+
+import mindspore as ms
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+from PIL import Image
+
+from conftest import ROOT
+from gm.modules.lora import lora_parameters
+from gm.util import instantiate_from_config
+from mindbooth.checkpoint import load_weights, read_checkpoint, save_checkpoint_atomic
+from mindbooth.data import DreamBoothDataset, collate
+from mindbooth.optim import AdamW
+from mindbooth.tiny_model import random_weights
+from mindbooth.toy_subject import write_toy_images
+from mindbooth.train_step import ApplyStep, DreamBoothLoss, GradStep, make_buffers
+
+TRAIN_CONFIG = ROOT / "configs" / "training" / "sd_xl_tiny_dreambooth_lora_cpu.yaml"
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A tiny base checkpoint, 3 subject images and a class folder holding one user photo."""
+    root = tmp_path_factory.mktemp("dreambooth")
+    config = OmegaConf.load(TRAIN_CONFIG)
+    # Smaller still than the tiny config (one res block per level, one transformer block per stage): same code
+    # paths, a third of the graph, so compiling the training step fits the test budget.
+    config.model.params.network_config.params.num_res_blocks = 1
+    config.model.params.network_config.params.transformer_depth = [1, 1, 1]
+    config.dreambooth.class_sampling.num_steps = 2
+    config.train.validation_sampling.num_steps = 2
+    config.data.resolution = 32
+    OmegaConf.save(config, root / "train.yaml")
+    engine = instantiate_from_config(config.model)
+    save_checkpoint_atomic({k: v for k, v in random_weights(engine, seed=1).items() if ".lora_" not in k}, root / "tiny.ckpt")
+    write_toy_images(root / "subject", count=3, size=48, seed=3)
+    (root / "class").mkdir()
+    user_photo = root / "class" / "my_dog.jpg"
+    Image.new("RGB", (40, 56), (10, 200, 30)).save(user_photo)
+    return root
+
+
+def _train(workspace, save_path, *extra):
+    import train_dreambooth
+
+    argv = ["--config", str(workspace / "train.yaml"), "--weight", str(workspace / "tiny.ckpt"),
+            "--instance_data_path", str(workspace / "subject"), "--instance_prompt", "a photo of sks toy",
+            "--class_data_path", str(workspace / "class"), "--class_prompt", "a photo of toy", "--num_class_images", "3",
+            "--device_target", "CPU", "--save_path", str(save_path), "--save_ckpt_interval", "2", *extra]
+    try:
+        return train_dreambooth.main(argv)
+    finally:
+        ms.set_context(mode=ms.PYNATIVE_MODE)
+
+
+def _losses(folder):
+    with open(folder / "loss.csv") as handle:
+        return [float(row["loss"]) for row in csv.DictReader(handle)]
+
+
+def _lora(path):
+    return {k: v.asnumpy() for k, v in read_checkpoint(path).items()}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(workspace):
+    user_photo = workspace / "class" / "my_dog.jpg"
+    before = (hashlib.sha256(user_photo.read_bytes()).hexdigest(), os.stat(user_photo).st_mtime_ns)
+    engine = _train(workspace, workspace / "run_a", "--total_step", "4", "--ms_mode", "0", "--infer_during_train", "True", "--infer_interval", "2")
+    return engine, before
+
+
+def test_missing_class_images_are_sampled_and_user_images_untouched(workspace, uninterrupted):
+    _, (digest, mtime) = uninterrupted
+    files = sorted(p.name for p in (workspace / "class").iterdir())
+    assert "my_dog.jpg" in files and len(files) == 3  # 1 user photo + 2 sampled
+    sampled = [f for f in files if f.startswith("class_")]
+    assert len(sampled) == 2 and all(f.endswith(".png") for f in sampled)
+    user_photo = workspace / "class" / "my_dog.jpg"
+    assert hashlib.sha256(user_photo.read_bytes()).hexdigest() == digest
+    assert os.stat(user_photo).st_mtime_ns == mtime
+    for name in sampled:
+        with Image.open(workspace / "class" / name) as image:
+            assert image.size == (32, 32)
+    assert not [p for p in (workspace / "class").iterdir() if p.name.startswith(".")]  # no temporary leftovers
+
+
+def test_run_writes_lora_log_plot_sample_and_changes_only_lora(workspace, uninterrupted):
+    engine, _ = uninterrupted
+    run = workspace / "run_a"
+    assert len(_losses(run)) == 4 and all(np.isfinite(_losses(run)))
+    for name in ("loss.png", "sample_final.png", "config.yaml", "SDXL-tiny_2_lora.ckpt", "SDXL-tiny_4_lora.ckpt",
+                 "validation_step000002.png", "validation_step000004.png"):
+        assert (run / name).is_file(), name
+    assert OmegaConf.load(run / "config.yaml").dreambooth.num_class_images == 3  # the flag is in the saved config
+    lora = _lora(run / "SDXL-tiny_4_lora.ckpt")
+    assert set(k for k in lora if ".lora_" in k) == set(lora_parameters(engine))
+    assert lora["lora_rank"] == 4
+    # Base weights are exactly those of the file; LoRA weights moved away from their start (B was zero).
+    base = read_checkpoint(workspace / "tiny.ckpt")
+    for name, param in engine.parameters_and_names():
+        if ".lora_" not in name:
+            np.testing.assert_array_equal(param.asnumpy(), base[name].asnumpy(), err_msg=name)
+    assert max(np.abs(v).max() for k, v in lora.items() if ".lora_B." in k) > 0
+
+
+@pytest.fixture(scope="module")
+def interrupted_in_pynative(workspace, uninterrupted):
+    """The same run in PyNative, stopped after 2 steps (as if killed after its step-2 save)."""
+    _train(workspace, workspace / "run_b", "--total_step", "2", "--ms_mode", "1")
+    return workspace / "run_b"
+
+
+def test_graph_mode_and_pynative_give_the_same_losses(workspace, interrupted_in_pynative):
+    np.testing.assert_allclose(_losses(interrupted_in_pynative), _losses(workspace / "run_a")[:2], rtol=1e-5)
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(workspace, interrupted_in_pynative):
+    run_b = interrupted_in_pynative
+    _train(workspace, run_b, "--total_step", "4", "--ms_mode", "1", "--resume", str(run_b))
+    resumed, straight = _lora(run_b / "SDXL-tiny_4_lora.ckpt"), _lora(workspace / "run_a" / "SDXL-tiny_4_lora.ckpt")
+    assert resumed.keys() == straight.keys()
+    for name in straight:
+        np.testing.assert_allclose(resumed[name], straight[name], rtol=1e-4, atol=1e-4 * np.abs(straight[name]).max(), err_msg=name)  # GRAPH vs PyNative rounding, through Adam
+    np.testing.assert_allclose(_losses(run_b), _losses(workspace / "run_a"), rtol=1e-5)
+
+
+# ---- units ---------------------------------------------------------------------------------------------------
+
+def _tiny_engine_with_weights(workspace):
+    engine = instantiate_from_config(OmegaConf.load(workspace / "train.yaml").model)
+    load_weights(engine, [str(workspace / "tiny.ckpt")])
+    rng = np.random.default_rng(5)
+    for name, param in lora_parameters(engine).items():
+        param.set_data(ms.Tensor(rng.normal(0, 0.05, param.shape).astype(np.float32)))
+    return engine
+
+
+def _fixed_batch(engine, batch):
+    rng = np.random.default_rng(7)
+    latents = rng.standard_normal((batch, 4, 4, 4)).astype(np.float32)
+    cond = engine.conditioner.encode({"txt": ["a photo of sks toy"] * (batch // 2) + ["a photo of toy"] * (batch // 2),
+                                      "original_size_as_tuple": [[32, 32]] * batch, "crop_coords_top_left": [[0, 0]] * batch,
+                                      "target_size_as_tuple": [[32, 32]] * batch})
+    noise = rng.standard_normal(latents.shape).astype(np.float32)
+    sigmas = np.array([0.5, 2.0, 1.0, 8.0][:batch], np.float32)
+    return [ms.Tensor(latents), ms.Tensor(noise), ms.Tensor(sigmas), cond["crossattn"], cond["vector"]]
+
+
+def test_prior_preservation_loss_formula(workspace):
+    engine = _tiny_engine_with_weights(workspace)
+    inputs = _fixed_batch(engine, 4)
+    cond = {"crossattn": inputs[3], "vector": inputs[4]}
+    per_sample = engine.loss_fn(engine.model, engine.denoiser, cond, *inputs[:3]).asnumpy()
+    loss, loss_instance, loss_class = (o.asnumpy() for o in DreamBoothLoss(engine, 0.7, True)(*inputs))
+    np.testing.assert_allclose(loss_instance, per_sample[:2].mean(), rtol=1e-6)
+    np.testing.assert_allclose(loss_class, per_sample[2:].mean(), rtol=1e-6)
+    np.testing.assert_allclose(loss, per_sample[:2].mean() + 0.7 * per_sample[2:].mean(), rtol=1e-6)
+    no_prior = DreamBoothLoss(engine, 0.7, False)(*inputs)[0].asnumpy()
+    np.testing.assert_allclose(no_prior, per_sample.mean(), rtol=1e-6)
+
+
+def test_loss_falls_when_overfitting_and_only_lora_changes(workspace):
+    engine = _tiny_engine_with_weights(workspace)
+    inputs = _fixed_batch(engine, 2)
+    params = [p for _, p in sorted(lora_parameters(engine).items())]
+    base_before = {n: p.asnumpy().copy() for n, p in engine.parameters_and_names() if ".lora_" not in n}
+    buffers = make_buffers(params)
+    grad_step = GradStep(DreamBoothLoss(engine, 1.0, True), params, buffers)
+    apply_step = ApplyStep(buffers, AdamW(params, learning_rate=2e-2), 1, True, 1.0)
+    scale = ms.Tensor(1.0, ms.float32)
+    losses = []
+    for _ in range(6):
+        loss, _, _, finite = grad_step(*inputs, scale)
+        assert bool(finite.asnumpy())
+        apply_step()
+        losses.append(float(loss.asnumpy()))
+    assert losses[-1] < 0.7 * losses[0], losses
+    for name, param in engine.parameters_and_names():
+        if ".lora_" not in name:
+            np.testing.assert_array_equal(param.asnumpy(), base_before[name], err_msg=name)
+
+
+def test_gradient_accumulation_equals_the_large_batch_and_loss_scale_cancels(workspace):
+    """Two micro-batches of one sample accumulate to the gradient of the mean over both;
+    a loss scale of 1024 changes nothing (the loss is scaled and unscaled exactly once)."""
+    engine = _tiny_engine_with_weights(workspace)
+    inputs = _fixed_batch(engine, 2)
+    params = [p for _, p in sorted(lora_parameters(engine).items())]
+    buffers = make_buffers(params)
+    no_prior = DreamBoothLoss(engine, 1.0, False)
+    grad_step = GradStep(no_prior, params, buffers)
+    grad_step(*inputs, ms.Tensor(1024.0, ms.float32))
+    whole = [b.asnumpy().copy() for b in buffers]
+    for b in buffers:
+        b.set_data(ms.ops.zeros_like(b))
+    for i in range(2):
+        grad_step(*[x[i:i + 1] for x in inputs], ms.Tensor(1.0, ms.float32))
+    for accumulated, full in zip(buffers, whole):
+        np.testing.assert_allclose(accumulated.asnumpy() / 2, full, rtol=1e-4, atol=1e-4 * np.abs(full).max())
+
+
+def test_class_images_get_their_own_size_conditioning(tmp_path):
+    (tmp_path / "inst").mkdir()
+    (tmp_path / "cls").mkdir()
+    Image.new("RGB", (100, 60), (200, 0, 0)).save(tmp_path / "inst" / "a.png")
+    Image.new("RGB", (40, 90), (0, 0, 200)).save(tmp_path / "cls" / "b.png")
+    dataset = DreamBoothDataset(tmp_path / "inst", "sks", 32, tmp_path / "cls", "cls", center_crop=True)
+    batch = collate([dataset.examples(0, np.random.default_rng(0))])
+    assert batch["txt"] == ["sks", "cls"]
+    np.testing.assert_array_equal(batch["original_size_as_tuple"], [[60, 100], [90, 40]])  # (height, width) of each file
+    np.testing.assert_array_equal(batch["target_size_as_tuple"], [[32, 32], [32, 32]])
+    # centre crop after resizing the short side to 32: 60x100 -> 32x53 (left 10), 90x40 -> 72x32 (top 20)
+    np.testing.assert_array_equal(batch["crop_coords_top_left"], [[0, 10], [20, 0]])
+    assert batch["pixels"].shape == (2, 3, 32, 32)
+    assert batch["pixels"][0, 0].mean() > 0.5 and batch["pixels"][1, 2].mean() > 0.5  # red instance, blue class
+
+
+def test_image_modes_are_converted_and_corrupt_files_named(tmp_path):
+    from mindbooth.images import load_rgb
+
+    gray16 = Image.fromarray(np.full((8, 8), 65535, np.uint16))
+    gray16.save(tmp_path / "g16.png")
+    Image.new("RGBA", (8, 8), (255, 0, 0, 0)).save(tmp_path / "rgba.png")
+    Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg")
+    rotated = Image.new("RGB", (8, 4), (0, 0, 0))
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    rotated.save(tmp_path / "rot.jpg", exif=exif)
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    assert np.asarray(load_rgb(tmp_path / "g16.png")).min() == 255
+    assert tuple(np.asarray(load_rgb(tmp_path / "rgba.png"))[0, 0]) == (255, 255, 255)  # transparent -> white
+    assert load_rgb(tmp_path / "cmyk.jpg").mode == "RGB" and np.asarray(load_rgb(tmp_path / "cmyk.jpg"))[0, 0, 0] > 200
+    assert load_rgb(tmp_path / "rot.jpg").size == (4, 8)
+    with pytest.raises(ValueError, match="broken.jpg"):
+        load_rgb(tmp_path / "broken.jpg")
