@@ -83,13 +83,13 @@ def load_weights(engine, paths, lora_dropout: float = 0.0):
         param.set_data(ms.Tensor(array).astype(param.dtype))
     if any(is_lora_name(k) for k in names):  # a base file with LoRA weights in it (e.g. a MindONE full save)
         params = read_checkpoint(paths[0])
-        _load_lora(engine, {k: v for k, v in params.items() if is_lora_name(k)}, params, paths[0], lora_dropout)
+        load_lora(engine, {k: v for k, v in params.items() if is_lora_name(k)}, params, paths[0], lora_dropout)
     for path in paths[1:]:
         params = read_checkpoint(path)
         lora = {k: v for k, v in params.items() if is_lora_name(k)}
         if not lora:
             raise ValueError(f"{path} holds no LoRA weights (names with .lora_A./.lora_B.); give the base model first")
-        _load_lora(engine, lora, params, path, lora_dropout)
+        load_lora(engine, lora, params, path, lora_dropout)
 
 
 def lora_rank_alpha(params: dict):
@@ -101,7 +101,7 @@ def lora_rank_alpha(params: dict):
     return rank, alpha
 
 
-def _load_lora(engine, lora: dict, params: dict, path, lora_dropout: float):
+def load_lora(engine, lora: dict, params: dict, path, lora_dropout: float):
     rank, alpha = lora_rank_alpha({**lora, **{k: params[k] for k in LORA_METADATA if k in params}})
     if not lora_parameters(engine):
         inject_lora(engine.model, rank=rank, alpha=alpha, dropout=lora_dropout)

@@ -92,8 +92,11 @@ class Text2Image:
             raise ValueError(f"width and height must be multiples of {factor}, got {width}x{height}")
         rng = np.random.default_rng(seed)
         shape = (len(prompts), 4, height // factor, width // factor)
+        # Drawn even when `init_noise` is given, so the later draws (VAE posterior, stochastic samplers)
+        # are the same: the seed's own noise passed as `init_noise` gives the seeded image exactly.
+        seeded_noise = rng.standard_normal(shape).astype(np.float32)
         if init_noise is None:
-            init_noise = rng.standard_normal(shape).astype(np.float32)
+            init_noise = seeded_noise
         elif tuple(init_noise.shape) != shape:
             raise ValueError(f"initial latent has shape {tuple(init_noise.shape)}, expected {shape} for {width}x{height}")
         sizes = size_batch(len(prompts), width, height, **(size_options or {}))
@@ -106,7 +109,11 @@ class Text2Image:
             cond, uc = self.conditioning(prompts, negative_prompts, guidance_scale, sizes)
         init_latents = None
         if init_images is not None:
-            init_latents = self.engine.encode_first_stage(ms.Tensor(init_images, ms.float32))
+            if tuple(init_images.shape) != (len(prompts), 3, height, width):
+                raise ValueError(f"init images have shape {tuple(init_images.shape)}, expected {(len(prompts), 3, height, width)}")
+            # The VAE posterior sample is drawn from the seed too, so img2img is reproducible.
+            posterior_noise = ms.Tensor(rng.standard_normal(shape).astype(np.float32))
+            init_latents = self.engine.encode_first_stage(ms.Tensor(init_images, ms.float32), posterior_noise)
         sampler_obj = build_sampler(sampler, num_steps, guidance_scale)
 
         def denoiser_fn(x, sigma, c):

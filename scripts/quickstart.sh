@@ -18,4 +18,10 @@ $PY train_dreambooth.py \
   --save_path "$OUT/train" \
   --ms_mode 0 \
   --device_target CPU
-echo "quick-start finished: see $OUT/train (LoRA *_lora.ckpt, loss.png, loss.csv, sample_final.png)"
+# Render the subject with the trained LoRA (the last checkpoint: total_step of the tiny training config).
+LORA=$(ls -t "$OUT"/train/*_lora.ckpt | head -n 1)
+$PY demo/sampling_without_streamlit.py --task txt2img --config configs/inference/sd_xl_tiny.yaml \
+  --weight "checkpoints/sd_xl_tiny_ms.ckpt,$LORA" \
+  --prompt "a photo of sks toy" --width 64 --height 64 --sample_step 10 --guidance_scale 5.0 \
+  --seed 42 --num_images 4 --num_cols 2 --save_path "$OUT/samples" --ms_mode 0 --device_target CPU
+echo "quick-start finished: see $OUT/train (LoRA *_lora.ckpt, loss.png, loss.csv, sample_final.png) and $OUT/samples"

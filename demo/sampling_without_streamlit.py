@@ -1,0 +1,17 @@
+"""Sample SDXL (+ DreamBooth LoRA) images from the command line, with MindONE's flags:
+
+    python demo/sampling_without_streamlit.py --task txt2img --config configs/inference/sd_xl_base.yaml \
+        --weight checkpoints/sd_xl_base_1.0_ms.ckpt,runs/.../SDXL-base-1.0_1000_lora.ckpt \
+        --prompt "a sks dog swimming in a pool" --device_target CPU
+
+`--prompt` may be a .txt file (one prompt per line). Images and a grid PNG go to --save_path.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mindbooth.sampling_cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    main()
