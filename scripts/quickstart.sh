@@ -19,7 +19,7 @@ $PY train_dreambooth.py \
   --ms_mode 0 \
   --device_target CPU
 # Render the subject with the trained LoRA (the last checkpoint: total_step of the tiny training config).
-LORA=$(ls -t "$OUT"/train/*_lora.ckpt | head -n 1)
+LORA=$(ls "$OUT"/train/*_lora.ckpt | sort -V | tail -n 1)
 $PY demo/sampling_without_streamlit.py --task txt2img --config configs/inference/sd_xl_tiny.yaml \
   --weight "checkpoints/sd_xl_tiny_ms.ckpt,$LORA" \
   --prompt "a photo of sks toy" --width 64 --height 64 --sample_step 10 --guidance_scale 5.0 \
