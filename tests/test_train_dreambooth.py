@@ -240,3 +240,21 @@ def test_image_modes_are_converted_and_corrupt_files_named(tmp_path):
     assert load_rgb(tmp_path / "rot.jpg").size == (4, 8)
     with pytest.raises(ValueError, match="broken.jpg"):
         load_rgb(tmp_path / "broken.jpg")
+
+
+def test_dynamic_loss_scale_skips_overflowing_steps(workspace):
+    """An overflowing scaled loss gives non-finite gradients: the step is reported, skipped, and the scale halves."""
+    from mindbooth.train_step import DynamicLossScale
+
+    engine = _tiny_engine_with_weights(workspace)
+    inputs = _fixed_batch(engine, 2)
+    params = [p for _, p in sorted(lora_parameters(engine).items())]
+    grad_step = GradStep(DreamBoothLoss(engine, 1.0, True), params, make_buffers(params))
+    scaler = DynamicLossScale(enabled=True, initial_scale=3.0e38, growth_interval=2)
+    finite = bool(grad_step(*inputs, scaler.tensor())[3].asnumpy())
+    assert not finite
+    assert scaler.update(finite) is False and scaler.skipped_steps == 1 and scaler.scale == 1.5e38
+    scaler.scale = 1024.0
+    finite = bool(grad_step(*inputs, scaler.tensor())[3].asnumpy())
+    assert finite and scaler.update(True) and scaler.update(True) and scaler.scale == 2048.0  # grows after 2 clean steps
+    assert DynamicLossScale(enabled=False).scale == 1.0
