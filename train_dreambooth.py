@@ -59,7 +59,7 @@ def main(argv=None):
     # ---- runtime ---------------------------------------------------------------------------------------------
     ms.set_context(mode=ms.GRAPH_MODE if args.ms_mode == 0 else ms.PYNATIVE_MODE, jit_config={"jit_level": args.jit_level})
     ms.set_device(args.device_target)
-    dist = Distributed(args.is_parallel)
+    dist = Distributed(args.is_parallel, args.device_target)
     seed = int(train_cfg.seed)
     ms.set_seed(seed)
     if dist.is_main:
@@ -104,39 +104,46 @@ def main(argv=None):
         fail(str(error))
     batch_size = int(train_cfg.per_batch_size)
     sampler = BatchSampler(len(dataset), batch_size, seed, dist.rank, dist.world_size)
-    data_rng = np.random.default_rng([seed, dist.rank])  # crops, flips, VAE and diffusion noise of this rank
+    # The same on every rank: one key per micro-batch; each sample's crops, flips, VAE and diffusion noise come
+    # from a generator of (key, position in the global batch), so N ranks x batch B train as 1 rank x batch N*B.
+    data_rng = np.random.default_rng([seed, 1])
     loss_fn = engine.loss_fn
     cache = {} if data_cfg.get("cache_latents", False) else None
     validation_prompts = list(train_cfg.get("validation_prompts", []) or [db.instance_prompt])
 
-    def encode_batch(indices):
-        """Images -> latents, prompts + per-image sizes -> conditioning (frozen VAE and text encoders)."""
+    def encode_examples(index, rng):
+        """Item `index` -> VAE moments, cross-attention and vector conditioning of its instance (and class) example."""
+        batch = collate([dataset.examples(index, rng)])
+        moments = engine.first_stage_model.encode_moments(ms.Tensor(batch["pixels"])).asnumpy()
+        cond = engine.conditioner.encode({k: v for k, v in batch.items() if k != "pixels"})
+        return moments, cond["crossattn"].asnumpy(), cond["vector"].asnumpy()
+
+    def encode_item(index, rng):
+        if cache is None:
+            return encode_examples(index, rng)
+        index %= dataset.num_distinct
+        if index not in cache:  # cached crops are fixed per item, alike on every rank
+            cache[index] = encode_examples(index, np.random.default_rng([seed, 2, index]))
+        return cache[index]
+
+    def make_batch(indices, rngs):
+        """(latents, noise, sigmas, crossattn, vector) of a micro-batch: all instance examples first, then all
+        class examples; each item's randomness from its own generator."""
         items = []
-        for index in indices:
-            if cache is not None:
-                index %= dataset.num_distinct
-                if index in cache:
-                    items.append(cache[index])
-                    continue
-            batch = collate([dataset.examples(index, data_rng)])
-            moments = engine.first_stage_model.encode_moments(ms.Tensor(batch["pixels"])).asnumpy()
-            cond = engine.conditioner.encode({k: v for k, v in batch.items() if k != "pixels"})
-            item = (moments, cond["crossattn"].asnumpy(), cond["vector"].asnumpy())
-            if cache is not None:
-                cache[index] = item
-            items.append(item)
-        moments, crossattn, vector = (np.concatenate([it[i] for it in items]) for i in range(3))
-        if with_prior:  # collate puts instance then class per item; regroup all instances first, then all classes
-            order = np.concatenate([np.arange(0, 2 * len(items), 2), np.arange(1, 2 * len(items), 2)])
-            moments, crossattn, vector = moments[order], crossattn[order], vector[order]
-        mean, logvar = np.split(moments, 2, axis=1)
-        std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
-        latents = (mean + std * data_rng.standard_normal(mean.shape).astype(np.float32)) * engine.scale_factor
-        return latents.astype(np.float32), crossattn, vector
+        for index, rng in zip(indices, rngs):
+            moments, crossattn, vector = encode_item(index, rng)
+            mean, logvar = np.split(moments, 2, axis=1)
+            std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
+            latents = ((mean + std * rng.standard_normal(mean.shape).astype(np.float32)) * engine.scale_factor).astype(np.float32)
+            noise = loss_fn.sample_noise(latents.shape, rng)
+            sigmas = loss_fn.sample_sigmas(latents.shape[0], rng)
+            items.append((latents, noise, sigmas, crossattn, vector))
+        examples = range(2 if with_prior else 1)  # row 0 of an item: its instance example; row 1: its class example
+        return [np.stack([item[field][row] for row in examples for item in items]) for field in range(5)]
 
     if cache is not None:
         for index in tqdm(range(dataset.num_distinct), desc="caching latents and text embeddings", disable=not dist.is_main):
-            encode_batch([index])
+            encode_item(index, None)
         sample_prompt = train_cfg.get("final_sample_prompt") or db.instance_prompt
         guidance = float(train_cfg.get("validation_sampling", {}).get("guidance_scale", 5.0))
         for prompts in (validation_prompts, [sample_prompt]):
@@ -154,7 +161,12 @@ def main(argv=None):
     grad_step = GradStep(loss_net, params, buffers, dist.grad_reducer(params))
     apply_step = ApplyStep(buffers, optimizer, accumulation, bool(train_cfg.get("clip_grad", False)),
                            float(train_cfg.get("max_grad_norm", 1.0)))
-    loss_scale = DynamicLossScale(enabled=str(train_cfg.get("precision", "fp32")) == "fp16")
+    precision = str(train_cfg.get("precision", "fp32"))
+    if precision not in ("fp32", "fp16"):
+        fail(f"train.precision must be fp32 or fp16, got {precision!r}")
+    if precision == "fp16":  # UNet computes in fp16; LoRA weights and AdamW stay fp32; the loss scale guards overflow
+        engine.model.to_float(ms.float16)
+    loss_scale = DynamicLossScale(enabled=precision == "fp16")
     state = TrainingState(save_path, engine, optimizer, sampler, data_rng, loss_scale, rank, alpha, int(train_cfg.get("max_num_ckpt", 3)))
     start_step = state.restore() if resuming else 0
     if resuming and dist.is_main:
@@ -171,13 +183,13 @@ def main(argv=None):
         optimizer.learning_rate.set_data(ms.Tensor(lr, ms.float32))
         finite, losses = True, np.zeros(3)
         for _ in range(accumulation):
-            latents, crossattn, vector = encode_batch(sampler.next_indices())
-            noise = loss_fn.sample_noise(latents.shape, data_rng)
-            sigmas = loss_fn.sample_sigmas(latents.shape[0], data_rng)
+            indices = sampler.next_indices()
+            latents, noise, sigmas, crossattn, vector = make_batch(indices, sampler.sample_generators(int(data_rng.integers(2**63))))
             outputs = grad_step(ms.Tensor(latents), ms.Tensor(noise), ms.Tensor(sigmas), ms.Tensor(crossattn), ms.Tensor(vector),
                                 loss_scale.tensor())
             losses += np.array([float(o.asnumpy()) for o in outputs[:3]]) / accumulation
-            finite = finite and bool(outputs[3].asnumpy())
+            finite = finite and bool(outputs[3].asnumpy())  # of the reduced gradients: alike on every rank
+        losses = dist.mean(losses)  # the global batch's loss (local batches are equal-sized)
         if not np.isfinite(losses).all() and not loss_scale.enabled:
             fail(f"loss became {losses[0]} at step {step + 1}: lower --learning_rate or enable --clip_grad")
         if loss_scale.update(finite):
@@ -197,7 +209,6 @@ def main(argv=None):
                 log.plot()
             if train_cfg.get("infer_during_train", False) and done % int(train_cfg.infer_interval) == 0:
                 write_grid(text2image, validation_prompts, save_path / f"validation_step{done:06d}.png", train_cfg, resolution, seed)
-        dist.barrier_if_needed(done, total_step)
 
     # ---- save ------------------------------------------------------------------------------------------------
     if dist.is_main:

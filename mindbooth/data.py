@@ -103,6 +103,11 @@ class BatchSampler:
             self.position += 1
         return indices[self.shard::self.num_shards]
 
+    def sample_generators(self, key: int) -> list:
+        """One numpy Generator per sample that `next_indices` returned, keyed by the sample's position in the
+        global batch (not by the rank): N ranks x batch B then draw the crops and noise 1 rank x batch N*B draws."""
+        return [np.random.default_rng([key, self.shard + j * self.num_shards]) for j in range(self.batch_size)]
+
     def state(self) -> dict:
         return {"rng": self.rng.bit_generator.state, "order": list(self.order), "position": self.position}
 

@@ -44,7 +44,6 @@ class LossLog:
                 axis.plot(steps[: len(values)], values, label=key, linewidth=1)
         axis.set_xlabel("step")
         axis.set_ylabel("loss")
-        axis.set_yscale("log")
         axis.legend()
         axis.grid(alpha=0.3)
         figure.tight_layout()

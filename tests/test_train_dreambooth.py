@@ -131,6 +131,13 @@ def test_resume_after_interruption_equals_uninterrupted_run(workspace, interrupt
     np.testing.assert_allclose(_losses(run_b), _losses(workspace / "run_a"), rtol=1e-5)
 
 
+def test_cache_latents_trains_and_frees_the_encoders(workspace, uninterrupted):
+    engine = _train(workspace, workspace / "run_cached", "--total_step", "2", "--ms_mode", "1", "--cache_latents", "True")
+    assert engine.conditioner is None and not hasattr(engine.first_stage_model, "encoder")
+    assert len(_losses(workspace / "run_cached")) == 2 and all(np.isfinite(_losses(workspace / "run_cached")))
+    assert (workspace / "run_cached" / "sample_final.png").is_file()  # sampled from the cached prompt embedding
+
+
 # ---- units ---------------------------------------------------------------------------------------------------
 
 def _tiny_engine_with_weights(workspace):
