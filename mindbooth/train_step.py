@@ -96,9 +96,10 @@ class GradStep(nn.Cell):
         return loss * loss_scale, loss, loss_instance, loss_class
 
     def construct(self, latents, noise, sigmas, crossattn, vector, loss_scale):
-        (_, loss, loss_instance, loss_class), grads = self.value_and_grad(latents, noise, sigmas, crossattn, vector, loss_scale)
+        (scaled_loss, loss, loss_instance, loss_class), grads = self.value_and_grad(latents, noise, sigmas, crossattn, vector, loss_scale)
         grads = self.grad_reducer(grads)
-        finite = ops.stack(self.hyper_map(_all_finite, grads)).all()
+        # An overflow shows in the scaled loss or in any gradient; either makes the step unusable.
+        finite = ops.logical_and(ops.isfinite(scaled_loss), ops.stack(self.hyper_map(_all_finite, grads)).all())
         accumulated = self.hyper_map(ops.partial(_accumulate, 1.0 / loss_scale), self.buffers, grads)
         return ops.depend(loss, accumulated), loss_instance, loss_class, finite
 
