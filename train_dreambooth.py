@@ -4,6 +4,10 @@
         --weight checkpoints/sd_xl_base_1.0_ms.ckpt --instance_data_path DIR --instance_prompt "A photo of a sks dog" \
         --class_data_path DIR --class_prompt "A photo of a dog" --device_target Ascend
 
+Data parallel over N processes (per_batch_size is per process; gradients are averaged; rank 0 writes):
+    msrun --worker_num=N --local_worker_num=N --master_port=8118 --log_dir=logs --join=True train_dreambooth.py ... --is_parallel True
+    mpirun -n N python train_dreambooth.py ... --is_parallel True
+
 Phases: arguments and config -> runtime -> model -> class images -> data -> optimizer -> training loop -> save.
 """
 import math
@@ -188,7 +192,8 @@ def main(argv=None):
             outputs = grad_step(ms.Tensor(latents), ms.Tensor(noise), ms.Tensor(sigmas), ms.Tensor(crossattn), ms.Tensor(vector),
                                 loss_scale.tensor())
             losses += np.array([float(o.asnumpy()) for o in outputs[:3]]) / accumulation
-            finite = finite and bool(outputs[3].asnumpy())  # of the reduced gradients: alike on every rank
+            finite = finite and bool(outputs[3].asnumpy())
+        finite = dist.all_true(finite)  # apply or skip together: a rank's own scaled loss may overflow alone
         losses = dist.mean(losses)  # the global batch's loss (local batches are equal-sized)
         if not np.isfinite(losses).all() and not loss_scale.enabled:
             fail(f"loss became {losses[0]} at step {step + 1}: lower --learning_rate or enable --clip_grad")

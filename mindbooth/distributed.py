@@ -5,8 +5,9 @@ process itself. Under mpirun, MindSpore's own init reads OpenMPI's variables on 
 needs the dynamic-cluster ones, so `setup_distributed_environment` derives them from OpenMPI's before
 MindSpore is imported, and rank 0 starts the scheduler process that msrun would have started.
 
-Failure ends the job in bounded time: both launchers kill every rank when one exits with an error; cluster
-set-up gives up after MS_TOPO_TIMEOUT seconds; the scheduler started here leaves when rank 0 is gone."""
+Failure ends the job in bounded time: both launchers kill every rank when one exits with an error (measured:
+mpirun within seconds, msrun within about 35 s, waiting for its scheduler); cluster set-up gives up after
+MS_TOPO_TIMEOUT seconds; the scheduler started here leaves with the workers, or SCHEDULER_GRACE_S after rank 0."""
 import argparse
 import hashlib
 import os
@@ -15,7 +16,9 @@ import subprocess
 import sys
 import tempfile
 
-from mindbooth.config import str2bool
+import numpy as np
+
+from mindbooth.config import str2bool  # MindSpore itself is imported only after setup_distributed_environment
 
 DYNAMIC_CLUSTER_VARS = ("MS_ROLE", "MS_WORKER_NUM", "MS_SCHED_HOST", "MS_SCHED_PORT")
 TOPOLOGY_TIMEOUT_S = 300  # cluster set-up (all ranks registering) under mpirun; msrun's own default is 600
@@ -77,8 +80,8 @@ def setup_distributed_environment(argv=None):
     rank, size, local_size = world
     host = os.environ.get("MS_SCHED_HOST")
     if local_size != size and not host:
-        sys.exit("error: mpirun over several hosts on CPU needs MS_SCHED_HOST (rank 0's address) and MS_SCHED_PORT "
-                 "exported to every rank (mpirun -x MS_SCHED_HOST=... -x MS_SCHED_PORT=...), or start with msrun")
+        sys.exit("error: mpirun over several hosts on CPU needs MS_SCHED_HOST (rank 0's address) exported to every "
+                 "rank (mpirun -x MS_SCHED_HOST=...), or start with msrun")
     host, port = host or "127.0.0.1", scheduler_port()
     os.environ.update({"MS_ROLE": "MS_WORKER", "MS_NODE_ID": str(rank), "MS_WORKER_NUM": str(size),
                        "MS_SCHED_HOST": host, "MS_SCHED_PORT": str(port)})
@@ -154,10 +157,9 @@ class Distributed:
         return nn.DistributedGradReducer(params, mean=True, degree=self.world_size)
 
     def all_sum(self, values):
-        """Element-wise sum of a numpy array over ranks (float32 or int32), on the host."""
-        import numpy as np
-
-        values = np.asarray(values)
+        """Element-wise sum of a float32 array over ranks, on the host (CPU's AllReduce takes floats only;
+        integers below 2**24 are exact)."""
+        values = np.asarray(values, np.float32)
         if self.world_size == 1:
             return values
         import mindspore as ms
@@ -167,27 +169,28 @@ class Distributed:
 
     def mean(self, values):
         """Mean of a float array over ranks (each rank's losses -> the loss of the global batch)."""
-        import numpy as np
+        if self.world_size == 1:
+            return np.asarray(values)
+        return self.all_sum(values) / self.world_size
 
-        return self.all_sum(np.asarray(values, np.float32)) / self.world_size
+    def all_true(self, flag: bool) -> bool:
+        """Whether `flag` holds on every rank."""
+        if self.world_size == 1:
+            return bool(flag)
+        return float(self.all_sum([0.0 if flag else 1.0])[0]) == 0.0
 
     def barrier(self):
         """Every rank waits here until all have arrived (an all-reduce: mint's barrier logs a false error on CPU)."""
         if self.world_size > 1:
-            import numpy as np
-
             self.all_sum(np.ones(1, np.float32))
 
     def broadcast_names(self, names):
         """Rank 0's list of file names, on every rank."""
         if self.world_size == 1:
             return list(names)
-        import numpy as np
-
-        payload = np.frombuffer("\n".join(names).encode(), np.uint8).astype(np.int32) if self.is_main else np.zeros(0, np.int32)
-        length = int(self.all_sum(np.array([payload.size if self.is_main else 0], np.int32))[0])
+        payload = np.frombuffer("\n".join(names).encode(), np.uint8) if self.is_main else np.zeros(0, np.uint8)
+        length = int(self.all_sum([payload.size])[0])  # the other ranks add zeros
         if length == 0:
             return []
-        buffer = payload if self.is_main else np.zeros(length, np.int32)
-        text = bytes(self.all_sum(buffer).astype(np.uint8)).decode()
+        text = bytes(self.all_sum(payload if self.is_main else np.zeros(length)).astype(np.uint8)).decode()
         return text.split("\n")
