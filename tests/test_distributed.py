@@ -18,16 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
 
 from conftest import ROOT
-from gm.util import instantiate_from_config
-from mindbooth.checkpoint import read_checkpoint, save_checkpoint_atomic
-from mindbooth.tiny_model import random_weights
-from mindbooth.toy_subject import write_toy_images
+from mindbooth.checkpoint import read_checkpoint
+from tiny_workspace import make_workspace
 
 SCRIPT = ROOT / "train_dreambooth.py"
-TRAIN_CONFIG = ROOT / "configs" / "training" / "sd_xl_tiny_dreambooth_lora_cpu.yaml"
 MSRUN = Path(sys.executable).parent / "msrun"
 MPIRUN = shutil.which("mpirun")
 JOB_TIMEOUT_S = 420
@@ -37,19 +33,7 @@ TAG = "MINDBOOTH_TEST_JOB"
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    """The reduced tiny model of test_train_dreambooth and 3 subject images."""
-    root = tmp_path_factory.mktemp("distributed")
-    config = OmegaConf.load(TRAIN_CONFIG)
-    config.model.params.network_config.params.num_res_blocks = 1
-    config.model.params.network_config.params.transformer_depth = [1, 1, 1]
-    config.dreambooth.class_sampling.num_steps = 2
-    config.train.validation_sampling.num_steps = 2
-    config.data.resolution = 32
-    OmegaConf.save(config, root / "train.yaml")
-    engine = instantiate_from_config(config.model)
-    save_checkpoint_atomic({k: v for k, v in random_weights(engine, seed=1).items() if ".lora_" not in k}, root / "tiny.ckpt")
-    write_toy_images(root / "subject", count=3, size=48, seed=3)
-    return root
+    return make_workspace(tmp_path_factory.mktemp("distributed"))
 
 
 def _train_args(workspace, save_path, class_folder, *extra):

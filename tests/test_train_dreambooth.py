@@ -11,35 +11,19 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import ROOT
 from gm.modules.lora import lora_parameters
 from gm.util import instantiate_from_config
-from mindbooth.checkpoint import load_weights, read_checkpoint, save_checkpoint_atomic
+from mindbooth.checkpoint import load_weights, read_checkpoint
 from mindbooth.data import DreamBoothDataset, collate
 from mindbooth.optim import AdamW
-from mindbooth.tiny_model import random_weights
-from mindbooth.toy_subject import write_toy_images
 from mindbooth.train_step import ApplyStep, DreamBoothLoss, GradStep, make_buffers
-
-TRAIN_CONFIG = ROOT / "configs" / "training" / "sd_xl_tiny_dreambooth_lora_cpu.yaml"
+from tiny_workspace import make_workspace
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """A tiny base checkpoint, 3 subject images and a class folder holding one user photo."""
-    root = tmp_path_factory.mktemp("dreambooth")
-    config = OmegaConf.load(TRAIN_CONFIG)
-    # Smaller still than the tiny config (one res block per level, one transformer block per stage): same code
-    # paths, a third of the graph, so compiling the training step fits the test budget.
-    config.model.params.network_config.params.num_res_blocks = 1
-    config.model.params.network_config.params.transformer_depth = [1, 1, 1]
-    config.dreambooth.class_sampling.num_steps = 2
-    config.train.validation_sampling.num_steps = 2
-    config.data.resolution = 32
-    OmegaConf.save(config, root / "train.yaml")
-    engine = instantiate_from_config(config.model)
-    save_checkpoint_atomic({k: v for k, v in random_weights(engine, seed=1).items() if ".lora_" not in k}, root / "tiny.ckpt")
-    write_toy_images(root / "subject", count=3, size=48, seed=3)
+    root = make_workspace(tmp_path_factory.mktemp("dreambooth"))
     (root / "class").mkdir()
     user_photo = root / "class" / "my_dog.jpg"
     Image.new("RGB", (40, 56), (10, 200, 30)).save(user_photo)
