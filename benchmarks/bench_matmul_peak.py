@@ -1,0 +1,59 @@
+"""Benchmark: the measured fp32 matmul peak of this CPU (the ceiling for the train step's FLOP/s).
+
+    python benchmarks/bench_matmul_peak.py
+
+Square fp32 matmuls (2*n^3 FLOPs each) in torch (oneDNN/MKL), MindSpore (ops.matmul, PyNative) and
+numpy (OpenBLAS), best of several repeats per size; the highest rate over all is the peak.
+Prints one `RESULT {json}` line."""
+import argparse
+import time
+
+import numpy as np
+
+import common
+
+
+def best_rate(fn, n, repeats):
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096])
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args()
+    rates = {}
+    rng = np.random.default_rng(0)
+    import torch
+
+    for n in args.sizes:
+        a = rng.standard_normal((n, n)).astype(np.float32)
+        b = rng.standard_normal((n, n)).astype(np.float32)
+        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+        rates[f"torch_{n}"] = best_rate(lambda: torch.mm(ta, tb), n, args.repeats)
+        rates[f"numpy_{n}"] = best_rate(lambda: a @ b, n, args.repeats)
+    import mindspore as ms
+
+    ms.set_device("CPU")
+    for n in args.sizes:
+        a = ms.Tensor(rng.standard_normal((n, n)).astype(np.float32))
+        b = ms.Tensor(rng.standard_normal((n, n)).astype(np.float32))
+        rates[f"mindspore_{n}"] = best_rate(lambda: ms.ops.matmul(a, b).asnumpy(), n, args.repeats)
+    rates = {k: round(v, 1) for k, v in rates.items()}
+    versions = common.versions("torch")
+    versions["mindspore"] = ms.__version__
+    common.emit(dict(benchmark="matmul_peak", gflops=rates, peak_gflops=max(rates.values()),
+                     peak_from=max(rates, key=rates.get), torch_threads=torch.get_num_threads(),
+                     loadavg=[round(x, 2) for x in __import__("os").getloadavg()],
+                     versions=versions, machine=common.machine(),
+                     command="python benchmarks/bench_matmul_peak.py"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Benchmark: one denoising step with classifier-free guidance (batch 2 through the UNet) of full-size
+SDXL (random weights, fp32, CPU).
+
+    python benchmarks/bench_sampling_step.py --framework mindspore --mode graph --resolution 512
+    python benchmarks/bench_sampling_step.py --framework torch --resolution 512          # jemalloc if installed
+
+MindBooth: `DenoiseCell` of mindbooth/pipeline.py (denoiser + UNet), the engine of the inference config.
+Reference: the UNet call of diffusers' StableDiffusionXLPipeline's loop (UNet2DConditionModel, SDPA,
+torch.no_grad, latent_model_input = cat([latents] * 2)); the scheduler step and CFG mix are a few
+element-wise ops on a 4-channel latent and are left out of both. Prints one `RESULT {json}` line."""
+import argparse
+import sys
+import time
+
+import numpy as np
+
+import common
+from bench_train_step import batch_arrays, mindspore_vector
+
+
+def run_mindspore(args):
+    import mindspore as ms
+
+    ms.set_device("CPU")
+    ms.set_context(mode=ms.GRAPH_MODE if args.mode == "graph" else ms.PYNATIVE_MODE)
+    from mindbooth.pipeline import DenoiseCell
+
+    t0 = time.perf_counter()
+    engine = common.mindbooth_engine(train=False)
+    build_s = time.perf_counter() - t0
+    common.progress(stage="built", build_s=round(build_s, 1))
+    engine.set_train(False)
+    cell = DenoiseCell(engine)
+    cell.set_train(False)
+    arrays = batch_arrays(args.resolution)
+    inputs = [ms.Tensor(arrays["noise"] * 14.6), ms.Tensor(np.array([14.6, 14.6], np.float32)),
+              ms.Tensor(arrays["crossattn"]), ms.Tensor(mindspore_vector(arrays))]
+    rss_model = common.rss_gib()
+    times, cpu = [], []
+    for i in range(args.steps):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        cell(*inputs).asnumpy()
+        times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - cpu_start)
+        common.progress(stage=f"step {i}", seconds=round(times[-1], 2), peak=round(common.peak_rss_gib(), 2))
+    return dict(build_s=build_s, times=times, cpu_times=cpu, rss_after_build_gib=rss_model)
+
+
+def run_torch(args):
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    t0 = time.perf_counter()
+    unet = common.diffusers_unet(lora=False).eval()
+    build_s = time.perf_counter() - t0
+    common.progress(stage="built", build_s=round(build_s, 1))
+    arrays = batch_arrays(args.resolution)
+    x = torch.from_numpy(arrays["noise"])
+    hidden = torch.from_numpy(arrays["crossattn"])
+    cond = {"text_embeds": torch.from_numpy(arrays["pooled"]), "time_ids": torch.from_numpy(arrays["time_ids"])}
+    t = torch.tensor(999)
+    rss_model = common.rss_gib()
+    times, cpu, flops = [], [], None
+    with torch.no_grad():
+        for i in range(args.steps):
+            if i == 1 and args.count_flops:
+                with FlopCounterMode(display=False) as counter:
+                    unet(x, t, hidden, added_cond_kwargs=cond)
+                flops = counter.get_total_flops()
+            start, cpu_start = time.perf_counter(), time.process_time()
+            unet(x, t, hidden, added_cond_kwargs=cond).sample.numpy()
+            times.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - cpu_start)
+            common.progress(stage=f"step {i}", seconds=round(times[-1], 2), peak=round(common.peak_rss_gib(), 2))
+    return dict(build_s=build_s, times=times, cpu_times=cpu, rss_after_build_gib=rss_model, flops_per_step=flops,
+                attention="SDPA (diffusers AttnProcessor2_0)")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--framework", choices=["mindspore", "torch"], required=True)
+    p.add_argument("--mode", choices=["graph", "pynative"], default="graph", help="MindSpore only")
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--steps", type=int, default=3, help="steps in all; the first is the warm-up")
+    p.add_argument("--count_flops", type=int, default=1, help="torch: count FLOPs of one step")
+    p.add_argument("--no_jemalloc", action="store_true", help="torch: keep glibc malloc")
+    p.add_argument("--rss_limit_gib", type=float, default=20.0)
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if not args.child:
+        result = common.run_guarded([sys.executable, __file__, *sys.argv[1:], "--child"], args.rss_limit_gib,
+                                    jemalloc=args.framework == "torch" and not args.no_jemalloc)
+        result["command"] = "python benchmarks/bench_sampling_step.py " + " ".join(sys.argv[1:])
+        common.emit(result)
+        return
+    out = run_mindspore(args) if args.framework == "mindspore" else run_torch(args)
+    times, cpu = out.pop("times"), out.pop("cpu_times")
+    common.emit(dict(benchmark="sampling_step_cfg", framework=args.framework,
+                     mode=args.mode if args.framework == "mindspore" else "eager", resolution=args.resolution,
+                     first_step_s=round(times[0], 2), median_step_s=common.median_after_warmup(times),
+                     step_times_s=[round(t, 2) for t in times],
+                     step_cpu_s=[round(t, 2) for t in cpu], median_step_cpu_s=common.median_after_warmup(cpu), child_peak_rss_gib=round(common.peak_rss_gib(), 2),
+                     versions=common.versions(args.framework), machine=common.machine(), **out))
+
+
+if __name__ == "__main__":
+    main()

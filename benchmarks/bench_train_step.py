@@ -1,0 +1,161 @@
+"""Benchmark: one DreamBooth-LoRA training step of full-size SDXL (random weights, fp32, CPU).
+
+    python benchmarks/bench_train_step.py --framework mindspore --mode graph --resolution 512
+    python benchmarks/bench_train_step.py --framework mindspore --mode pynative --resolution 512
+    python benchmarks/bench_train_step.py --framework torch --resolution 512          # jemalloc if installed
+
+Batch: 1 instance + 1 class sample (prior preservation), latents and text embeddings cached (random
+tensors of the cached shapes), LoRA rank 4 on attn to_q/to_k/to_v/to_out.0, AdamW on the LoRA weights,
+gradient clipping at 1.0. MindBooth: GradStep + ApplyStep of mindbooth/train_step.py. Reference:
+diffusers UNet2DConditionModel + peft (as train_dreambooth_lora_sdxl.py), SDPA attention.
+Prints one `RESULT {json}` line: first step (compile included) apart, median of the later steps, peak
+RSS of the measuring process (wait4), load average. The torch run also counts the step's FLOPs
+(torch.utils.flop_counter, matmul/conv/attention), which is the same network's count for both."""
+import argparse
+import sys
+import time
+
+import numpy as np
+
+import common
+
+
+def batch_arrays(resolution: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    side = resolution // 8
+    return dict(
+        latents=rng.standard_normal((2, 4, side, side)).astype(np.float32),
+        noise=rng.standard_normal((2, 4, side, side)).astype(np.float32),
+        crossattn=rng.standard_normal((2, 77, 2048)).astype(np.float32),
+        pooled=rng.standard_normal((2, 1280)).astype(np.float32),
+        time_ids=np.tile(np.array([resolution, resolution, 0, 0, resolution, resolution], np.float32), (2, 1)),
+    )
+
+
+def mindspore_vector(arrays):
+    """SDXL's `vector` (2816): pooled text (1280) + 6 size numbers x 256-dim Fourier features."""
+    from gm.modules.diffusionmodules.util import timestep_embedding
+    import mindspore as ms
+
+    feats = timestep_embedding(ms.Tensor(arrays["time_ids"].reshape(-1)), 256).asnumpy().reshape(2, -1)
+    return np.concatenate([arrays["pooled"], feats], axis=1).astype(np.float32)
+
+
+def run_mindspore(args):
+    import mindspore as ms
+
+    ms.set_device("CPU")
+    ms.set_context(mode=ms.GRAPH_MODE if args.mode == "graph" else ms.PYNATIVE_MODE)
+    from gm.modules.lora import lora_parameters
+    from mindbooth.optim import AdamW
+    from mindbooth.train_step import ApplyStep, DreamBoothLoss, GradStep, make_buffers
+
+    t0 = time.perf_counter()
+    engine = common.mindbooth_engine(train=True)
+    build_s = time.perf_counter() - t0
+    common.progress(stage="built", build_s=round(build_s, 1))
+    params = [p for _, p in sorted(lora_parameters(engine).items())]
+    buffers = make_buffers(params)
+    grad_step = GradStep(DreamBoothLoss(engine, 1.0, True), params, buffers)
+    apply_step = ApplyStep(buffers, AdamW(params, learning_rate=5e-5), 1, True, 1.0)
+    grad_step.set_train(True)
+    arrays = batch_arrays(args.resolution)
+    inputs = [ms.Tensor(arrays["latents"]), ms.Tensor(arrays["noise"]), ms.Tensor(np.array([14.6, 0.03], np.float32)),
+              ms.Tensor(arrays["crossattn"]), ms.Tensor(mindspore_vector(arrays)), ms.Tensor(1.0, ms.float32)]
+    rss_model = common.rss_gib()
+    times, cpu = [], []
+    for i in range(args.steps):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        loss, _, _, finite = grad_step(*inputs)
+        apply_step()
+        loss = float(loss.asnumpy())
+        times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - cpu_start)
+        common.progress(stage=f"step {i}", seconds=round(times[-1], 2), loss=loss, peak=round(common.peak_rss_gib(), 2))
+    return dict(build_s=build_s, times=times, cpu_times=cpu, rss_after_build_gib=rss_model, loss=loss,
+                lora_params=int(sum(np.prod(p.shape) for p in params)))
+
+
+def run_torch(args):
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    unet = common.diffusers_unet(lora=True)
+    build_s = time.perf_counter() - t0
+    common.progress(stage="built", build_s=round(build_s, 1))
+    unet.train()
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=5e-5, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    arrays = batch_arrays(args.resolution)
+    latents, noise = torch.from_numpy(arrays["latents"]), torch.from_numpy(arrays["noise"])
+    hidden, cond = torch.from_numpy(arrays["crossattn"]), {"text_embeds": torch.from_numpy(arrays["pooled"]),
+                                                             "time_ids": torch.from_numpy(arrays["time_ids"])}
+    timesteps = torch.tensor([999, 1])
+    alphas = torch.cumprod(1 - torch.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2, 0)  # scaled_linear, as SDXL
+
+    def step():
+        a = alphas[timesteps].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+        pred = unet(noisy, timesteps, hidden, added_cond_kwargs=cond).sample
+        pred_instance, pred_class = pred.chunk(2)
+        noise_instance, noise_class = noise.chunk(2)
+        loss = F.mse_loss(pred_instance, noise_instance) + 1.0 * F.mse_loss(pred_class, noise_class)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        return float(loss)
+
+    rss_model = common.rss_gib()
+    times, cpu, flops = [], [], None
+    for i in range(args.steps):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        if i == 1 and args.count_flops:  # counted on a warm step; timing of this step is kept apart
+            with FlopCounterMode(display=False) as counter:
+                loss = step()
+            flops = counter.get_total_flops()
+            flop_step_s = time.perf_counter() - start
+            common.progress(stage="flop count", flops=flops, seconds=round(flop_step_s, 2))
+            start, cpu_start = time.perf_counter(), time.process_time()
+        loss = step()
+        times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - cpu_start)
+        common.progress(stage=f"step {i}", seconds=round(times[-1], 2), loss=loss, peak=round(common.peak_rss_gib(), 2))
+    return dict(build_s=build_s, times=times, cpu_times=cpu, rss_after_build_gib=rss_model, loss=loss, flops_per_step=flops,
+                lora_params=int(sum(p.numel() for p in params)), attention="SDPA (diffusers AttnProcessor2_0)")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--framework", choices=["mindspore", "torch"], required=True)
+    p.add_argument("--mode", choices=["graph", "pynative"], default="graph", help="MindSpore only")
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--steps", type=int, default=3, help="steps in all; the first is the warm-up")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    p.add_argument("--count_flops", type=int, default=1, help="torch: count FLOPs of one step")
+    p.add_argument("--no_jemalloc", action="store_true", help="torch: keep glibc malloc")
+    p.add_argument("--rss_limit_gib", type=float, default=20.0)
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if not args.child:
+        result = common.run_guarded([sys.executable, __file__, *sys.argv[1:], "--child"], args.rss_limit_gib,
+                                    jemalloc=args.framework == "torch" and not args.no_jemalloc)
+        result["command"] = "python benchmarks/bench_train_step.py " + " ".join(sys.argv[1:])
+        common.emit(result)
+        return
+    out = run_mindspore(args) if args.framework == "mindspore" else run_torch(args)
+    times, cpu = out.pop("times"), out.pop("cpu_times")
+    common.emit(dict(benchmark="train_step", framework=args.framework,
+                     mode=args.mode if args.framework == "mindspore" else "eager", resolution=args.resolution,
+                     first_step_s=round(times[0], 2), median_step_s=common.median_after_warmup(times),
+                     step_times_s=[round(t, 2) for t in times],
+                     step_cpu_s=[round(t, 2) for t in cpu], median_step_cpu_s=common.median_after_warmup(cpu), child_peak_rss_gib=round(common.peak_rss_gib(), 2),
+                     versions=common.versions(args.framework), machine=common.machine(), **out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""Shared helpers of the benchmarks: a memory-guarded child process, timing, versions, machine facts.
+
+Every benchmark runs its measurement in a child process (itself with `--child`) that a parent watches:
+the parent samples the child's RSS from /proc every 0.2 s, kills it above `--rss_limit_gib` (the machine
+has no swap; MindSpore and torch reserve huge virtual ranges, so an address-space limit would not work),
+and reports the child's peak RSS from wait4() (the kernel's high-water mark, not a sample)."""
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # gm/ and mindbooth/ import from the repository root
+    sys.path.insert(0, str(ROOT))
+JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
+
+
+def rss_gib(pid="self") -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 2**20
+    return 0.0
+
+
+def peak_rss_gib() -> float:
+    """This process's peak RSS so far (VmHWM)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    return 0.0
+
+
+def machine() -> dict:
+    cpu = ""
+    flags = ""
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name") and not cpu:
+                cpu = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and not flags:
+                flags = line
+    isa = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile") if f" {f}" in flags]
+    with open("/proc/meminfo") as f:
+        mem = int(f.readline().split()[1]) / 2**20
+    return {"cpu": cpu, "cores": os.cpu_count(), "isa": isa, "mem_gib": round(mem, 1),
+            "kernel": platform.release(), "python": platform.python_version()}
+
+
+def versions(framework: str) -> dict:
+    out = {"numpy": __import__("numpy").__version__}
+    if framework == "mindspore":
+        import mindspore
+        out["mindspore"] = mindspore.__version__
+    else:
+        import diffusers
+        import peft
+        import torch
+        out.update(torch=torch.__version__, diffusers=diffusers.__version__, peft=peft.__version__,
+                   torch_threads=torch.get_num_threads())
+    out["ld_preload"] = os.environ.get("LD_PRELOAD", "")
+    return out
+
+
+def median_after_warmup(times):
+    return statistics.median(times[1:]) if len(times) > 1 else None
+
+
+def emit(result: dict):
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def run_guarded(argv, rss_limit_gib: float, jemalloc: bool = False, timeout_s: float = None) -> dict:
+    """Run `argv` (a benchmark with --child) under the RSS guard; return its RESULT dict plus the
+    guard's facts (peak RSS of the child from wait4, killed or not, load average before/after)."""
+    env = dict(os.environ)
+    if jemalloc and os.path.exists(JEMALLOC):
+        env["LD_PRELOAD"] = JEMALLOC
+    load_before = os.getloadavg()
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=None, text=True, env=env, start_new_session=True)
+    state = {"sampled_peak": 0.0, "killed": None}
+
+    def watch():
+        while proc.poll() is None:
+            try:
+                rss = rss_gib(proc.pid)
+            except (FileNotFoundError, ProcessLookupError):
+                return
+            state["sampled_peak"] = max(state["sampled_peak"], rss)
+            if rss > rss_limit_gib:
+                state["killed"] = f"RSS {rss:.1f} GiB > limit {rss_limit_gib} GiB"
+                os.killpg(proc.pid, signal.SIGKILL)
+                return
+            if timeout_s and time.perf_counter() - start > timeout_s:
+                state["killed"] = f"timeout {timeout_s} s"
+                os.killpg(proc.pid, signal.SIGKILL)
+                return
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    result, partial = {}, []
+    for line in proc.stdout:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+        if line.startswith("RESULT "):
+            result = json.loads(line[len("RESULT "):])
+        elif line.startswith("PARTIAL "):
+            partial.append(json.loads(line[len("PARTIAL "):]))
+    _, status, usage = os.wait4(proc.pid, 0)
+    watcher.join()
+    result.update(
+        returncode=os.waitstatus_to_exitcode(status),
+        killed=state["killed"],
+        peak_rss_gib=round(usage.ru_maxrss / 2**20, 2),
+        wall_s=round(time.perf_counter() - start, 1),
+        loadavg_before=[round(x, 2) for x in load_before],
+        loadavg_after=[round(x, 2) for x in os.getloadavg()],
+    )
+    if partial and "partial" not in result:
+        result["partial"] = partial[-1]
+    return result
+
+
+def progress(**fields):
+    """A line the parent keeps as the last known state if the child dies (memory guard)."""
+    fields["rss_gib"] = round(rss_gib(), 2)
+    print("PARTIAL " + json.dumps(fields), flush=True)
+
+
+class Timer:
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start
+
+
+# --- The full-size SDXL UNet with random weights, built alike for both frameworks (no download). ---
+# The full-size SDXL UNet with random weights, built the same way for both frameworks (no download).
+# 
+# MindBooth: the DiffusionEngine of the DreamBooth config (LoRA rank 4 on to_q/to_k/to_v/to_out.0) or of
+# the inference config, with the tiny text encoders and VAE of sd_xl_tiny.yaml in place of the full ones:
+# the benchmarks feed cached latents and embeddings, so those parts never run, and the full ones would
+# only hold 3.6 GB. Weights are MindSpore's default initializers (random; zero_module'd layers zero).
+# 
+# Reference: diffusers' UNet2DConditionModel with SDXL base's config values (the unet/config.json of
+# stabilityai/stable-diffusion-xl-base-1.0, typed in here), default initialisation.
+
+TRAIN_CONFIG = ROOT / "configs" / "training" / "sd_xl_base_finetune_dreambooth_lora_910a.yaml"
+INFERENCE_CONFIG = ROOT / "configs" / "inference" / "sd_xl_base.yaml"
+TINY_CONFIG = ROOT / "configs" / "inference" / "sd_xl_tiny.yaml"
+
+SDXL_UNET_CONFIG = dict(
+    sample_size=128, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True, freq_shift=0,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    mid_block_type="UNetMidBlock2DCrossAttn", block_out_channels=(320, 640, 1280), layers_per_block=2,
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816, norm_num_groups=32, norm_eps=1e-5, act_fn="silu",
+    upcast_attention=False,
+)
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def mindbooth_engine(train: bool):
+    from omegaconf import OmegaConf
+
+    from gm.util import instantiate_from_config
+
+    config = OmegaConf.load(TRAIN_CONFIG if train else INFERENCE_CONFIG).model
+    tiny = OmegaConf.load(TINY_CONFIG).model.params
+    config.params.conditioner_config = tiny.conditioner_config
+    config.params.first_stage_config = tiny.first_stage_config
+    return instantiate_from_config(config)
+
+
+def diffusers_unet(lora: bool):
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)
+    unet.requires_grad_(False)
+    if lora:  # as diffusers' examples/dreambooth/train_dreambooth_lora_sdxl.py does
+        from peft import LoraConfig
+
+        unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+    return unet
