@@ -41,11 +41,6 @@ class DiffusionEngine(nn.Cell):
                 param.name = name
             freeze_all_but_lora(self)
 
-    def build_sampler(self, **overrides):
-        if self.sampler_config is None:
-            raise ValueError("the model config has no sampler_config")
-        return instantiate_from_config(self.sampler_config, **overrides)
-
     def encode_first_stage(self, images, noise=None):
         """Images in [-1, 1] -> scaled latents (what the UNet sees)."""
         return self.first_stage_model.encode(images, noise) * self.scale_factor
