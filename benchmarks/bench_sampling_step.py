@@ -8,8 +8,6 @@ MindBooth: `DenoiseCell` of mindbooth/pipeline.py (denoiser + UNet), the engine 
 Reference: the UNet call of diffusers' StableDiffusionXLPipeline's loop (UNet2DConditionModel, SDPA,
 torch.no_grad, latent_model_input = cat([latents] * 2)); the scheduler step and CFG mix are a few
 element-wise ops on a 4-channel latent and are left out of both. Prints one `RESULT {json}` line."""
-import argparse
-import sys
 import time
 
 import numpy as np
@@ -77,30 +75,8 @@ def run_torch(args):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--framework", choices=["mindspore", "torch"], required=True)
-    p.add_argument("--mode", choices=["graph", "pynative"], default="graph", help="MindSpore only")
-    p.add_argument("--resolution", type=int, default=512)
-    p.add_argument("--steps", type=int, default=3, help="steps in all; the first is the warm-up")
-    p.add_argument("--count_flops", type=int, default=1, help="torch: count FLOPs of one step")
-    p.add_argument("--no_jemalloc", action="store_true", help="torch: keep glibc malloc")
-    p.add_argument("--rss_limit_gib", type=float, default=20.0)
-    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if not args.child:
-        result = common.run_guarded([sys.executable, __file__, *sys.argv[1:], "--child"], args.rss_limit_gib,
-                                    jemalloc=args.framework == "torch" and not args.no_jemalloc)
-        result["command"] = "python benchmarks/bench_sampling_step.py " + " ".join(sys.argv[1:])
-        common.emit(result)
-        return
-    out = run_mindspore(args) if args.framework == "mindspore" else run_torch(args)
-    times, cpu = out.pop("times"), out.pop("cpu_times")
-    common.emit(dict(benchmark="sampling_step_cfg", framework=args.framework,
-                     mode=args.mode if args.framework == "mindspore" else "eager", resolution=args.resolution,
-                     first_step_s=round(times[0], 2), median_step_s=common.median_after_warmup(times),
-                     step_times_s=[round(t, 2) for t in times],
-                     step_cpu_s=[round(t, 2) for t in cpu], median_step_cpu_s=common.median_after_warmup(cpu), child_peak_rss_gib=round(common.peak_rss_gib(), 2),
-                     versions=common.versions(args.framework), machine=common.machine(), **out))
+    p = common.benchmark_parser(__doc__.split("\n\n")[0])
+    common.run_benchmark(p.parse_args(), __file__, "sampling_step_cfg", run_mindspore, run_torch)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,6 @@ diffusers UNet2DConditionModel + peft (as train_dreambooth_lora_sdxl.py), SDPA a
 Prints one `RESULT {json}` line: first step (compile included) apart, median of the later steps, peak
 RSS of the measuring process (wait4), load average. The torch run also counts the step's FLOPs
 (torch.utils.flop_counter, matmul/conv/attention), which is the same network's count for both."""
-import argparse
-import sys
 import time
 
 import numpy as np
@@ -130,31 +128,9 @@ def run_torch(args):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--framework", choices=["mindspore", "torch"], required=True)
-    p.add_argument("--mode", choices=["graph", "pynative"], default="graph", help="MindSpore only")
-    p.add_argument("--resolution", type=int, default=512)
-    p.add_argument("--steps", type=int, default=3, help="steps in all; the first is the warm-up")
+    p = common.benchmark_parser(__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
-    p.add_argument("--count_flops", type=int, default=1, help="torch: count FLOPs of one step")
-    p.add_argument("--no_jemalloc", action="store_true", help="torch: keep glibc malloc")
-    p.add_argument("--rss_limit_gib", type=float, default=20.0)
-    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if not args.child:
-        result = common.run_guarded([sys.executable, __file__, *sys.argv[1:], "--child"], args.rss_limit_gib,
-                                    jemalloc=args.framework == "torch" and not args.no_jemalloc)
-        result["command"] = "python benchmarks/bench_train_step.py " + " ".join(sys.argv[1:])
-        common.emit(result)
-        return
-    out = run_mindspore(args) if args.framework == "mindspore" else run_torch(args)
-    times, cpu = out.pop("times"), out.pop("cpu_times")
-    common.emit(dict(benchmark="train_step", framework=args.framework,
-                     mode=args.mode if args.framework == "mindspore" else "eager", resolution=args.resolution,
-                     first_step_s=round(times[0], 2), median_step_s=common.median_after_warmup(times),
-                     step_times_s=[round(t, 2) for t in times],
-                     step_cpu_s=[round(t, 2) for t in cpu], median_step_cpu_s=common.median_after_warmup(cpu), child_peak_rss_gib=round(common.peak_rss_gib(), 2),
-                     versions=common.versions(args.framework), machine=common.machine(), **out))
+    common.run_benchmark(p.parse_args(), __file__, "train_step", run_mindspore, run_torch)
 
 
 if __name__ == "__main__":

@@ -130,6 +130,41 @@ def run_guarded(argv, rss_limit_gib: float, jemalloc: bool = False, timeout_s: f
     return result
 
 
+def benchmark_parser(description: str):
+    """The flags every framework-vs-framework benchmark takes; a script adds its own to the returned parser."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--framework", choices=["mindspore", "torch"], required=True)
+    p.add_argument("--mode", choices=["graph", "pynative"], default="graph", help="MindSpore only")
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--steps", type=int, default=3, help="steps in all; the first is the warm-up")
+    p.add_argument("--count_flops", type=int, default=1, help="torch: count FLOPs of one step")
+    p.add_argument("--no_jemalloc", action="store_true", help="torch: keep glibc malloc")
+    p.add_argument("--rss_limit_gib", type=float, default=20.0)
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def run_benchmark(args, script: str, benchmark: str, run_mindspore, run_torch):
+    """Parent: re-run this script as a memory-guarded child and print its result. Child: measure, print the result."""
+    if not args.child:
+        result = run_guarded([sys.executable, script, *sys.argv[1:], "--child"], args.rss_limit_gib,
+                             jemalloc=args.framework == "torch" and not args.no_jemalloc)
+        result["command"] = f"python benchmarks/{Path(script).name} " + " ".join(sys.argv[1:])
+        emit(result)
+        return
+    out = run_mindspore(args) if args.framework == "mindspore" else run_torch(args)
+    times, cpu = out.pop("times"), out.pop("cpu_times")
+    emit(dict(benchmark=benchmark, framework=args.framework,
+              mode=args.mode if args.framework == "mindspore" else "eager", resolution=args.resolution,
+              first_step_s=round(times[0], 2), median_step_s=median_after_warmup(times),
+              step_times_s=[round(t, 2) for t in times],
+              step_cpu_s=[round(t, 2) for t in cpu], median_step_cpu_s=median_after_warmup(cpu),
+              child_peak_rss_gib=round(peak_rss_gib(), 2),
+              versions=versions(args.framework), machine=machine(), **out))
+
+
 def progress(**fields):
     """A line the parent keeps as the last known state if the child dies (memory guard)."""
     fields["rss_gib"] = round(rss_gib(), 2)
