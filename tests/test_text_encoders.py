@@ -3,6 +3,8 @@
 The weights travel the way a real checkpoint does: transformers state dict -> diffusers_text (official
 names) -> official_to_mindspore_names -> load_params(strict=True) into the conditioner.
 """
+import copy
+
 import mindspore as ms
 import numpy as np
 import pytest
@@ -264,3 +266,69 @@ def test_unknown_names_are_rejected():
         dt.open_clip_to_official({"text_model.encoder.layers.0.self_attn.q_proj.weight": np.zeros((2, 2))})
     with pytest.raises(KeyError, match="not an OpenCLIP-bigG"):
         dt.open_clip_from_official({dt.OPEN_CLIP_PREFIX + "visual.proj": np.zeros((2, 2))})
+
+
+# ---- text-encoder LoRA (--train_text_encoder) against transformers + peft ----
+
+def test_text_encoder_lora_matches_peft(models):
+    """LoRA on q/k/v/out of both encoders (bigG's fused in_proj gets one LoRA per q, k, v) gives transformers+peft's
+    hidden states and pooled output, with the same A/B weights carried over by the export's name mapping."""
+    from peft import LoraConfig, get_peft_model
+
+    from tools.lora_conversion.text_encoder_names import from_diffusers
+
+    conditioner, hf_l, hf_g, p_l = models
+    rank, alpha = 4, 8.0
+    emb_cfgs = OmegaConf.load(TINY_CONFIG).model.params.conditioner_config
+    with_lora = instantiate_from_config(emb_cfgs)
+    load_params(with_lora, dict(conditioner.parameters_and_names()), strict=True)
+    added = with_lora.add_text_encoder_lora(rank, alpha)
+    holder = Holder(with_lora)
+    for name, param in holder.parameters_and_names():
+        param.name = name
+    assert added == 4 * 2 + 4 * 2  # 2 layers x q/k/v/out in each of the two tiny encoders
+
+    ids_l, ids_g = next(token_sets(conditioner))
+    before_l = with_lora.embedders[0](ms.Tensor(ids_l)).asnumpy()
+    np.testing.assert_array_equal(before_l, conditioner.embedders[0](ms.Tensor(ids_l)).asnumpy())  # B = 0: no change
+
+    own = dict(holder.parameters_and_names())
+    gen = torch.Generator().manual_seed(1)
+    peft_models = []
+    for encoder, hf in (("text_encoder", hf_l), ("text_encoder_2", hf_g)):
+        peft_model = get_peft_model(copy.deepcopy(hf), LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
+                                                                  target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]))
+        copied = 0
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if ".lora_" not in name:
+                    continue
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+                module = name.split("base_model.model.", 1)[1].rsplit(".lora_", 1)[0]
+                module = module if module.startswith("text_model.") else "text_model." + module
+                ours = from_diffusers(f"{encoder}.{module}") + (".lora_A.weight" if ".lora_A." in name else ".lora_B.weight")
+                own[ours].set_data(ms.Tensor(p.numpy()))
+                copied += 1
+        assert copied == 2 * 4 * 2
+        peft_models.append(peft_model.eval())
+
+    ours_l = with_lora.embedders[0](ms.Tensor(ids_l)).asnumpy()
+    z, pooled = with_lora.embedders[1](ms.Tensor(ids_g))
+    with torch.no_grad():
+        ref_l = peft_models[0](input_ids=torch.from_numpy(ids_l).long(), output_hidden_states=True).hidden_states[p_l["layer_idx"]]
+        ref_g = peft_models[1](input_ids=torch.from_numpy(ids_g).long(), output_hidden_states=True)
+    assert rel_err(ours_l, before_l) > 1e-2  # the LoRA does change the output...
+    assert rel_err(ours_l, ref_l.numpy()) < 1e-4  # ...exactly as peft's does
+    assert rel_err(z.asnumpy(), ref_g.hidden_states[-2].numpy()) < 1e-4
+    assert rel_err(pooled.asnumpy(), ref_g.text_embeds.numpy()) < 1e-4
+
+    # merged == unmerged (bigG's merge folds q/k/v into the fused rows)
+    from gm.modules.lora import set_lora_merged
+
+    set_lora_merged(with_lora, True)
+    merged_z, merged_pooled = with_lora.embedders[1](ms.Tensor(ids_g))
+    merged_l = with_lora.embedders[0](ms.Tensor(ids_l)).asnumpy()
+    set_lora_merged(with_lora, False)
+    assert rel_err(merged_l, ours_l) < 1e-5
+    assert rel_err(merged_z.asnumpy(), z.asnumpy()) < 1e-5 and rel_err(merged_pooled.asnumpy(), pooled.asnumpy()) < 1e-5
+    np.testing.assert_allclose(with_lora.embedders[1](ms.Tensor(ids_g))[0].asnumpy(), z.asnumpy(), rtol=1e-5, atol=1e-5)

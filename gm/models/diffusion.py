@@ -5,7 +5,7 @@ Parameter names follow the official checkpoint: `model.diffusion_model.*` (UNet)
 from mindspore import nn
 
 from gm.modules.diffusionmodules.wrappers import OpenAIWrapper
-from gm.modules.lora import freeze_all_but_lora, inject_lora
+from gm.modules.lora import freeze_all_but_lora, inject_lora, is_lora_name
 from gm.util import instantiate_from_config
 
 
@@ -36,10 +36,34 @@ class DiffusionEngine(nn.Cell):
             param.requires_grad = False
         self.lora_config = dict(lora_config) if lora_config else None
         if self.lora_config:
-            inject_lora(self.model, **self.lora_config)
-            for name, param in self.parameters_and_names():
-                param.name = name
-            freeze_all_but_lora(self)
+            unet_lora = dict(self.lora_config)
+            text_encoder = bool(unet_lora.pop("text_encoder", False))
+            self.add_unet_lora(**unet_lora)
+            if text_encoder:
+                self.add_text_encoder_lora(unet_lora.get("rank", 4), unet_lora.get("alpha"), unet_lora.get("dropout", 0.0))
+
+    def add_unet_lora(self, rank: int = 4, alpha: float = None, dropout: float = 0.0, **targets) -> int:
+        """LoRA on the UNet's attention projections (`lora_config`: rank, alpha, dropout, target_modules, attentions)."""
+        added = inject_lora(self.model, rank, alpha, dropout, **targets)
+        self._name_and_freeze()
+        return added
+
+    def add_text_encoder_lora(self, rank: int = 4, alpha: float = None, dropout: float = 0.0) -> int:
+        """LoRA on the text encoders' self-attention q/k/v/out (`lora_config.text_encoder: True`)."""
+        if self.conditioner is None:
+            raise RuntimeError("the text encoders were freed (free_encoders); text-encoder LoRA needs them")
+        added = self.conditioner.add_text_encoder_lora(rank, rank if alpha is None else alpha, dropout)
+        self._name_and_freeze()
+        return added
+
+    @property
+    def has_text_encoder_lora(self) -> bool:
+        return any(is_lora_name(name) for name, _ in self.parameters_and_names() if name.startswith("conditioner."))
+
+    def _name_and_freeze(self):
+        for name, param in self.parameters_and_names():
+            param.name = name
+        freeze_all_but_lora(self)
 
     def encode_first_stage(self, images, noise=None):
         """Images in [-1, 1] -> scaled latents (what the UNet sees)."""

@@ -11,6 +11,7 @@ from mindspore import nn, ops
 from gm.modules.diffusionmodules.util import timestep_embedding
 from gm.modules.embedders.clip import CLIPTextModel
 from gm.modules.embedders.open_clip import OpenCLIPTextModel
+from gm.modules.lora import inject_fused_qkv_lora, inject_lora
 from gm.util import instantiate_from_config
 
 
@@ -49,6 +50,10 @@ class _TextEmbedder(AbstractEmbModel):
             self._tokenizer = CLIPTokenizer(max_length=self.max_length, pad_with_eos=self.pad_with_eos)
         return ms.Tensor(self._tokenizer(_text_list(text)), ms.int32)
 
+    def add_lora(self, rank: int, alpha: float, dropout: float = 0.0) -> int:
+        """LoRA on the self-attention q/k/v/out projections (diffusers' text-encoder LoRA targets)."""
+        raise NotImplementedError
+
 
 class FrozenCLIPEmbedder(_TextEmbedder):
     """CLIP ViT-L text encoder. layer 'last': final-layer-normed last layer; 'hidden': hidden_states[layer_idx]
@@ -70,6 +75,10 @@ class FrozenCLIPEmbedder(_TextEmbedder):
             raise ValueError(f"layer must be 'last' or 'hidden', got {layer!r}")
         self.layer = layer
         self.transformer = CLIPTextModel(width, layers, heads, mlp_width, act, vocab_size, max_length)
+
+    def add_lora(self, rank: int, alpha: float, dropout: float = 0.0) -> int:
+        return inject_lora(self, rank, alpha, dropout, target_modules=("q_proj", "k_proj", "v_proj", "out_proj"),
+                           attentions=("self_attn",))
 
     def construct(self, input_ids):
         z = self.transformer(input_ids, self.num_layers)
@@ -100,6 +109,11 @@ class FrozenOpenCLIPEmbedder2(_TextEmbedder):
         self.legacy = legacy
         self.return_pooled = always_return_pooled
         self.model = OpenCLIPTextModel(width, layers, heads, mlp_width, act, projection_dim, vocab_size, max_length)
+
+    def add_lora(self, rank: int, alpha: float, dropout: float = 0.0) -> int:
+        # q/k/v live in one fused in_proj_weight: one LoRA each on its rows; out_proj is a Dense.
+        return (inject_fused_qkv_lora(self, rank, alpha, dropout) * 3
+                + inject_lora(self, rank, alpha, dropout, target_modules=("out_proj",), attentions=("attn",)))
 
     def construct(self, input_ids):
         penultimate, last = self.model(input_ids)
@@ -159,6 +173,13 @@ class GeneralConditioner(nn.Cell):
             embedders.append(embedder)
         self.embedders = nn.CellList(embedders)
         self.no_zeros = (False,) * len(embedders)
+
+    def add_text_encoder_lora(self, rank: int, alpha: float, dropout: float = 0.0) -> int:
+        """LoRA on every text embedder's attention; returns the number of LoRA branches added."""
+        added = sum(embedder.add_lora(rank, alpha, dropout) for embedder in self.embedders if isinstance(embedder, _TextEmbedder))
+        if not added:
+            raise ValueError("the conditioner has no text encoder to put LoRA on")
+        return added
 
     def tokenize(self, batch: dict) -> tuple:
         """Batch dict -> one Tensor input per embedder (text ids, or float sizes)."""

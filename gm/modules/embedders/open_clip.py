@@ -24,9 +24,12 @@ class MultiheadAttention(nn.Cell):
         self.in_proj_weight = Parameter(initializer(Normal(width**-0.5), (3 * width, width)), name="in_proj_weight")
         self.in_proj_bias = Parameter(initializer("zeros", (3 * width,)), name="in_proj_bias")
         self.out_proj = nn.Dense(width, width)
+        self.in_proj_lora = None  # a FusedQKVLoRA when text-encoder LoRA is injected (gm/modules/lora.py)
 
     def construct(self, x, mask):
         qkv = ops.dense(x, self.in_proj_weight.astype(x.dtype), self.in_proj_bias.astype(x.dtype))
+        if self.in_proj_lora is not None:
+            qkv = self.in_proj_lora(x, qkv)
         q, k, v = ops.split(qkv, qkv.shape[-1] // 3, axis=-1)
         return self.out_proj(causal_self_attention(q, k, v, self.heads, mask))
 
