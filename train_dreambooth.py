@@ -47,8 +47,6 @@ def fail(message: str):
 def main(argv=None):
     # ---- arguments and config -------------------------------------------------------------------------------
     args = training_parser().parse_args(argv)
-    if args.train_text_encoder:
-        fail("--train_text_encoder is not supported: MindBooth trains LoRA on the UNet only (as MindONE's SDXL DreamBooth)")
     config = load_training_config(args)
     db, data_cfg, optim_cfg, train_cfg = config.dreambooth, config.data, config.optim, config.train
     for key in ("instance_data_path", "instance_prompt"):
@@ -80,6 +78,7 @@ def main(argv=None):
     lora = lora_parameters(engine)
     if not lora:
         fail("the model config has no lora_config: add model.params.lora_config (rank, alpha) to the training YAML")
+    train_text_encoder = engine.has_text_encoder_lora  # lora_config.text_encoder / --train_text_encoder
     lora_rng = np.random.default_rng(seed)  # identical initial LoRA on every rank
     if len(weights) < 2:
         for name, param in sorted(lora.items()):
@@ -116,11 +115,15 @@ def main(argv=None):
     validation_prompts = list(train_cfg.get("validation_prompts", []) or [db.instance_prompt])
 
     def encode_examples(index, rng):
-        """Item `index` -> VAE moments, cross-attention and vector conditioning of its instance (and class) example."""
+        """Item `index` -> VAE moments of its instance (and class) example, and their conditioning: the
+        (crossattn, vector) embeddings, or, when the text encoders train, the conditioner's inputs (token ids, sizes)."""
         batch = collate([dataset.examples(index, rng)])
         moments = engine.first_stage_model.encode_moments(ms.Tensor(batch["pixels"])).asnumpy()
-        cond = engine.conditioner.encode({k: v for k, v in batch.items() if k != "pixels"})
-        return moments, cond["crossattn"].asnumpy(), cond["vector"].asnumpy()
+        text_and_sizes = {k: v for k, v in batch.items() if k != "pixels"}
+        if train_text_encoder:
+            return moments, tuple(t.asnumpy() for t in engine.conditioner.tokenize(text_and_sizes))
+        cond = engine.conditioner.encode(text_and_sizes)
+        return moments, (cond["crossattn"].asnumpy(), cond["vector"].asnumpy())
 
     def encode_item(index, rng):
         if cache is None:
@@ -131,36 +134,43 @@ def main(argv=None):
         return cache[index]
 
     def make_batch(indices, rngs):
-        """(latents, noise, sigmas, crossattn, vector) of a micro-batch: all instance examples first, then all
+        """Tensors (latents, noise, sigmas, conditioning) of a micro-batch: all instance examples first, then all
         class examples; each item's randomness from its own generator."""
         items = []
         for index, rng in zip(indices, rngs):
-            moments, crossattn, vector = encode_item(index, rng)
+            moments, conditioning = encode_item(index, rng)
             mean, logvar = np.split(moments, 2, axis=1)
             std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
             latents = ((mean + std * rng.standard_normal(mean.shape).astype(np.float32)) * engine.scale_factor).astype(np.float32)
             noise = loss_fn.sample_noise(latents.shape, rng)
             sigmas = loss_fn.sample_sigmas(latents.shape[0], rng)
-            items.append((latents, noise, sigmas, crossattn, vector))
+            items.append((latents, noise, sigmas, *conditioning))
         examples = range(2 if with_prior else 1)  # row 0 of an item: its instance example; row 1: its class example
-        return [np.stack([item[field][row] for row in examples for item in items]) for field in range(5)]
+        fields = [ms.Tensor(np.stack([item[field][row] for row in examples for item in items])) for field in range(len(items[0]))]
+        return fields[0], fields[1], fields[2], tuple(fields[3:])
 
     if cache is not None:
-        for index in tqdm(range(dataset.num_distinct), desc="caching latents and text embeddings", disable=not dist.is_main):
+        what = "latents" if train_text_encoder else "latents and text embeddings"
+        for index in tqdm(range(dataset.num_distinct), desc=f"caching {what}", disable=not dist.is_main):
             encode_item(index, None)
-        sample_prompt = train_cfg.get("final_sample_prompt") or db.instance_prompt
-        guidance = float(train_cfg.get("validation_sampling", {}).get("guidance_scale", 5.0))
-        for prompts in (validation_prompts, [sample_prompt]):
-            text2image.cache_prompts(prompts, resolution, resolution, guidance)
-        engine.free_encoders()  # the VAE encoder and the text encoders are no longer needed
+        if not train_text_encoder:  # trained text encoders change the embeddings: they stay and run every step
+            sample_prompt = train_cfg.get("final_sample_prompt") or db.instance_prompt
+            guidance = float(train_cfg.get("validation_sampling", {}).get("guidance_scale", 5.0))
+            for prompts in (validation_prompts, [sample_prompt]):
+                text2image.cache_prompts(prompts, resolution, resolution, guidance)
+        engine.free_encoders(text_encoders=not train_text_encoder)  # what is no longer needed
 
     # ---- optimizer -------------------------------------------------------------------------------------------
-    params = [lora[name] for name in sorted(lora)]
+    names = sorted(lora)
+    params = [lora[name] for name in names]
     buffers = make_buffers(params)
+    # the text-encoder LoRA may train at its own rate (diffusers' --text_encoder_lr), under the same schedule
+    text_encoder_lr = optim_cfg.get("text_encoder_learning_rate") or optim_cfg.learning_rate
+    lr_scales = [float(text_encoder_lr) / float(optim_cfg.learning_rate) if name.startswith("conditioner.") else 1.0 for name in names]
     optimizer = AdamW(params, learning_rate=float(optim_cfg.learning_rate), beta1=float(optim_cfg.get("beta1", 0.9)),
                       beta2=float(optim_cfg.get("beta2", 0.999)), eps=float(optim_cfg.get("eps", 1e-8)),
-                      weight_decay=float(optim_cfg.get("weight_decay", 1e-2)))
-    loss_net = DreamBoothLoss(engine, float(db.get("prior_loss_weight", 1.0)), with_prior)
+                      weight_decay=float(optim_cfg.get("weight_decay", 1e-2)), lr_scales=lr_scales)
+    loss_net = DreamBoothLoss(engine, float(db.get("prior_loss_weight", 1.0)), with_prior, train_text_encoder)
     accumulation = int(train_cfg.get("gradient_accumulation_steps", 1))
     grad_step = GradStep(loss_net, params, buffers, dist.grad_reducer(params))
     apply_step = ApplyStep(buffers, optimizer, accumulation, bool(train_cfg.get("clip_grad", False)),
@@ -188,9 +198,8 @@ def main(argv=None):
         finite, losses = True, np.zeros(3)
         for _ in range(accumulation):
             indices = sampler.next_indices()
-            latents, noise, sigmas, crossattn, vector = make_batch(indices, sampler.sample_generators(int(data_rng.integers(2**63))))
-            outputs = grad_step(ms.Tensor(latents), ms.Tensor(noise), ms.Tensor(sigmas), ms.Tensor(crossattn), ms.Tensor(vector),
-                                loss_scale.tensor())
+            latents, noise, sigmas, conditioning = make_batch(indices, sampler.sample_generators(int(data_rng.integers(2**63))))
+            outputs = grad_step(latents, noise, sigmas, conditioning, loss_scale.tensor())
             losses += np.array([float(o.asnumpy()) for o in outputs[:3]]) / accumulation
             finite = finite and bool(outputs[3].asnumpy())
         finite = dist.all_true(finite)  # apply or skip together: a rank's own scaled loss may overflow alone

@@ -5,7 +5,7 @@ from pathlib import Path
 import mindspore as ms
 import numpy as np
 
-from gm.modules.lora import inject_lora, is_lora_name, lora_parameters
+from gm.modules.lora import is_lora_name, lora_parameters
 from gm.util import load_params
 from mindbooth.images import atomic_write
 from tools.model_conversion.ckpt_stream import CkptReader, iter_arrays
@@ -103,10 +103,12 @@ def lora_rank_alpha(params: dict):
 
 def load_lora(engine, lora: dict, params: dict, path, lora_dropout: float):
     rank, alpha = lora_rank_alpha({**lora, **{k: params[k] for k in LORA_METADATA if k in params}})
-    if not lora_parameters(engine):
-        inject_lora(engine.model, rank=rank, alpha=alpha, dropout=lora_dropout)
-        for name, param in engine.parameters_and_names():
-            param.name = name
+    if not lora_parameters(engine.model):
+        engine.add_unet_lora(rank=rank, alpha=alpha, dropout=lora_dropout)
+    if any(k.startswith("conditioner.") for k in lora) and not engine.has_text_encoder_lora:  # a --train_text_encoder LoRA
+        if engine.conditioner is None:
+            raise ValueError(f"{path} has text-encoder LoRA but the text encoders were freed (cache_latents)")
+        engine.add_text_encoder_lora(rank=rank, alpha=alpha, dropout=lora_dropout)
     own = lora_parameters(engine)
     unexpected = sorted(set(lora) - set(own))
     if unexpected:

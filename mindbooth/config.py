@@ -31,7 +31,11 @@ TRAIN_FLAGS = {
     "learning_rate": ("optim.learning_rate", float, "AdamW learning rate"),
     "lora_rank": ("model.params.lora_config.rank", int, "LoRA rank"),
     "lora_alpha": ("model.params.lora_config.alpha", float, "LoRA alpha (scale = alpha / rank)"),
-    "cache_latents": ("data.cache_latents", str2bool, "encode images and prompts once, then free the encoders"),
+    "train_text_encoder": ("model.params.lora_config.text_encoder", str2bool,
+                           "also train LoRA on both text encoders' attention q/k/v/out (as diffusers' --train_text_encoder)"),
+    "text_encoder_lr": ("optim.text_encoder_learning_rate", float, "learning rate of the text-encoder LoRA (default: --learning_rate)"),
+    "cache_latents": ("data.cache_latents", str2bool,
+                      "encode images (and prompts, unless training the text encoders) once, then free the encoders"),
     "seed": ("train.seed", int, "random seed"),
     "save_path": ("train.save_path", str, "output folder"),
     "save_ckpt_interval": ("train.save_ckpt_interval", int, "save the LoRA every N steps"),
@@ -52,7 +56,6 @@ def training_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device_target", default="Ascend", choices=["Ascend", "GPU", "CPU"])
     parser.add_argument("--is_parallel", type=str2bool, default=False, help="data parallel over all launched processes")
     parser.add_argument("--resume", default="", help="output folder (or True for --save_path) of a run to continue")
-    parser.add_argument("--train_text_encoder", type=str2bool, default=False, help="not supported: LoRA trains the UNet only")
     for flag, (_, kind, help_text) in TRAIN_FLAGS.items():
         parser.add_argument(f"--{flag}", type=kind, default=None, help=help_text)
     return parser

@@ -9,8 +9,9 @@ from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 _adamw_update = ops.MultitypeFuncGraph("adamw_update")
 
 
-@_adamw_update.register("Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor")
-def _update(lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2, param, m, v, grad):
+@_adamw_update.register("Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor")
+def _update(lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2, lr_scale, param, m, v, grad):
+    lr = lr * lr_scale
     grad = grad.astype(ms.float32)
     m_new = beta1 * m + (1.0 - beta1) * grad
     v_new = beta2 * v + (1.0 - beta2) * grad * grad
@@ -24,9 +25,16 @@ def _update(lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correcti
 
 
 class AdamW(nn.Cell):
-    def __init__(self, params, learning_rate=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2):
+    """`lr_scales`: one factor per parameter (default 1): its learning rate is learning_rate * factor, so a
+    group (e.g. the text-encoder LoRA) can train at its own rate under the same schedule."""
+
+    def __init__(self, params, learning_rate=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2, lr_scales=None):
         super().__init__(auto_prefix=False)
         self.params = ParameterTuple(params)
+        lr_scales = [1.0] * len(self.params) if lr_scales is None else list(lr_scales)
+        if len(lr_scales) != len(self.params):
+            raise ValueError(f"lr_scales has {len(lr_scales)} entries for {len(self.params)} parameters")
+        self.lr_scales = tuple(Tensor(scale, ms.float32) for scale in lr_scales)
         self.exp_avg = self.params.clone(prefix="adamw_m", init="zeros")
         self.exp_avg_sq = self.params.clone(prefix="adamw_v", init="zeros")
         self.step = Parameter(Tensor(0, ms.int32), name="adamw_step", requires_grad=False)
@@ -53,4 +61,4 @@ class AdamW(nn.Cell):
         update = ops.partial(
             _adamw_update, self.learning_rate, self.beta1, self.beta2, self.eps, self.weight_decay, bias_correction1, bias_correction2
         )
-        return self.hyper_map(update, self.params, self.exp_avg, self.exp_avg_sq, grads)
+        return self.hyper_map(update, self.lr_scales, self.params, self.exp_avg, self.exp_avg_sq, grads)

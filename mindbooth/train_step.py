@@ -14,17 +14,26 @@ class DreamBoothLoss(nn.Cell):
     """loss = loss_instance + prior_loss_weight * loss_class (Ruiz et al., 2023, eq. 2).
 
     The batch holds the instance samples first and the class samples after them; each part's loss is
-    the mean of the per-sample diffusion loss over that part."""
+    the mean of the per-sample diffusion loss over that part.
 
-    def __init__(self, engine, prior_loss_weight: float, with_prior_preservation: bool):
+    `conditioning` is (crossattn, vector) when the text encoders are frozen (embeddings computed outside), or,
+    with `train_text_encoder`, the conditioner's inputs (token ids per text encoder, size numbers): the text
+    encoders then run inside the gradient graph so their LoRA trains."""
+
+    def __init__(self, engine, prior_loss_weight: float, with_prior_preservation: bool, train_text_encoder: bool = False):
         super().__init__(auto_prefix=False)
         self.network = engine.model
         self.denoiser = engine.denoiser
         self.loss_fn = engine.loss_fn
+        self.conditioner = engine.conditioner if train_text_encoder else None
         self.prior_loss_weight = float(prior_loss_weight)
         self.with_prior_preservation = with_prior_preservation
 
-    def construct(self, latents, noise, sigmas, crossattn, vector):
+    def construct(self, latents, noise, sigmas, conditioning):
+        if self.conditioner is None:
+            crossattn, vector = conditioning
+        else:
+            vector, crossattn = self.conditioner(*conditioning)
         cond = {"crossattn": crossattn, "vector": vector}
         per_sample = self.loss_fn(self.network, self.denoiser, cond, latents, noise, sigmas)
         if self.with_prior_preservation:
@@ -91,12 +100,12 @@ class GradStep(nn.Cell):
         self.hyper_map = ops.HyperMap()
         self.value_and_grad = ms.value_and_grad(self._scaled_loss, grad_position=None, weights=self.params, has_aux=True)
 
-    def _scaled_loss(self, latents, noise, sigmas, crossattn, vector, loss_scale):
-        loss, loss_instance, loss_class = self.loss_net(latents, noise, sigmas, crossattn, vector)
+    def _scaled_loss(self, latents, noise, sigmas, conditioning, loss_scale):
+        loss, loss_instance, loss_class = self.loss_net(latents, noise, sigmas, conditioning)
         return loss * loss_scale, loss, loss_instance, loss_class
 
-    def construct(self, latents, noise, sigmas, crossattn, vector, loss_scale):
-        (scaled_loss, loss, loss_instance, loss_class), grads = self.value_and_grad(latents, noise, sigmas, crossattn, vector, loss_scale)
+    def construct(self, latents, noise, sigmas, conditioning, loss_scale):
+        (scaled_loss, loss, loss_instance, loss_class), grads = self.value_and_grad(latents, noise, sigmas, conditioning, loss_scale)
         grads = self.grad_reducer(grads)
         # An overflow shows in the scaled loss or in any gradient; either makes the step unusable.
         finite = ops.logical_and(ops.isfinite(scaled_loss), ops.stack(self.hyper_map(_all_finite, grads)).all())

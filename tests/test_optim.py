@@ -1,4 +1,5 @@
-"""Our AdamW equals torch.optim.AdamW step for step, in PyNative and GRAPH mode."""
+"""Our AdamW equals torch.optim.AdamW step for step, in PyNative and GRAPH mode, with a parameter group at its
+own learning rate (the text-encoder LoRA's --text_encoder_lr)."""
 import mindspore as ms
 import numpy as np
 import pytest
@@ -26,9 +27,9 @@ def test_adamw_matches_torch(mode):
     kwargs = dict(lr=3e-3, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)
 
     torch_params = [torch.nn.Parameter(torch.from_numpy(p.copy())) for p in initial]
-    torch_opt = torch.optim.AdamW(torch_params, **kwargs)
+    torch_opt = torch.optim.AdamW([{"params": torch_params[:2]}, {"params": torch_params[2:], "lr": 7.5e-4}], **kwargs)
     ms_params = [Parameter(Tensor(p.copy()), name=f"p{i}") for i, p in enumerate(initial)]
-    step = _Step(AdamW(ms_params, learning_rate=3e-3, beta1=0.8, beta2=0.95, eps=1e-6, weight_decay=0.1))
+    step = _Step(AdamW(ms_params, learning_rate=3e-3, beta1=0.8, beta2=0.95, eps=1e-6, weight_decay=0.1, lr_scales=[1, 1, 0.25]))
     ms.set_context(mode=mode)
     try:
         for g in grads:

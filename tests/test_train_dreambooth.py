@@ -144,13 +144,13 @@ def _fixed_batch(engine, batch):
                                       "target_size_as_tuple": [[32, 32]] * batch})
     noise = rng.standard_normal(latents.shape).astype(np.float32)
     sigmas = np.array([0.5, 2.0, 1.0, 8.0][:batch], np.float32)
-    return [ms.Tensor(latents), ms.Tensor(noise), ms.Tensor(sigmas), cond["crossattn"], cond["vector"]]
+    return [ms.Tensor(latents), ms.Tensor(noise), ms.Tensor(sigmas), (cond["crossattn"], cond["vector"])]
 
 
 def test_prior_preservation_loss_formula(workspace):
     engine = _tiny_engine_with_weights(workspace)
     inputs = _fixed_batch(engine, 4)
-    cond = {"crossattn": inputs[3], "vector": inputs[4]}
+    cond = {"crossattn": inputs[3][0], "vector": inputs[3][1]}
     per_sample = engine.loss_fn(engine.model, engine.denoiser, cond, *inputs[:3]).asnumpy()
     loss, loss_instance, loss_class = (o.asnumpy() for o in DreamBoothLoss(engine, 0.7, True)(*inputs))
     np.testing.assert_allclose(loss_instance, per_sample[:2].mean(), rtol=1e-6)
@@ -195,7 +195,8 @@ def test_gradient_accumulation_equals_the_large_batch_and_loss_scale_cancels(wor
     for b in buffers:
         b.set_data(ms.ops.zeros_like(b))
     for i in range(2):
-        grad_step(*[x[i:i + 1] for x in inputs], ms.Tensor(1.0, ms.float32))
+        latents, noise, sigmas, (crossattn, vector) = inputs
+        grad_step(latents[i:i + 1], noise[i:i + 1], sigmas[i:i + 1], (crossattn[i:i + 1], vector[i:i + 1]), ms.Tensor(1.0, ms.float32))
     for accumulated, full in zip(buffers, whole):
         np.testing.assert_allclose(accumulated.asnumpy() / 2, full, rtol=1e-4, atol=1e-4 * np.abs(full).max())
 
@@ -252,3 +253,91 @@ def test_dynamic_loss_scale_skips_overflowing_steps(workspace):
     finite = bool(grad_step(*inputs, scaler.tensor())[3].asnumpy())
     assert finite and scaler.update(True) and scaler.update(True) and scaler.scale == 2048.0  # grows after 2 clean steps
     assert DynamicLossScale(enabled=False).scale == 1.0
+
+
+# ---- --train_text_encoder ------------------------------------------------------------------------------------
+
+def _text_encoder_engine(workspace):
+    config = OmegaConf.load(workspace / "train.yaml")
+    config.model.params.lora_config.text_encoder = True
+    engine = instantiate_from_config(config.model)
+    load_weights(engine, [str(workspace / "tiny.ckpt")])
+    rng = np.random.default_rng(5)
+    for name, param in lora_parameters(engine).items():
+        param.set_data(ms.Tensor(rng.normal(0, 0.05, param.shape).astype(np.float32)))
+    return engine
+
+
+def _text_batch(engine):
+    batch = {"txt": ["a photo of sks toy", "a photo of toy"], "original_size_as_tuple": [[32, 32], [40, 56]],
+             "crop_coords_top_left": [[0, 0], [4, 0]], "target_size_as_tuple": [[32, 32]] * 2}
+    rng = np.random.default_rng(7)
+    latents = ms.Tensor(rng.standard_normal((2, 4, 4, 4)).astype(np.float32))
+    noise = ms.Tensor(rng.standard_normal((2, 4, 4, 4)).astype(np.float32))
+    return batch, latents, noise, ms.Tensor(np.array([0.7, 3.0], np.float32))
+
+
+def test_text_encoder_loss_equals_precomputed_embeddings_and_its_gradient_is_the_finite_difference(workspace):
+    """With --train_text_encoder the text encoders run inside the loss: the same loss as on precomputed
+    embeddings, and the text-encoder LoRA gradient equals a central finite difference of that loss."""
+    engine = _text_encoder_engine(workspace)
+    batch, latents, noise, sigmas = _text_batch(engine)
+    cond = engine.conditioner.encode(batch)
+    inside = DreamBoothLoss(engine, 0.5, True, train_text_encoder=True)
+    tokens = engine.conditioner.tokenize(batch)
+    loss_inside = inside(latents, noise, sigmas, tokens)[0].asnumpy()
+    loss_outside = DreamBoothLoss(engine, 0.5, True)(latents, noise, sigmas, (cond["crossattn"], cond["vector"]))[0].asnumpy()
+    np.testing.assert_allclose(loss_inside, loss_outside, rtol=1e-6)
+
+    lora = lora_parameters(engine)
+    names = sorted(lora)
+    params = [lora[n] for n in names]
+    buffers = make_buffers(params)
+    GradStep(inside, params, buffers)(latents, noise, sigmas, tokens, ms.Tensor(1.0, ms.float32))
+    grads = dict(zip(names, (b.asnumpy() for b in buffers)))
+    text_names = [n for n in names if n.startswith("conditioner.")]
+    assert {n.split(".")[2] for n in text_names} == {"0", "1"}  # both encoders carry LoRA
+    for name in ("conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.v_proj.lora_B.weight",
+                 "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_lora.k_proj.lora_B.weight",
+                 "conditioner.embedders.1.model.transformer.resblocks.1.attn.out_proj.lora_A.weight"):
+        param, grad = lora[name], grads[name]
+        index = np.unravel_index(np.abs(grad).argmax(), grad.shape)
+        original = param.asnumpy()
+        values = []
+        for step in (1e-2, -1e-2):
+            shifted = original.copy()
+            shifted[index] += step
+            param.set_data(ms.Tensor(shifted))
+            values.append(float(inside(latents, noise, sigmas, tokens)[0].asnumpy()))
+        param.set_data(ms.Tensor(original))
+        finite_difference = (values[0] - values[1]) / 2e-2
+        assert abs(grad[index]) > 1e-4, name
+        np.testing.assert_allclose(grad[index], finite_difference, rtol=2e-2, err_msg=name)
+
+
+def test_train_text_encoder_run_saves_and_reloads_text_lora(workspace):
+    engine = _train(workspace, workspace / "run_text", "--total_step", "2", "--ms_mode", "0", "--train_text_encoder", "True",
+                    "--text_encoder_lr", "5e-4", "--cache_latents", "True")
+    run = workspace / "run_text"
+    assert all(np.isfinite(_losses(run))) and len(_losses(run)) == 2
+    assert OmegaConf.load(run / "config.yaml").optim.text_encoder_learning_rate == 5e-4
+    assert engine.conditioner is not None and not hasattr(engine.first_stage_model, "encoder")  # only the VAE encoder freed
+    lora = _lora(run / "SDXL-tiny_2_lora.ckpt")
+    text = {k: v for k, v in lora.items() if k.startswith("conditioner.")}
+    assert text and set(k for k in lora if ".lora_" in k) == set(lora_parameters(engine))
+    assert max(np.abs(v).max() for k, v in text.items() if ".lora_B." in k) > 0  # the text-encoder LoRA trained
+    base = read_checkpoint(workspace / "tiny.ckpt")
+    for name, param in engine.parameters_and_names():
+        if ".lora_" not in name:
+            np.testing.assert_array_equal(param.asnumpy(), base[name].asnumpy(), err_msg=name)
+
+    # An inference model (no lora_config) given base + this file gets both LoRAs: same text embeddings, same UNet LoRA.
+    config = OmegaConf.load(workspace / "train.yaml")
+    del config.model.params["lora_config"]
+    reloaded = instantiate_from_config(config.model)
+    load_weights(reloaded, [str(workspace / "tiny.ckpt"), str(run / "SDXL-tiny_2_lora.ckpt")])
+    assert set(lora_parameters(reloaded)) == set(lora_parameters(engine))
+    batch = {"txt": ["a photo of sks toy"], "original_size_as_tuple": [[32, 32]], "crop_coords_top_left": [[0, 0]],
+             "target_size_as_tuple": [[32, 32]]}
+    for key, value in engine.conditioner.encode(batch).items():
+        np.testing.assert_allclose(reloaded.conditioner.encode(batch)[key].asnumpy(), value.asnumpy(), rtol=1e-6, atol=1e-6)

@@ -72,13 +72,15 @@ class DiffusionEngine(nn.Cell):
     def decode_first_stage(self, latents):
         return self.first_stage_model.decode(latents / self.scale_factor)
 
-    def free_encoders(self):
-        """Drop the VAE encoder and the text encoders (after latents and embeddings were cached)."""
+    def free_encoders(self, text_encoders: bool = True):
+        """Drop the VAE encoder (after latents were cached) and, unless told not to, the text encoders (after
+        the text embeddings were cached)."""
         for name in ("encoder", "quant_conv"):
             if hasattr(self.first_stage_model, name):
                 delattr(self.first_stage_model, name)
-        del self.conditioner
-        self.conditioner = None
+        if text_encoders:
+            del self.conditioner
+            self.conditioner = None
 
     def denoise(self, x, sigma, cond):
         return self.denoiser(self.model, x, sigma, cond)
