@@ -189,9 +189,9 @@ def test_mixed_ranks_and_alphas_reach_peft_with_the_right_per_layer_delta(tiny):
     from_ckpt = tiny.folder / "mixed_peft_from_ckpt.safetensors"
     convert("ms_to_diffusers", tiny.folder / "mixed_False.ckpt", from_ckpt, overwrite=True)
     direct = tiny.folder / "mixed_peft_direct.safetensors"
-    tensors, config = lf.to_diffusers(layers)
-    assert config["rank_pattern"] and config["alpha_pattern"]
-    write_safetensors(tensors, lf.export_metadata("diffusers", layers, adapter_config=config), direct, overwrite=True)
+    tensors, configs = lf.to_diffusers(layers)
+    assert list(configs) == ["unet"] and configs["unet"]["rank_pattern"] and configs["unet"]["alpha_pattern"]
+    write_safetensors(tensors, lf.export_metadata("diffusers", layers, adapter_configs=configs), direct, overwrite=True)
     for peft_file in (from_ckpt, direct):
         model = copy.deepcopy(tiny.reference)
         model.load_lora_adapter(str(peft_file), prefix="unet", adapter_name="mb", use_safetensors=True)
@@ -235,11 +235,12 @@ def test_attention_processor_names_import_like_diffusers_converts_them(tiny):
 
 def test_unsupported_keys_are_refused_with_one_line_errors(tiny, capsys):
     kohya, _ = lf.export_lora({**tiny.lora, "lora_alpha": np.float32(ALPHA)}, "kohya")
-    te = {"lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": np.zeros((4, 32), np.float32),
-          "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": np.zeros((32, 4), np.float32)}
-    with pytest.raises(ConversionError, match="text-encoder LoRA.*--drop_text_encoder"):
+    te = {"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": np.zeros((4, 32), np.float32),
+          "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": np.zeros((64, 4), np.float32)}
+    with pytest.raises(ConversionError, match="'lora_te1_text_model_encoder_layers_0_mlp_fc1' is not on a "
+                                              "text-encoder self-attention projection"):
         lf.read_layers({**kohya, **te})
-    layers, info = lf.read_layers({**kohya, **te}, drop_text_encoder=True)
+    layers, info = lf.read_layers({**kohya, **te}, drop_text_encoder=True)  # the UNet part only
     assert len(layers) == 136 and info["dropped_text_encoder"] == 2
     with pytest.raises(ConversionError, match="not on a UNet attention projection"):
         lf.read_layers({**kohya, "lora_unet_input_blocks_4_1_proj_in.lora_down.weight": np.zeros((4, 64), np.float32),
@@ -251,6 +252,17 @@ def test_unsupported_keys_are_refused_with_one_line_errors(tiny, capsys):
     up = next(k for k in kohya if k.endswith(".lora_up.weight"))
     with pytest.raises(ConversionError, match="has no up/B weight"):
         lf.read_layers({k: v for k, v in kohya.items() if k != up})
+    # text-encoder LoRA off q/k/v/out, in the other formats
+    fc1 = {"text_encoder_2.text_model.encoder.layers.1.mlp.fc1.lora_A.weight": np.zeros((4, 64), np.float32),
+           "text_encoder_2.text_model.encoder.layers.1.mlp.fc1.lora_B.weight": np.zeros((256, 4), np.float32)}
+    with pytest.raises(ConversionError, match="'text_encoder_2.text_model.encoder.layers.1.mlp.fc1' is not on a text"):
+        lf.read_layers(fc1)
+    c_fc = "conditioner.embedders.1.model.transformer.resblocks.0.mlp.c_fc"
+    fc1 = {f"{c_fc}.lora_A.weight": np.zeros((4, 64), np.float32), f"{c_fc}.lora_B.weight": np.zeros((256, 4), np.float32)}
+    with pytest.raises(ConversionError, match="resblocks.0.mlp.c_fc.lora_A.weight' is not on a text-encoder"):
+        lf.read_layers({**tiny.lora, **fc1})
+    with pytest.raises(ConversionError, match="only text-encoder LoRA weights"):
+        lf.read_layers(te, drop_text_encoder=True)
     # the command line turns them into one line on stderr
     bad = tiny.folder / "te.safetensors"
     write_safetensors({**kohya, **te}, {}, bad, overwrite=True)
