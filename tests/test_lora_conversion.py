@@ -1,5 +1,6 @@
 """LoRA tools: MindBooth .ckpt <-> diffusers/PEFT and kohya safetensors, checked against diffusers' own loaders
-and converters on identical weights; merging a LoRA into a base checkpoint."""
+and converters on identical weights; merging a LoRA into a base checkpoint. UNet LoRA and text-encoder LoRA
+(CLIP-L and bigG, `--train_text_encoder`)."""
 import copy
 import json
 from types import SimpleNamespace
@@ -13,13 +14,17 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 
 from conftest import BASE_CONFIG, SHARED, TINY_CONFIG
-from gm.modules.lora import inject_lora, lora_layers, lora_parameters
-from gm.util import load_params
+from gm.modules.lora import inject_lora, is_lora_name, lora_layers, lora_parameters
+from gm.util import instantiate_from_config, load_params
+from mindbooth.checkpoint import save_lora
+from mindbooth.tiny_model import random_weights
+from test_text_encoders import models, token_sets  # noqa: F401  (models: a module-scoped fixture)
 from test_unet import (
     _diffusers_forward_with_emb, _Holder, build_unet, load_diffusers_unet_into_ours, relative_error, run_ours,
     tiny_diffusers_unet,
 )
 from tools.lora_conversion import lora_formats as lf
+from tools.lora_conversion import text_encoder_names as te_names
 from tools.lora_conversion.convert_lora import convert, main as convert_main, read_state, write_safetensors
 from tools.lora_conversion.merge_lora import merge
 from tools.model_conversion.diffusers_unet import diffusers_name_to_official
@@ -189,9 +194,9 @@ def test_mixed_ranks_and_alphas_reach_peft_with_the_right_per_layer_delta(tiny):
     from_ckpt = tiny.folder / "mixed_peft_from_ckpt.safetensors"
     convert("ms_to_diffusers", tiny.folder / "mixed_False.ckpt", from_ckpt, overwrite=True)
     direct = tiny.folder / "mixed_peft_direct.safetensors"
-    tensors, config = lf.to_diffusers(layers)
-    assert config["rank_pattern"] and config["alpha_pattern"]
-    write_safetensors(tensors, lf.export_metadata("diffusers", layers, adapter_config=config), direct, overwrite=True)
+    tensors, configs = lf.to_diffusers(layers)
+    assert list(configs) == ["unet"] and configs["unet"]["rank_pattern"] and configs["unet"]["alpha_pattern"]
+    write_safetensors(tensors, lf.export_metadata("diffusers", layers, adapter_configs=configs), direct, overwrite=True)
     for peft_file in (from_ckpt, direct):
         model = copy.deepcopy(tiny.reference)
         model.load_lora_adapter(str(peft_file), prefix="unet", adapter_name="mb", use_safetensors=True)
@@ -235,11 +240,12 @@ def test_attention_processor_names_import_like_diffusers_converts_them(tiny):
 
 def test_unsupported_keys_are_refused_with_one_line_errors(tiny, capsys):
     kohya, _ = lf.export_lora({**tiny.lora, "lora_alpha": np.float32(ALPHA)}, "kohya")
-    te = {"lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": np.zeros((4, 32), np.float32),
-          "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": np.zeros((32, 4), np.float32)}
-    with pytest.raises(ConversionError, match="text-encoder LoRA.*--drop_text_encoder"):
+    te = {"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": np.zeros((4, 32), np.float32),
+          "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": np.zeros((64, 4), np.float32)}
+    with pytest.raises(ConversionError, match="'lora_te1_text_model_encoder_layers_0_mlp_fc1' is not on a "
+                                              "text-encoder self-attention projection"):
         lf.read_layers({**kohya, **te})
-    layers, info = lf.read_layers({**kohya, **te}, drop_text_encoder=True)
+    layers, info = lf.read_layers({**kohya, **te}, drop_text_encoder=True)  # the UNet part only
     assert len(layers) == 136 and info["dropped_text_encoder"] == 2
     with pytest.raises(ConversionError, match="not on a UNet attention projection"):
         lf.read_layers({**kohya, "lora_unet_input_blocks_4_1_proj_in.lora_down.weight": np.zeros((4, 64), np.float32),
@@ -251,6 +257,17 @@ def test_unsupported_keys_are_refused_with_one_line_errors(tiny, capsys):
     up = next(k for k in kohya if k.endswith(".lora_up.weight"))
     with pytest.raises(ConversionError, match="has no up/B weight"):
         lf.read_layers({k: v for k, v in kohya.items() if k != up})
+    # text-encoder LoRA off q/k/v/out, in the other formats
+    fc1 = {"text_encoder_2.text_model.encoder.layers.1.mlp.fc1.lora_A.weight": np.zeros((4, 64), np.float32),
+           "text_encoder_2.text_model.encoder.layers.1.mlp.fc1.lora_B.weight": np.zeros((256, 4), np.float32)}
+    with pytest.raises(ConversionError, match="'text_encoder_2.text_model.encoder.layers.1.mlp.fc1' is not on a text"):
+        lf.read_layers(fc1)
+    c_fc = "conditioner.embedders.1.model.transformer.resblocks.0.mlp.c_fc"
+    fc1 = {f"{c_fc}.lora_A.weight": np.zeros((4, 64), np.float32), f"{c_fc}.lora_B.weight": np.zeros((256, 4), np.float32)}
+    with pytest.raises(ConversionError, match="resblocks.0.mlp.c_fc.lora_A.weight' is not on a text-encoder"):
+        lf.read_layers({**tiny.lora, **fc1})
+    with pytest.raises(ConversionError, match="only text-encoder LoRA weights"):
+        lf.read_layers(te, drop_text_encoder=True)
     # the command line turns them into one line on stderr
     bad = tiny.folder / "te.safetensors"
     write_safetensors({**kohya, **te}, {}, bad, overwrite=True)
@@ -352,3 +369,218 @@ def test_full_size_names_match_mindone_and_diffusers_references():
         back = lf.to_mindbooth(lf.read_layers(exported)[0])
         assert set(back) == set(state)
         assert all(back[name].flat[0] == i for i, (name, _) in enumerate(ms_lines))
+
+
+# ---------------------------------------------------------------- 5. text-encoder LoRA (--train_text_encoder)
+
+TEXT_LAYERS = 2 * 4 + 2 * (3 + 1)  # tiny CLIP-L: 2 layers x q/k/v/out; tiny bigG: 2 x (fused q/k/v + out)
+
+
+def _encode(conditioner, ids):
+    """(CLIP-L hidden state, bigG penultimate hidden state, bigG pooled) for token ids (CLIP-L's, bigG's)."""
+    z, pooled = conditioner.embedders[1](ms.Tensor(ids[1]))
+    return conditioner.embedders[0](ms.Tensor(ids[0])).asnumpy(), z.asnumpy(), pooled.asnumpy()
+
+
+def _encode_transformers(hf_l, hf_g, ids, layer_idx):
+    with torch.no_grad():
+        out_l = hf_l(input_ids=torch.from_numpy(ids[0]).long(), output_hidden_states=True)
+        out_g = hf_g(input_ids=torch.from_numpy(ids[1]).long(), output_hidden_states=True)
+    return out_l.hidden_states[layer_idx].numpy(), out_g.hidden_states[-2].numpy(), out_g.text_embeds.numpy()
+
+
+@pytest.fixture(scope="module")
+def text(tiny, models):  # noqa: F811
+    """The tiny engine built with `lora_config: {text_encoder: True}`: UNet and UNet LoRA from `tiny`, text encoders
+    on the weights of the transformers models of test_text_encoders, random text-encoder LoRA; saved as the trainer
+    saves a LoRA (save_lora), with the text encoders' outputs with and without the LoRA."""
+    conditioner, hf_l, hf_g, p_l = models
+    config = OmegaConf.load(TINY_CONFIG).model
+    config.params.lora_config = {"rank": RANK, "alpha": ALPHA, "text_encoder": True}
+    engine = instantiate_from_config(config)
+    weights = random_weights(engine, seed=3)  # the VAE; everything else is overwritten below
+    weights.update(tiny.base)
+    weights.update(tiny.lora)
+    weights.update({f"conditioner.{n}": p.asnumpy() for n, p in conditioner.parameters_and_names()})
+    rng = np.random.default_rng(4)
+    text_lora = {n: (rng.standard_normal(v.shape) * 0.2).astype(np.float32)
+                 for n, v in weights.items() if n.startswith("conditioner.") and is_lora_name(n)}
+    weights.update(text_lora)
+    load_params(engine, weights, strict=True)
+    ids = next(token_sets(conditioner))
+    lora_ckpt = tiny.folder / "unet_and_text_lora.ckpt"
+    save_lora(engine, lora_ckpt, RANK, ALPHA)
+    return SimpleNamespace(engine=engine, weights=weights, text_lora=text_lora, ids=ids, lora_ckpt=lora_ckpt,
+                           hf_l=hf_l, hf_g=hf_g, layer_idx=p_l["layer_idx"],
+                           base_out=_encode(conditioner, ids), lora_out=_encode(engine.conditioner, ids))
+
+
+def test_text_fixture_lora_changes_the_text_encoders(text):
+    assert len(text.text_lora) == 2 * TEXT_LAYERS
+    assert len(lora_layers(text.engine.conditioner)) == TEXT_LAYERS
+    for with_lora, without in zip(text.lora_out, text.base_out):
+        assert relative_error(with_lora, without) > 1e-2
+
+
+@pytest.mark.parametrize("task", ["ms_to_diffusers", "ms_to_kohya"])
+def test_text_encoder_lora_round_trips_bit_identical(text, tiny, task):
+    exported = tiny.folder / f"text_{task}.safetensors"
+    summary = convert(task, text.lora_ckpt, exported, overwrite=True)
+    assert summary["layers"] == 136 + TEXT_LAYERS and summary["text_encoder_layers"] == TEXT_LAYERS
+    back = tiny.folder / f"text_{task}_back.ckpt"
+    summary = convert("to_ms", exported, back, overwrite=True)
+    assert summary["layers"] == 136 + TEXT_LAYERS and summary["text_encoder_layers"] == TEXT_LAYERS
+    loaded = ms.load_checkpoint(str(back))
+    assert set(loaded) == set(tiny.lora) | set(text.text_lora) | {"lora_rank", "lora_alpha"}
+    for name, value in {**tiny.lora, **text.text_lora}.items():
+        np.testing.assert_array_equal(loaded[name].asnumpy(), value)
+
+    with safe_open(str(exported), "np") as f:
+        meta, keys = f.metadata(), set(f.keys())
+    if task == "ms_to_kohya":
+        assert "lora_te1_text_model_encoder_layers_1_self_attn_out_proj.alpha" in keys
+        assert "lora_te2_text_model_encoder_layers_0_self_attn_k_proj.lora_down.weight" in keys
+        assert meta["ss_network_train_unet_only"] == "False"
+    else:
+        assert "text_encoder.text_model.encoder.layers.1.self_attn.out_proj.lora_A.weight" in keys
+        assert "text_encoder_2.text_model.encoder.layers.0.self_attn.k_proj.lora_B.weight" in keys
+        config = json.loads(meta[lf.LORA_ADAPTER_METADATA_KEY])  # save_lora_weights' layout: one prefix each
+        for component in ("unet", "text_encoder", "text_encoder_2"):
+            assert config[f"{component}.r"] == RANK and config[f"{component}.lora_alpha"] == ALPHA
+        assert "encoder.layers.0.self_attn.q_proj" in config["text_encoder_2.target_modules"]
+        # files written with transformers >= 5 name the modules without `text_model.`: the same layers
+        state, header = read_state(exported)
+        flat = {k.replace(".text_model.", "."): v for k, v in state.items()}
+        layers, _ = lf.read_layers(flat, header)
+        assert lf.to_mindbooth(layers).keys() == loaded.keys()
+
+    # --drop_text_encoder keeps the UNet part, both ways
+    unet_only = tiny.folder / f"text_{task}_unet_only.safetensors"
+    summary = convert(task, text.lora_ckpt, unet_only, overwrite=True, drop_text_encoder=True)
+    assert summary["layers"] == 136 and summary["dropped_text_encoder"] == 2 * TEXT_LAYERS
+    with safe_open(str(unet_only), "np") as f:
+        assert len(f.keys()) == 136 * (2 if task == "ms_to_diffusers" else 3)
+    summary = convert("to_ms", exported, back, overwrite=True, drop_text_encoder=True)
+    assert summary["layers"] == 136
+    assert set(ms.load_checkpoint(str(back))) == set(tiny.lora) | {"lora_rank", "lora_alpha"}
+
+
+def test_diffusers_loads_our_unet_and_text_encoder_lora_like_our_model(text, tiny):
+    """The steps of StableDiffusionXLPipeline.load_lora_weights (lora_state_dict, load_lora_into_unet,
+    load_lora_into_text_encoder for text_encoder and text_encoder_2) on our exported files, on the transformers text
+    encoders and the diffusers UNet that hold our base weights: the outputs of our LoRA model."""
+    from diffusers.loaders import StableDiffusionXLLoraLoaderMixin as SDXLLoader
+
+    for task in ("ms_to_diffusers", "ms_to_kohya"):
+        exported = tiny.folder / f"text_{task}_for_diffusers.safetensors"
+        convert(task, text.lora_ckpt, exported, overwrite=True)
+        unet, hf_l, hf_g = (copy.deepcopy(m) for m in (tiny.reference, text.hf_l, text.hf_g))
+        state, alphas, metadata = SDXLLoader.lora_state_dict(str(exported), unet_config=unet.config,
+                                                             return_lora_metadata=True)
+        assert (metadata is None) == (task == "ms_to_kohya")  # kohya: per-layer alphas instead
+        SDXLLoader.load_lora_into_unet(state, alphas, unet=unet, metadata=metadata)
+        for encoder, prefix in ((hf_l, "text_encoder"), (hf_g, "text_encoder_2")):
+            SDXLLoader.load_lora_into_text_encoder(state, alphas, text_encoder=encoder, prefix=prefix,
+                                                   metadata=metadata)
+        lora_modules = sum(".lora_A." in n for model in (hf_l, hf_g) for n, _ in model.named_parameters())
+        assert lora_modules == 2 * 4 * 2  # peft's text LoRA: q/k/v/out_proj of 2 layers in each encoder
+        outputs = _encode_transformers(hf_l, hf_g, text.ids, text.layer_idx)
+        for theirs, ours in zip(outputs, text.lora_out):
+            assert relative_error(theirs, ours) < 1e-4
+        _assert_diffusers_matches(tiny, unet)
+
+
+def test_text_encoder_per_layer_ranks_and_alphas_reach_peft(text, tiny):
+    """Text-encoder layers with their own ranks and alphas (as a kohya file may have) -> diffusers: peft's delta
+    weight of every text-encoder module equals alpha_l / rank_l * B A (rank/alpha patterns as name suffixes)."""
+    from diffusers.loaders import StableDiffusionXLLoraLoaderMixin as SDXLLoader
+    from peft.tuners.lora import LoraLayer as PeftLoraLayer
+
+    layers, _ = lf.from_mindbooth({**text.text_lora, "lora_alpha": np.float32(ALPHA)})
+    for i, (name, layer) in enumerate(layers.items()):
+        if i % 3 == 0:
+            layers[name] = lf.LoraLayer(layer.down[:2], layer.up[:, :2], 3.0)
+        elif i % 3 == 1:
+            layers[name] = lf.LoraLayer(layer.down, layer.up, 1.0)
+    tensors, configs = lf.to_diffusers(layers)
+    assert set(configs) == {"text_encoder", "text_encoder_2"} and configs["text_encoder_2"]["alpha_pattern"]
+    peft_file = tiny.folder / "text_mixed_peft.safetensors"
+    write_safetensors(tensors, lf.export_metadata("diffusers", layers, adapter_configs=configs), peft_file,
+                      overwrite=True)
+    expected = lf.merge_deltas(layers)
+    state, alphas, metadata = SDXLLoader.lora_state_dict(str(peft_file), return_lora_metadata=True)
+    checked = 0
+    for model, prefix in ((copy.deepcopy(text.hf_l), "text_encoder"), (copy.deepcopy(text.hf_g), "text_encoder_2")):
+        SDXLLoader.load_lora_into_text_encoder(state, alphas, text_encoder=model, prefix=prefix, metadata=metadata,
+                                               adapter_name="mb")
+        for path, module in model.named_modules():
+            if isinstance(module, PeftLoraLayer):
+                layer = te_names.from_diffusers(f"{prefix}.{path}")
+                weight, block = te_names.base_weight(layer)
+                ours = expected[weight]
+                if block is not None:
+                    ours = ours[block * ours.shape[1]:(block + 1) * ours.shape[1]]
+                np.testing.assert_allclose(module.get_delta_weight("mb").detach().numpy(), ours, rtol=1e-5, atol=1e-7)
+                checked += 1
+    assert checked == TEXT_LAYERS
+    back, _ = lf.read_layers(*read_state(peft_file))  # and our reader interprets the patterns as peft does
+    for name, delta in lf.merge_deltas(back).items():
+        np.testing.assert_allclose(delta, expected[name], rtol=1e-5, atol=1e-7)
+
+
+def test_old_diffusers_text_encoder_names_read_like_diffusers_converts_them(text):
+    """`…q_proj.lora_linear_layer.down.weight` (diffusers' text-encoder LoRA before PEFT): diffusers'
+    convert_state_dict_to_peft gives the PEFT names we write, and we read the same layers from either."""
+    from diffusers.utils import convert_state_dict_to_peft
+
+    layers, _ = lf.from_mindbooth({**text.text_lora, "lora_alpha": np.float32(RANK)})
+    peft_state, _ = lf.to_diffusers(layers)
+    old = {k.replace(".lora_A.weight", ".lora_linear_layer.down.weight")
+           .replace(".lora_B.weight", ".lora_linear_layer.up.weight"): v for k, v in peft_state.items()}
+    assert set(convert_state_dict_to_peft({k: torch.from_numpy(v) for k, v in old.items()})) == set(peft_state)
+    back = lf.to_mindbooth(lf.read_layers(old)[0])
+    for name, value in text.text_lora.items():
+        np.testing.assert_array_equal(back[name], value)
+
+
+def test_merged_text_encoder_lora_equals_the_lora_model(text, tiny):
+    """merge_lora on a UNet + text-encoder LoRA: a plain engine (no LoRA layers) on the merged checkpoint gives the
+    LoRA engine's text-encoder outputs and UNet output; bigG's q/k/v land in their rows of the fused in_proj_weight."""
+    base_ckpt = tiny.folder / "engine_base.ckpt"
+    base = {n: v for n, v in text.weights.items() if not is_lora_name(n)}
+    ms.save_checkpoint([{"name": n, "data": ms.Tensor(v)} for n, v in base.items()], str(base_ckpt))
+    merged_ckpt = tiny.folder / "engine_merged.ckpt"
+    summary = merge(base_ckpt, text.lora_ckpt, merged_ckpt)
+    assert summary["merged"] == 136 + TEXT_LAYERS and summary["weights"] == 136 + 2 * 4 + 2 * 2
+
+    merged = {n: t.asnumpy() for n, t in ms.load_checkpoint(str(merged_ckpt)).items()}
+    in_proj = "conditioner.embedders.1.model.transformer.resblocks.1.attn.in_proj_weight"
+    width = base[in_proj].shape[1]
+    for block, proj in enumerate("qkv"):
+        lora = f"conditioner.embedders.1.model.transformer.resblocks.1.attn.in_proj_lora.{proj}_proj"
+        delta = (ALPHA / RANK) * text.text_lora[f"{lora}.lora_B.weight"] @ text.text_lora[f"{lora}.lora_A.weight"]
+        rows = slice(block * width, (block + 1) * width)
+        np.testing.assert_allclose(merged[in_proj][rows] - base[in_proj][rows], delta, rtol=1e-4, atol=1e-6)
+    targets = set(lf.merge_targets(lf.read_layers(read_state(text.lora_ckpt)[0])[0]))
+    assert in_proj in targets
+    assert "conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight" in targets
+    for name, value in base.items():
+        if name not in targets:
+            np.testing.assert_array_equal(merged[name], value)
+
+    plain = instantiate_from_config(OmegaConf.load(TINY_CONFIG).model)
+    load_params(plain, merged, strict=True)
+    for ours, with_lora in zip(_encode(plain.conditioner, text.ids), text.lora_out):
+        assert relative_error(ours, with_lora) < 1e-5
+    assert relative_error(run_ours(plain.model.diffusion_model, tiny.inputs), tiny.lora_out) < 1e-5
+
+    # --drop_text_encoder: the text encoders stay the base's
+    merge(base_ckpt, text.lora_ckpt, merged_ckpt, overwrite=True, drop_text_encoder=True)
+    merged = ms.load_checkpoint(str(merged_ckpt))
+    np.testing.assert_array_equal(merged[in_proj].asnumpy(), base[in_proj])
+    # a base whose bigG is another width: one-line error, nothing written
+    wrong = {**base, in_proj: np.zeros((3 * width + 3, width), np.float32)}
+    ms.save_checkpoint([{"name": n, "data": ms.Tensor(v)} for n, v in wrong.items()], str(tiny.folder / "wrong.ckpt"))
+    with pytest.raises(ConversionError, match=f"base weight '{in_proj}' has shape"):
+        merge(tiny.folder / "wrong.ckpt", text.lora_ckpt, tiny.folder / "never_text.ckpt")
+    assert not (tiny.folder / "never_text.ckpt").exists()

@@ -1,4 +1,4 @@
-"""Share a MindBooth UNet LoRA with diffusers and A1111/ComfyUI, and bring theirs back.
+"""Share a MindBooth LoRA (UNet and text encoders) with diffusers and A1111/ComfyUI, and bring theirs back.
 
     python tools/lora_conversion/convert_lora.py --task ms_to_diffusers --src lora.ckpt \
         --dst pytorch_lora_weights.safetensors --base_model stabilityai/stable-diffusion-xl-base-1.0 \
@@ -6,9 +6,12 @@
     python tools/lora_conversion/convert_lora.py --task ms_to_kohya --src lora.ckpt --dst my_lora.safetensors
     python tools/lora_conversion/convert_lora.py --task to_ms --src downloaded_lora.safetensors --dst lora.ckpt
 
-ms_to_diffusers writes what `pipe.load_lora_weights(...)` reads (alpha in the `lora_adapter_metadata`
-header); ms_to_kohya writes what A1111 and ComfyUI load (`lora_unet_input_blocks_…`, per-layer `.alpha`).
+ms_to_diffusers writes what `pipe.load_lora_weights(...)` reads (`unet.…`, `text_encoder.…`,
+`text_encoder_2.…`; each component's alpha in the `lora_adapter_metadata` header); ms_to_kohya writes what
+A1111 and ComfyUI load (`lora_unet_input_blocks_…`, `lora_te1_…`, `lora_te2_…`, per-layer `.alpha`).
 to_ms reads either (or a diffusers attention-processor LoRA), detected from the key names.
+Text-encoder LoRA (a `--train_text_encoder` run) is converted with the UNet's; `--drop_text_encoder` keeps
+the UNet part only. LoRA on other text-encoder layers (e.g. mlp fc1) is refused.
 """
 import argparse
 import sys
@@ -21,6 +24,7 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 
 from tools.lora_conversion import lora_formats as lf  # noqa: E402
+from tools.lora_conversion import text_encoder_names as te  # noqa: E402
 from tools.model_conversion.dtypes import CHOICES, FLOATS, ConversionError, cast  # noqa: E402
 
 TASKS = {"ms_to_diffusers": "diffusers", "ms_to_kohya": "kohya", "to_ms": "mindbooth"}
@@ -109,12 +113,14 @@ def convert(task, src, dst, config=None, base_model="", instance_prompt="", dtyp
         write_ckpt(out, dst, overwrite)
         rank, alpha = int(out["lora_rank"]), float(out["lora_alpha"])
     else:
-        info = {"format": "mindbooth"}
-        tensors, metadata = lf.export_lora(state, TASKS[task], blocks, base_model, instance_prompt, fold_alpha)
+        tensors, metadata = lf.export_lora(state, TASKS[task], blocks, base_model, instance_prompt, fold_alpha,
+                                           drop_text_encoder)
         write_safetensors(tensors, metadata, dst, overwrite, dtype)
-        layers, info["skipped"] = lf.from_mindbooth(state)
+        layers, info = lf.read_layers(state, None, blocks, drop_text_encoder)
         rank, alpha = metadata["lora_rank"], metadata["lora_alpha"]
-    return {**info, "layers": len(layers), "rank": rank, "alpha": alpha, "output": str(dst)}
+    text_layers = sum(te.is_text_encoder_layer(name) for name in layers)
+    return {**info, "layers": len(layers), "text_encoder_layers": text_layers, "rank": rank, "alpha": alpha,
+            "output": str(dst)}
 
 
 def parse_args(argv=None):
@@ -131,7 +137,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
                    help="weight type of a safetensors output")
     p.add_argument("--drop_text_encoder", action="store_true",
-                   help="to_ms: drop text-encoder LoRA weights instead of refusing the file")
+                   help="keep only the UNet part: leave text-encoder LoRA weights out of the output")
     p.add_argument("--uniform_rank", action="store_true",
                    help="to_ms: zero-pad layers to the largest rank so the file has one rank (same B A)")
     p.add_argument("--fold_alpha", action="store_true",
@@ -153,6 +159,8 @@ def main(argv=None) -> int:
         notes.append(f"skipped {summary['skipped']} non-LoRA weights")
     if summary.get("dropped_text_encoder"):
         notes.append(f"dropped {summary['dropped_text_encoder']} text-encoder LoRA weights")
+    if summary.get("text_encoder_layers"):
+        notes.append(f"{summary['text_encoder_layers']} of the layers on the text encoders")
     print(f"{summary['format']} -> {TASKS[args.task]}: {summary['layers']} layers, rank {summary['rank']}, "
           f"alpha {summary['alpha']} -> {summary['output']}" + (f" ({'; '.join(notes)})" if notes else ""))
     return 0

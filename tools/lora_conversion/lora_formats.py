@@ -1,34 +1,43 @@
-"""UNet LoRA in three formats, and the merge math; every function works on {name: numpy array}.
+"""UNet and text-encoder LoRA in three formats, and the merge math; every function works on {name: numpy array}.
 
 Inside, a LoRA is {layer: LoraLayer(down, up, alpha)}: `layer` is the official (sgm) path of an attention
-projection in the UNet (`input_blocks.4.1.transformer_blocks.0.attn1.to_q`), down = A (rank, in),
+projection in the UNet (`input_blocks.4.1.transformer_blocks.0.attn1.to_q`), or the MindBooth path of a
+text-encoder self-attention projection (`conditioner.embedders.0.…self_attn.q_proj`, bigG's
+`conditioner.embedders.1.….attn.in_proj_lora.q_proj`; see text_encoder_names); down = A (rank, in),
 up = B (out, rank), and the layer adds (alpha / rank) * up @ down to its weight. The formats differ in
 names and in where alpha lives:
 
-  mindbooth  MindSpore .ckpt: `model.diffusion_model.<layer>.lora_A.weight` / `.lora_B.weight` and one
-             `lora_alpha` (+ `lora_rank`) scalar per file; without `lora_alpha`, alpha = rank (MindONE).
-  diffusers  PEFT safetensors: `unet.<diffusers path>.lora_A.weight` / `.lora_B.weight`; alpha in the header
-             entry `lora_adapter_metadata` (JSON LoraConfig kwargs with `unet.` in front), which
-             `load_lora_weights` / `load_lora_adapter` read. Without it diffusers takes alpha = rank.
-             Read also: the older attention-processor names `…attn1.processor.to_q_lora.down.weight`.
+  mindbooth  MindSpore .ckpt: `model.diffusion_model.<layer>.lora_A.weight` / `.lora_B.weight` (UNet),
+             `<layer>.lora_A.weight` (text encoders, `conditioner.…`) and one `lora_alpha` (+ `lora_rank`)
+             scalar per file; without `lora_alpha`, alpha = rank (MindONE).
+  diffusers  PEFT safetensors: `unet.<diffusers path>.lora_A.weight` / `.lora_B.weight`, `text_encoder.…`
+             (CLIP-L), `text_encoder_2.…` (bigG); alpha in the header entry `lora_adapter_metadata`: one
+             JSON LoraConfig per component with its name in front (`unet.r`, `text_encoder.lora_alpha`), as
+             `save_lora_weights` writes it and `load_lora_weights` / `load_lora_adapter` read it. Without it
+             diffusers takes alpha = rank. Read also: the older attention-processor names
+             (`…attn1.processor.to_q_lora.down.weight`, `…self_attn.q_proj.lora_linear_layer.down.weight`).
   kohya      webui safetensors (A1111, ComfyUI): `lora_unet_<layer, dots as _>.lora_down.weight` /
-             `.lora_up.weight` / `.alpha` per layer. sd-scripts names SDXL UNet modules by the sgm layout
-             (`lora_unet_input_blocks_4_1_…`); the diffusers layout (`lora_unet_down_blocks_1_…`) is read too.
+             `.lora_up.weight` / `.alpha` per layer, `lora_te1_…` / `lora_te2_…` for the text encoders.
+             sd-scripts names SDXL UNet modules by the sgm layout (`lora_unet_input_blocks_4_1_…`); the
+             diffusers layout (`lora_unet_down_blocks_1_…`) is read too.
 """
 import json
 import math
 import re
 from collections import Counter
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
+from tools.lora_conversion import text_encoder_names as te
 from tools.model_conversion.diffusers_unet import diffusers_name_to_official, official_name_to_diffusers
 from tools.model_conversion.dtypes import ConversionError
 
 MINDBOOTH_PREFIX = "model.diffusion_model."
-DIFFUSERS_PREFIX = "unet."
 KOHYA_PREFIX = "lora_unet_"
+KOHYA_TEXT_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_")  # lora_te_: SD1.x's one encoder, read as CLIP-L
+DIFFUSERS_COMPONENTS = ("unet",) + te.DIFFUSERS_ENCODERS
 MINDBOOTH_METADATA = ("lora_rank", "lora_alpha")
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 SDXL_LAYERS_PER_BLOCK = 2
@@ -47,10 +56,14 @@ _KOHYA_DIFFUSERS = re.compile(
     rf"(down_blocks|up_blocks)_(\d+)_attentions_(\d+)_transformer_blocks_(\d+)_{_KOHYA_PROJECTION}")
 _KOHYA_DIFFUSERS_MID = re.compile(rf"mid_block_attentions_0_transformer_blocks_(\d+)_{_KOHYA_PROJECTION}")
 _PROCESSOR = re.compile(r"(.+)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight")
+_DIFFUSERS_SUFFIXES = ((".lora_A.weight", "down"), (".lora_B.weight", "up"),
+                       (".lora_linear_layer.down.weight", "down"), (".lora_linear_layer.up.weight", "up"))
+_DIFFUSERS_PARTS = ("lora_A", "lora_B", "lora_linear_layer")
 # a MindONE full save also holds the text encoders and the VAE; their weights are skipped
 _MINDBOOTH_MARKERS = (MINDBOOTH_PREFIX, "conditioner.", "first_stage_model.")
-_TEXT_ENCODER_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "text_encoder.", "text_encoder_2.")
-_SUPPORTED = "MindBooth LoRA covers the UNet attention projections to_q/to_k/to_v/to_out.0 of attn1/attn2 only"
+_TEXT_ENCODER_PREFIXES = KOHYA_TEXT_PREFIXES + tuple(f"{c}." for c in te.DIFFUSERS_ENCODERS)
+_SUPPORTED = ("MindBooth LoRA covers the UNet attention projections to_q/to_k/to_v/to_out.0 of attn1/attn2 and "
+              "the text encoders' self-attention q/k/v/out_proj only")
 
 
 @dataclass
@@ -104,41 +117,57 @@ def _pairs(state: dict, parse, source: str) -> dict:
     return found
 
 
+def _text_layer(layer, key: str) -> str:
+    """`layer` (a text-encoder layer the name tables found, or None) or a one-line error about `key`."""
+    if layer is None:
+        raise ConversionError(f"LoRA weight '{key}' is not on a text-encoder self-attention projection "
+                              f"q/k/v/out_proj ({_SUPPORTED})")
+    return layer
+
+
+def mindbooth_path(layer: str) -> str:
+    """The layer's module path in a MindBooth checkpoint (UNet layers live under `model.diffusion_model.`)."""
+    return layer if te.is_text_encoder_layer(layer) else MINDBOOTH_PREFIX + layer
+
+
 # ---------------------------------------------------------------- detection
 
 def _is_text_encoder(name: str) -> bool:
-    return name.startswith(_TEXT_ENCODER_PREFIXES)
+    """A text-encoder LoRA key in any format (MindBooth's `conditioner.` also names the encoders' base weights)."""
+    return name.startswith(_TEXT_ENCODER_PREFIXES) or (name.startswith("conditioner.") and
+                                                        name.endswith((".lora_A.weight", ".lora_B.weight")))
 
 
 def detect_format(names) -> str:
-    """'mindbooth', 'diffusers' or 'kohya' from the key names (text-encoder keys are ignored here)."""
+    """'mindbooth', 'diffusers' or 'kohya' from the key names."""
     kinds = set()
     for name in names:
-        if _is_text_encoder(name):
-            continue
-        if name.startswith(KOHYA_PREFIX):
+        if name.startswith((KOHYA_PREFIX,) + KOHYA_TEXT_PREFIXES):
             kinds.add("kohya")
         elif name.startswith(_MINDBOOTH_MARKERS) or name in MINDBOOTH_METADATA:
             kinds.add("mindbooth")
-        elif ".lora_A." in name or ".lora_B." in name or _PROCESSOR.fullmatch(name):
+        elif (name.startswith(_TEXT_ENCODER_PREFIXES) or any(f".{p}." in name for p in _DIFFUSERS_PARTS)
+              or _PROCESSOR.fullmatch(name)):
             kinds.add("diffusers")
         else:
-            raise ConversionError(f"unknown LoRA key '{name}': not a MindBooth, diffusers/PEFT or kohya UNet LoRA name")
+            raise ConversionError(f"unknown LoRA key '{name}': not a MindBooth, diffusers/PEFT or kohya LoRA name")
     if not kinds:
-        raise ConversionError("no UNet LoRA weights found (only text-encoder keys, or an empty file)")
+        raise ConversionError("no LoRA weights found (an empty file)")
     if len(kinds) > 1:
         raise ConversionError(f"the file mixes LoRA formats {sorted(kinds)}; convert one format at a time")
     return kinds.pop()
 
 
 def split_text_encoder(state: dict, drop_text_encoder: bool):
-    """Remove text-encoder LoRA keys (error unless `drop_text_encoder`); returns (unet state, dropped count)."""
-    te = [k for k in state if _is_text_encoder(k)]
-    dropped = set(te)
-    if te and not drop_text_encoder:
-        raise ConversionError(f"the file has {len(te)} text-encoder LoRA weights (e.g. '{te[0]}'), which MindBooth "
-                              f"does not support ({_SUPPORTED}); pass --drop_text_encoder to keep the UNet part only")
-    return {k: v for k, v in state.items() if k not in dropped}, len(te)
+    """With `drop_text_encoder`, keep only the UNet part; returns (state, number of text-encoder keys dropped)."""
+    if not drop_text_encoder:
+        return state, 0
+    kept = {k: v for k, v in state.items() if not _is_text_encoder(k)}
+    dropped = len(state) - len(kept)
+    if dropped and not any(k not in MINDBOOTH_METADATA for k in kept):
+        raise ConversionError(f"the file has only text-encoder LoRA weights ({dropped}); "
+                              f"without --drop_text_encoder they are converted")
+    return kept, dropped
 
 
 # ---------------------------------------------------------------- MindBooth (MindONE names)
@@ -151,13 +180,16 @@ def from_mindbooth(state: dict):
     skipped = len(state) - len(lora) - sum(k in state for k in MINDBOOTH_METADATA)
 
     def parse(name):
-        layer = name[len(MINDBOOTH_PREFIX):-len(".lora_A.weight")]
-        if not name.startswith(MINDBOOTH_PREFIX) or not OFFICIAL_LAYER.fullmatch(layer):
+        path, part = name[:-len(".lora_A.weight")], "down" if name.endswith(".lora_A.weight") else "up"
+        if te.is_text_encoder_layer(path):
+            return _text_layer(path if te.parse_mindbooth(path) else None, name), part
+        layer = path[len(MINDBOOTH_PREFIX):]
+        if not path.startswith(MINDBOOTH_PREFIX) or not OFFICIAL_LAYER.fullmatch(layer):
             raise ConversionError(f"LoRA weight '{name}' is not on a UNet attention projection ({_SUPPORTED})")
-        return layer, "down" if name.endswith(".lora_A.weight") else "up"
+        return layer, part
 
     pairs = _pairs(lora, parse, "MindBooth checkpoint")
-    layers = {layer: _layer(p["down"], p["up"], alpha, MINDBOOTH_PREFIX + layer) for layer, p in pairs.items()}
+    layers = {layer: _layer(p["down"], p["up"], alpha, mindbooth_path(layer)) for layer, p in pairs.items()}
     return layers, skipped
 
 
@@ -183,8 +215,8 @@ def to_mindbooth(layers: dict, uniform_rank: bool = False) -> dict:
             pad = stored_rank[name] - layer.rank
             down = np.concatenate([down, np.zeros((pad, down.shape[1]), np.float32)], axis=0)
             up = np.concatenate([up, np.zeros((up.shape[0], pad), np.float32)], axis=1)
-        out[f"{MINDBOOTH_PREFIX}{name}.lora_A.weight"] = down
-        out[f"{MINDBOOTH_PREFIX}{name}.lora_B.weight"] = up
+        out[f"{mindbooth_path(name)}.lora_A.weight"] = down
+        out[f"{mindbooth_path(name)}.lora_B.weight"] = up
     out["lora_rank"] = np.array(_most_common(stored_rank.values()), np.float32)
     out["lora_alpha"] = np.array(alpha, np.float32)
     return out
@@ -206,75 +238,112 @@ def _pattern_value(patterns: dict, module: str, default):
     return default
 
 
-def unpack_adapter_metadata(header_metadata: dict):
-    """The UNet's LoraConfig kwargs from a safetensors header (None when the file has none)."""
+def unpack_adapter_metadata(header_metadata: dict) -> dict:
+    """{component ('unet', 'text_encoder', 'text_encoder_2'): LoraConfig kwargs} from a safetensors header;
+    {} when the file has none."""
     raw = (header_metadata or {}).get(LORA_ADAPTER_METADATA_KEY)
     if not raw:
-        return None
+        return {}
     try:
         packed = json.loads(raw)
     except ValueError:
         raise ConversionError(f"the '{LORA_ADAPTER_METADATA_KEY}' header entry is not JSON") from None
-    if any(k.startswith(DIFFUSERS_PREFIX) for k in packed):  # a pipeline save: one prefix per component
-        return {k[len(DIFFUSERS_PREFIX):]: v for k, v in packed.items() if k.startswith(DIFFUSERS_PREFIX)}
-    if any(k.startswith(("text_encoder.", "text_encoder_2.")) for k in packed):
-        return None
-    return packed
+    # a pipeline save (save_lora_weights): one prefix per component
+    configs = {c: {k[len(c) + 1:]: v for k, v in packed.items() if k.startswith(f"{c}.")} for c in DIFFUSERS_COMPONENTS}
+    configs = {c: config for c, config in configs.items() if config}
+    return configs or {"unet": packed}  # a bare UNet's save_lora_adapter writes no prefix
 
 
-def from_diffusers(state: dict, adapter_config: dict = None, layers_per_block: int = SDXL_LAYERS_PER_BLOCK) -> dict:
-    """diffusers/PEFT (or attention-processor) LoRA dict -> {layer: LoraLayer}. `adapter_config` is the
-    unpacked `lora_adapter_metadata`; without it alpha = rank, as diffusers assumes."""
+def _split_component(module: str):
+    """`text_encoder_2.text_model.…` -> ('text_encoder_2', 'text_model.…'); a UNet path may come without `unet.`."""
+    for component in DIFFUSERS_COMPONENTS:
+        if module.startswith(f"{component}."):
+            return component, module[len(component) + 1:]
+    return "unet", module
+
+
+def from_diffusers(state: dict, adapter_configs: dict = None, layers_per_block: int = SDXL_LAYERS_PER_BLOCK) -> dict:
+    """diffusers/PEFT (or attention-processor) LoRA dict -> {layer: LoraLayer}. `adapter_configs` is the unpacked
+    `lora_adapter_metadata` ({component: LoraConfig kwargs}); a component without one has alpha = rank, as
+    diffusers assumes."""
     def parse(name):
-        key = name[len(DIFFUSERS_PREFIX):] if name.startswith(DIFFUSERS_PREFIX) else name
-        if m := _PROCESSOR.fullmatch(key):
-            path = f"{m.group(1)}.{m.group(2)}" + (".0" if m.group(2) == "to_out" else "")
-            return path, m.group(3)
-        for suffix, part in ((".lora_A.weight", "down"), (".lora_B.weight", "up")):
-            if key.endswith(suffix):
-                return key[:-len(suffix)], part
+        if m := _PROCESSOR.fullmatch(name.removeprefix("unet.")):
+            return f"unet.{m.group(1)}.{m.group(2)}" + (".0" if m.group(2) == "to_out" else ""), m.group(3)
+        for suffix, part in _DIFFUSERS_SUFFIXES:
+            if name.endswith(suffix):
+                return name[:-len(suffix)], part
         raise ConversionError(f"unknown diffusers LoRA key '{name}' (expected …lora_A.weight / …lora_B.weight; "
                               f"DoRA, LoRA biases and other adapters are not supported)")
 
-    config = dict(adapter_config or {})
-    if config.get("use_dora"):
+    configs = adapter_configs or {}
+    if any(config.get("use_dora") for config in configs.values()):
         raise ConversionError("DoRA adapters are not supported; MindBooth loads plain LoRA")
     layers = {}
-    for path, parts in _pairs(state, parse, "diffusers LoRA").items():
+    for module, parts in _pairs(state, parse, "diffusers LoRA").items():
+        component, path = _split_component(module)
+        if component == "unet":
+            layer = _official(path, layers_per_block, module)
+        else:
+            layer = _text_layer(te.from_diffusers(module), module)
         rank = int(np.asarray(parts["down"]).shape[0])
-        if adapter_config is None:
+        config = configs.get(component)
+        if config is None:
             alpha = rank
         else:  # LoraConfig defaults: r 8, lora_alpha 8
             alpha = _pattern_value(config.get("alpha_pattern") or {}, path, config.get("lora_alpha", 8))
             if config.get("use_rslora"):  # scale alpha / sqrt(r) == (alpha * sqrt(r)) / r
                 alpha = alpha * math.sqrt(rank)
-        layers[_official(path, layers_per_block, path)] = _layer(parts["down"], parts["up"], alpha, path)
+        layers[layer] = _layer(parts["down"], parts["up"], alpha, module)
     return layers
 
 
+class _PeftName(NamedTuple):
+    component: str  # unet, text_encoder, text_encoder_2
+    path: str  # module path inside the component, as the file names it
+    target: str  # for LoraConfig.target_modules
+    pattern: str  # key of rank_pattern / alpha_pattern
+
+
+def _peft_name(layer: str, layers_per_block: int) -> _PeftName:
+    if te.is_text_encoder_layer(layer):
+        # the text encoders' targets and patterns are name suffixes (no `^`): peft then finds the module whether
+        # or not the CLIPTextModel has transformers 4's `text_model.` level
+        component, _, path = te.to_diffusers(layer).partition(".")
+        return _PeftName(component, path, te.peft_target(layer), te.peft_target(layer))
+    path = official_name_to_diffusers(layer, layers_per_block)
+    # "^" anchors a pattern to the whole module path (peft >= 0.14)
+    return _PeftName("unet", path, path, f"^{path}")
+
+
 def to_diffusers(layers: dict, layers_per_block: int = SDXL_LAYERS_PER_BLOCK):
-    """{layer: LoraLayer} -> ({`unet.<path>.lora_A.weight`: A, ...}, LoraConfig kwargs for `lora_adapter_metadata`)."""
-    paths = {name: official_name_to_diffusers(name, layers_per_block) for name in layers}
-    rank = _most_common(layer.rank for layer in layers.values())
-    alpha = _most_common(layer.alpha for layer in layers.values())
+    """{layer: LoraLayer} -> ({`<component>.<path>.lora_A.weight`: A, ...}, {component: LoraConfig kwargs}) for
+    `lora_adapter_metadata`; components: unet, text_encoder (CLIP-L), text_encoder_2 (bigG)."""
+    names = {name: _peft_name(name, layers_per_block) for name in layers}
     state = {}
     for name, layer in layers.items():
-        state[f"{DIFFUSERS_PREFIX}{paths[name]}.lora_A.weight"] = layer.down
-        state[f"{DIFFUSERS_PREFIX}{paths[name]}.lora_B.weight"] = layer.up
-    config = {
-        "r": rank,
-        "lora_alpha": alpha,
-        # "^" anchors a pattern to the whole module path (peft >= 0.14); only layers off the common value
-        "rank_pattern": {f"^{paths[n]}": layer.rank for n, layer in layers.items() if layer.rank != rank},
-        "alpha_pattern": {f"^{paths[n]}": layer.alpha for n, layer in layers.items() if layer.alpha != alpha},
-        "target_modules": sorted(paths.values()),
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "use_rslora": False,
-        "use_dora": False,
-        "init_lora_weights": True,
-    }
-    return state, config
+        state[f"{names[name].component}.{names[name].path}.lora_A.weight"] = layer.down
+        state[f"{names[name].component}.{names[name].path}.lora_B.weight"] = layer.up
+    configs = {}
+    for component in DIFFUSERS_COMPONENTS:
+        own = {name: layer for name, layer in layers.items() if names[name].component == component}
+        if not own:
+            continue
+        rank = _most_common(layer.rank for layer in own.values())
+        alpha = _most_common(layer.alpha for layer in own.values())
+        configs[component] = {
+            "r": rank,
+            "lora_alpha": alpha,
+            # only layers off the common value
+            "rank_pattern": {names[n].pattern: layer.rank for n, layer in own.items() if layer.rank != rank},
+            "alpha_pattern": {names[n].pattern: layer.alpha for n, layer in own.items() if layer.alpha != alpha},
+            "target_modules": sorted(names[n].target for n in own),
+            "lora_dropout": 0.0,
+            "bias": "none",
+            "use_rslora": False,
+            "use_dora": False,
+            "init_lora_weights": True,
+        }
+    return state, configs
 
 
 # ---------------------------------------------------------------- kohya / webui
@@ -310,16 +379,20 @@ def from_kohya(state: dict, layers_per_block: int = SDXL_LAYERS_PER_BLOCK) -> di
     layers = {}
     for module, parts in _pairs(state, parse, "kohya LoRA").items():
         alpha = _scalar(parts["alpha"]) if "alpha" in parts else None
-        layer = _kohya_layer(module[len(KOHYA_PREFIX):], layers_per_block, module)
+        if module.startswith(KOHYA_TEXT_PREFIXES):
+            layer = _text_layer(te.from_kohya(module), module)
+        else:
+            layer = _kohya_layer(module[len(KOHYA_PREFIX):], layers_per_block, module)
         layers[layer] = _layer(parts["down"], parts["up"], alpha, module)
     return layers
 
 
 def to_kohya(layers: dict) -> dict:
-    """{layer: LoraLayer} -> {`lora_unet_<layer>.lora_down.weight`: A, `.lora_up.weight`: B, `.alpha`: scalar}."""
+    """{layer: LoraLayer} -> {`lora_unet_<layer>.lora_down.weight` / `lora_te1_…` / `lora_te2_…`: A,
+    `.lora_up.weight`: B, `.alpha`: scalar}."""
     state = {}
     for name, layer in layers.items():
-        module = KOHYA_PREFIX + name.replace(".", "_")
+        module = te.to_kohya(name) if te.is_text_encoder_layer(name) else KOHYA_PREFIX + name.replace(".", "_")
         state[f"{module}.lora_down.weight"] = layer.down
         state[f"{module}.lora_up.weight"] = layer.up
         state[f"{module}.alpha"] = np.array(layer.alpha, np.float32)
@@ -330,7 +403,8 @@ def to_kohya(layers: dict) -> dict:
 
 def read_layers(state: dict, header_metadata: dict = None, layers_per_block: int = SDXL_LAYERS_PER_BLOCK,
                 drop_text_encoder: bool = False):
-    """Any supported LoRA dict -> ({layer: LoraLayer}, info {"format", "dropped_text_encoder", "skipped"})."""
+    """Any supported LoRA dict -> ({layer: LoraLayer}, info {"format", "dropped_text_encoder", "skipped"}).
+    `drop_text_encoder` keeps the UNet part only."""
     state, dropped = split_text_encoder(state, drop_text_encoder)
     fmt = detect_format(state)
     skipped = 0
@@ -344,8 +418,9 @@ def read_layers(state: dict, header_metadata: dict = None, layers_per_block: int
 
 
 def export_metadata(fmt: str, layers: dict, base_model: str = "", instance_prompt: str = "",
-                    adapter_config: dict = None) -> dict:
-    """safetensors header strings: what the LoRA is (both formats) plus what each ecosystem reads."""
+                    adapter_configs: dict = None) -> dict:
+    """safetensors header strings: what the LoRA is (both formats) plus what each ecosystem reads
+    (`adapter_configs`: to_diffusers' {component: LoraConfig kwargs})."""
     ranks = {layer.rank for layer in layers.values()}
     alphas = {layer.alpha for layer in layers.values()}
     rank = str(ranks.pop()) if len(ranks) == 1 else "Dynamic"  # kohya's word for per-layer values
@@ -360,7 +435,8 @@ def export_metadata(fmt: str, layers: dict, base_model: str = "", instance_promp
         "generator": "MindBooth",
     }
     if fmt == "diffusers":
-        packed = {f"{DIFFUSERS_PREFIX}{k}": v for k, v in adapter_config.items()}
+        # save_lora_weights' packing: every component's LoraConfig under its own prefix
+        packed = {f"{component}.{k}": v for component, config in adapter_configs.items() for k, v in config.items()}
         meta[LORA_ADAPTER_METADATA_KEY] = json.dumps(packed, indent=2, sort_keys=True)
     elif fmt == "kohya":
         meta.update({
@@ -369,6 +445,7 @@ def export_metadata(fmt: str, layers: dict, base_model: str = "", instance_promp
             "ss_network_alpha": alpha,
             "ss_base_model_version": "sdxl_base_v1-0",
             "ss_v2": "False",
+            "ss_network_train_unet_only": str(not any(te.is_text_encoder_layer(name) for name in layers)),
             "ss_sd_model_name": base_model,
             "ss_training_comment": f"instance prompt: {instance_prompt}" if instance_prompt else "",
         })
@@ -383,18 +460,20 @@ def fold_alpha(layers: dict) -> dict:
 
 
 def export_lora(state: dict, fmt: str, layers_per_block: int = SDXL_LAYERS_PER_BLOCK, base_model: str = "",
-                instance_prompt: str = "", fold: bool = False):
+                instance_prompt: str = "", fold: bool = False, drop_text_encoder: bool = False):
     """MindBooth checkpoint dict -> (safetensors dict, header metadata) in `fmt` ('diffusers' or 'kohya').
-    `fold` writes alpha = rank with the scale folded into B (see fold_alpha)."""
+    `fold` writes alpha = rank with the scale folded into B (see fold_alpha); `drop_text_encoder` exports the
+    UNet part only."""
+    state, _ = split_text_encoder(state, drop_text_encoder)
     if detect_format(state) != "mindbooth":
         raise ConversionError("the input is not a MindBooth LoRA checkpoint "
-                              "(names model.diffusion_model.….lora_A.weight)")
+                              "(names model.diffusion_model.….lora_A.weight, conditioner.….lora_A.weight)")
     layers, _ = from_mindbooth(state)
     if fold:
         layers = fold_alpha(layers)
     if fmt == "diffusers":
-        tensors, config = to_diffusers(layers, layers_per_block)
-        return tensors, export_metadata(fmt, layers, base_model, instance_prompt, config)
+        tensors, configs = to_diffusers(layers, layers_per_block)
+        return tensors, export_metadata(fmt, layers, base_model, instance_prompt, configs)
     if fmt == "kohya":
         return to_kohya(layers), export_metadata(fmt, layers, base_model, instance_prompt)
     raise ConversionError(f"unknown export format {fmt!r}: choose diffusers or kohya")
@@ -402,10 +481,45 @@ def export_lora(state: dict, fmt: str, layers_per_block: int = SDXL_LAYERS_PER_B
 
 # ---------------------------------------------------------------- merge
 
+def merge_targets(layers: dict) -> dict:
+    """{base weight name (MindSpore/official): [(layer, row block or None)]}: where each layer's B A goes.
+    bigG's q/k/v share one fused in_proj_weight, a row block each (see text_encoder_names.base_weight)."""
+    targets = {}
+    for name in layers:
+        if te.is_text_encoder_layer(name):
+            weight, block = te.base_weight(name)
+        else:
+            weight, block = f"{MINDBOOTH_PREFIX}{name}.weight", None
+        targets.setdefault(weight, []).append((name, block))
+    return targets
+
+
+def merge_rows(layer: LoraLayer, block, shape, weight: str) -> slice:
+    """The rows of the base weight (of `shape`) that take the layer's B A: all of them, or row block `block` of a
+    fused q|k|v weight; a one-line error if B A does not fit there."""
+    out, inputs = layer.up.shape[0], layer.down.shape[1]
+    expected = (out, inputs) if block is None else (len(te.FUSED_ROW_BLOCKS) * out, inputs)
+    if tuple(shape) != expected:
+        raise ConversionError(f"base weight '{weight}' has shape {tuple(shape)}; the LoRA's B A {(out, inputs)} "
+                              f"needs {expected}")
+    return slice(None) if block is None else slice(block * out, (block + 1) * out)
+
+
+def merge_delta(layers: dict, entries, shape, scale: float = 1.0, weight: str = "") -> np.ndarray:
+    """scale * (alpha / rank) * B A of every (layer, block) in `entries`, placed in an fp32 array of `shape`."""
+    delta = np.zeros(shape, np.float32)
+    for name, block in entries:
+        layer = layers[name]
+        rows = merge_rows(layer, block, shape, weight)
+        delta[rows] += np.float32(scale * layer.scale) * (layer.up.astype(np.float32) @ layer.down.astype(np.float32))
+    return delta
+
+
 def merge_deltas(layers: dict, scale: float = 1.0) -> dict:
-    """{base weight name (MindSpore/official): scale * (alpha / rank) * B @ A}, fp32."""
-    return {
-        f"{MINDBOOTH_PREFIX}{name}.weight":
-            (np.float32(scale * layer.scale) * (layer.up.astype(np.float32) @ layer.down.astype(np.float32)))
-        for name, layer in layers.items()
-    }
+    """{base weight name: its whole fp32 delta} (a fused weight's shape follows from its q/k/v blocks)."""
+    deltas = {}
+    for weight, entries in merge_targets(layers).items():
+        name, block = entries[0]
+        rows = layers[name].up.shape[0] * (1 if block is None else len(te.FUSED_ROW_BLOCKS))
+        deltas[weight] = merge_delta(layers, entries, (rows, layers[name].down.shape[1]), scale, weight)
+    return deltas

@@ -3,10 +3,12 @@
     python tools/lora_conversion/merge_lora.py --base_ckpt checkpoints/sd_xl_base_1.0_ms.ckpt \
         --lora_ckpt output/lora.ckpt --output checkpoints/sd_xl_base_sks_dog.ckpt [--scale 1.0]
 
-The base is a MindBooth/MindONE `.ckpt` (names `model.diffusion_model.…`); the LoRA is a MindBooth `.ckpt`
-or any file `convert_lora.py --task to_ms` reads. The output is written tensor by tensor (one tensor in
-memory at a time) to a temporary file that is renamed at the end; each merged weight keeps its dtype
-(the sum is computed in fp32).
+The base is a MindBooth/MindONE `.ckpt` (names `model.diffusion_model.…`, `conditioner.embedders.…`); the
+LoRA is a MindBooth `.ckpt` or any file `convert_lora.py --task to_ms` reads. UNet and text-encoder LoRA
+are both merged: CLIP-L's q/k/v/out_proj and bigG's out_proj into their weights, bigG's q/k/v into the
+row blocks [0:W], [W:2W], [2W:3W] of the fused `….attn.in_proj_weight`. `--drop_text_encoder` merges the
+UNet part only. The output is written tensor by tensor (one tensor and its delta in memory at a time) to
+a temporary file that is renamed at the end; each merged weight keeps its dtype (the sum is computed in fp32).
 """
 import argparse
 import sys
@@ -25,7 +27,8 @@ from tools.model_conversion.dtypes import FLOATS, ConversionError, cast  # noqa:
 
 
 def merge(base_ckpt, lora, output, scale=1.0, overwrite=False, config=None, drop_text_encoder=False) -> dict:
-    """Write `output` = base with the LoRA merged in; returns {"merged": layers, "tensors": written, "seconds"}."""
+    """Write `output` = base with the LoRA merged in; returns {"merged": layers, "weights": base weights changed,
+    "tensors": written, "seconds"}."""
     from tools.model_conversion.ckpt_stream import CkptReader, CkptWriter
     from tools.model_conversion.conversion import atomic_output
 
@@ -37,32 +40,33 @@ def merge(base_ckpt, lora, output, scale=1.0, overwrite=False, config=None, drop
                               f"(tools/model_conversion/convert_weight.py --task pt_to_ms)")
     state, header = read_state(lora)
     layers, _ = lf.read_layers(state, header, layers_per_block(config), drop_text_encoder)
-    deltas = lf.merge_deltas(layers, scale)
+    targets = lf.merge_targets(layers)
     with CkptReader(base_ckpt) as base:
         lora_in_base = [n for n in base.tensors if n.endswith((".lora_A.weight", ".lora_B.weight"))]
         if lora_in_base:
             raise ConversionError(f"{base_ckpt} already holds LoRA weights (e.g. '{lora_in_base[0]}'); "
                                   f"merge into a plain base checkpoint")
-        missing = [n for n in deltas if n not in base.tensors]
+        missing = [n for n in targets if n not in base.tensors]
         if missing:
             raise ConversionError(f"{base_ckpt} has no weight '{missing[0]}' for LoRA layer "
-                                  f"({len(missing)} of {len(deltas)} missing); is it the base model of this LoRA?")
-        for name, delta in deltas.items():
+                                  f"({len(missing)} of {len(targets)} missing); is it the base model of this LoRA?")
+        for name, entries in targets.items():  # check every fit before writing anything
             t = base.tensors[name]
-            if t.shape != delta.shape:
-                raise ConversionError(f"{base_ckpt}: '{name}' has shape {t.shape}, the LoRA's B A is {delta.shape}")
+            for layer, block in entries:
+                lf.merge_rows(layers[layer], block, t.shape, name)
             if t.dtype not in FLOATS:
                 raise ConversionError(f"{base_ckpt}: '{name}' is {t.dtype}, not floating point")
         with atomic_output(output, overwrite, inputs=[base_ckpt]) as f:
             writer = CkptWriter(f)
             for name, t in base.tensors.items():
                 data = base.read(name)
-                if name in deltas:
-                    merged = cast(data, t.dtype, "F32").astype(np.float32) + deltas[name]
+                if name in targets:
+                    delta = lf.merge_delta(layers, targets[name], t.shape, scale, name)
+                    merged = cast(data, t.dtype, "F32").astype(np.float32) + delta
                     data = cast(merged, "F32", t.dtype)
                 writer.write(name, t.dtype, data)
         copied = len(base.tensors)
-    return {"merged": len(deltas), "tensors": copied, "seconds": time.time() - start}
+    return {"merged": len(layers), "weights": len(targets), "tensors": copied, "seconds": time.time() - start}
 
 
 def parse_args(argv=None):
@@ -72,7 +76,7 @@ def parse_args(argv=None):
     p.add_argument("--output", required=True, help="merged .ckpt to write")
     p.add_argument("--scale", type=float, default=1.0, help="LoRA strength: multiplies alpha / rank (default 1)")
     p.add_argument("--config", default=None, help="model config (only for non-MindBooth LoRA names; default SDXL)")
-    p.add_argument("--drop_text_encoder", action="store_true", help="ignore text-encoder LoRA weights in the LoRA file")
+    p.add_argument("--drop_text_encoder", action="store_true", help="merge the UNet part of the LoRA only")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     return p.parse_args(argv)
 
