@@ -43,6 +43,20 @@ class DenoiseCell(nn.Cell):
         return self.engine.denoise(x, sigma, {"crossattn": crossattn, "vector": vector})
 
 
+class EmbedCell(nn.Cell):
+    """The conditioner's embedders run inside a Cell of this pipeline. MindSpore keeps a Cell's compiled graph for
+    as long as the Cell lives, so text-encoder LoRA injected after an earlier pipeline ran the embedders would be
+    silently ignored if they were called directly; a new pipeline compiles them anew."""
+
+    def __init__(self, conditioner, zero_flags: tuple):
+        super().__init__(auto_prefix=False)
+        self.conditioner = conditioner
+        self.zero_flags = zero_flags
+
+    def construct(self, *inputs):
+        return self.conditioner.embed(inputs, self.zero_flags)
+
+
 def size_batch(count: int, width: int, height: int, orig_width=None, orig_height=None, crop_top=0, crop_left=0,
                target_width=None, target_height=None) -> dict:
     """SDXL's size conditioning; defaults: original = target = output size, crop (0, 0). Pairs are (h, w)."""
@@ -59,8 +73,16 @@ class Text2Image:
     def __init__(self, engine):
         self.engine = engine
         self.denoise_cell = DenoiseCell(engine)
+        conditioner = engine.conditioner
+        if conditioner is not None:  # plain, and with zeroed text embeddings (SDXL's empty negative prompt)
+            self.embed_cells = {zero_text: EmbedCell(conditioner, conditioner.zero_flags(["txt"] if zero_text else ()))
+                                for zero_text in (False, True)}
         self.engine.set_train(False)
         self.cached = {}
+
+    def encode(self, batch: dict, zero_text: bool = False) -> dict:
+        vector, crossattn = self.embed_cells[zero_text](*self.engine.conditioner.tokenize(batch))
+        return {"crossattn": crossattn, "vector": vector}
 
     def cache_prompts(self, prompts, width, height, guidance_scale):
         """Encode now what `__call__` will need later, so the text encoders can be freed."""
@@ -69,14 +91,11 @@ class Text2Image:
         self.cached[key] = self.conditioning(prompts, negatives, guidance_scale, size_batch(len(prompts), width, height))
 
     def conditioning(self, prompts, negative_prompts, guidance_scale, sizes):
-        cond = self.engine.conditioner.encode({"txt": list(prompts), **sizes})
+        cond = self.encode({"txt": list(prompts), **sizes})
         if guidance_scale <= 1.0:
             return cond, None
-        if all(not p for p in negative_prompts):
-            # SDXL base: an empty negative prompt means zeroed text embeddings, not the embedding of "".
-            uc = self.engine.conditioner.encode({"txt": list(negative_prompts), **sizes}, force_zero_embeddings=["txt"])
-        else:
-            uc = self.engine.conditioner.encode({"txt": list(negative_prompts), **sizes})
+        # SDXL base: an empty negative prompt means zeroed text embeddings, not the embedding of "".
+        uc = self.encode({"txt": list(negative_prompts), **sizes}, zero_text=all(not p for p in negative_prompts))
         return cond, uc
 
     def __call__(self, prompts, negative_prompts=None, width=1024, height=1024, num_steps=40, guidance_scale=5.0,

@@ -193,3 +193,27 @@ def test_bad_input_is_one_line(cli, weights, tmp_path, extra, message):
     text = str(error.value.code)
     assert text.startswith("error: ") and message in text and "\n" not in text
     assert not (tmp_path / "out").exists()
+
+
+def test_text_encoder_lora_file_loads_and_scales(cli, weights, lora_image, base_image, tmp_path):
+    """A --train_text_encoder LoRA (the UNet part of `lora` plus text-encoder LoRA) loads into the same cached
+    model: the text part changes the image; --lora_scale 0 is still the base."""
+    engine = instantiate_from_config(OmegaConf.load(TINY_CONFIG).model)
+    engine.add_unet_lora(rank=4, alpha=4)
+    engine.add_text_encoder_lora(rank=4, alpha=4)
+    file_lora = {k: v.asnumpy() for k, v in read_checkpoint(weights["lora"]).items() if ".lora_" in k}
+    rng = np.random.default_rng(11)
+    for name, param in lora_parameters(engine).items():
+        if name in file_lora:
+            param.set_data(ms.Tensor(file_lora[name]))
+        elif ".lora_B." in name:
+            param.set_data(ms.Tensor(rng.normal(0, 0.3, param.shape).astype(np.float32)))
+    text_lora = tmp_path / "text_lora.ckpt"
+    save_lora(engine, text_lora, rank=4, alpha=4.0)
+    sampler = ("--sampler", "EulerAncestralSampler")
+    with_text = read(cli(tmp_path / "text", *sampler, weight=f"{weights['base']},{text_lora}")[0])
+    assert np.abs(with_text.astype(int) - lora_image).mean() > 2
+    zero = read(cli(tmp_path / "text_zero", *sampler, "--lora_scale", 0, weight=f"{weights['base']},{text_lora}")[0])
+    assert np.array_equal(zero, base_image)
+    again = read(cli(tmp_path / "unet_only", *sampler, weight=f"{weights['base']},{weights['lora']}")[0])
+    assert np.array_equal(again, lora_image)  # swapping back zeroes the text-encoder LoRA

@@ -216,7 +216,10 @@ class GeneralConditioner(nn.Cell):
     def encode(self, batch: dict, force_zero_embeddings=()) -> dict:
         """Batch dict -> {"crossattn", "vector"}. Embedders fed by a key in `force_zero_embeddings`
         give zeros (SDXL's unconditional branch for an empty negative prompt)."""
-        force_zero_embeddings = force_zero_embeddings or ()
-        zero_flags = tuple(embedder.input_key in force_zero_embeddings for embedder in self.embedders)
-        vector, crossattn = self.embed(self.tokenize(batch), zero_flags)
+        vector, crossattn = self.embed(self.tokenize(batch), self.zero_flags(force_zero_embeddings))
         return {"crossattn": crossattn, "vector": vector}
+
+    def zero_flags(self, force_zero_embeddings=()) -> tuple:
+        """Per embedder: whether its batch key is in `force_zero_embeddings` (its outputs become zeros)."""
+        force_zero_embeddings = force_zero_embeddings or ()
+        return tuple(embedder.input_key in force_zero_embeddings for embedder in self.embedders)
