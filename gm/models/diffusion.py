@@ -5,6 +5,7 @@ Parameter names follow the official checkpoint: `model.diffusion_model.*` (UNet)
 from mindspore import nn
 
 from gm.modules.diffusionmodules.wrappers import OpenAIWrapper
+from gm.modules.frozen_weights import store_frozen_weights
 from gm.modules.lora import freeze_all_but_lora, inject_lora
 from gm.util import instantiate_from_config
 
@@ -21,6 +22,7 @@ class DiffusionEngine(nn.Cell):
         scale_factor: float = 1.0,
         latents_per_pixel: int = 8,
         lora_config=None,
+        frozen_weight_dtype=None,
         **unused_sgm_options,
     ):
         super().__init__()
@@ -40,6 +42,12 @@ class DiffusionEngine(nn.Cell):
             for name, param in self.parameters_and_names():
                 param.name = name
             freeze_all_but_lora(self)
+        # float16/bfloat16: the frozen UNet and VAE weights are stored at half size and cast to fp32 at use
+        # (the text encoders keep theirs: they use raw Parameters that the cast-at-use layers do not cover).
+        self.frozen_weight_dtype = frozen_weight_dtype
+        if frozen_weight_dtype:
+            store_frozen_weights(self.model, frozen_weight_dtype)
+            store_frozen_weights(self.first_stage_model, frozen_weight_dtype)
 
     def encode_first_stage(self, images, noise=None):
         """Images in [-1, 1] -> scaled latents (what the UNet sees)."""

@@ -11,12 +11,14 @@ import mindspore as ms
 from mindspore import nn, ops
 from mindspore.common.initializer import HeUniform
 
+from gm.modules.frozen_weights import CastMatMul, FrozenDense
+
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 DEFAULT_ATTENTIONS = ("attn1", "attn2")
 
 
 class LoRADense(nn.Cell):
-    def __init__(self, base: nn.Dense, rank: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, base, rank: int, alpha: float, dropout: float = 0.0):
         super().__init__()
         out_features, in_features = base.weight.shape
         if rank < 1 or rank > min(in_features, out_features):
@@ -33,12 +35,18 @@ class LoRADense(nn.Cell):
         self.merged = False
         self.matmul = ops.MatMul(transpose_b=True)
         self.bias_add = ops.BiasAdd()
+        # weight/bias stored in fp16/bf16 (gm.modules.frozen_weights): cast at use without keeping fp32 copies.
+        self.low_precision_base = isinstance(base, FrozenDense)
+        self.cast_matmul = CastMatMul()
 
     def construct(self, x):
         # The base path computes exactly as nn.Dense does, so a fresh LoRA is bit-identical to no LoRA.
         x_shape = x.shape
         x_2d = x.reshape(-1, x_shape[-1])
-        out = self.matmul(x_2d, self.weight.astype(x.dtype))
+        if self.low_precision_base:
+            out = self.cast_matmul(x_2d, self.weight)
+        else:
+            out = self.matmul(x_2d, self.weight.astype(x.dtype))
         if self.has_bias:
             out = self.bias_add(out, self.bias.astype(x.dtype))
         if not self.merged:
@@ -97,7 +105,7 @@ def inject_lora(
             layer = _child(parent, last)
             if isinstance(layer, LoRADense):
                 raise RuntimeError("LoRA is already injected into this network")
-            if not isinstance(layer, nn.Dense):
+            if not isinstance(layer, (nn.Dense, FrozenDense)):
                 raise TypeError(f"LoRA target '{target}' is a {type(layer).__name__}, not a Dense layer")
             _replace_child(parent, last, LoRADense(layer, rank, alpha, dropout))
             wrapped += 1
