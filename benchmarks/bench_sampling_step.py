@@ -2,6 +2,7 @@
 SDXL (random weights, fp32, CPU).
 
     python benchmarks/bench_sampling_step.py --framework mindspore --mode graph --resolution 512
+    python benchmarks/bench_sampling_step.py --framework mindspore --mode graph --resolution 512 --frozen_dtype fp16
     python benchmarks/bench_sampling_step.py --framework torch --resolution 512          # jemalloc if installed
 
 MindBooth: `DenoiseCell` of mindbooth/pipeline.py (denoiser + UNet), the engine of the inference config.
@@ -24,7 +25,7 @@ def run_mindspore(args):
     from mindbooth.pipeline import DenoiseCell
 
     t0 = time.perf_counter()
-    engine = common.mindbooth_engine(train=False)
+    engine = common.mindbooth_engine(train=False, frozen_dtype=args.frozen_dtype)
     build_s = time.perf_counter() - t0
     common.progress(stage="built", build_s=round(build_s, 1))
     engine.set_train(False)

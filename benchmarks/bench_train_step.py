@@ -2,6 +2,7 @@
 
     python benchmarks/bench_train_step.py --framework mindspore --mode graph --resolution 512
     python benchmarks/bench_train_step.py --framework mindspore --mode pynative --resolution 512
+    python benchmarks/bench_train_step.py --framework mindspore --mode graph --resolution 512 --frozen_dtype fp16
     python benchmarks/bench_train_step.py --framework torch --resolution 512          # jemalloc if installed
 
 Batch: 1 instance + 1 class sample (prior preservation), latents and text embeddings cached (random
@@ -49,7 +50,7 @@ def run_mindspore(args):
     from mindbooth.train_step import ApplyStep, DreamBoothLoss, GradStep, make_buffers
 
     t0 = time.perf_counter()
-    engine = common.mindbooth_engine(train=True)
+    engine = common.mindbooth_engine(train=True, frozen_dtype=args.frozen_dtype)
     build_s = time.perf_counter() - t0
     common.progress(stage="built", build_s=round(build_s, 1))
     params = [p for _, p in sorted(lora_parameters(engine).items())]
@@ -58,8 +59,9 @@ def run_mindspore(args):
     apply_step = ApplyStep(buffers, AdamW(params, learning_rate=5e-5), 1, True, 1.0)
     grad_step.set_train(True)
     arrays = batch_arrays(args.resolution)
+    conditioning = (ms.Tensor(arrays["crossattn"]), ms.Tensor(mindspore_vector(arrays)))
     inputs = [ms.Tensor(arrays["latents"]), ms.Tensor(arrays["noise"]), ms.Tensor(np.array([14.6, 0.03], np.float32)),
-              ms.Tensor(arrays["crossattn"]), ms.Tensor(mindspore_vector(arrays)), ms.Tensor(1.0, ms.float32)]
+              conditioning, ms.Tensor(1.0, ms.float32)]
     rss_model = common.rss_gib()
     times, cpu = [], []
     for i in range(args.steps):

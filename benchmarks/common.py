@@ -141,6 +141,8 @@ def benchmark_parser(description: str):
     p.add_argument("--steps", type=int, default=3, help="steps in all; the first is the warm-up")
     p.add_argument("--count_flops", type=int, default=1, help="torch: count FLOPs of one step")
     p.add_argument("--no_jemalloc", action="store_true", help="torch: keep glibc malloc")
+    p.add_argument("--frozen_dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
+                   help="MindSpore only: dtype the frozen UNet/VAE weights are stored in (computed in fp32)")
     p.add_argument("--rss_limit_gib", type=float, default=20.0)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     return p
@@ -156,6 +158,8 @@ def run_benchmark(args, script: str, benchmark: str, run_mindspore, run_torch):
         return
     out = run_mindspore(args) if args.framework == "mindspore" else run_torch(args)
     times, cpu = out.pop("times"), out.pop("cpu_times")
+    if args.framework == "mindspore":
+        out["frozen_dtype"] = args.frozen_dtype
     emit(dict(benchmark=benchmark, framework=args.framework,
               mode=args.mode if args.framework == "mindspore" else "eager", resolution=args.resolution,
               first_step_s=round(times[0], 2), median_step_s=median_after_warmup(times),
@@ -208,7 +212,7 @@ SDXL_UNET_CONFIG = dict(
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
-def mindbooth_engine(train: bool):
+def mindbooth_engine(train: bool, frozen_dtype: str = "fp32"):
     from omegaconf import OmegaConf
 
     from gm.util import instantiate_from_config
@@ -217,6 +221,8 @@ def mindbooth_engine(train: bool):
     tiny = OmegaConf.load(TINY_CONFIG).model.params
     config.params.conditioner_config = tiny.conditioner_config
     config.params.first_stage_config = tiny.first_stage_config
+    if frozen_dtype != "fp32":
+        config.params.frozen_weight_dtype = frozen_dtype
     return instantiate_from_config(config)
 
 

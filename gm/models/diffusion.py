@@ -5,6 +5,7 @@ Parameter names follow the official checkpoint: `model.diffusion_model.*` (UNet)
 from mindspore import nn
 
 from gm.modules.diffusionmodules.wrappers import OpenAIWrapper
+from gm.modules.frozen_weights import store_frozen_weights
 from gm.modules.lora import freeze_all_but_lora, inject_lora, is_lora_name
 from gm.util import instantiate_from_config
 
@@ -21,6 +22,7 @@ class DiffusionEngine(nn.Cell):
         scale_factor: float = 1.0,
         latents_per_pixel: int = 8,
         lora_config=None,
+        frozen_weight_dtype=None,
         **unused_sgm_options,
     ):
         super().__init__()
@@ -41,6 +43,12 @@ class DiffusionEngine(nn.Cell):
             self.add_unet_lora(**unet_lora)
             if text_encoder:
                 self.add_text_encoder_lora(unet_lora.get("rank", 4), unet_lora.get("alpha"), unet_lora.get("dropout", 0.0))
+        # float16/bfloat16: the frozen UNet and VAE weights are stored at half size and cast to fp32 at use
+        # (the text encoders keep theirs: they use raw Parameters that the cast-at-use layers do not cover).
+        self.frozen_weight_dtype = frozen_weight_dtype
+        if frozen_weight_dtype:
+            store_frozen_weights(self.model, frozen_weight_dtype)
+            store_frozen_weights(self.first_stage_model, frozen_weight_dtype)
 
     def add_unet_lora(self, rank: int = 4, alpha: float = None, dropout: float = 0.0, **targets) -> int:
         """LoRA on the UNet's attention projections (`lora_config`: rank, alpha, dropout, target_modules, attentions)."""

@@ -12,6 +12,8 @@ import mindspore as ms
 from mindspore import nn, ops
 from mindspore.common.initializer import HeUniform
 
+from gm.modules.frozen_weights import CastMatMul, FrozenDense
+
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 DEFAULT_ATTENTIONS = ("attn1", "attn2")
 
@@ -44,7 +46,7 @@ class LoRABranch(nn.Cell):
 class LoRADense(LoRABranch):
     """An `nn.Dense` with a LoRA branch: y = W x + b + (alpha / rank) * B A dropout(x)."""
 
-    def __init__(self, base: nn.Dense, rank: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, base, rank: int, alpha: float, dropout: float = 0.0):
         nn.Cell.__init__(self)
         out_features, in_features = base.weight.shape
         self.weight = base.weight
@@ -53,12 +55,18 @@ class LoRADense(LoRABranch):
         self._build_lora(in_features, out_features, rank, alpha, dropout)
         self.matmul = ops.MatMul(transpose_b=True)
         self.bias_add = ops.BiasAdd()
+        # weight/bias stored in fp16/bf16 (gm.modules.frozen_weights): cast at use without keeping fp32 copies.
+        self.low_precision_base = isinstance(base, FrozenDense)
+        self.cast_matmul = CastMatMul()
 
     def construct(self, x):
         # The base path computes exactly as nn.Dense does, so a fresh LoRA is bit-identical to no LoRA.
         x_shape = x.shape
         x_2d = x.reshape(-1, x_shape[-1])
-        out = self.matmul(x_2d, self.weight.astype(x.dtype))
+        if self.low_precision_base:
+            out = self.cast_matmul(x_2d, self.weight)
+        else:
+            out = self.matmul(x_2d, self.weight.astype(x.dtype))
         if self.has_bias:
             out = self.bias_add(out, self.bias.astype(x.dtype))
         if not self.merged:
@@ -153,7 +161,7 @@ def inject_lora(
             layer = _child(parent, last)
             if isinstance(layer, LoRADense):
                 raise RuntimeError("LoRA is already injected into this network")
-            if not isinstance(layer, nn.Dense):
+            if not isinstance(layer, (nn.Dense, FrozenDense)):
                 raise TypeError(f"LoRA target '{target}' is a {type(layer).__name__}, not a Dense layer")
             _replace_child(parent, last, LoRADense(layer, rank, alpha, dropout))
             wrapped += 1

@@ -1,0 +1,145 @@
+"""Frozen weights stored in fp16 (DiffusionEngine frozen_weight_dtype): same names, half the bytes, the fp32
+model's UNet output and LoRA gradients in PyNative and GRAPH mode."""
+import mindspore as ms
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import ROOT
+from gm.modules.frozen_weights import FrozenConv2d, FrozenDense, store_frozen_weights
+from gm.modules.lora import inject_lora, lora_layers, lora_parameters
+from gm.util import instantiate_from_config
+from mindbooth.tiny_model import random_weights
+from mindbooth.train_step import DreamBoothLoss, GradStep, make_buffers
+from test_unet import relative_error
+
+TRAIN_CONFIG = ROOT / "configs" / "training" / "sd_xl_tiny_dreambooth_lora_cpu.yaml"
+
+
+def _engine(frozen_weight_dtype=None, lora=True):
+    config = OmegaConf.load(TRAIN_CONFIG).model
+    config.params.network_config.params.num_res_blocks = 1  # a third of the graph: GRAPH compiles fit the budget
+    config.params.network_config.params.transformer_depth = [1, 1, 1]
+    if not lora:
+        del config.params.lora_config
+    config.params.frozen_weight_dtype = frozen_weight_dtype
+    return instantiate_from_config(config)
+
+
+def _weights(engine, rng, fp16_exact: bool):
+    """Random base weights (fp16-representable if fp16_exact, as SDXL's released fp16 weights are) and a LoRA
+    with B != 0, so the LoRA branch matters."""
+    weights = random_weights(engine, seed=5)
+    for name in weights:
+        if ".lora_" in name:
+            weights[name] = (rng.standard_normal(weights[name].shape) * 0.05).astype(np.float32)
+        elif fp16_exact:
+            weights[name] = weights[name].astype(np.float16).astype(np.float32)
+    return weights
+
+
+def _load(engine, weights):
+    # As mindbooth/checkpoint.py load_weights does.
+    for name, param in engine.parameters_and_names():
+        param.set_data(ms.Tensor(weights[name]).astype(param.dtype))
+
+
+def _unet_inputs(rng):
+    return (ms.Tensor(rng.standard_normal((2, 4, 8, 8)).astype(np.float32)), ms.Tensor(np.array([3.0, 917.0], np.float32)),
+            ms.Tensor(rng.standard_normal((2, 77, 96)).astype(np.float32)), ms.Tensor(rng.standard_normal((2, 1584)).astype(np.float32)))
+
+
+def _lora_grads(engine, rng):
+    params = [p for _, p in sorted(lora_parameters(engine).items())]
+    step = GradStep(DreamBoothLoss(engine, 1.0, True), params, make_buffers(params))
+    step.set_train(True)
+    inputs = (rng.standard_normal((2, 4, 8, 8)), rng.standard_normal((2, 4, 8, 8)), np.array([14.6, 0.03]),
+              rng.standard_normal((2, 77, 96)), rng.standard_normal((2, 1584)))
+    loss, _, _, finite = step(*(ms.Tensor(a.astype(np.float32)) for a in inputs), ms.Tensor(1.0, ms.float32))
+    assert bool(finite.asnumpy())
+    return float(loss.asnumpy()), np.concatenate([b.asnumpy().ravel() for b in step.buffers])
+
+
+@pytest.fixture(scope="module")
+def engines():
+    rng = np.random.default_rng(0)
+    fp32, fp16 = _engine(), _engine("float16")
+    exact = _weights(fp32, rng, fp16_exact=True)
+    _load(fp32, exact)
+    _load(fp16, exact)
+    return fp32, fp16, exact
+
+
+def test_names_kept_frozen_bytes_halved_lora_stays_fp32(engines):
+    fp32, fp16, _ = engines
+    assert [n for n, _ in fp32.parameters_and_names()] == [n for n, _ in fp16.parameters_and_names()]
+    for part in ("model", "first_stage_model"):
+        frozen32 = sum(p.nbytes for n, p in getattr(fp32, part).parameters_and_names() if ".lora_" not in n)
+        frozen16 = sum(p.nbytes for n, p in getattr(fp16, part).parameters_and_names() if ".lora_" not in n)
+        assert frozen16 * 2 == frozen32
+    assert all(p.dtype == ms.float32 for p in lora_parameters(fp16).values())
+    assert all(p.dtype == ms.float32 for p in fp16.conditioner.get_parameters())  # text encoders are left alone
+    unet = fp16.model.diffusion_model
+    assert any(isinstance(c, FrozenConv2d) for _, c in unet.cells_and_names())
+    assert any(isinstance(c, FrozenDense) for _, c in unet.cells_and_names())
+    assert all(layer.low_precision_base for layer in lora_layers(fp16))
+
+
+@pytest.mark.parametrize("mode", ["pynative", "graph"])
+def test_fp16_stored_unet_equals_fp32_unet(engines, mode):
+    fp32, fp16, _ = engines
+    inputs = _unet_inputs(np.random.default_rng(1))
+    ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
+    try:
+        out32 = fp32.model.diffusion_model(*inputs).asnumpy()
+        out16 = fp16.model.diffusion_model(*inputs).asnumpy()
+    finally:
+        ms.set_context(mode=ms.PYNATIVE_MODE)
+    # Same (fp16-representable) weights, fp32 compute in both: only the op order may differ.
+    assert relative_error(out16, out32) < 1e-5
+
+
+def test_fp16_rounding_of_fp32_weights_is_small():
+    """fp32 weights that are not fp16-representable: storing them in fp16 rounds each by <= 2^-11 relative."""
+    rng = np.random.default_rng(2)
+    fp32, fp16 = _engine(), _engine("float16")
+    weights = _weights(fp32, rng, fp16_exact=False)
+    _load(fp32, weights)
+    _load(fp16, weights)
+    inputs = _unet_inputs(rng)
+    error = relative_error(fp16.model.diffusion_model(*inputs).asnumpy(), fp32.model.diffusion_model(*inputs).asnumpy())
+    assert 0 < error < 2e-3
+
+
+def test_fp16_stored_lora_gradients_equal_fp32_in_graph_mode(engines):
+    fp32, fp16, _ = engines
+    ms.set_context(mode=ms.GRAPH_MODE)
+    try:
+        loss32, grads32 = _lora_grads(fp32, np.random.default_rng(3))
+        loss16, grads16 = _lora_grads(fp16, np.random.default_rng(3))
+    finally:
+        ms.set_context(mode=ms.PYNATIVE_MODE)
+    assert abs(loss16 - loss32) <= 1e-5 * abs(loss32)
+    assert np.abs(grads32).max() > 0
+    assert relative_error(grads16, grads32) < 1e-5
+
+
+def test_fp16_stored_lora_gradients_equal_fp32_in_pynative(engines):
+    fp32, fp16, _ = engines
+    loss32, grads32 = _lora_grads(fp32, np.random.default_rng(4))
+    loss16, grads16 = _lora_grads(fp16, np.random.default_rng(4))
+    assert abs(loss16 - loss32) <= 1e-5 * abs(loss32)
+    assert relative_error(grads16, grads32) < 1e-5
+
+
+def test_lora_injected_after_storing_fp16_uses_the_cast_path():
+    """Inference: the base model is built (fp16-stored) first, a LoRA file injects LoRA later."""
+    engine = _engine("float16", lora=False)
+    assert inject_lora(engine.model, rank=2) > 0
+    layer = lora_layers(engine)[0]
+    assert layer.low_precision_base and layer.weight.dtype == ms.float16 and layer.lora_A.weight.dtype == ms.float32
+
+
+def test_bad_dtype_is_a_clear_error():
+    with pytest.raises(ValueError, match="frozen weight dtype must be one of"):
+        store_frozen_weights(_engine(lora=False).model, "float8")
