@@ -69,7 +69,10 @@ def main(argv=None):
         OmegaConf.save(config, save_path / "config.yaml")  # the effective config: YAML + flags
 
     # ---- model -----------------------------------------------------------------------------------------------
-    engine = instantiate_from_config(config.model)
+    try:
+        engine = instantiate_from_config(config.model)
+    except ValueError as error:  # e.g. a LoRA rank larger than a layer, an unknown frozen_weight_dtype
+        fail(f"{args.config}: {error}")
     weights = [w for w in args.weight.split(",") if w]
     try:
         ckpt.load_weights(engine, weights)

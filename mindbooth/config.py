@@ -34,6 +34,8 @@ TRAIN_FLAGS = {
     "train_text_encoder": ("model.params.lora_config.text_encoder", str2bool,
                            "also train LoRA on both text encoders' attention q/k/v/out (as diffusers' --train_text_encoder)"),
     "text_encoder_lr": ("optim.text_encoder_learning_rate", float, "learning rate of the text-encoder LoRA (default: --learning_rate)"),
+    "frozen_weight_dtype": ("model.params.frozen_weight_dtype", str,
+                            "store the frozen UNet/VAE weights as float16 or bfloat16 (half their memory; compute stays fp32)"),
     "cache_latents": ("data.cache_latents", str2bool,
                       "encode images (and prompts, unless training the text encoders) once, then free the encoders"),
     "seed": ("train.seed", int, "random seed"),

@@ -118,9 +118,12 @@ def test_resume_after_interruption_equals_uninterrupted_run(workspace, interrupt
     np.testing.assert_allclose(_losses(run_b), _losses(workspace / "run_a"), rtol=1e-5)
 
 
-def test_cache_latents_trains_and_frees_the_encoders(workspace, uninterrupted):
-    engine = _train(workspace, workspace / "run_cached", "--total_step", "2", "--ms_mode", "1", "--cache_latents", "True")
+def test_cache_latents_and_fp16_frozen_weights_train_and_free_the_encoders(workspace, uninterrupted):
+    engine = _train(workspace, workspace / "run_cached", "--total_step", "2", "--ms_mode", "1", "--cache_latents", "True",
+                    "--frozen_weight_dtype", "float16")
     assert engine.conditioner is None and not hasattr(engine.first_stage_model, "encoder")
+    frozen = [p for n, p in engine.model.parameters_and_names() if ".lora_" not in n]
+    assert all(p.dtype == ms.float16 for p in frozen) and all(p.dtype == ms.float32 for p in lora_parameters(engine).values())
     assert len(_losses(workspace / "run_cached")) == 2 and all(np.isfinite(_losses(workspace / "run_cached")))
     assert (workspace / "run_cached" / "sample_final.png").is_file()  # sampled from the cached prompt embedding
 
