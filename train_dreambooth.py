@@ -150,7 +150,8 @@ def main(argv=None):
             items.append((latents, noise, sigmas, *conditioning))
         examples = range(2 if with_prior else 1)  # row 0 of an item: its instance example; row 1: its class example
         fields = [ms.Tensor(np.stack([item[field][row] for row in examples for item in items])) for field in range(len(items[0]))]
-        return fields[0], fields[1], fields[2], tuple(fields[3:])
+        # mutable: a plain tuple of Tensors is a graph constant, and GRAPH_MODE would recompile at every step
+        return fields[0], fields[1], fields[2], ms.mutable(tuple(fields[3:]))
 
     if cache is not None:
         what = "latents" if train_text_encoder else "latents and text embeddings"
@@ -220,7 +221,8 @@ def main(argv=None):
             progress.set_postfix(loss=f"{losses[0]:.4f}", lr=f"{lr:.2e}", s_per_step=f"{seconds:.2f}")
             if done % int(train_cfg.get("log_interval", 1)) == 0 or done == total_step:
                 log.append(step=done, loss=losses[0], loss_instance=losses[1], loss_class=losses[2], lr=lr, grad_norm=grad_norm,
-                           seconds_per_step=round(seconds, 4), loss_scale=loss_scale.scale, skipped_steps=loss_scale.skipped_steps)
+                           seconds_per_step=round(seconds, 4), loss_scale=loss_scale.scale, skipped_steps=loss_scale.skipped_steps,
+                           compiled_step_graphs=len(grad_step.compile_cache))
             if done % int(train_cfg.save_ckpt_interval) == 0 or done == total_step:
                 state.save(done, config.get("version", "SDXL"))
                 log.plot()

@@ -59,7 +59,7 @@ def run_mindspore(args):
     apply_step = ApplyStep(buffers, AdamW(params, learning_rate=5e-5), 1, True, 1.0)
     grad_step.set_train(True)
     arrays = batch_arrays(args.resolution)
-    conditioning = (ms.Tensor(arrays["crossattn"]), ms.Tensor(mindspore_vector(arrays)))
+    conditioning = ms.mutable((ms.Tensor(arrays["crossattn"]), ms.Tensor(mindspore_vector(arrays))))  # not a graph constant
     inputs = [ms.Tensor(arrays["latents"]), ms.Tensor(arrays["noise"]), ms.Tensor(np.array([14.6, 0.03], np.float32)),
               conditioning, ms.Tensor(1.0, ms.float32)]
     rss_model = common.rss_gib()

@@ -4,7 +4,10 @@ from pathlib import Path
 
 from mindbooth.images import atomic_write
 
-COLUMNS = ["step", "loss", "loss_instance", "loss_class", "lr", "grad_norm", "seconds_per_step", "loss_scale", "skipped_steps"]
+# compiled_step_graphs: graphs GRAPH_MODE compiled for the training step so far (1 when all is well; a growing
+# count means a recompile every step, e.g. an input that became a graph constant). 0 in PyNative.
+COLUMNS = ["step", "loss", "loss_instance", "loss_class", "lr", "grad_norm", "seconds_per_step", "loss_scale", "skipped_steps",
+           "compiled_step_graphs"]
 
 
 class LossLog:

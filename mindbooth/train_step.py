@@ -89,7 +89,10 @@ def _clear_one(buffer):
 
 class GradStep(nn.Cell):
     """Forward + backward of one micro-batch; adds loss_scale-unscaled gradients into `buffers`.
-    Returns (loss, loss_instance, loss_class, gradients_finite)."""
+    Returns (loss, loss_instance, loss_class, gradients_finite).
+
+    Pass `conditioning` as `ms.mutable(tuple_of_tensors)`: a plain tuple of Tensors is a constant of the
+    compiled graph, and GRAPH_MODE would then recompile whenever its values change (every step)."""
 
     def __init__(self, loss_net: DreamBoothLoss, params, buffers: ParameterTuple, grad_reducer=None):
         super().__init__(auto_prefix=False)

@@ -79,6 +79,8 @@ def test_run_writes_lora_log_plot_sample_and_changes_only_lora(workspace, uninte
     engine, _ = uninterrupted
     run = workspace / "run_a"
     assert len(_losses(run)) == 4 and all(np.isfinite(_losses(run)))
+    with open(run / "loss.csv") as handle:  # GRAPH_MODE compiled the step once, not once per step
+        assert [int(row["compiled_step_graphs"]) for row in csv.DictReader(handle)] == [1, 1, 1, 1]
     for name in ("loss.png", "sample_final.png", "config.yaml", "SDXL-tiny_2_lora.ckpt", "SDXL-tiny_4_lora.ckpt",
                  "validation_step000002.png", "validation_step000004.png"):
         assert (run / name).is_file(), name
@@ -344,6 +346,8 @@ def test_train_text_encoder_run_saves_and_reloads_text_lora(workspace):
     run = workspace / "run_text"
     assert all(np.isfinite(_losses(run))) and len(_losses(run)) == 2
     assert OmegaConf.load(run / "config.yaml").optim.text_encoder_learning_rate == 5e-4
+    with open(run / "loss.csv") as handle:  # token ids and sizes are step inputs, not graph constants
+        assert [int(row["compiled_step_graphs"]) for row in csv.DictReader(handle)] == [1, 1]
     assert engine.conditioner is not None and not hasattr(engine.first_stage_model, "encoder")  # only the VAE encoder freed
     lora = _lora(run / "SDXL-tiny_2_lora.ckpt")
     text = {k: v for k, v in lora.items() if k.startswith("conditioner.")}
