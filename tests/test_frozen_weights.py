@@ -61,14 +61,18 @@ def _lora_grads(engine, rng):
     return float(loss.asnumpy()), np.concatenate([b.asnumpy().ravel() for b in step.buffers])
 
 
+def _engine_pair(rng, fp16_exact: bool):
+    """An fp32 engine and an fp16-stored one holding the same random weights."""
+    fp32, fp16 = _engine(), _engine("float16")
+    weights = _weights(fp32, rng, fp16_exact)
+    _load(fp32, weights)
+    _load(fp16, weights)
+    return fp32, fp16, weights
+
+
 @pytest.fixture(scope="module")
 def engines():
-    rng = np.random.default_rng(0)
-    fp32, fp16 = _engine(), _engine("float16")
-    exact = _weights(fp32, rng, fp16_exact=True)
-    _load(fp32, exact)
-    _load(fp16, exact)
-    return fp32, fp16, exact
+    return _engine_pair(np.random.default_rng(0), fp16_exact=True)
 
 
 def test_names_kept_frozen_bytes_halved_lora_stays_fp32(engines):
@@ -99,10 +103,7 @@ def test_fp16_stored_unet_equals_fp32_unet(engines):
 def test_fp16_rounding_of_fp32_weights_is_small():
     """fp32 weights that are not fp16-representable: storing them in fp16 rounds each by <= 2^-11 relative."""
     rng = np.random.default_rng(2)
-    fp32, fp16 = _engine(), _engine("float16")
-    weights = _weights(fp32, rng, fp16_exact=False)
-    _load(fp32, weights)
-    _load(fp16, weights)
+    fp32, fp16, _ = _engine_pair(rng, fp16_exact=False)
     inputs = _unet_inputs(rng)
     error = relative_error(fp16.model.diffusion_model(*inputs).asnumpy(), fp32.model.diffusion_model(*inputs).asnumpy())
     assert 0 < error < 2e-3
