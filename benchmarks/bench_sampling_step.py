@@ -20,14 +20,9 @@ from bench_train_step import batch_arrays, mindspore_vector
 def run_mindspore(args):
     import mindspore as ms
 
-    ms.set_device("CPU")
-    ms.set_context(mode=ms.GRAPH_MODE if args.mode == "graph" else ms.PYNATIVE_MODE)
     from mindbooth.pipeline import DenoiseCell
 
-    t0 = time.perf_counter()
-    engine = common.mindbooth_engine(train=False, frozen_dtype=args.frozen_dtype)
-    build_s = time.perf_counter() - t0
-    common.progress(stage="built", build_s=round(build_s, 1))
+    engine, build_s = common.build_mindspore_engine(args, train=False)
     engine.set_train(False)
     cell = DenoiseCell(engine)
     cell.set_train(False)

@@ -43,16 +43,11 @@ def mindspore_vector(arrays):
 def run_mindspore(args):
     import mindspore as ms
 
-    ms.set_device("CPU")
-    ms.set_context(mode=ms.GRAPH_MODE if args.mode == "graph" else ms.PYNATIVE_MODE)
     from gm.modules.lora import lora_parameters
     from mindbooth.optim import AdamW
     from mindbooth.train_step import ApplyStep, DreamBoothLoss, GradStep, make_buffers
 
-    t0 = time.perf_counter()
-    engine = common.mindbooth_engine(train=True, frozen_dtype=args.frozen_dtype)
-    build_s = time.perf_counter() - t0
-    common.progress(stage="built", build_s=round(build_s, 1))
+    engine, build_s = common.build_mindspore_engine(args, train=True)
     params = [p for _, p in sorted(lora_parameters(engine).items())]
     buffers = make_buffers(params)
     grad_step = GradStep(DreamBoothLoss(engine, 1.0, True), params, buffers)
