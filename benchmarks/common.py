@@ -237,7 +237,26 @@ def mindbooth_engine(train: bool, frozen_dtype: str = "fp32"):
     config.params.first_stage_config = tiny.first_stage_config
     if frozen_dtype != "fp32":
         config.params.frozen_weight_dtype = frozen_dtype
-    return instantiate_from_config(config)
+    engine = instantiate_from_config(config)
+    randomise_zero_initialised(engine.model.diffusion_model)
+    return engine
+
+
+# Output layers sgm zero-initialises (zero_module): with them zero the LoRA'd attention has no effect on the
+# loss and LoRA gets no gradient. diffusers initialises them randomly; so does the benchmark.
+ZERO_INITIALISED = ("proj_out.weight", "out_layers.3.weight", "out.2.weight")
+
+
+def randomise_zero_initialised(unet, seed: int = 0):
+    import mindspore as ms
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    for name, param in unet.parameters_and_names():
+        if name.endswith(ZERO_INITIALISED):
+            fan_in = int(np.prod(param.shape[1:]))
+            values = rng.uniform(-1, 1, param.shape).astype(np.float32) / np.sqrt(fan_in)  # torch's default bound
+            param.set_data(ms.Tensor(values).astype(param.dtype))
 
 
 def diffusers_unet(lora: bool):

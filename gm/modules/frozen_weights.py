@@ -15,6 +15,8 @@ Parameter names (`weight`, `bias`, `gamma`, `beta`) and objects stay the same, s
 import mindspore as ms
 from mindspore import nn, ops
 
+from gm.modules.conv import Conv2d
+
 DTYPES = {"float16": ms.float16, "fp16": ms.float16, "bfloat16": ms.bfloat16, "bf16": ms.bfloat16}
 
 
@@ -120,6 +122,8 @@ def store_frozen_weights(net: nn.Cell, dtype="float16") -> int:
             continue
         if isinstance(cell, nn.Dense):
             _replace_child(parent, name, FrozenDense(cell))
+        elif isinstance(cell, Conv2d) and cell.as_matmul:
+            cell.store_weight_low_precision()
         elif isinstance(cell, nn.Conv2d):
             _replace_child(parent, name, FrozenConv2d(cell))
         elif isinstance(cell, LoRADense):

@@ -6,6 +6,7 @@ though the decoder runs it from the lowest level up.
 """
 from mindspore import nn, ops
 
+from gm.modules.conv import Conv2d
 from gm.modules.diffusionmodules.util import normalization
 
 VAE_NORM_EPS = 1e-6  # every VAE GroupNorm uses 1e-6 (the UNet's use 1e-5)
@@ -20,10 +21,8 @@ def nonlinearity(x):
     return x * ops.sigmoid(x)
 
 
-def conv(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0) -> nn.Conv2d:
-    return nn.Conv2d(
-        in_channels, out_channels, kernel_size, stride=stride, pad_mode="pad", padding=padding, has_bias=True
-    )
+def conv(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0) -> Conv2d:
+    return Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding)
 
 
 class ResnetBlock(nn.Cell):

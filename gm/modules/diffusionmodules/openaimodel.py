@@ -6,11 +6,12 @@ from typing import List, Sequence, Union
 from mindspore import nn, ops
 
 from gm.modules.attention import SpatialTransformer
+from gm.modules.conv import Conv2d
 from gm.modules.diffusionmodules.util import normalization, timestep_embedding, zero_module
 
 
-def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(in_channels, out_channels, 3, stride=stride, pad_mode="pad", padding=1, has_bias=True)
+def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> Conv2d:
+    return Conv2d(in_channels, out_channels, 3, stride=stride, padding=1)
 
 
 class ResBlock(nn.Cell):
@@ -25,7 +26,7 @@ class ResBlock(nn.Cell):
         )
         self.has_skip_projection = out_channels != channels
         if self.has_skip_projection:
-            self.skip_connection = nn.Conv2d(channels, out_channels, 1, has_bias=True)
+            self.skip_connection = Conv2d(channels, out_channels, 1)
 
     def construct(self, x, emb):
         h = self.in_layers(x)

@@ -1,0 +1,91 @@
+"""gm.modules.conv.Conv2d (im2col + MatMul on CPU) equals MindSpore's native Conv2D: output, input gradient and
+weight gradient, for SDXL's kernel/stride/padding combinations, with and without strips, in both modes, and
+with the weight stored in fp16."""
+import mindspore as ms
+import numpy as np
+import pytest
+from mindspore import nn, ops
+
+import gm.modules.conv as conv_module
+from gm.modules.conv import CastWeightMatMul, Conv2d
+from gm.modules.frozen_weights import FrozenConv2d, store_frozen_weights
+from test_unet import relative_error
+
+# (in, out, kernel, stride, padding, height, width): UNet/VAE 3x3, UNet downsample (stride 2, padding 1),
+# VAE downsample (stride 2, no padding, odd size after its own right/bottom pad), 1x1 projection.
+CASES = [(4, 8, 3, 1, 1, 9, 7), (4, 8, 3, 2, 1, 9, 8), (4, 6, 3, 2, 0, 11, 11), (5, 3, 1, 1, 0, 6, 6)]
+
+
+class SumOfSquares(nn.Cell):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def construct(self, x):
+        return (self.net(x) ** 2).sum()
+
+
+def _output_and_grads(net, x):
+    weights = ms.ParameterTuple([net.weight, net.bias])
+    grad = ops.GradOperation(get_all=True, get_by_list=True)(SumOfSquares(net), weights)
+    (grad_x,), (grad_weight, grad_bias) = grad(x)
+    return [t.asnumpy() for t in (net(x), grad_x, grad_weight, grad_bias)]
+
+
+def _pair(case, rng):
+    in_channels, out_channels, kernel, stride, padding, _, _ = case
+    matmul = Conv2d(in_channels, out_channels, kernel, stride=stride, padding=padding, as_matmul=True)
+    native = Conv2d(in_channels, out_channels, kernel, stride=stride, padding=padding, as_matmul=False)
+    weight = rng.standard_normal(matmul.weight.shape).astype(np.float32)
+    bias = rng.standard_normal(matmul.bias.shape).astype(np.float32)
+    for net in (matmul, native):
+        net.weight.set_data(ms.Tensor(weight))
+        net.bias.set_data(ms.Tensor(bias))
+    return matmul, native
+
+
+@pytest.mark.parametrize("mode", [ms.PYNATIVE_MODE, ms.GRAPH_MODE], ids=["pynative", "graph"])
+@pytest.mark.parametrize("max_columns_bytes", [None, 1500], ids=["whole", "strips"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"k{c[2]}s{c[3]}p{c[4]}")
+def test_matmul_conv_equals_native_conv(case, max_columns_bytes, mode, monkeypatch):
+    if max_columns_bytes:  # a few hundred columns per strip: several strips, the last one shorter
+        monkeypatch.setattr(conv_module, "MAX_COLUMNS_BYTES", max_columns_bytes)
+    rng = np.random.default_rng(0)
+    matmul, native = _pair(case, rng)
+    x = ms.Tensor(rng.standard_normal((2, case[0], case[5], case[6])).astype(np.float32))
+    ms.set_context(mode=mode)
+    try:
+        got, want = _output_and_grads(matmul, x), _output_and_grads(native, x)
+    finally:
+        ms.set_context(mode=ms.PYNATIVE_MODE)
+    for name, a, b in zip(("output", "input grad", "weight grad", "bias grad"), got, want):
+        assert a.shape == b.shape, name
+        assert relative_error(a, b) < 1e-5, name
+
+
+def test_fp16_stored_weight_takes_the_cast_matmul_and_equals_fp32():
+    rng = np.random.default_rng(1)
+    reference, stored = (Conv2d(4, 8, 3, padding=1, as_matmul=True) for _ in range(2))
+    weight = rng.standard_normal(reference.weight.shape).astype(np.float16).astype(np.float32)  # fp16-exact
+    for net in (reference, stored):
+        net.weight.set_data(ms.Tensor(weight))
+        net.bias.set_data(ms.Tensor(np.linspace(-1, 1, 8).astype(np.float16).astype(np.float32)))
+        net.bias.requires_grad = net.weight.requires_grad = False
+    assert store_frozen_weights(nn.SequentialCell([stored]), "float16") == 1
+    assert isinstance(stored.weight_matmul, CastWeightMatMul) and stored.weight.dtype == ms.float16
+    x = ms.Tensor(rng.standard_normal((2, 4, 6, 6)).astype(np.float32))
+    grad_x = ops.GradOperation()(SumOfSquares(stored))(x).asnumpy()
+    assert relative_error(stored(x).asnumpy(), reference(x).asnumpy()) < 1e-6
+    assert relative_error(grad_x, ops.GradOperation()(SumOfSquares(reference))(x).asnumpy()) < 1e-6
+
+
+def test_native_conv_keeps_the_frozen_conv_route():
+    """Ascend/GPU (as_matmul False): fp16 storage goes through FrozenConv2d as before."""
+    holder = nn.SequentialCell([Conv2d(4, 8, 3, padding=1, as_matmul=False)])
+    holder[0].weight.requires_grad = holder[0].bias.requires_grad = False
+    store_frozen_weights(holder, "float16")
+    assert isinstance(holder[0], FrozenConv2d)
+
+
+def test_cpu_default_is_matmul():
+    assert Conv2d(4, 8, 3, padding=1).as_matmul
