@@ -7,7 +7,7 @@ import pytest
 from mindspore import nn, ops
 
 import gm.modules.conv as conv_module
-from gm.modules.conv import CastWeightMatMul, Conv2d
+from gm.modules.conv import Conv2d
 from gm.modules.frozen_weights import FrozenConv2d, store_frozen_weights
 from test_unet import relative_error
 
@@ -63,20 +63,31 @@ def test_matmul_conv_equals_native_conv(case, max_columns_bytes, mode, monkeypat
         assert relative_error(a, b) < 1e-5, name
 
 
-def test_fp16_stored_weight_takes_the_cast_matmul_and_equals_fp32():
+@pytest.mark.parametrize("mode", [ms.PYNATIVE_MODE, ms.GRAPH_MODE], ids=["pynative", "graph"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"k{c[2]}s{c[3]}p{c[4]}")
+def test_fp16_stored_weight_takes_the_cast_path_and_equals_fp32(case, mode):
+    """Its own backward (fold of W^T dout) gives the input gradient autodiff gives the fp32 conv."""
+    in_channels, out_channels, kernel, stride, padding, height, width = case
     rng = np.random.default_rng(1)
-    reference, stored = (Conv2d(4, 8, 3, padding=1, as_matmul=True) for _ in range(2))
+    reference, stored = (Conv2d(in_channels, out_channels, kernel, stride=stride, padding=padding, as_matmul=True)
+                         for _ in range(2))
     weight = rng.standard_normal(reference.weight.shape).astype(np.float16).astype(np.float32)  # fp16-exact
+    bias = np.linspace(-1, 1, out_channels).astype(np.float16).astype(np.float32)
     for net in (reference, stored):
         net.weight.set_data(ms.Tensor(weight))
-        net.bias.set_data(ms.Tensor(np.linspace(-1, 1, 8).astype(np.float16).astype(np.float32)))
+        net.bias.set_data(ms.Tensor(bias))
         net.bias.requires_grad = net.weight.requires_grad = False
     assert store_frozen_weights(nn.SequentialCell([stored]), "float16") == 1
-    assert isinstance(stored.weight_matmul, CastWeightMatMul) and stored.weight.dtype == ms.float16
-    x = ms.Tensor(rng.standard_normal((2, 4, 6, 6)).astype(np.float32))
-    grad_x = ops.GradOperation()(SumOfSquares(stored))(x).asnumpy()
-    assert relative_error(stored(x).asnumpy(), reference(x).asnumpy()) < 1e-6
-    assert relative_error(grad_x, ops.GradOperation()(SumOfSquares(reference))(x).asnumpy()) < 1e-6
+    assert stored.low_precision_weight and stored.weight.dtype == ms.float16
+    x = ms.Tensor(rng.standard_normal((2, in_channels, height, width)).astype(np.float32))
+    ms.set_context(mode=mode)
+    try:
+        got = [stored(x).asnumpy(), ops.GradOperation()(SumOfSquares(stored))(x).asnumpy()]
+        want = [reference(x).asnumpy(), ops.GradOperation()(SumOfSquares(reference))(x).asnumpy()]
+    finally:
+        ms.set_context(mode=ms.PYNATIVE_MODE)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and relative_error(a, b) < 1e-6
 
 
 def test_native_conv_keeps_the_frozen_conv_route():

@@ -7,7 +7,8 @@ into columns and multiplying by the (out, in*k*k) weight gives the same numbers 
 
 The columns are k*k times the input, so a large input (the VAE at 1024x1024) is done in strips of output
 rows that keep the columns under `MAX_COLUMNS_BYTES`. Autodiff through unfold + MatMul keeps no columns for
-the backward pass when the weight is frozen (measured: same peak memory as a custom backward).
+the backward pass when the fp32 weight is frozen (measured on a stack of convs); a weight stored in fp16 goes
+through CastWeightConv, whose own backward keeps neither the columns nor an fp32 weight.
 """
 import mindspore as ms
 from mindspore import nn, ops
@@ -20,48 +21,66 @@ def matmul_convolution_default() -> bool:
     return ms.get_context("device_target") == "CPU"
 
 
-class WeightMatMul(nn.Cell):
-    """(out, in*k*k) weight @ (batch, in*k*k, pixels) columns, the weight cast to the columns' dtype."""
+class CastWeightConv(nn.Cell):
+    """The whole-input (no strips) im2col convolution for a frozen weight stored in fp16/bf16
+    (gm.modules.frozen_weights): the cast waits for the input, and the custom backward recomputes what it needs
+    from x and the weight, so neither the columns (k*k times x) nor an fp32 copy of the weight is kept for it."""
 
-    def construct(self, weight, columns):
-        return ops.matmul(weight.astype(columns.dtype), columns)
+    def __init__(self, kernel_size: int, stride: int, padding: int):
+        super().__init__()
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
 
+    def construct(self, x, weight):
+        weight = ops.depend(weight, x).astype(x.dtype)
+        return _conv_columns_matmul(x, weight.reshape(weight.shape[0], -1), self.kernel_size, self.stride, self.padding)
 
-class CastWeightMatMul(nn.Cell):
-    """WeightMatMul for a frozen weight stored in fp16/bf16 (gm.modules.frozen_weights): the cast waits for
-    the columns and the backward casts again, so no fp32 copy of the weight outlives its layer."""
-
-    def construct(self, weight, columns):
-        return ops.matmul(ops.depend(weight, columns).astype(columns.dtype), columns)
-
-    def bprop(self, weight, columns, out, dout):
+    def bprop(self, x, weight, out, dout):
+        batch, out_channels, out_height, out_width = dout.shape
+        weight_t = ops.depend(weight, dout).astype(dout.dtype).reshape(out_channels, -1).T  # (in*k*k, out)
+        grad_columns = ops.matmul(weight_t, dout.reshape(batch, out_channels, out_height * out_width))
+        if self.kernel_size == 1 and self.stride == 1 and self.padding == 0:
+            grad_x = grad_columns.reshape(x.shape)
+        else:  # fold is unfold's adjoint: it sums each column entry back onto the pixel it was read from
+            grad_x = ops.fold(grad_columns, ms.Tensor(x.shape[2:], ms.int32), self.kernel_size,
+                              padding=self.padding, stride=self.stride)
         # The weight is frozen: its gradient is never used, zeros keep the bprop's signature.
-        weight_t = ops.depend(weight, dout).astype(dout.dtype).T
-        return ops.zeros_like(weight), ops.matmul(weight_t, dout)
+        return grad_x, ops.zeros_like(weight)
+
+
+def _conv_columns_matmul(x, weight_2d, kernel_size: int, stride: int, padding: int):
+    """x (batch, in, h, w) convolved with weight_2d (out, in*k*k) as one unfold + MatMul."""
+    batch, in_channels, height, width = x.shape
+    out_channels = weight_2d.shape[0]
+    if kernel_size == 1 and stride == 1 and padding == 0:  # a 1x1 conv is a plain matmul over pixels
+        out = ops.matmul(weight_2d, x.reshape(batch, in_channels, height * width))
+        return out.reshape(batch, out_channels, height, width)
+    out_height = (height + 2 * padding - kernel_size) // stride + 1
+    out_width = (width + 2 * padding - kernel_size) // stride + 1
+    columns = ops.unfold(x, kernel_size=kernel_size, padding=padding, stride=stride)  # (batch, in*k*k, pixels)
+    return ops.matmul(weight_2d, columns).reshape(batch, out_channels, out_height, out_width)
 
 
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def conv2d_as_matmul(x, weight, weight_matmul, kernel_size: int, stride: int, padding: int):
-    """Convolution of x (batch, in, height, width) with weight (out, in, k, k), no dilation or groups."""
+def conv2d_as_matmul(x, weight, kernel_size: int, stride: int, padding: int, low_precision_conv=None):
+    """Convolution of x (batch, in, height, width) with weight (out, in, k, k), no dilation or groups.
+    `low_precision_conv`: a CastWeightConv for a weight stored in fp16/bf16."""
     batch, in_channels, height, width = x.shape
     out_channels = weight.shape[0]
-    weight_2d = weight.reshape(out_channels, -1)
-    if kernel_size == 1 and stride == 1 and padding == 0:  # a 1x1 conv is a plain matmul over pixels
-        out = weight_matmul(weight_2d, x.reshape(batch, in_channels, height * width))
-        return out.reshape(batch, out_channels, height, width)
     out_height = (height + 2 * padding - kernel_size) // stride + 1
     out_width = (width + 2 * padding - kernel_size) // stride + 1
     columns_bytes = batch * in_channels * kernel_size**2 * out_height * out_width * 4
-    if columns_bytes <= MAX_COLUMNS_BYTES:
-        columns = ops.unfold(x, kernel_size=kernel_size, padding=padding, stride=stride)  # (batch, in*k*k, pixels)
-        return weight_matmul(weight_2d, columns).reshape(batch, out_channels, out_height, out_width)
+    if columns_bytes <= MAX_COLUMNS_BYTES or (kernel_size == 1 and stride == 1 and padding == 0):
+        if low_precision_conv is not None:
+            return low_precision_conv(x, weight)
+        return _conv_columns_matmul(x, weight.astype(x.dtype).reshape(out_channels, -1), kernel_size, stride, padding)
     # Strips of output rows, for inference-size inputs such as the VAE at 1024. Only here is the input padded
     # with ops.pad: a GRAPH-mode training step of the tiny model that padded every conv this way hung inside a
     # CPU kernel after 1-3 steps (MindSpore 2.10), where unfold's own padding runs on.
     x = ops.pad(x, (padding, padding, padding, padding))
+    weight_2d = weight.astype(x.dtype).reshape(out_channels, -1)
     strip_rows = _ceil_div(out_height, _ceil_div(columns_bytes, MAX_COLUMNS_BYTES))
     strips = []
     for first_row in range(0, out_height, strip_rows):
@@ -69,7 +88,7 @@ def conv2d_as_matmul(x, weight, weight_matmul, kernel_size: int, stride: int, pa
         # output rows [first_row, first_row + rows) read padded input rows [first_row*stride, (last row)*stride + k)
         x_strip = x[:, :, first_row * stride:(first_row + rows - 1) * stride + kernel_size]
         columns = ops.unfold(x_strip, kernel_size=kernel_size, stride=stride)
-        strips.append(weight_matmul(weight_2d, columns).reshape(batch, out_channels, rows, out_width))
+        strips.append(ops.matmul(weight_2d, columns).reshape(batch, out_channels, rows, out_width))
     return ops.cat(strips, axis=2)
 
 
@@ -85,17 +104,21 @@ class Conv2d(nn.Conv2d):
                          has_bias=has_bias)
         self.as_matmul = matmul_convolution_default() if as_matmul is None else as_matmul
         self.square_kernel_size, self.square_stride, self.square_padding = kernel_size, stride, padding
-        self.weight_matmul = WeightMatMul()
+        self.low_precision_weight = False
+        self.low_precision_conv = CastWeightConv(kernel_size, stride, padding)
 
     def store_weight_low_precision(self):
         """Called by gm.modules.frozen_weights once the frozen weight is fp16/bf16."""
-        self.weight_matmul = CastWeightMatMul()
+        self.low_precision_weight = True
 
     def construct(self, x):
         if not self.as_matmul:
             return super().construct(x)
-        out = conv2d_as_matmul(x, self.weight, self.weight_matmul, self.square_kernel_size, self.square_stride,
-                               self.square_padding)
+        geometry = (self.square_kernel_size, self.square_stride, self.square_padding)
+        if self.low_precision_weight:
+            out = conv2d_as_matmul(x, self.weight, *geometry, self.low_precision_conv)
+        else:
+            out = conv2d_as_matmul(x, self.weight, *geometry)
         if self.has_bias:
             out = self.bias_add(out, self.bias.astype(x.dtype))
         return out
