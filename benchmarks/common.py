@@ -185,13 +185,13 @@ class Timer:
 
 
 # --- The full-size SDXL UNet with random weights, built alike for both frameworks (no download). ---
-# The full-size SDXL UNet with random weights, built the same way for both frameworks (no download).
-# 
+#
 # MindBooth: the DiffusionEngine of the DreamBooth config (LoRA rank 4 on to_q/to_k/to_v/to_out.0) or of
 # the inference config, with the tiny text encoders and VAE of sd_xl_tiny.yaml in place of the full ones:
 # the benchmarks feed cached latents and embeddings, so those parts never run, and the full ones would
-# only hold 3.6 GB. Weights are MindSpore's default initializers (random; zero_module'd layers zero).
-# 
+# only hold 3.6 GB. Weights are MindSpore's default initializers, and the output layers sgm zero-initialises are
+# randomised (randomise_zero_initialised below), as diffusers' initialisation leaves them.
+#
 # Reference: diffusers' UNet2DConditionModel with SDXL base's config values (the unet/config.json of
 # stabilityai/stable-diffusion-xl-base-1.0, typed in here), default initialisation.
 
