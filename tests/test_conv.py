@@ -7,7 +7,7 @@ import pytest
 from mindspore import nn, ops
 
 import gm.modules.conv as conv_module
-from gm.modules.conv import Conv2d
+from gm.modules.conv import Conv2d, freeze_convolutions
 from gm.modules.frozen_weights import FrozenConv2d, store_frozen_weights
 from test_unet import relative_error
 
@@ -63,10 +63,12 @@ def test_matmul_conv_equals_native_conv(case, max_columns_bytes, mode, monkeypat
         assert relative_error(a, b) < 1e-5, name
 
 
+@pytest.mark.parametrize("storage", ["float32", "float16"])
 @pytest.mark.parametrize("mode", [ms.PYNATIVE_MODE, ms.GRAPH_MODE], ids=["pynative", "graph"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"k{c[2]}s{c[3]}p{c[4]}")
-def test_fp16_stored_weight_takes_the_cast_path_and_equals_fp32(case, mode):
-    """Its own backward (fold of W^T dout) gives the input gradient autodiff gives the fp32 conv."""
+def test_frozen_weight_takes_its_own_backward_and_equals_autodiff(case, mode, storage):
+    """A frozen weight, fp32 (freeze_convolutions) or stored in fp16 (store_frozen_weights): FrozenWeightConv's
+    own backward (fold of W^T dout) gives the input gradient autodiff gives the trainable fp32 conv."""
     in_channels, out_channels, kernel, stride, padding, height, width = case
     rng = np.random.default_rng(1)
     reference, stored = (Conv2d(in_channels, out_channels, kernel, stride=stride, padding=padding, as_matmul=True)
@@ -77,8 +79,11 @@ def test_fp16_stored_weight_takes_the_cast_path_and_equals_fp32(case, mode):
         net.weight.set_data(ms.Tensor(weight))
         net.bias.set_data(ms.Tensor(bias))
         net.bias.requires_grad = net.weight.requires_grad = False
-    assert store_frozen_weights(nn.SequentialCell([stored]), "float16") == 1
-    assert stored.low_precision_weight and stored.weight.dtype == ms.float16
+    if storage == "float16":
+        assert store_frozen_weights(nn.SequentialCell([stored]), "float16") == 1
+    else:
+        assert freeze_convolutions(nn.SequentialCell([stored])) == 1  # `reference` keeps the autodiff route
+    assert stored.frozen_weight and stored.weight.dtype == getattr(ms, storage)
     x = ms.Tensor(rng.standard_normal((2, in_channels, height, width)).astype(np.float32))
     ms.set_context(mode=mode)
     try:

@@ -87,7 +87,7 @@ def test_names_kept_frozen_bytes_halved_lora_stays_fp32(engines):
     assert all(p.dtype == ms.float32 for p in fp16.conditioner.get_parameters())  # text encoders are left alone
     unet = fp16.model.diffusion_model
     convs = [c for _, c in unet.cells_and_names() if isinstance(c, Conv2d)]
-    assert convs and all(c.low_precision_weight for c in convs)  # im2col on CPU, cast at use
+    assert convs and all(c.frozen_weight for c in convs)  # im2col on CPU, cast at use
     assert any(isinstance(c, FrozenDense) for _, c in unet.cells_and_names())
     assert all(layer.low_precision_base for layer in lora_layers(fp16))
 

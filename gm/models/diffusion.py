@@ -4,6 +4,7 @@ Parameter names follow the official checkpoint: `model.diffusion_model.*` (UNet)
 `conditioner.embedders.N.*` (text encoders), `first_stage_model.*` (VAE)."""
 from mindspore import nn
 
+from gm.modules.conv import freeze_convolutions
 from gm.modules.diffusionmodules.wrappers import OpenAIWrapper
 from gm.modules.frozen_weights import store_frozen_weights
 from gm.modules.lora import freeze_all_but_lora, inject_lora, is_lora_name
@@ -49,6 +50,9 @@ class DiffusionEngine(nn.Cell):
         if frozen_weight_dtype:
             store_frozen_weights(self.model, frozen_weight_dtype)
             store_frozen_weights(self.first_stage_model, frozen_weight_dtype)
+        # The convolutions stay frozen (LoRA is on attention only): their backward skips the weight gradient.
+        for net in (self.model, self.first_stage_model):
+            freeze_convolutions(net)
 
     def add_unet_lora(self, rank: int = 4, alpha: float = None, dropout: float = 0.0, **targets) -> int:
         """LoRA on the UNet's attention projections (`lora_config`: rank, alpha, dropout, target_modules, attentions)."""

@@ -6,9 +6,9 @@ into columns and multiplying by the (out, in*k*k) weight gives the same numbers 
 (benchmarks/bench_conv.py, RESULTS.md section 8). On Ascend/GPU the native kernel is kept.
 
 The columns are k*k times the input, so a large input (the VAE at 1024x1024) is done in strips of output
-rows that keep the columns under `MAX_COLUMNS_BYTES`. Autodiff through unfold + MatMul keeps no columns for
-the backward pass when the fp32 weight is frozen (measured on a stack of convs); a weight stored in fp16 goes
-through CastWeightConv, whose own backward keeps neither the columns nor an fp32 weight.
+rows that keep the columns under `MAX_COLUMNS_BYTES`. A frozen weight (freeze_convolutions; every conv of a
+LoRA run) goes through FrozenWeightConv, whose own backward computes only the input gradient. A trainable
+weight keeps plain autodiff.
 """
 import mindspore as ms
 from mindspore import nn, ops
@@ -21,14 +21,31 @@ def matmul_convolution_default() -> bool:
     return ms.get_context("device_target") == "CPU"
 
 
-class CastWeightConv(nn.Cell):
-    """The whole-input (no strips) im2col convolution for a frozen weight stored in fp16/bf16
-    (gm.modules.frozen_weights): the cast waits for the input, and the custom backward recomputes what it needs
-    from x and the weight, so neither the columns (k*k times x) nor an fp32 copy of the weight is kept for it."""
+def _is_pointwise(kernel_size: int, stride: int, padding: int) -> bool:
+    """A 1x1 conv without stride or padding: a plain matmul over pixels, no columns needed."""
+    return kernel_size == 1 and stride == 1 and padding == 0
+
+
+def _output_size(size: int, kernel_size: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - kernel_size) // stride + 1
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class FrozenWeightConv(nn.Cell):
+    """The whole-input (no strips) im2col convolution for a frozen weight, stored in fp32 or fp16/bf16
+    (gm.modules.frozen_weights). The cast waits for the input; the custom backward gives only the input gradient,
+    fold(W^T dout), recomputed from x's shape and the weight, so neither the columns (k*k times x) nor an fp32 copy
+    of the weight is kept for it. W^T is taken inside BatchMatMul (transpose_a): autodiff's explicit Transpose of
+    the weight made MindSpore's CPU Transpose kernel hold a buffer of twice the weight's fp32 size for the whole
+    run, per conv (gm/modules/lean_ops.py has the measurements)."""
 
     def __init__(self, kernel_size: int, stride: int, padding: int):
         super().__init__()
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+        self.matmul_transposed_weight = ops.BatchMatMul(transpose_a=True)
 
     def construct(self, x, weight):
         weight = ops.depend(weight, x).astype(x.dtype)
@@ -36,9 +53,11 @@ class CastWeightConv(nn.Cell):
 
     def bprop(self, x, weight, out, dout):
         batch, out_channels, out_height, out_width = dout.shape
-        weight_t = ops.depend(weight, dout).astype(dout.dtype).reshape(out_channels, -1).T  # (in*k*k, out)
-        grad_columns = ops.matmul(weight_t, dout.reshape(batch, out_channels, out_height * out_width))
-        if self.kernel_size == 1 and self.stride == 1 and self.padding == 0:
+        weight_2d = ops.depend(weight, dout).astype(dout.dtype).reshape(out_channels, -1)  # (out, in*k*k)
+        # CPU BatchMatMul does not broadcast its batch axis: the (small) weight is repeated per sample.
+        grad_columns = self.matmul_transposed_weight(ops.broadcast_to(weight_2d, (batch,) + weight_2d.shape),
+                                                     dout.reshape(batch, out_channels, out_height * out_width))
+        if _is_pointwise(self.kernel_size, self.stride, self.padding):
             grad_x = grad_columns.reshape(x.shape)
         else:  # fold is unfold's adjoint: it sums each column entry back onto the pixel it was read from
             grad_x = ops.fold(grad_columns, ms.Tensor(x.shape[2:], ms.int32), self.kernel_size,
@@ -51,30 +70,24 @@ def _conv_columns_matmul(x, weight_2d, kernel_size: int, stride: int, padding: i
     """x (batch, in, h, w) convolved with weight_2d (out, in*k*k) as one unfold + MatMul."""
     batch, in_channels, height, width = x.shape
     out_channels = weight_2d.shape[0]
-    if kernel_size == 1 and stride == 1 and padding == 0:  # a 1x1 conv is a plain matmul over pixels
+    if _is_pointwise(kernel_size, stride, padding):
         out = ops.matmul(weight_2d, x.reshape(batch, in_channels, height * width))
         return out.reshape(batch, out_channels, height, width)
-    out_height = (height + 2 * padding - kernel_size) // stride + 1
-    out_width = (width + 2 * padding - kernel_size) // stride + 1
+    out_height, out_width = (_output_size(size, kernel_size, stride, padding) for size in (height, width))
     columns = ops.unfold(x, kernel_size=kernel_size, padding=padding, stride=stride)  # (batch, in*k*k, pixels)
     return ops.matmul(weight_2d, columns).reshape(batch, out_channels, out_height, out_width)
 
 
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def conv2d_as_matmul(x, weight, kernel_size: int, stride: int, padding: int, low_precision_conv=None):
+def conv2d_as_matmul(x, weight, kernel_size: int, stride: int, padding: int, frozen_conv=None):
     """Convolution of x (batch, in, height, width) with weight (out, in, k, k), no dilation or groups.
-    `low_precision_conv`: a CastWeightConv for a weight stored in fp16/bf16."""
+    `frozen_conv`: a FrozenWeightConv when the weight is frozen."""
     batch, in_channels, height, width = x.shape
     out_channels = weight.shape[0]
-    out_height = (height + 2 * padding - kernel_size) // stride + 1
-    out_width = (width + 2 * padding - kernel_size) // stride + 1
+    out_height, out_width = (_output_size(size, kernel_size, stride, padding) for size in (height, width))
     columns_bytes = batch * in_channels * kernel_size**2 * out_height * out_width * 4
-    if columns_bytes <= MAX_COLUMNS_BYTES or (kernel_size == 1 and stride == 1 and padding == 0):
-        if low_precision_conv is not None:
-            return low_precision_conv(x, weight)
+    if columns_bytes <= MAX_COLUMNS_BYTES or _is_pointwise(kernel_size, stride, padding):
+        if frozen_conv is not None:
+            return frozen_conv(x, weight)
         return _conv_columns_matmul(x, weight.astype(x.dtype).reshape(out_channels, -1), kernel_size, stride, padding)
     # Strips of output rows, for inference-size inputs such as the VAE at 1024. Only here is the input padded
     # with ops.pad: a GRAPH-mode training step of the tiny model that padded every conv this way hung inside a
@@ -104,21 +117,35 @@ class Conv2d(nn.Conv2d):
                          has_bias=has_bias)
         self.as_matmul = matmul_convolution_default() if as_matmul is None else as_matmul
         self.square_kernel_size, self.square_stride, self.square_padding = kernel_size, stride, padding
-        self.low_precision_weight = False
-        self.low_precision_conv = CastWeightConv(kernel_size, stride, padding)
+        self.frozen_weight = False
+        self.frozen_conv = None
 
-    def store_weight_low_precision(self):
-        """Called by gm.modules.frozen_weights once the frozen weight is fp16/bf16."""
-        self.low_precision_weight = True
+    def freeze_weight(self):
+        """From now on this conv computes no weight gradient (FrozenWeightConv's backward): for a frozen weight,
+        in any storage dtype. Called by freeze_convolutions and gm.modules.frozen_weights, before compiling."""
+        self.frozen_weight = True
+        if self.frozen_conv is None:
+            self.frozen_conv = FrozenWeightConv(self.square_kernel_size, self.square_stride, self.square_padding)
 
     def construct(self, x):
         if not self.as_matmul:
             return super().construct(x)
         geometry = (self.square_kernel_size, self.square_stride, self.square_padding)
-        if self.low_precision_weight:
-            out = conv2d_as_matmul(x, self.weight, *geometry, self.low_precision_conv)
+        if self.frozen_weight:
+            out = conv2d_as_matmul(x, self.weight, *geometry, self.frozen_conv)
         else:
             out = conv2d_as_matmul(x, self.weight, *geometry)
         if self.has_bias:
             out = self.bias_add(out, self.bias.astype(x.dtype))
         return out
+
+
+def freeze_convolutions(net: nn.Cell) -> int:
+    """Mark every im2col Conv2d of `net` whose weight does not require a gradient as frozen (freeze_weight).
+    Call after freezing the parameters and before compiling. Returns the number of convolutions marked."""
+    marked = 0
+    for _, cell in net.cells_and_names():
+        if isinstance(cell, Conv2d) and cell.as_matmul and not cell.weight.requires_grad:
+            cell.freeze_weight()
+            marked += 1
+    return marked

@@ -123,7 +123,7 @@ def store_frozen_weights(net: nn.Cell, dtype="float16") -> int:
         if isinstance(cell, nn.Dense):
             _replace_child(parent, name, FrozenDense(cell))
         elif isinstance(cell, Conv2d) and cell.as_matmul:
-            cell.store_weight_low_precision()
+            cell.freeze_weight()
         elif isinstance(cell, nn.Conv2d):
             _replace_child(parent, name, FrozenConv2d(cell))
         elif isinstance(cell, LoRADense):
