@@ -4,6 +4,37 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from gm.modules.diffusionmodules.util import zero_module
+from gm.modules.lean_ops import GELU, softmax_backward, swap_axes
+
+
+class ScaledDotProductAttention(nn.Cell):
+    """softmax(q k^T * scale) v over (batch, heads, tokens, dim_head).
+
+    Its backward recomputes the probabilities from q and k instead of keeping them, as flash attention does:
+    they are heads x tokens^2 per sample (1.25 GiB per self-attention at the 64x64 level of a 1024x1024 image),
+    q, k and v are tokens x dim. Every transpose sits inside BatchMatMul's flags (gm/modules/lean_ops.py: an
+    explicit Transpose holds twice its output on MindSpore's CPU backend)."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = scale
+        self.softmax = ops.Softmax(axis=-1)
+        self.matmul = ops.BatchMatMul()
+        self.matmul_transposed_b = ops.BatchMatMul(transpose_b=True)
+        self.matmul_transposed_a = ops.BatchMatMul(transpose_a=True)
+
+    def construct(self, q, k, v):
+        probabilities = self.softmax(self.matmul_transposed_b(q * self.scale, k))
+        return self.matmul(probabilities, v)
+
+    def bprop(self, q, k, v, out, dout):
+        scaled_q = q * self.scale
+        probabilities = self.softmax(self.matmul_transposed_b(scaled_q, k))
+        grad_v = self.matmul_transposed_a(probabilities, dout)
+        grad_scores = softmax_backward(probabilities, self.matmul_transposed_b(dout, v))
+        grad_q = self.matmul(grad_scores, k) * self.scale
+        grad_k = self.matmul_transposed_a(grad_scores, scaled_q)
+        return grad_q, grad_k, grad_v
 
 
 class CrossAttention(nn.Cell):
@@ -15,7 +46,7 @@ class CrossAttention(nn.Cell):
         inner_dim = heads * dim_head
         context_dim = query_dim if context_dim is None else context_dim
         self.heads = heads
-        self.scale = dim_head**-0.5
+        self.attention = ScaledDotProductAttention(dim_head**-0.5)
         self.to_q = nn.Dense(query_dim, inner_dim, has_bias=False)
         self.to_k = nn.Dense(context_dim, inner_dim, has_bias=False)
         self.to_v = nn.Dense(context_dim, inner_dim, has_bias=False)
@@ -23,19 +54,17 @@ class CrossAttention(nn.Cell):
 
     def _split_heads(self, x):
         batch, tokens, _ = x.shape
-        return x.reshape(batch, tokens, self.heads, -1).transpose(0, 2, 1, 3)
+        return swap_axes(x.reshape(batch, tokens, self.heads, -1), 1, 2)
 
     def construct(self, x, context=None):
         context = x if context is None else context
         q = self._split_heads(self.to_q(x))
         k = self._split_heads(self.to_k(context))
         v = self._split_heads(self.to_v(context))
-        # Scores and softmax in fp32 whatever the compute dtype: fp16 softmax over 4096 tokens overflows.
-        scores = ops.matmul(q.astype(ms.float32) * self.scale, k.astype(ms.float32).swapaxes(-1, -2))
-        weights = ops.softmax(scores, axis=-1).astype(v.dtype)
-        out = ops.matmul(weights, v)
+        # In fp32 whatever the compute dtype: fp16 softmax over 4096 tokens overflows.
+        out = self.attention(q.astype(ms.float32), k.astype(ms.float32), v.astype(ms.float32)).astype(v.dtype)
         batch, _, tokens, _ = out.shape
-        out = out.transpose(0, 2, 1, 3).reshape(batch, tokens, -1)
+        out = swap_axes(out, 1, 2).reshape(batch, tokens, -1)
         return self.to_out(out)
 
 
@@ -45,10 +74,11 @@ class GEGLU(nn.Cell):
     def __init__(self, dim_in: int, dim_out: int):
         super().__init__()
         self.proj = nn.Dense(dim_in, dim_out * 2)
+        self.gelu = GELU()
 
     def construct(self, x):
         value, gate = ops.chunk(self.proj(x), 2, axis=-1)
-        return value * ops.gelu(gate, approximate="none")
+        return value * self.gelu(gate)
 
 
 class FeedForward(nn.Cell):
@@ -93,9 +123,9 @@ class SpatialTransformer(nn.Cell):
     def construct(self, x, context):
         batch, channels, height, width = x.shape
         x_in = x
-        x = self.norm(x).reshape(batch, channels, height * width).swapaxes(1, 2)
+        x = swap_axes(self.norm(x).reshape(batch, channels, height * width), 1, 2)
         x = self.proj_in(x)
         for block in self.transformer_blocks:
             x = block(x, context)
         x = self.proj_out(x)
-        return x.swapaxes(1, 2).reshape(batch, channels, height, width) + x_in
+        return swap_axes(x, 1, 2).reshape(batch, channels, height, width) + x_in

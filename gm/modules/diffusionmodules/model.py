@@ -58,15 +58,18 @@ class AttnBlock(nn.Cell):
         self.v = conv(in_channels, in_channels, 1)
         self.proj_out = conv(in_channels, in_channels, 1)
         self.scale = in_channels ** -0.5
+        self.softmax = ops.Softmax(axis=-1)
+        self.matmul_transposed_a = ops.BatchMatMul(transpose_a=True)
+        self.matmul_transposed_b = ops.BatchMatMul(transpose_b=True)
 
     def construct(self, x):
         h = self.norm(x)
         b, c, height, width = h.shape
-        q = self.q(h).reshape(b, c, height * width).transpose(0, 2, 1)  # (b, hw, c)
-        k = self.k(h).reshape(b, c, height * width)  # (b, c, hw)
-        v = self.v(h).reshape(b, c, height * width)  # (b, c, hw)
-        weights = ops.softmax(ops.bmm(q, k) * self.scale, axis=-1)  # (b, hw query, hw key)
-        h = ops.bmm(v, weights.transpose(0, 2, 1)).reshape(b, c, height, width)
+        q, k, v = (layer(h).reshape(b, c, height * width) for layer in (self.q, self.k, self.v))  # (b, c, hw)
+        # The transposes sit in BatchMatMul's flags: an explicit Transpose of the (hw, hw) weights holds twice their
+        # size on MindSpore's CPU backend (gm/modules/lean_ops.py), and they are 1 GiB for a 1024x1024 image.
+        weights = self.softmax(self.matmul_transposed_a(q, k) * self.scale)  # (b, hw query, hw key)
+        h = self.matmul_transposed_b(v, weights).reshape(b, c, height, width)
         return x + self.proj_out(h)
 
 

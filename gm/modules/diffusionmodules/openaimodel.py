@@ -7,6 +7,7 @@ from mindspore import nn, ops
 
 from gm.modules.attention import SpatialTransformer
 from gm.modules.conv import Conv2d
+from gm.modules.lean_ops import add_broadcast
 from gm.modules.diffusionmodules.util import normalization, timestep_embedding, zero_module
 
 
@@ -30,7 +31,7 @@ class ResBlock(nn.Cell):
 
     def construct(self, x, emb):
         h = self.in_layers(x)
-        h = h + self.emb_layers(emb)[:, :, None, None]
+        h = add_broadcast(h, self.emb_layers(emb)[:, :, None, None])
         h = self.out_layers(h)
         skip = self.skip_connection(x) if self.has_skip_projection else x
         return skip + h

@@ -10,6 +10,8 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
 
+from gm.modules.lean_ops import GELU
+
 LAYER_NORM_EPS = 1e-5  # CLIP and OpenCLIP both use torch's default (MindSpore's default is 1e-7)
 
 
@@ -24,7 +26,7 @@ def activation(name: str) -> nn.Cell:
     if name == "quick_gelu":
         return QuickGELU()
     if name == "gelu":
-        return nn.GELU(approximate=False)  # exact erf GELU; MindSpore's default is the tanh approximation
+        return GELU()  # exact erf GELU (MindSpore's nn.GELU default is the tanh approximation)
     raise ValueError(f"act must be 'quick_gelu' or 'gelu', got {name!r}")
 
 

@@ -1,0 +1,96 @@
+"""gm/modules/lean_ops.py and the attention built on it equal torch autograd: outputs and every input gradient,
+in PyNative and GRAPH mode (their backward passes are written by hand)."""
+import mindspore as ms
+import numpy as np
+import pytest
+import torch
+from mindspore import nn, ops
+
+from gm.modules.attention import ScaledDotProductAttention
+from gm.modules.lean_ops import GELU, add_broadcast, softmax_backward, swap_axes
+from test_unet import relative_error
+
+MODES = pytest.mark.parametrize("mode", [ms.PYNATIVE_MODE, ms.GRAPH_MODE], ids=["pynative", "graph"])
+
+
+class WeightedSum(nn.Cell):
+    """sum(net(*inputs) * weights): a loss whose gradient reaches every output element differently."""
+
+    def __init__(self, net, weights):
+        super().__init__()
+        self.net, self.weights = net, weights
+
+    def construct(self, *inputs):
+        return (self.net(*inputs) * self.weights).sum()
+
+
+def _ours(net, inputs, weights, mode):
+    tensors = [ms.Tensor(a) for a in inputs]
+    ms.set_context(mode=mode)
+    try:
+        out = net(*tensors).asnumpy()
+        grads = ops.GradOperation(get_all=True)(WeightedSum(net, ms.Tensor(weights)))(*tensors)
+    finally:
+        ms.set_context(mode=ms.PYNATIVE_MODE)
+    return out, [g.asnumpy() for g in grads]
+
+
+def _torch(fn, inputs, weights):
+    tensors = [torch.from_numpy(a).requires_grad_(True) for a in inputs]
+    out = fn(*tensors)
+    (out * torch.from_numpy(weights)).sum().backward()
+    return out.detach().numpy(), [t.grad.numpy() for t in tensors]
+
+
+def _assert_close(got, want, tolerance):
+    (out, grads), (want_out, want_grads) = got, want
+    assert out.shape == want_out.shape and relative_error(out, want_out) < tolerance
+    for index, (a, b) in enumerate(zip(grads, want_grads)):
+        assert a.shape == b.shape and relative_error(a, b) < tolerance, f"gradient of input {index}"
+
+
+@MODES
+def test_gelu_equals_torch_exact_gelu(mode):
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((3, 5, 64)) * 3).astype(np.float32)  # reaches both tails
+    weights = rng.standard_normal(x.shape).astype(np.float32)
+    want = _torch(lambda t: torch.nn.functional.gelu(t, approximate="none"), [x], weights)
+    _assert_close(_ours(GELU(), [x], weights, mode), want, 1e-6)
+
+
+@MODES
+@pytest.mark.parametrize("tokens", [(16, 16), (16, 7)], ids=["self", "cross"])
+def test_attention_equals_torch_and_its_backward_recomputes_correctly(tokens, mode):
+    rng = np.random.default_rng(1)
+    batch, heads, dim_head = 2, 3, 8
+    queries, keys = tokens
+    q = rng.standard_normal((batch, heads, queries, dim_head)).astype(np.float32)
+    k = rng.standard_normal((batch, heads, keys, dim_head)).astype(np.float32)
+    v = rng.standard_normal((batch, heads, keys, dim_head)).astype(np.float32)
+    weights = rng.standard_normal((batch, heads, queries, dim_head)).astype(np.float32)
+    scale = dim_head**-0.5
+
+    def reference(q, k, v):
+        return torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1) @ v
+
+    want = _torch(reference, [q, k, v], weights)
+    _assert_close(_ours(ScaledDotProductAttention(scale), [q, k, v], weights, mode), want, 1e-5)
+
+
+def test_softmax_backward_is_the_softmax_jacobian_product():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((4, 6, 9)).astype(np.float32)
+    grad_out = rng.standard_normal(x.shape).astype(np.float32)
+    x_torch = torch.from_numpy(x).requires_grad_(True)
+    probabilities = torch.softmax(x_torch, dim=-1)
+    probabilities.backward(torch.from_numpy(grad_out))
+    got = softmax_backward(ms.Tensor(probabilities.detach().numpy()), ms.Tensor(grad_out)).asnumpy()
+    assert relative_error(got, x_torch.grad.numpy()) < 1e-6
+
+
+def test_add_broadcast_and_swap_axes_are_the_plain_ops():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 5, 4, 3)).astype(np.float32)
+    y = rng.standard_normal((2, 5, 1, 1)).astype(np.float32)
+    np.testing.assert_array_equal(add_broadcast(ms.Tensor(x), ms.Tensor(y)).asnumpy(), x + y)
+    np.testing.assert_array_equal(swap_axes(ms.Tensor(x), 1, 2).asnumpy(), x.swapaxes(1, 2))
