@@ -8,6 +8,7 @@ from mindspore.nn.utils import no_init_parameters
 from omegaconf import OmegaConf
 
 from conftest import BASE_CONFIG, KEYS, TINY_CONFIG, read_key_yaml
+from gm.modules.conv import freeze_convolutions
 from gm.modules.diffusionmodules.wrappers import OpenAIWrapper
 from gm.util import instantiate_from_config, load_params
 from tools.model_conversion.diffusers_unet import unet_from_official, unet_to_official
@@ -107,7 +108,7 @@ def tiny_pair():
         emb = reference.get_time_embed(sample=torch.from_numpy(inputs["x"]), timestep=torch.from_numpy(inputs["t"]))
         emb = reference.time_embedding(emb) + reference.add_embedding(torch.from_numpy(inputs["y"]))
         expected = _diffusers_forward_with_emb(reference, torch.from_numpy(inputs["x"]), emb, torch.from_numpy(inputs["context"]))
-    return unet, inputs, expected.numpy()
+    return unet, inputs, expected.numpy(), reference
 
 
 def _diffusers_forward_with_emb(model, sample, emb, context):
@@ -137,12 +138,12 @@ def run_ours(unet, inputs):
 
 
 def test_tiny_unet_matches_diffusers(tiny_pair):
-    unet, inputs, expected = tiny_pair
+    unet, inputs, expected, _ = tiny_pair
     assert relative_error(run_ours(unet, inputs), expected) < 1e-4
 
 
 def test_tiny_unet_graph_mode_equals_pynative(tiny_pair):
-    unet, inputs, expected = tiny_pair
+    unet, inputs, expected, _ = tiny_pair
     pynative = run_ours(unet, inputs)
     ms.set_context(mode=ms.GRAPH_MODE)
     try:
@@ -151,3 +152,35 @@ def test_tiny_unet_graph_mode_equals_pynative(tiny_pair):
         ms.set_context(mode=ms.PYNATIVE_MODE)
     assert relative_error(graph, pynative) < 1e-5
     assert relative_error(graph, expected) < 1e-4
+
+
+class _WeightedOutput(nn.Cell):
+    def __init__(self, unet, weights):
+        super().__init__()
+        self.unet, self.weights = unet, weights
+
+    def construct(self, x, t, context, y):
+        return (self.unet(x, t, context, y) * self.weights).sum()
+
+
+def test_tiny_unet_input_gradients_match_diffusers(tiny_pair):
+    """Through the whole frozen UNet (as in a LoRA run), the hand-written backward passes of the frozen convolutions,
+    the attention and GELU give torch autograd's gradients for the latents, the text context and the vector."""
+    unet, inputs, _, reference = tiny_pair
+    for param in unet.get_parameters():
+        param.requires_grad = False
+    assert freeze_convolutions(unet) > 0
+    weights = np.random.default_rng(5).standard_normal(run_ours(unet, inputs).shape).astype(np.float32)
+    ms.set_context(mode=ms.GRAPH_MODE)
+    try:
+        grads = ms.ops.GradOperation(get_all=True)(_WeightedOutput(unet, ms.Tensor(weights)))(
+            *(ms.Tensor(inputs[k]) for k in ("x", "t", "context", "y")))
+    finally:
+        ms.set_context(mode=ms.PYNATIVE_MODE)
+    ours = dict(x=grads[0].asnumpy(), context=grads[2].asnumpy(), y=grads[3].asnumpy())
+    x, context, y = (torch.from_numpy(inputs[k]).requires_grad_(True) for k in ("x", "context", "y"))
+    emb = reference.get_time_embed(sample=x, timestep=torch.from_numpy(inputs["t"]))
+    emb = reference.time_embedding(emb) + reference.add_embedding(y)
+    (_diffusers_forward_with_emb(reference, x, emb, context) * torch.from_numpy(weights)).sum().backward()
+    for name, tensor in (("x", x), ("context", context), ("y", y)):
+        assert relative_error(ours[name], tensor.grad.numpy()) < 1e-4, name
