@@ -1,11 +1,18 @@
 """gm/modules/lean_ops.py and the attention built on it equal torch autograd: outputs and every input gradient,
 in PyNative and GRAPH mode (their backward passes are written by hand)."""
+import os
+import re
+import subprocess
+import sys
+
 import mindspore as ms
 import numpy as np
 import pytest
 import torch
 from mindspore import nn, ops
 
+from conftest import ROOT, TINY_CONFIG
+from gradients import Gradients
 from gm.modules.attention import ScaledDotProductAttention
 from gm.modules.lean_ops import GELU, add_broadcast, softmax_backward, swap_axes
 from test_unet import relative_error
@@ -29,7 +36,7 @@ def _ours(net, inputs, weights, mode):
     ms.set_context(mode=mode)
     try:
         out = net(*tensors).asnumpy()
-        grads = ops.GradOperation(get_all=True)(WeightedSum(net, ms.Tensor(weights)))(*tensors)
+        grads = Gradients(WeightedSum(net, ms.Tensor(weights)))(*tensors)
     finally:
         ms.set_context(mode=ms.PYNATIVE_MODE)
     return out, [g.asnumpy() for g in grads]
@@ -94,3 +101,67 @@ def test_add_broadcast_and_swap_axes_are_the_plain_ops():
     y = rng.standard_normal((2, 5, 1, 1)).astype(np.float32)
     np.testing.assert_array_equal(add_broadcast(ms.Tensor(x), ms.Tensor(y)).asnumpy(), x + y)
     np.testing.assert_array_equal(swap_axes(ms.Tensor(x), 1, 2).asnumpy(), x.swapaxes(1, 2))
+
+
+_COMPILE_TINY_UNET_GRADIENT = """
+import sys
+import mindspore as ms
+import numpy as np
+from omegaconf import OmegaConf
+from gm.modules.conv import freeze_convolutions
+from gm.util import instantiate_from_config
+ms.set_device("CPU")
+ms.set_context(mode=ms.GRAPH_MODE)
+config = OmegaConf.load(sys.argv[1]).model.params.network_config
+unet = instantiate_from_config(config)
+for param in unet.get_parameters():
+    param.requires_grad = False
+freeze_convolutions(unet)
+p = config.params
+inputs = [np.ones((2, 4, 8, 8), np.float32), np.array([3.0, 917.0], np.float32),
+          np.ones((2, 77, p.context_dim), np.float32), np.ones((2, p.adm_in_channels), np.float32)]
+class Loss(ms.nn.Cell):
+    def __init__(self):
+        super().__init__()
+        self.unet = unet
+    def construct(self, x, t, context, y):
+        return (self.unet(x, t, context, y) ** 2).sum()
+ms.ops.GradOperation(get_all=True)(Loss())(*(ms.Tensor(a) for a in inputs))[0].asnumpy()
+"""
+
+
+def _kernel_graph_nodes(path):
+    """(op, input shapes, output shape, scope) of every CNode in a dumped kernel-graph IR file."""
+    node = re.compile(r"^\s+%\d+\([^)]*\) = (?:PrimFunc_)?(\w+)\(")
+    shape = re.compile(r"<Tensor\[\w+\], \(([\d, ]*)\)")
+    lines = path.read_text().splitlines()
+    for index, line in enumerate(lines[:-1]):
+        match = node.match(line)
+        if not match or "->" not in lines[index + 1]:
+            continue
+        inputs, output = lines[index + 1].split("->", 1)
+        shapes = [tuple(int(d) for d in s.split(",") if d.strip()) for s in shape.findall(inputs)]
+        outputs = [tuple(int(d) for d in s.split(",") if d.strip()) for s in shape.findall(output)]
+        scope = next((l for l in lines[index + 2:index + 8] if "Fullname with scope" in l), "")
+        yield match.group(1), shapes, outputs[0] if outputs else None, scope
+
+
+def test_unet_training_graph_has_no_buffer_holding_kernels(tmp_path):
+    """The GRAPH-mode gradient of the tiny UNet, as MindSpore compiles it, has none of the kernels that hold a
+    buffer per op on CPU (lean_ops): no Transpose, no GeLU, no Add/Sub/Div/RealDiv with a broadcast tensor."""
+    env = dict(os.environ, MS_DEV_SAVE_GRAPHS="1", MS_DEV_DUMP_IR_PASSES="graph_build",
+               MS_DEV_SAVE_GRAPHS_PATH=str(tmp_path / "ir"), PYTHONPATH=str(ROOT))
+    script = tmp_path / "compile_tiny_unet_gradient.py"  # a file: GRAPH mode reads the Cell's source
+    script.write_text(_COMPILE_TINY_UNET_GRADIENT)
+    run = subprocess.run([sys.executable, str(script), str(TINY_CONFIG)], env=env, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    graphs = sorted((tmp_path / "ir").glob("graph_build_*.ir"))
+    assert graphs, "MindSpore wrote no kernel graph"
+    nodes = [node for path in graphs for node in _kernel_graph_nodes(path)]  # the UNet, its backward, the loss
+    ops_seen = {op for op, _, _, _ in nodes}
+    assert {"BatchMatMul", "MatMul", "Softmax"} <= ops_seen  # the UNet and its backward are in the parsed graph
+    holding = [(op, shapes, out) for op, shapes, out, _ in nodes
+               if op in ("Transpose", "GeLU", "GeLUGrad")
+               or (op in ("Add", "Sub", "Div", "RealDiv") and out and any(s and s != out for s in shapes))]
+    assert not holding, holding[:5]
