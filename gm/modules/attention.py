@@ -28,6 +28,7 @@ class ScaledDotProductAttention(nn.Cell):
         return self.matmul(probabilities, v)
 
     def bprop(self, q, k, v, out, dout):
+        dout = dout.astype(v.dtype)  # under Cell.to_float the incoming gradient may keep the caller's dtype
         scaled_q = q * self.scale
         probabilities = self.softmax(self.matmul_transposed_b(scaled_q, k))
         grad_v = self.matmul_transposed_a(probabilities, dout)

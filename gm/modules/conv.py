@@ -53,7 +53,8 @@ class FrozenWeightConv(nn.Cell):
 
     def bprop(self, x, weight, out, dout):
         batch, out_channels, out_height, out_width = dout.shape
-        weight_2d = ops.depend(weight, dout).astype(dout.dtype).reshape(out_channels, -1)  # (out, in*k*k)
+        dout = dout.astype(x.dtype)  # under Cell.to_float the incoming gradient may keep the caller's dtype
+        weight_2d = ops.depend(weight, dout).astype(x.dtype).reshape(out_channels, -1)  # (out, in*k*k)
         # CPU BatchMatMul does not broadcast its batch axis: the (small) weight is repeated per sample.
         grad_columns = self.matmul_transposed_weight(ops.broadcast_to(weight_2d, (batch,) + weight_2d.shape),
                                                      dout.reshape(batch, out_channels, out_height * out_width))

@@ -46,6 +46,7 @@ class GELU(nn.Cell):
         return 0.5 * x * (1.0 + ops.erf(x * SQRT_HALF))
 
     def bprop(self, x, out, dout):
+        dout = dout.astype(x.dtype)  # under Cell.to_float the incoming gradient may keep the caller's dtype
         cdf = 0.5 * (1.0 + ops.erf(x * SQRT_HALF))
         pdf = ops.exp(-0.5 * x * x) * INV_SQRT_2PI
         return (dout * (cdf + x * pdf),)
