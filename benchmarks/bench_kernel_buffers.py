@@ -22,9 +22,8 @@ ROWS, COLUMNS, CHAIN = 16384, 1024, 16
 SHAPE_4D = (16, ROWS // 16, 16, COLUMNS // 16)  # (batch, tokens, heads, dim_head): the attention head split
 
 
-def _ops(case):
-    """The op applied CHAIN times: fn(x, row, column) -> tensor of x's shape."""
-    import mindspore as ms
+def _cases():
+    """name -> fn(x, row, column), the op chained; module-level defs because GRAPH mode cannot parse lambdas."""
     from mindspore import nn, ops
 
     from gm.modules.lean_ops import GELU, add_broadcast, softmax_backward, swap_axes
@@ -37,26 +36,57 @@ def _ops(case):
             return (softmax_backward(out, dout),)
 
     gelu, lean_softmax = GELU(), LeanSoftmax()
-    return {
-        "mul_scalar": lambda x, row, column: x * 0.5,
-        "add_row": lambda x, row, column: x + row,
-        "add_row_lean": lambda x, row, column: add_broadcast(x, row),
-        "bias_add": lambda x, row, column: ops.bias_add(x, row),
-        "sub_column": lambda x, row, column: x - column,
-        "sub_column_lean": lambda x, row, column: x - ops.broadcast_to(column, x.shape),
-        "mul_column": lambda x, row, column: x * column,
-        "gelu": lambda x, row, column: ops.gelu(x, approximate="none"),
-        "gelu_lean": lambda x, row, column: gelu(x),
-        "softmax": lambda x, row, column: ops.softmax(x, -1),
-        "softmax_lean": lambda x, row, column: lean_softmax(x),
-        "transpose": lambda x, row, column: x.reshape(SHAPE_4D).transpose(0, 2, 1, 3).reshape(ROWS, COLUMNS),
-        "transpose_lean": lambda x, row, column: swap_axes(x.reshape(SHAPE_4D), 1, 2).reshape(ROWS, COLUMNS),
-    }[case], ms
+
+    def mul_scalar(x, row, column):
+        return x * 0.5
+
+    def add_row(x, row, column):
+        return x + row
+
+    def add_row_lean(x, row, column):
+        return add_broadcast(x, row)
+
+    def bias_add(x, row, column):
+        return ops.bias_add(x, row)
+
+    def sub_column(x, row, column):
+        return x - column
+
+    def sub_column_lean(x, row, column):
+        return x - ops.broadcast_to(column, x.shape)
+
+    def mul_column(x, row, column):
+        return x * column
+
+    def gelu_native(x, row, column):
+        return ops.gelu(x, approximate="none")
+
+    def gelu_lean(x, row, column):
+        return gelu(x)
+
+    def softmax(x, row, column):
+        return ops.softmax(x, -1)
+
+    def softmax_lean(x, row, column):
+        return lean_softmax(x)
+
+    def transpose(x, row, column):
+        return x.reshape(SHAPE_4D).transpose(0, 2, 1, 3).reshape(ROWS, COLUMNS)
+
+    def transpose_lean(x, row, column):
+        return swap_axes(x.reshape(SHAPE_4D), 1, 2).reshape(ROWS, COLUMNS)
+
+    return dict(mul_scalar=mul_scalar, add_row=add_row, add_row_lean=add_row_lean, bias_add=bias_add,
+                sub_column=sub_column, sub_column_lean=sub_column_lean, mul_column=mul_column, gelu=gelu_native,
+                gelu_lean=gelu_lean, softmax=softmax, softmax_lean=softmax_lean, transpose=transpose,
+                transpose_lean=transpose_lean)
 
 
 def measure(case: str, train: bool) -> dict:
-    op, ms = _ops(case)
+    import mindspore as ms
     from mindspore import nn, ops
+
+    op = _cases()[case]
 
     ms.set_device("CPU")
     ms.set_context(mode=ms.GRAPH_MODE)
