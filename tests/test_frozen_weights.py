@@ -79,6 +79,8 @@ def engines():
 def test_names_kept_frozen_bytes_halved_lora_stays_fp32(engines):
     fp32, fp16, _ = engines
     assert [n for n, _ in fp32.parameters_and_names()] == [n for n, _ in fp16.parameters_and_names()]
+    # each Parameter's own name (what ms.save_checkpoint and Cell.compile use) is its path, unique
+    assert all(param.name == path for path, param in fp16.parameters_and_names())
     for part in ("model", "first_stage_model"):
         frozen32 = sum(p.nbytes for n, p in getattr(fp32, part).parameters_and_names() if ".lora_" not in n)
         frozen16 = sum(p.nbytes for n, p in getattr(fp16, part).parameters_and_names() if ".lora_" not in n)

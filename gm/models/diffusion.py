@@ -50,6 +50,7 @@ class DiffusionEngine(nn.Cell):
         if frozen_weight_dtype:
             store_frozen_weights(self.model, frozen_weight_dtype)
             store_frozen_weights(self.first_stage_model, frozen_weight_dtype)
+            self._name_and_freeze()  # the cast-at-use layers re-register the Parameters under short names
         # The convolutions stay frozen (LoRA is on attention only): their backward skips the weight gradient.
         for net in (self.model, self.first_stage_model):
             freeze_convolutions(net)
