@@ -9,7 +9,7 @@ import mindspore as ms
 import numpy as np
 import pytest
 import torch
-from mindspore import nn, ops
+from mindspore import nn
 
 from conftest import ROOT, TINY_CONFIG
 from gradients import Gradients
