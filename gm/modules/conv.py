@@ -118,24 +118,23 @@ class Conv2d(nn.Conv2d):
                          has_bias=has_bias)
         self.as_matmul = matmul_convolution_default() if as_matmul is None else as_matmul
         self.square_kernel_size, self.square_stride, self.square_padding = kernel_size, stride, padding
-        self.frozen_weight = False
-        self.frozen_conv = None
+        self.frozen_conv = None  # a FrozenWeightConv once freeze_weight is called
+
+    @property
+    def frozen_weight(self) -> bool:
+        return self.frozen_conv is not None
 
     def freeze_weight(self):
         """From now on this conv computes no weight gradient (FrozenWeightConv's backward): for a frozen weight,
         in any storage dtype. Called by freeze_convolutions and gm.modules.frozen_weights, before compiling."""
-        self.frozen_weight = True
         if self.frozen_conv is None:
             self.frozen_conv = FrozenWeightConv(self.square_kernel_size, self.square_stride, self.square_padding)
 
     def construct(self, x):
         if not self.as_matmul:
             return super().construct(x)
-        geometry = (self.square_kernel_size, self.square_stride, self.square_padding)
-        if self.frozen_weight:
-            out = conv2d_as_matmul(x, self.weight, *geometry, self.frozen_conv)
-        else:
-            out = conv2d_as_matmul(x, self.weight, *geometry)
+        out = conv2d_as_matmul(x, self.weight, self.square_kernel_size, self.square_stride, self.square_padding,
+                               self.frozen_conv)
         if self.has_bias:
             out = self.bias_add(out, self.bias.astype(x.dtype))
         return out
