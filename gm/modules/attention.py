@@ -4,7 +4,7 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from gm.modules.diffusionmodules.util import zero_module
-from gm.modules.lean_ops import GELU, softmax_backward, swap_axes
+from gm.modules.lean_ops import GELU, swap_axes
 
 
 class ScaledDotProductAttention(nn.Cell):
@@ -32,7 +32,12 @@ class ScaledDotProductAttention(nn.Cell):
         scaled_q = q * self.scale
         probabilities = self.softmax(self.matmul_transposed_b(scaled_q, k))
         grad_v = self.matmul_transposed_a(probabilities, dout)
-        grad_scores = softmax_backward(probabilities, self.matmul_transposed_b(dout, v))
+        # Softmax's backward P * (dP - D), dP = dout v^T, D = rowsum(P * dP), with no tokens^2 reduction, broadcast
+        # or Sub: D = rowsum(dout * out) (tokens x dim_head, as flash attention), and the subtraction rides in the
+        # MatMul as one more column, dP - D = [dout, -D] [v, 1]^T.
+        row_sums = (dout * out.astype(dout.dtype)).sum(-1, keepdims=True)
+        ones = ops.ones(v.shape[:-1] + (1,), v.dtype)
+        grad_scores = probabilities * self.matmul_transposed_b(ops.cat((dout, -row_sums), -1), ops.cat((v, ones), -1))
         grad_q = self.matmul(grad_scores, k) * self.scale
         grad_k = self.matmul_transposed_a(grad_scores, scaled_q)
         return grad_q, grad_k, grad_v
