@@ -76,8 +76,18 @@ def _cases():
     def transpose_lean(x, row, column):
         return swap_axes(x.reshape(SHAPE_4D), 1, 2).reshape(ROWS, COLUMNS)
 
+    def split_stack(x, row, column):  # a per-sample loop's split and re-join (gm.modules.conv.WeightMatMul)
+        return ops.stack(ops.Split(0, 2)(x.reshape(2, ROWS // 2, COLUMNS))).reshape(ROWS, COLUMNS)
+
+    def split_concat(x, row, column):
+        return ops.cat(ops.Split(0, 2)(x), 0)
+
+    def slice_concat(x, row, column):
+        return ops.cat((x[:ROWS // 2], x[ROWS // 2:]), 0)
+
     return dict(mul_scalar=mul_scalar, add_row=add_row, add_row_lean=add_row_lean, bias_add=bias_add,
                 sub_column=sub_column, sub_column_lean=sub_column_lean, mul_column=mul_column, gelu=gelu_native,
+                split_stack=split_stack, split_concat=split_concat, slice_concat=slice_concat,
                 gelu_lean=gelu_lean, softmax=softmax, softmax_lean=softmax_lean, transpose=transpose,
                 transpose_lean=transpose_lean)
 
@@ -125,7 +135,8 @@ def measure(case: str, train: bool) -> dict:
 
 
 CASES = ["mul_scalar", "add_row", "add_row_lean", "bias_add", "sub_column", "sub_column_lean", "mul_column",
-         "gelu", "gelu_lean", "softmax", "softmax_lean", "transpose", "transpose_lean"]
+         "gelu", "gelu_lean", "softmax", "softmax_lean", "transpose", "transpose_lean", "split_stack", "split_concat",
+         "slice_concat"]
 
 
 def main():

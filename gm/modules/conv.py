@@ -38,25 +38,26 @@ class FrozenWeightConv(nn.Cell):
     """The whole-input (no strips) im2col convolution for a frozen weight, stored in fp32 or fp16/bf16
     (gm.modules.frozen_weights). The cast waits for the input; the custom backward gives only the input gradient,
     fold(W^T dout), recomputed from x's shape and the weight, so neither the columns (k*k times x) nor an fp32 copy
-    of the weight is kept for it. W^T is taken inside MatMul (transpose_a): autodiff's explicit Transpose of
+    of the weight is kept for it. W^T is taken inside BatchMatMul (transpose_a): autodiff's explicit Transpose of
     the weight made MindSpore's CPU Transpose kernel hold a buffer of twice the weight's fp32 size for the whole
     run, per conv (gm/modules/lean_ops.py has the measurements)."""
 
     def __init__(self, kernel_size: int, stride: int, padding: int):
         super().__init__()
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
-        self.weight_matmul, self.transposed_weight_matmul = WeightMatMul(), WeightMatMul(transpose_weight=True)
+        self.matmul_transposed_weight = ops.BatchMatMul(transpose_a=True)
 
     def construct(self, x, weight):
         weight = ops.depend(weight, x).astype(x.dtype)
-        return _conv_columns_matmul(x, weight.reshape(weight.shape[0], -1), self.kernel_size, self.stride, self.padding,
-                                    self.weight_matmul)
+        return _conv_columns_matmul(x, weight.reshape(weight.shape[0], -1), self.kernel_size, self.stride, self.padding)
 
     def bprop(self, x, weight, out, dout):
         batch, out_channels, out_height, out_width = dout.shape
         dout = dout.astype(x.dtype)  # under Cell.to_float the incoming gradient may keep the caller's dtype
         weight_2d = ops.depend(weight, dout).astype(x.dtype).reshape(out_channels, -1)  # (out, in*k*k)
-        grad_columns = self.transposed_weight_matmul(weight_2d, dout.reshape(batch, out_channels, out_height * out_width))
+        # CPU BatchMatMul does not broadcast its batch axis: the (small) weight is repeated per sample.
+        grad_columns = self.matmul_transposed_weight(ops.broadcast_to(weight_2d, (batch,) + weight_2d.shape),
+                                                     dout.reshape(batch, out_channels, out_height * out_width))
         if _is_pointwise(self.kernel_size, self.stride, self.padding):
             grad_x = grad_columns.reshape(x.shape)
         else:  # fold is unfold's adjoint: it sums each column entry back onto the pixel it was read from
@@ -66,49 +67,39 @@ class FrozenWeightConv(nn.Cell):
         return grad_x, ops.zeros_like(weight)
 
 
-class WeightMatMul(nn.Cell):
-    """weight_2d (or its transpose) times every sample of `batched` (batch, rows, pixels): (batch, out, pixels).
+def _weight_times_samples(weight_2d, batched):
+    """weight_2d (out, rows) times every sample of `batched` (batch, rows, pixels): (batch, out, pixels).
 
     CPU BatchMatMul does not broadcast its batch axis, so there are two ways, measured on SDXL's 3x3 convs
-    (RESULTS.md section 11): copy the weight per sample (BroadcastTo) for one BatchMatMul, or one 2-D MatMul per
-    sample. The copy costs about as much as a MatMul over one output row per pixel and the per-sample MatMuls
-    are slower on long rows of pixels: the copy wins where the pixels outnumber the weight's output rows (the
-    64x64 and 32x32 levels of a 512x512 image), the per-sample MatMuls elsewhere (2x faster at 1280 channels,
-    16x16). A Cell, not a function: a function used by both a Cell's construct and its bprop fails to compile
-    in GRAPH mode ("func graph is empty"), so FrozenWeightConv holds one of these for each."""
-
-    def __init__(self, transpose_weight: bool = False):
-        super().__init__()
-        self.transpose_weight = transpose_weight
-        self.batch_matmul = ops.BatchMatMul(transpose_a=transpose_weight)
-        self.matmul = ops.MatMul(transpose_a=transpose_weight)
-
-    def construct(self, weight_2d, batched):
-        out_rows = weight_2d.shape[1] if self.transpose_weight else weight_2d.shape[0]
-        batch, _, pixels = batched.shape
-        if pixels >= out_rows:
-            return self.batch_matmul(ops.broadcast_to(weight_2d, (batch,) + weight_2d.shape), batched)
-        products = []
-        for sample in ops.Split(0, batch)(batched):
-            products.append(self.matmul(weight_2d, sample.reshape(sample.shape[1], sample.shape[2])))
-        return ops.stack(products)
+    (RESULTS.md section 11): ops.matmul copies the weight per sample (BroadcastTo) for one BatchMatMul, or one 2-D
+    MatMul per sample. The copy costs about as much as a MatMul over one output row per pixel, and the per-sample
+    MatMuls are slower on long rows of pixels: the copy wins where the pixels outnumber the weight's output rows
+    (the 64x64 and 32x32 levels of a 512x512 image), the per-sample MatMuls elsewhere (2x faster at 1280
+    channels, 16x16). Forward only: the same split in FrozenWeightConv's backward made a reduced UNet's training
+    peak 1 GiB higher (section 11)."""
+    if batched.shape[2] >= weight_2d.shape[0]:
+        return ops.matmul(weight_2d, batched)
+    products = []
+    for sample in ops.split(batched, 1, axis=0):
+        products.append(ops.matmul(weight_2d, sample.reshape(sample.shape[1], sample.shape[2])))
+    return ops.stack(products)
 
 
-def _conv_columns_matmul(x, weight_2d, kernel_size: int, stride: int, padding: int, weight_matmul):
+def _conv_columns_matmul(x, weight_2d, kernel_size: int, stride: int, padding: int):
     """x (batch, in, h, w) convolved with weight_2d (out, in*k*k) as one unfold + MatMul."""
     batch, in_channels, height, width = x.shape
     out_channels = weight_2d.shape[0]
     if _is_pointwise(kernel_size, stride, padding):
-        out = weight_matmul(weight_2d, x.reshape(batch, in_channels, height * width))
+        out = _weight_times_samples(weight_2d, x.reshape(batch, in_channels, height * width))
         return out.reshape(batch, out_channels, height, width)
     out_height, out_width = (_output_size(size, kernel_size, stride, padding) for size in (height, width))
     columns = ops.unfold(x, kernel_size=kernel_size, padding=padding, stride=stride)  # (batch, in*k*k, pixels)
-    return weight_matmul(weight_2d, columns).reshape(batch, out_channels, out_height, out_width)
+    return _weight_times_samples(weight_2d, columns).reshape(batch, out_channels, out_height, out_width)
 
 
-def conv2d_as_matmul(x, weight, kernel_size: int, stride: int, padding: int, weight_matmul, frozen_conv=None):
+def conv2d_as_matmul(x, weight, kernel_size: int, stride: int, padding: int, frozen_conv=None):
     """Convolution of x (batch, in, height, width) with weight (out, in, k, k), no dilation or groups.
-    `weight_matmul`: a WeightMatMul; `frozen_conv`: a FrozenWeightConv when the weight is frozen."""
+    `frozen_conv`: a FrozenWeightConv when the weight is frozen."""
     batch, in_channels, height, width = x.shape
     out_channels = weight.shape[0]
     out_height, out_width = (_output_size(size, kernel_size, stride, padding) for size in (height, width))
@@ -116,8 +107,7 @@ def conv2d_as_matmul(x, weight, kernel_size: int, stride: int, padding: int, wei
     if columns_bytes <= MAX_COLUMNS_BYTES or _is_pointwise(kernel_size, stride, padding):
         if frozen_conv is not None:
             return frozen_conv(x, weight)
-        return _conv_columns_matmul(x, weight.astype(x.dtype).reshape(out_channels, -1), kernel_size, stride, padding,
-                                    weight_matmul)
+        return _conv_columns_matmul(x, weight.astype(x.dtype).reshape(out_channels, -1), kernel_size, stride, padding)
     # Strips of output rows, for inference-size inputs such as the VAE at 1024. Only here is the input padded
     # with ops.pad: a GRAPH-mode training step of the tiny model that padded every conv this way hung inside a
     # CPU kernel after 1-3 steps (MindSpore 2.10), where unfold's own padding runs on.
@@ -130,7 +120,7 @@ def conv2d_as_matmul(x, weight, kernel_size: int, stride: int, padding: int, wei
         # output rows [first_row, first_row + rows) read padded input rows [first_row*stride, (last row)*stride + k)
         x_strip = x[:, :, first_row * stride:(first_row + rows - 1) * stride + kernel_size]
         columns = ops.unfold(x_strip, kernel_size=kernel_size, stride=stride)
-        strips.append(weight_matmul(weight_2d, columns).reshape(batch, out_channels, rows, out_width))
+        strips.append(_weight_times_samples(weight_2d, columns).reshape(batch, out_channels, rows, out_width))
     return ops.cat(strips, axis=2)
 
 
@@ -147,7 +137,6 @@ class Conv2d(nn.Conv2d):
         self.as_matmul = matmul_convolution_default() if as_matmul is None else as_matmul
         self.square_kernel_size, self.square_stride, self.square_padding = kernel_size, stride, padding
         self.frozen_conv = None  # a FrozenWeightConv once freeze_weight is called
-        self.weight_matmul = WeightMatMul()
 
     @property
     def frozen_weight(self) -> bool:
@@ -163,7 +152,7 @@ class Conv2d(nn.Conv2d):
         if not self.as_matmul:
             return super().construct(x)
         out = conv2d_as_matmul(x, self.weight, self.square_kernel_size, self.square_stride, self.square_padding,
-                               self.weight_matmul, self.frozen_conv)
+                               self.frozen_conv)
         if self.has_bias:
             out = self.bias_add(out, self.bias.astype(x.dtype))
         return out
