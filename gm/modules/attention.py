@@ -34,8 +34,9 @@ class ScaledDotProductAttention(nn.Cell):
         grad_v = self.matmul_transposed_a(probabilities, dout)
         # Softmax's backward P * (dP - D), dP = dout v^T, D = rowsum(P * dP), with no tokens^2 reduction, broadcast
         # or Sub: D = rowsum(dout * out) (tokens x dim_head, as flash attention), and the subtraction rides in the
-        # MatMul as one more column, dP - D = [dout, -D] [v, 1]^T.
-        row_sums = (dout * out.astype(dout.dtype)).sum(-1, keepdims=True)
+        # MatMul as one more column, dP - D = [dout, -D] [v, 1]^T. `out` is recomputed too: keeping the forward's
+        # made the full-size 512 train step peak 0.7 GiB higher (benchmarks/RESULTS.md section 11).
+        row_sums = (dout * self.matmul(probabilities, v)).sum(-1, keepdims=True)
         ones = ops.ones(v.shape[:-1] + (1,), v.dtype)
         grad_scores = probabilities * self.matmul_transposed_b(ops.cat((dout, -row_sums), -1), ops.cat((v, ones), -1))
         grad_q = self.matmul(grad_scores, k) * self.scale
