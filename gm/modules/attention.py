@@ -32,13 +32,14 @@ class ScaledDotProductAttention(nn.Cell):
         scaled_q = q * self.scale
         probabilities = self.softmax(self.matmul_transposed_b(scaled_q, k))
         grad_v = self.matmul_transposed_a(probabilities, dout)
-        # Softmax's backward P * (dP - D), dP = dout v^T, D = rowsum(P * dP), with no tokens^2 reduction, broadcast
-        # or Sub: D = rowsum(dout * out) (tokens x dim_head, as flash attention), and the subtraction rides in the
-        # MatMul as one more column, dP - D = [dout, -D] [v, 1]^T. `out` is recomputed too: keeping the forward's
-        # made the full-size 512 train step peak 0.7 GiB higher (benchmarks/RESULTS.md section 11).
-        row_sums = (dout * self.matmul(probabilities, v)).sum(-1, keepdims=True)
-        ones = ops.ones(v.shape[:-1] + (1,), v.dtype)
-        grad_scores = probabilities * self.matmul_transposed_b(ops.cat((dout, -row_sums), -1), ops.cat((v, ones), -1))
+        # Softmax's backward P * (dP - D), dP = dout v^T, with D = rowsum(P * dP) taken as rowsum(dout * out)
+        # (tokens x dim_head, as flash attention does) instead of a reduction over tokens^2. D is subtracted after
+        # broadcast_to: a broadcasting Sub holds a buffer per op (lean_ops). Folding it into the MatMul as one more
+        # column, [dout, -D] [v, 1]^T, was faster but made the full-size 512 train step peak 0.7 GiB higher
+        # (benchmarks/RESULTS.md section 11).
+        grad_probabilities = self.matmul_transposed_b(dout, v)
+        row_sums = (dout * out.astype(dout.dtype)).sum(-1, keepdims=True)
+        grad_scores = probabilities * (grad_probabilities - ops.broadcast_to(row_sums, grad_probabilities.shape))
         grad_q = self.matmul(grad_scores, k) * self.scale
         grad_k = self.matmul_transposed_a(grad_scores, scaled_q)
         return grad_q, grad_k, grad_v
