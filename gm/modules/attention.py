@@ -4,7 +4,7 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from gm.modules.diffusionmodules.util import zero_module
-from gm.modules.lean_ops import GELU, swap_axes
+from gm.modules.lean_ops import GELU, softmax_backward, swap_axes
 
 
 class ScaledDotProductAttention(nn.Cell):
@@ -32,14 +32,7 @@ class ScaledDotProductAttention(nn.Cell):
         scaled_q = q * self.scale
         probabilities = self.softmax(self.matmul_transposed_b(scaled_q, k))
         grad_v = self.matmul_transposed_a(probabilities, dout)
-        # Softmax's backward P * (dP - D), dP = dout v^T, with D = rowsum(P * dP) taken as rowsum(dout * out)
-        # (tokens x dim_head, as flash attention does) instead of a reduction over tokens^2. D is subtracted after
-        # broadcast_to: a broadcasting Sub holds a buffer per op (lean_ops). Folding it into the MatMul as one more
-        # column, [dout, -D] [v, 1]^T, was faster but made the full-size 512 train step peak 0.7 GiB higher
-        # (benchmarks/RESULTS.md section 11).
-        grad_probabilities = self.matmul_transposed_b(dout, v)
-        row_sums = (dout * out.astype(dout.dtype)).sum(-1, keepdims=True)
-        grad_scores = probabilities * (grad_probabilities - ops.broadcast_to(row_sums, grad_probabilities.shape))
+        grad_scores = softmax_backward(probabilities, self.matmul_transposed_b(dout, v))
         grad_q = self.matmul(grad_scores, k) * self.scale
         grad_k = self.matmul_transposed_a(grad_scores, scaled_q)
         return grad_q, grad_k, grad_v
