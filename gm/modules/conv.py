@@ -67,34 +67,16 @@ class FrozenWeightConv(nn.Cell):
         return grad_x, ops.zeros_like(weight)
 
 
-def _weight_times_samples(weight_2d, batched):
-    """weight_2d (out, rows) times every sample of `batched` (batch, rows, pixels): (batch, out, pixels).
-
-    CPU BatchMatMul does not broadcast its batch axis, so there are two ways, measured on SDXL's 3x3 convs
-    (RESULTS.md section 11): ops.matmul copies the weight per sample (BroadcastTo) for one BatchMatMul, or one 2-D
-    MatMul per sample. The copy costs about as much as a MatMul over one output row per pixel, and the per-sample
-    MatMuls are slower on long rows of pixels: the copy wins where the pixels outnumber the weight's output rows
-    (the 64x64 and 32x32 levels of a 512x512 image), the per-sample MatMuls elsewhere (2x faster at 1280
-    channels, 16x16). Forward only: the same split in FrozenWeightConv's backward made a reduced UNet's training
-    peak 1 GiB higher (section 11)."""
-    if batched.shape[2] >= weight_2d.shape[0]:
-        return ops.matmul(weight_2d, batched)
-    products = []
-    for sample in ops.split(batched, 1, axis=0):
-        products.append(ops.matmul(weight_2d, sample.reshape(sample.shape[1], sample.shape[2])))
-    return ops.stack(products)
-
-
 def _conv_columns_matmul(x, weight_2d, kernel_size: int, stride: int, padding: int):
     """x (batch, in, h, w) convolved with weight_2d (out, in*k*k) as one unfold + MatMul."""
     batch, in_channels, height, width = x.shape
     out_channels = weight_2d.shape[0]
     if _is_pointwise(kernel_size, stride, padding):
-        out = _weight_times_samples(weight_2d, x.reshape(batch, in_channels, height * width))
+        out = ops.matmul(weight_2d, x.reshape(batch, in_channels, height * width))
         return out.reshape(batch, out_channels, height, width)
     out_height, out_width = (_output_size(size, kernel_size, stride, padding) for size in (height, width))
     columns = ops.unfold(x, kernel_size=kernel_size, padding=padding, stride=stride)  # (batch, in*k*k, pixels)
-    return _weight_times_samples(weight_2d, columns).reshape(batch, out_channels, out_height, out_width)
+    return ops.matmul(weight_2d, columns).reshape(batch, out_channels, out_height, out_width)
 
 
 def conv2d_as_matmul(x, weight, kernel_size: int, stride: int, padding: int, frozen_conv=None):
@@ -120,7 +102,7 @@ def conv2d_as_matmul(x, weight, kernel_size: int, stride: int, padding: int, fro
         # output rows [first_row, first_row + rows) read padded input rows [first_row*stride, (last row)*stride + k)
         x_strip = x[:, :, first_row * stride:(first_row + rows - 1) * stride + kernel_size]
         columns = ops.unfold(x_strip, kernel_size=kernel_size, stride=stride)
-        strips.append(_weight_times_samples(weight_2d, columns).reshape(batch, out_channels, rows, out_width))
+        strips.append(ops.matmul(weight_2d, columns).reshape(batch, out_channels, rows, out_width))
     return ops.cat(strips, axis=2)
 
 
