@@ -55,24 +55,20 @@ def main():
     rng = np.random.default_rng(0)
     import torch
 
-    for n in args.sizes:
-        a = rng.standard_normal((n, n)).astype(np.float32)
-        b = rng.standard_normal((n, n)).astype(np.float32)
+    operands = {n: [rng.standard_normal((n, n)).astype(np.float32) for _ in range(2)] for n in args.sizes}
+    for n, (a, b) in operands.items():
         ta, tb = torch.from_numpy(a), torch.from_numpy(b)
         rates[f"torch_{n}"] = best_rate(lambda: torch.mm(ta, tb), n, args.repeats)
         rates[f"numpy_{n}"] = best_rate(lambda: a @ b, n, args.repeats)
     import mindspore as ms
 
     ms.set_device("CPU")
-    for n in args.sizes:
-        a = ms.Tensor(rng.standard_normal((n, n)).astype(np.float32))
-        b = ms.Tensor(rng.standard_normal((n, n)).astype(np.float32))
+    ms_operands = {n: [ms.Tensor(m) for m in pair] for n, pair in operands.items()}
+    for n, (a, b) in ms_operands.items():
         rates[f"mindspore_pynative_{n}"] = best_rate(lambda: ms.ops.matmul(a, b).asnumpy(), n, args.repeats)
     ms.set_context(mode=ms.GRAPH_MODE)
     chain = mindspore_chain()
-    for n in args.sizes:
-        a = ms.Tensor(rng.standard_normal((n, n)).astype(np.float32))
-        b = ms.Tensor(rng.standard_normal((n, n)).astype(np.float32))
+    for n, (a, b) in ms_operands.items():
         rates[f"mindspore_graph_{n}"] = best_rate(lambda: chain(a, b).asnumpy(), n, args.repeats, matmuls=CHAIN)
     rates = {k: round(v, 1) for k, v in rates.items()}
     versions = common.versions("torch")
