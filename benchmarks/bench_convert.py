@@ -6,12 +6,15 @@
 Without --input it writes a random fp16 official-layout file (6.9 GB) from the key list into --workdir
 first. Every step runs as its own process, timed from outside; peak RSS is read with wait4(), so it
 covers the step's whole process tree (the converter builds the model's name list in a child).
-Steps: cp of the input; pt_to_ms fp32 (the default) and fp16; ms_to_pt fp16 (back to the original,
-checked bit-identical). All files are warm in the page cache, cp included. Needs ~28 GB free in --workdir.
+Steps, in turn, `--repeats` times, each after an untimed `sync` (medians reported): cp of the input, alone and
+with an fsync of the copy (the converter fsyncs); pt_to_ms fp16; ms_to_pt fp16 (back to the original, checked
+bit-identical); pt_to_ms fp32 (the default). The input is warm in the page cache for every step, cp included.
+Needs ~28 GB free in --workdir.
 """
 import argparse
 import filecmp
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,11 +46,12 @@ def main():
     source.add_argument("--input", help="an existing official-layout SDXL base .safetensors")
     source.add_argument("--keys", help="key list to build a random full-size file from (torch_key_base.yaml)")
     p.add_argument("--workdir", default=tempfile.gettempdir(), help="where the large files go (removed after)")
+    p.add_argument("--repeats", type=int, default=3, help="times each step runs (the median is reported)")
     args = p.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench_convert_", dir=args.workdir))
     py = sys.executable
-    rows = []
+    runs = {}  # step -> [(seconds, peak RSS GiB, output GiB, converter's own line)]
     try:
         src = Path(args.input) if args.input else work / "sdxl_random.safetensors"
         if not args.input:
@@ -57,44 +61,47 @@ def main():
         with open(src, "rb") as f:  # warm the page cache for every step alike
             while f.read(64 << 20):
                 pass
-
-        seconds, rss, _ = timed(["cp", str(src), str(work / "copy.safetensors")])
-        rows.append(("cp (same file)", seconds, rss, size))
-        (work / "copy.safetensors").unlink()
-
-        ckpt16 = work / "sdxl_fp16.ckpt"
-        seconds, rss, out = timed([py, str(CLI), "--task", "pt_to_ms", "--weight_safetensors", str(src),
-                                   "--weight_ms", str(ckpt16), "--dtype", "fp16", "--no_progress"])
-        rows.append(("pt_to_ms --dtype fp16", seconds, rss, ckpt16.stat().st_size / 2**30, out.strip()))
-
-        back = work / "back.safetensors"
-        seconds, rss, out = timed([py, str(CLI), "--task", "ms_to_pt", "--weight_ms", str(ckpt16),
-                                   "--weight_safetensors", str(back), "--dtype", "fp16", "--no_progress"])
-        identical = filecmp.cmp(src, back, shallow=False)
-        rows.append(("ms_to_pt --dtype fp16", seconds, rss, back.stat().st_size / 2**30, out.strip()))
-        back.unlink()
-        ckpt16.unlink()
-
-        ckpt32 = work / "sdxl_fp32.ckpt"
-        seconds, rss, out = timed([py, str(CLI), "--task", "pt_to_ms", "--weight_safetensors", str(src),
-                                   "--weight_ms", str(ckpt32), "--no_progress"])
-        rows.append(("pt_to_ms (fp32, default)", seconds, rss, ckpt32.stat().st_size / 2**30, out.strip()))
+        copy, ckpt16, back, ckpt32 = (work / n for n in ("copy.safetensors", "fp16.ckpt", "back.safetensors",
+                                                         "fp32.ckpt"))
+        convert = [py, str(CLI), "--no_progress", "--task"]
+        # The converter fsyncs its output before renaming it into place (no half-written checkpoint after a
+        # crash); `cp` does not, so cp is also timed with the same fsync (coreutils' `sync FILE`).
+        steps = [
+            ("cp (same file)", copy, ["cp", str(src), str(copy)]),
+            ("cp + fsync (same file)", copy, ["sh", "-c", f"cp '{src}' '{copy}' && sync '{copy}'"]),
+            ("pt_to_ms --dtype fp16", ckpt16, convert + ["pt_to_ms", "--weight_safetensors", str(src),
+                                                         "--weight_ms", str(ckpt16), "--dtype", "fp16"]),
+            ("ms_to_pt --dtype fp16", back, convert + ["ms_to_pt", "--weight_ms", str(ckpt16),
+                                                       "--weight_safetensors", str(back), "--dtype", "fp16"]),
+            ("pt_to_ms (fp32, default)", ckpt32, convert + ["pt_to_ms", "--weight_safetensors", str(src),
+                                                            "--weight_ms", str(ckpt32)]),
+        ]
+        for _ in range(args.repeats):
+            for name, output, cmd in steps:
+                output.unlink(missing_ok=True)
+                subprocess.run(["sync"], check=True)  # untimed: no dirty pages of an earlier step left to write
+                seconds, rss, out = timed(cmd)
+                runs.setdefault(name, []).append((seconds, rss, output.stat().st_size / 2**30, out.strip()))
+            identical = filecmp.cmp(src, back, shallow=False)
     finally:
         for f in work.iterdir():
             f.unlink()
         work.rmdir()
 
     print(f"\ninput: {src.name if args.input else 'random fp16, official layout'}, {size:.2f} GiB; "
-          f"{os.cpu_count()} CPUs")
-    print(f"{'step':28s} {'wall s':>7s} {'x cp':>6s} {'peak RSS GiB':>13s} {'output GiB':>11s}")
-    cp_seconds = rows[0][1]
-    for row in rows:
-        name, seconds, rss, out_size = row[:4]
-        print(f"{name:28s} {seconds:7.1f} {seconds / cp_seconds:6.2f} {rss:13.2f} {out_size:11.2f}")
+          f"{os.cpu_count()} CPUs; median of {args.repeats} (each step after a `sync`, steps in turn)")
+    print(f"{'step':28s} {'wall s':>7s} {'x cp':>6s} {'x cp+fsync':>10s} {'peak RSS GiB':>13s} {'output GiB':>11s}  all s")
+    cp_seconds = statistics.median(r[0] for r in runs["cp (same file)"])
+    cp_sync_seconds = statistics.median(r[0] for r in runs["cp + fsync (same file)"])
+    for name, rows in runs.items():
+        seconds = statistics.median(r[0] for r in rows)
+        print(f"{name:28s} {seconds:7.1f} {seconds / cp_seconds:6.2f} {seconds / cp_sync_seconds:10.2f} "
+              f"{max(r[1] for r in rows):13.2f} {rows[-1][2]:11.2f}  {' '.join(f'{r[0]:.1f}' for r in rows)}")
     print(f"round trip safetensors -> ckpt -> safetensors bit-identical: {identical}")
     print("converter's own report (its main process RSS, without the model-building child):")
-    for row in rows[1:]:
-        print(f"  {row[4]}")
+    for name, rows in runs.items():
+        if rows[-1][3]:
+            print(f"  {rows[-1][3]}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ SDXL (random weights, fp32, CPU).
 
     python benchmarks/bench_sampling_step.py --framework mindspore --mode graph --resolution 512
     python benchmarks/bench_sampling_step.py --framework mindspore --mode graph --resolution 512 --frozen_dtype fp16
-    python benchmarks/bench_sampling_step.py --framework torch --resolution 512          # jemalloc if installed
+    python benchmarks/bench_sampling_step.py --framework torch --resolution 512          # jemalloc (--allocator)
 
 MindBooth: `DenoiseCell` of mindbooth/pipeline.py (denoiser + UNet), the engine of the inference config.
 Reference: the UNet call of diffusers' StableDiffusionXLPipeline's loop (UNet2DConditionModel, SDPA,

@@ -30,6 +30,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps per run (the first is the warm-up)")
     parser.add_argument("--runs", nargs="+", choices=sorted(RUNS), default=["graph", "pynative", "graph_text", "graph_cached"])
+    parser.add_argument("--allocators", nargs="+", choices=["mimalloc", "system"], default=["mimalloc"],
+                        help="train_dreambooth.py's --allocator: each run is repeated with each")
     parser.add_argument("--rss_limit_gib", type=float, default=16.0)
     args = parser.parse_args()
 
@@ -47,13 +49,14 @@ def main():
         subprocess.run([python, "train_dreambooth.py", *common_flags, "--total_step", "1", "--save_path", str(work / "warmup"),
                         "--ms_mode", "1"], check=True, cwd=root, stdout=subprocess.DEVNULL)
         rows = []
-        for name in args.runs:
-            save_path = work / name
-            argv = [python, "train_dreambooth.py", *common_flags, *RUNS[name], "--total_step", str(args.steps),
+        for name, allocator in [(n, a) for n in args.runs for a in args.allocators]:
+            save_path = work / f"{name}_{allocator}"
+            flags = [*RUNS[name], "--allocator", allocator]
+            argv = [python, "train_dreambooth.py", *common_flags, *flags, "--total_step", str(args.steps),
                     "--save_ckpt_interval", str(args.steps), "--save_path", str(save_path)]
-            guard = common.run_guarded(argv, args.rss_limit_gib)
+            guard = common.run_guarded(argv, args.rss_limit_gib)  # the script itself preloads its --allocator
             seconds = _seconds_per_step(save_path / "loss.csv")
-            result = {"benchmark": "tiny_training", "run": name, "flags": RUNS[name], "steps": args.steps,
+            result = {"benchmark": "tiny_training", "run": name, "flags": flags, "steps": args.steps,
                       "first_step_s": round(seconds[0], 2) if seconds else None,
                       "median_step_s": round(statistics.median(seconds[1:]), 3) if len(seconds) > 1 else None,
                       **{k: guard[k] for k in ("returncode", "killed", "peak_rss_gib", "wall_s", "loadavg_before", "loadavg_after")},

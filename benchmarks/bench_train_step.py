@@ -3,7 +3,7 @@
     python benchmarks/bench_train_step.py --framework mindspore --mode graph --resolution 512
     python benchmarks/bench_train_step.py --framework mindspore --mode pynative --resolution 512
     python benchmarks/bench_train_step.py --framework mindspore --mode graph --resolution 512 --frozen_dtype fp16
-    python benchmarks/bench_train_step.py --framework torch --resolution 512          # jemalloc if installed
+    python benchmarks/bench_train_step.py --framework torch --resolution 512          # jemalloc (--allocator)
 
 Batch: 1 instance + 1 class sample (prior preservation), latents and text embeddings cached (random
 tensors of the cached shapes), LoRA rank 4 on attn to_q/to_k/to_v/to_out.0, AdamW on the LoRA weights,

@@ -65,7 +65,7 @@ def versions(framework: str) -> dict:
         import torch
         out.update(torch=torch.__version__, diffusers=diffusers.__version__, peft=peft.__version__,
                    torch_threads=torch.get_num_threads())
-    out["ld_preload"] = os.environ.get("LD_PRELOAD", "")
+    out["ld_preload"] = os.environ.get("LD_PRELOAD", "")  # the allocator
     return out
 
 
@@ -77,12 +77,27 @@ def emit(result: dict):
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def run_guarded(argv, rss_limit_gib: float, jemalloc: bool = False, timeout_s: float = None) -> dict:
-    """Run `argv` (a benchmark with --child) under the RSS guard; return its RESULT dict plus the
-    guard's facts (peak RSS of the child from wait4, killed or not, load average before/after)."""
-    env = dict(os.environ)
-    if jemalloc and os.path.exists(JEMALLOC):
+def allocator_env(allocator: str) -> dict:
+    """The environment of a child process that runs with `allocator`: system (glibc), jemalloc (Debian's
+    libjemalloc2, the reference's), or mimalloc (what MindBooth preloads on CPU, mindbooth/allocator.py)."""
+    from mindbooth.allocator import preload_env
+
+    env = preload_env("system")
+    if allocator == "jemalloc":
+        if not os.path.exists(JEMALLOC):
+            sys.exit(f"--allocator jemalloc: {JEMALLOC} not found (apt-get install libjemalloc2)")
         env["LD_PRELOAD"] = JEMALLOC
+    elif allocator == "mimalloc":
+        env = preload_env("mimalloc", env)
+        if "libmimalloc" not in env.get("LD_PRELOAD", ""):
+            sys.exit("--allocator mimalloc: not installed (pip install cmeel-mimalloc)")
+    return env
+
+
+def run_guarded(argv, rss_limit_gib: float, allocator: str = "system", timeout_s: float = None) -> dict:
+    """Run `argv` (a benchmark with --child) under the RSS guard, with `allocator` preloaded; return its RESULT
+    dict plus the guard's facts (peak RSS of the child from wait4, killed or not, load average before/after)."""
+    env = allocator_env(allocator)
     load_before = os.getloadavg()
     start = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=None, text=True, env=env, start_new_session=True)
@@ -140,7 +155,9 @@ def benchmark_parser(description: str):
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--steps", type=int, default=3, help="steps in all; the first is the warm-up")
     p.add_argument("--count_flops", type=int, default=1, help="torch: count FLOPs of one step")
-    p.add_argument("--no_jemalloc", action="store_true", help="torch: keep glibc malloc")
+    p.add_argument("--allocator", choices=["system", "jemalloc", "mimalloc"], default=None,
+                   help="malloc of the measured process (default: jemalloc for torch, as the reference is best "
+                        "run; mimalloc for MindSpore, as train_dreambooth.py runs on CPU)")
     p.add_argument("--frozen_dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
                    help="MindSpore only: dtype the frozen UNet/VAE weights are stored in (computed in fp32)")
     p.add_argument("--rss_limit_gib", type=float, default=20.0)
@@ -148,11 +165,15 @@ def benchmark_parser(description: str):
     return p
 
 
+def default_allocator(args) -> str:
+    return args.allocator or ("jemalloc" if args.framework == "torch" else "mimalloc")
+
+
 def run_benchmark(args, script: str, benchmark: str, run_mindspore, run_torch):
     """Parent: re-run this script as a memory-guarded child and print its result. Child: measure, print the result."""
     if not args.child:
         result = run_guarded([sys.executable, script, *sys.argv[1:], "--child"], args.rss_limit_gib,
-                             jemalloc=args.framework == "torch" and not args.no_jemalloc)
+                             allocator=default_allocator(args))
         result["command"] = f"python benchmarks/{Path(script).name} " + " ".join(sys.argv[1:])
         emit(result)
         return

@@ -3,6 +3,8 @@ import argparse
 
 from omegaconf import OmegaConf
 
+from mindbooth.allocator import add_allocator_flag
+
 
 def str2bool(value) -> bool:
     if isinstance(value, bool):
@@ -57,6 +59,7 @@ def training_parser() -> argparse.ArgumentParser:
     parser.add_argument("--jit_level", default="O0", choices=["O0", "O1", "O2"], help="GRAPH_MODE optimisation level")
     parser.add_argument("--device_target", default="Ascend", choices=["Ascend", "GPU", "CPU"])
     parser.add_argument("--is_parallel", type=str2bool, default=False, help="data parallel over all launched processes")
+    add_allocator_flag(parser.add_argument)
     parser.add_argument("--resume", default="", help="output folder (or True for --save_path) of a run to continue")
     for flag, (_, kind, help_text) in TRAIN_FLAGS.items():
         parser.add_argument(f"--{flag}", type=kind, default=None, help=help_text)

@@ -18,6 +18,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from tqdm import tqdm
 
+from mindbooth.allocator import add_allocator_flag
 from mindbooth.images import load_rgb, make_grid
 from mindbooth.pipeline import SAMPLERS
 from mindbooth.sampling_model import load_sampling_model, size_multiple, split_weights
@@ -66,6 +67,7 @@ def sampling_parser() -> argparse.ArgumentParser:
     add("--device_target", default="Ascend", choices=["Ascend", "GPU", "CPU"])
     add("--ms_mode", type=int, default=0, choices=[0, 1], help="0: GRAPH_MODE (compiles once, then fast), 1: PYNATIVE_MODE")
     add("--jit_level", default="O0", choices=["O0", "O1", "O2"], help="GRAPH_MODE optimisation level")
+    add_allocator_flag(add)
     return parser
 
 

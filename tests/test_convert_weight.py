@@ -5,6 +5,7 @@ References: MindSpore's own checkpoint code (protobuf messages, save/load_checkp
 The full-size conversion with real data (~2 min, ~21 GB of disk) runs with MINDBOOTH_FULL_SIZE=1;
 always-on tests check the full-size names and shapes through a sparse file (header only).
 """
+import errno
 import os
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from mindspore.train.checkpoint_pb2 import Checkpoint
 from conftest import BASE_CONFIG, KEYS, ROOT, TINY_CONFIG, read_key_yaml
 from gm.util import instantiate_from_config, load_params
 from tools.model_conversion import conversion
-from tools.model_conversion.ckpt_stream import CkptReader, CkptWriter, entry_prefix, iter_arrays
+from tools.model_conversion.ckpt_stream import CkptReader, CkptWriter, copy_range, entry_prefix, iter_arrays
 from tools.model_conversion.dtypes import ConversionError, cast
 from tools.model_conversion.keymap import mindspore_to_official_name
 from tools.model_conversion.make_random_sdxl import write_random
@@ -393,3 +394,43 @@ def test_full_size_random_file_converts_loads_and_round_trips(tmp_path, base_exp
             assert np.array_equal(out.read(name), source.read(mindspore_to_official_name(name)).astype(np.float32))
     conversion.mindspore_to_official(ckpt, back, base_expected, dtype="fp16", progress=False)
     assert filecmp.cmp(src, back, shallow=False)
+
+
+def test_unchanged_tensors_are_copied_by_the_kernel_exactly(tmp_path, tiny_file, tiny_expected, monkeypatch):
+    """fp16 -> fp16 tensors skip this process (copy_file_range, as `cp`): the file is byte for byte the one
+    written by reading and writing each tensor, with or without the kernel copy, and round-trips exactly."""
+    kernel = tmp_path / "kernel.ckpt"
+    conversion.official_to_mindspore(tiny_file, kernel, tiny_expected, dtype="fp16", progress=False)
+    back = tmp_path / "back.safetensors"
+    conversion.mindspore_to_official(kernel, back, tiny_expected, dtype="fp16", progress=False)
+    assert back.read_bytes() == tiny_file.read_bytes()
+
+    def no_kernel_copy(*args):
+        raise OSError(errno.EXDEV, "cross-device")  # as on kernels/filesystems without copy_file_range
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "copy_file_range", no_kernel_copy)
+        fallback = tmp_path / "fallback.ckpt"
+        conversion.official_to_mindspore(tiny_file, fallback, tiny_expected, dtype="fp16", progress=False)
+
+    def copy_through_numpy(self, name, dtype, shape, src_fd, offset, nbytes):
+        data = np.frombuffer(os.pread(src_fd, nbytes, offset), dtype=np.float16).reshape(shape)
+        self.write(name, dtype, data)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(CkptWriter, "copy", copy_through_numpy)
+        through = tmp_path / "through.ckpt"
+        conversion.official_to_mindspore(tiny_file, through, tiny_expected, dtype="fp16", progress=False)
+    assert kernel.read_bytes() == fallback.read_bytes() == through.read_bytes()
+    params = ms.load_checkpoint(str(kernel))
+    with SafetensorsReader(tiny_file) as source:
+        for ms_name, param in params.items():
+            assert np.array_equal(param.asnumpy(), source.read(mindspore_to_official_name(ms_name))), ms_name
+
+
+def test_kernel_copy_of_a_short_input_is_an_error(tmp_path):
+    src, dst = tmp_path / "src.bin", tmp_path / "dst.bin"
+    src.write_bytes(b"x" * 10)
+    with open(src, "rb") as s, open(dst, "wb") as d:
+        message = error_of(copy_range, s.fileno(), d.fileno(), 4, 100, "w")
+    assert "input ended while copying 'w' (6 of 100 bytes)" in message

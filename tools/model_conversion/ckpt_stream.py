@@ -13,6 +13,7 @@ MindSpore splits a tensor over 512 MiB into consecutive entries with the same ta
 `save_checkpoint(..., crc_check=True)` appends a trailer `b"crc_num"` + 10-byte big-endian CRC32
 (which `load_checkpoint` strips); both are handled here. Encrypted checkpoints are not.
 """
+import errno
 import os
 import zlib
 from collections import OrderedDict
@@ -73,6 +74,35 @@ class CkptWriter:
             piece = raw[start:start + self.slice_bytes]
             self.file.write(entry_prefix(name, ms_type, data.shape, piece.nbytes))
             self.file.write(piece)
+
+
+    def copy(self, name: str, dtype: str, shape, src_fd: int, offset: int, nbytes: int):
+        """As `write`, for data already laid out as `dtype` at `offset` of the open file `src_fd`: the kernel
+        copies it (copy_file_range, as `cp` does), so it never passes through this process."""
+        ms_type = DTYPES[dtype][1]
+        for start in range(0, max(nbytes, 1), self.slice_bytes):
+            piece = min(self.slice_bytes, nbytes - start)
+            self.file.write(entry_prefix(name, ms_type, shape, piece))
+            self.file.flush()  # the copy below writes at the file descriptor's position
+            copy_range(src_fd, self.file.fileno(), offset + start, piece, name)
+
+
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM}
+
+
+def copy_range(src_fd: int, dst_fd: int, offset: int, nbytes: int, name: str = ""):
+    """Append `nbytes` of `src_fd` from `offset` at `dst_fd`'s position: in the kernel where it can, else by reads."""
+    done = 0
+    while done < nbytes:
+        try:
+            got = os.copy_file_range(src_fd, dst_fd, nbytes - done, offset + done)
+        except OSError as e:
+            if e.errno not in _NO_KERNEL_COPY:
+                raise
+            got = os.write(dst_fd, os.pread(src_fd, min(nbytes - done, 64 << 20), offset + done))
+        if got == 0:
+            raise ConversionError(f"input ended while copying '{name}' ({done} of {nbytes} bytes)")
+        done += got
 
 
 @dataclass
@@ -238,6 +268,9 @@ class CkptReader:
                 raise ConversionError(f"truncated checkpoint: {self.path} (reading '{name}')")
             at += length
         return out.view(storage_dtype(t.dtype)).reshape(t.shape)
+
+    def fileno(self) -> int:
+        return self._file.fileno()
 
     def verify_crc(self) -> bool:
         """Check a `crc_num` trailer, if there is one (reads the whole file). False when absent."""

@@ -123,20 +123,25 @@ def _sniff(path) -> str:
 
 
 def _stream_to_ckpt(entries, dst, dtype, overwrite, progress, desc, inputs, check_only):
-    """entries: [(MindSpore name, source code, shape, load() -> (data, code))] -> `.ckpt` at dst."""
-    targets = [_target_dtype(dtype, code) for _, code, _, _ in entries]
-    total = sum(int(_numel(shape)) * itemsize(t) for (_, _, shape, _), t in zip(entries, targets))
+    """entries: [(MindSpore name, source code, shape, load() -> (data, code), where)] -> `.ckpt` at dst.
+    `where` is (file descriptor, offset) of the source bytes, or None: a tensor whose element type does not
+    change is then copied by the kernel, as `cp` copies, instead of being read and written."""
+    targets = [_target_dtype(dtype, code) for _, code, _, _, _ in entries]
+    total = sum(int(_numel(shape)) * itemsize(t) for (_, _, shape, _, _), t in zip(entries, targets))
     if check_only:
         return {"tensors": len(entries), "bytes": total, "seconds": 0.0, "written": False,
                 "names": [e[0] for e in entries]}
     start = time.time()
     with atomic_output(dst, overwrite, inputs) as f, _progress(total, desc, progress) as bar:
         writer = CkptWriter(f)
-        for (ms_name, _, shape, load), target in zip(entries, targets):
-            data, code = load()
-            data = cast(data, code, target)
-            writer.write(ms_name, target, data.reshape(shape))
-            bar.update(data.nbytes)
+        for (ms_name, code, shape, load, where), target in zip(entries, targets):
+            nbytes = int(_numel(shape)) * itemsize(target)
+            if where is not None and code == target:
+                writer.copy(ms_name, target, shape, *where, nbytes)
+            else:
+                data, code = load()
+                writer.write(ms_name, target, cast(data, code, target).reshape(shape))
+            bar.update(nbytes)
     return {"tensors": len(entries), "bytes": total, "seconds": time.time() - start, "written": True}
 
 
@@ -158,8 +163,8 @@ def official_to_mindspore(src, dst, expected: dict, dtype="fp32", overwrite=Fals
         check_keys(reader.shapes(), {n: s for n, (_, s) in want.items()}, str(src), "official")
         for t in reader.tensors.values():
             _check_float(t.name, t.dtype, src)
-        entries = [(want[t.name][0], t.dtype, t.shape, lambda n=t.name, c=t.dtype: (reader.read(n), c))
-                   for t in reader.in_file_order()]  # sequential reads
+        entries = [(want[t.name][0], t.dtype, t.shape, lambda n=t.name, c=t.dtype: (reader.read(n), c),
+                    (reader.fileno(), t.offset)) for t in reader.in_file_order()]  # sequential reads
         return _stream_to_ckpt(entries, dst, dtype, overwrite, progress, "pt_to_ms", [src], check_only)
 
 
@@ -174,7 +179,7 @@ def diffusers_to_mindspore(folder, dst, expected: dict, dtype="fp32", overwrite=
         entries = []
         for name, value in pipe.state.items():
             code = keep or "F32"
-            entries.append((want[name][0], code, want[name][1], lambda v=value: materialize(v)))
+            entries.append((want[name][0], code, want[name][1], lambda v=value: materialize(v), None))
         return _stream_to_ckpt(entries, dst, dtype, overwrite, progress, "diffusers_to_ms", [], check_only)
 
 
@@ -201,6 +206,10 @@ def mindspore_to_official(src, dst, expected: dict, dtype="fp32", overwrite=Fals
             t = sources[name]
             return cast(reader.read(t.name), t.dtype, targets[name])
 
+        def where(name):  # a tensor in one piece whose element type does not change: copied by the kernel
+            t = sources[name]
+            return (reader.fileno(), t.pieces[0][0]) if len(t.pieces) == 1 and t.dtype == targets[name] else None
+
         with atomic_output(dst, overwrite, [src]) as f, _progress(total, "ms_to_pt", progress) as bar:
-            write_safetensors(f, infos, fetch, progress=bar)
+            write_safetensors(f, infos, fetch, progress=bar, where=where)
         return {"tensors": len(infos), "bytes": total, "seconds": time.time() - start, "written": True}

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tools.model_conversion.ckpt_stream import copy_range
 from tools.model_conversion.dtypes import DTYPES, ConversionError, itemsize, storage_dtype
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
@@ -112,6 +113,9 @@ class SafetensorsReader:
             raise ConversionError(f"truncated file: {self.path} (reading '{name}' got {got} of {info.nbytes} bytes)")
         return out.view(storage_dtype(info.dtype)).reshape(info.shape)
 
+    def fileno(self) -> int:
+        return self._file.fileno()
+
     def close(self):
         self._file.close()
 
@@ -140,12 +144,21 @@ def header_bytes(infos, metadata=None) -> bytes:
     return struct.pack("<Q", len(text)) + text
 
 
-def write_safetensors(fileobj, infos, fetch, metadata=None, progress=None):
+def write_safetensors(fileobj, infos, fetch, metadata=None, progress=None, where=None):
     """Write tensors `infos` (TensorInfo) to an open binary file; `fetch(name)` returns each one's data
-    already in its target dtype (bf16 as uint16 bits). Only one tensor is held at a time."""
+    already in its target dtype (bf16 as uint16 bits). Only one tensor is held at a time.
+    `where(name)`, if given, returns (file descriptor, offset) of bytes already laid out as the tensor's target,
+    which the kernel then copies (as `cp` does), or None to `fetch` it."""
     infos = write_order(infos)
     fileobj.write(header_bytes(infos, metadata))
     for t in infos:
+        source = where(t.name) if where is not None else None
+        if source is not None:
+            fileobj.flush()  # the copy writes at the file descriptor's position
+            copy_range(source[0], fileobj.fileno(), source[1], t.nbytes, t.name)
+            if progress is not None:
+                progress.update(t.nbytes)
+            continue
         data = np.ascontiguousarray(fetch(t.name))
         if data.nbytes != t.nbytes:
             raise ConversionError(f"internal: '{t.name}' has {data.nbytes} bytes, {t.nbytes} were announced")

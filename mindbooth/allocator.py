@@ -1,0 +1,74 @@
+"""mimalloc in place of glibc's malloc for MindSpore on CPU.
+
+MindSpore's CPU kernels allocate and free their large tensors through malloc. With mimalloc preloaded, the
+full-size SDXL train step on this project's 2-core machine ran faster and compiled faster at the same peak memory
+(benchmarks/RESULTS.md section 12). A preloaded allocator must be in place before the process starts, so
+`preload_mimalloc` re-executes the running script once, with LD_PRELOAD set, before MindSpore is imported.
+mimalloc comes from PyPI (`cmeel-mimalloc`, in requirement.txt); without it everything runs on glibc's malloc.
+"""
+import argparse
+import glob
+import os
+import sys
+import sysconfig
+
+CHOICES = ("mimalloc", "system")
+_DONE = "MINDBOOTH_ALLOCATOR_SET"  # set in the re-executed process: never re-execute twice
+
+
+def mimalloc_library():
+    """Path of the libmimalloc.so that `cmeel-mimalloc` installs, or None."""
+    for key in ("platlib", "purelib"):
+        found = sorted(glob.glob(os.path.join(sysconfig.get_paths()[key], "cmeel.prefix", "lib", "libmimalloc.so.*")))
+        if found:
+            return found[0]
+    return None
+
+
+def preload_env(allocator: str, env=None) -> dict:
+    """A copy of `env` (default os.environ) whose processes start with `allocator` ('mimalloc' or 'system')."""
+    env = dict(os.environ if env is None else env)
+    library = mimalloc_library() if allocator == "mimalloc" else None
+    preload = [p for p in env.get("LD_PRELOAD", "").split(":") if p and "libmimalloc" not in p]
+    if library:
+        preload.insert(0, library)
+    if preload:
+        env["LD_PRELOAD"] = ":".join(preload)
+    else:
+        env.pop("LD_PRELOAD", None)
+    return env
+
+
+def allocator_flags(argv=None):
+    """(allocator, device_target) from the command line, read before MindSpore is imported."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--allocator", default="mimalloc")
+    parser.add_argument("--device_target", default="Ascend")
+    known, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    return known.allocator, known.device_target
+
+
+def add_allocator_flag(add_argument):
+    """The `--allocator` flag, for a script's parser (`preload_mimalloc` reads it before the parser runs)."""
+    add_argument("--allocator", default="mimalloc", choices=CHOICES,
+                 help="CPU only: mimalloc (default, faster steps) or glibc's malloc (system)")
+
+
+def preload_mimalloc(argv=None):
+    """Re-execute this script with mimalloc preloaded, when it runs on CPU with `--allocator mimalloc` (the
+    default) and mimalloc is installed. Otherwise it returns, having printed a hint if mimalloc is missing.
+    Call it first thing in a script's `__main__`, before MindSpore is imported and before any other process
+    is started (the re-executed process keeps the PID, so mpirun and msrun see the same worker)."""
+    allocator, device_target = allocator_flags(argv)
+    if allocator != "mimalloc" or device_target != "CPU" or os.environ.get(_DONE):
+        return
+    if "libmimalloc" in os.environ.get("LD_PRELOAD", ""):
+        return
+    if mimalloc_library() is None:
+        print("note: running on glibc's malloc; `pip install cmeel-mimalloc` makes CPU steps faster", file=sys.stderr)
+        return
+    env = preload_env("mimalloc")
+    env[_DONE] = allocator
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, sys.orig_argv, env)
