@@ -434,3 +434,47 @@ def test_kernel_copy_of_a_short_input_is_an_error(tmp_path):
     with open(src, "rb") as s, open(dst, "wb") as d:
         message = error_of(copy_range, s.fileno(), d.fileno(), 4, 100, "w")
     assert "input ended while copying 'w' (6 of 100 bytes)" in message
+
+
+# ------------------------------------------------------------------ the model built while the tensors are written
+def test_model_names_arriving_late_give_the_same_file(tmp_path, tiny_file, tiny_expected):
+    """The command line passes the model's names as a function (the model is built in a child meanwhile)."""
+    for name, fn, src in (("pt_to_ms", conversion.official_to_mindspore, tiny_file),
+                          ("ms_to_pt", conversion.mindspore_to_official, tmp_path / "now_pt_to_ms.ckpt")):
+        suffix = ".ckpt" if name == "pt_to_ms" else ".safetensors"
+        now, late = tmp_path / f"now_{name}{suffix}", tmp_path / f"late_{name}{suffix}"
+        fn(src, now, tiny_expected, dtype="fp16", progress=False)
+        fn(src, late, lambda: tiny_expected, dtype="fp16", progress=False)
+        assert now.read_bytes() == late.read_bytes(), name
+
+
+@pytest.mark.parametrize("task", ["pt_to_ms", "ms_to_pt"])
+def test_a_late_mismatch_leaves_no_output(tmp_path, tiny_file, tiny_expected, task):
+    name = "model.diffusion_model.out.2.weight"
+    other = dict(tiny_expected, **{name: (8,) + tuple(tiny_expected[name][1:])})  # a model with 8 output channels
+    if task == "pt_to_ms":
+        fn, src, dst, wrong = conversion.official_to_mindspore, tiny_file, tmp_path / "out.ckpt", name
+    else:
+        src = tmp_path / "in.ckpt"
+        conversion.official_to_mindspore(tiny_file, src, tiny_expected, dtype="fp16", progress=False)
+        fn, dst, wrong = conversion.mindspore_to_official, tmp_path / "out.safetensors", name
+    up_front = error_of(fn, src, dst, other, progress=False)
+    seen = []
+
+    def model_names():
+        seen.append(dst.with_name(dst.name + ".partial").stat().st_size)  # called once everything is written
+        return other
+
+    assert error_of(fn, src, dst, model_names, progress=False) == up_front
+    assert wrong in up_front and "wrong shape" in up_front
+    assert seen and seen[0] > 0.9 * src.stat().st_size
+    assert not dst.exists() and not dst.with_name(dst.name + ".partial").exists()
+
+
+def test_a_file_of_another_kind_is_refused_before_writing(tmp_path, tiny_expected):
+    src = sparse_safetensors(tmp_path / "lora.safetensors", {"unet.down.lora_up.weight": (4, 4)})
+    called = []
+    message = error_of(conversion.official_to_mindspore, src, tmp_path / "out.ckpt",
+                       lambda: called.append(1) or tiny_expected, progress=False)
+    assert message == f"{src} looks like a LoRA file, not a full model, not SDXL base 1.0"
+    assert not called and sorted(p.name for p in tmp_path.iterdir()) == ["lora.safetensors"]

@@ -1,9 +1,14 @@
 """SDXL base weights: official `.safetensors` (or a diffusers folder) <-> MindSpore `.ckpt`.
 
 Every conversion maps by name and checks the whole key set and every shape against `expected`,
-the {MindSpore name: shape} of the model the checkpoint is for (see `sdxl_layout`), before it
-writes anything. It then streams one tensor at a time into `<output>.partial` and renames that to
-the output at the very end, so an interrupted run never leaves a file that looks complete.
+the {MindSpore name: shape} of the model the checkpoint is for (see `sdxl_layout`). It streams one
+tensor at a time into `<output>.partial` and renames that to the output at the very end, so an
+interrupted run never leaves a file that looks complete.
+
+`expected` is either that dict, checked before anything is written, or a function that returns it
+(the command line builds the model in another process, about 4 s, while the tensors are written).
+Then a file that is not SDXL base-shaped at all is refused at once, and the exact check runs after
+writing, before the output appears: a mismatch still leaves no output.
 """
 import os
 import time
@@ -13,7 +18,7 @@ from pathlib import Path
 from tools.model_conversion.ckpt_stream import CkptReader, CkptWriter
 from tools.model_conversion.diffusers_folder import DiffusersFolder, materialize
 from tools.model_conversion.dtypes import CHOICES, FLOATS, ConversionError, cast, itemsize
-from tools.model_conversion.keymap import mindspore_to_official_name
+from tools.model_conversion.keymap import mindspore_to_official_name, official_to_mindspore_names
 from tools.model_conversion.safetensors_stream import SafetensorsReader, TensorInfo, write_safetensors
 from tools.model_conversion.sdxl_layout import detect
 
@@ -46,8 +51,7 @@ def check_keys(found: dict, expected: dict, source: str, layout: str):
     wrong = [n for n in expected if n in found and tuple(found[n]) != tuple(expected[n])]
     if not (missing or unexpected or wrong):
         return
-    official_view = found if layout == "official" else {mindspore_to_official_name(n): s for n, s in found.items()}
-    kind = detect(official_view)
+    kind = _kind(found, layout)
     what = "" if kind == "SDXL base layout" else f"{source} looks like {kind}, not SDXL base 1.0: "
     if missing or unexpected:
         problem = (f"{len(missing)} {layout} keys missing (first: {_first(missing) or '-'}), "
@@ -56,6 +60,32 @@ def check_keys(found: dict, expected: dict, source: str, layout: str):
         problem = f"{len(wrong)} tensors have the wrong shape (first: " + ", ".join(
             f"{n} is {tuple(found[n])}, expected {tuple(expected[n])}" for n in wrong[:FIRST]) + ")"
     raise ConversionError((what or f"{source} does not match SDXL base 1.0: ") + problem)
+
+
+def _kind(found: dict, layout: str) -> str:
+    return detect(found if layout == "official" else {mindspore_to_official_name(n): s for n, s in found.items()})
+
+
+def check_layout(found: dict, source: str, layout: str):
+    """Before the model's exact names and shapes are known: refuse at once a file that is not SDXL base-shaped."""
+    kind = _kind(found, layout)
+    if kind != "SDXL base layout":
+        raise ConversionError(f"{source} looks like {kind}, not SDXL base 1.0")
+
+
+def check_official(found: dict, mindspore_names: dict, expected: dict, source: str):
+    """`found` {official name: shape} is exactly the model's (`expected`, MindSpore names), and `mindspore_names`
+    {official: MindSpore name}, the names being written, are the model's own."""
+    want = official_expectation(expected)
+    check_keys(found, {n: s for n, (_, s) in want.items()}, source, "official")
+    renamed = [n for n, (ms_name, _) in want.items() if mindspore_names[n] != ms_name]
+    if renamed:
+        raise ConversionError(f"{source}: the model names these parameters differently: " + ", ".join(
+            f"{n} -> {want[n][0]}, not {mindspore_names[n]}" for n in renamed[:FIRST]))
+
+
+def _resolve(expected) -> dict:
+    return expected() if callable(expected) else expected
 
 
 def _target_dtype(dtype: str, source_code: str) -> str:
@@ -82,8 +112,8 @@ def check_output(path, overwrite: bool, inputs=()):
 
 
 @contextmanager
-def atomic_output(path, overwrite: bool, inputs=()):
-    """Yield a binary file that becomes `path` only if the block finishes."""
+def atomic_output(path, overwrite: bool, inputs=(), verify=None):
+    """Yield a binary file that becomes `path` only if the block finishes (and `verify()`, if given, returns)."""
     path = Path(path)
     check_output(path, overwrite, inputs)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -91,6 +121,8 @@ def atomic_output(path, overwrite: bool, inputs=()):
     try:
         with open(partial, "wb") as f:
             yield f
+            if verify is not None:
+                verify()
             f.flush()
             os.fsync(f.fileno())
         os.replace(partial, path)
@@ -122,7 +154,7 @@ def _sniff(path) -> str:
     return "ckpt" if head[:1] == b"\x0a" and head[at + 1:at + 2] == b"\x0a" else ""
 
 
-def _stream_to_ckpt(entries, dst, dtype, overwrite, progress, desc, inputs, check_only):
+def _stream_to_ckpt(entries, dst, dtype, overwrite, progress, desc, inputs, check_only, verify=None):
     """entries: [(MindSpore name, source code, shape, load() -> (data, code), where)] -> `.ckpt` at dst.
     `where` is (file descriptor, offset) of the source bytes, or None: a tensor whose element type does not
     change is then copied by the kernel, as `cp` copies, instead of being read and written."""
@@ -132,7 +164,7 @@ def _stream_to_ckpt(entries, dst, dtype, overwrite, progress, desc, inputs, chec
         return {"tensors": len(entries), "bytes": total, "seconds": 0.0, "written": False,
                 "names": [e[0] for e in entries]}
     start = time.time()
-    with atomic_output(dst, overwrite, inputs) as f, _progress(total, desc, progress) as bar:
+    with atomic_output(dst, overwrite, inputs, verify) as f, _progress(total, desc, progress) as bar:
         writer = CkptWriter(f)
         for (ms_name, code, shape, load, where), target in zip(entries, targets):
             nbytes = int(_numel(shape)) * itemsize(target)
@@ -152,27 +184,33 @@ def _numel(shape):
     return n
 
 
-def official_to_mindspore(src, dst, expected: dict, dtype="fp32", overwrite=False, progress=True, check_only=False):
-    """Official single-file `.safetensors` -> MindSpore `.ckpt` with the names of `expected`.
-    `check_only`: validate everything, write nothing."""
+def official_to_mindspore(src, dst, expected, dtype="fp32", overwrite=False, progress=True, check_only=False):
+    """Official single-file `.safetensors` -> MindSpore `.ckpt` with the names of `expected` (a dict, or a
+    function returning it: see the module's docstring). `check_only`: validate everything, write nothing."""
     check_output(dst, overwrite or check_only, [src])
     if _sniff(src) == "ckpt":
         raise ConversionError(f"not a safetensors file: {src} (it looks like a MindSpore .ckpt: use --task ms_to_pt)")
-    want = official_expectation(expected)
     with SafetensorsReader(src) as reader:
-        check_keys(reader.shapes(), {n: s for n, (_, s) in want.items()}, str(src), "official")
+        found = reader.shapes()
+        names = official_to_mindspore_names(found)
+        verify = None
+        if callable(expected) and not check_only:
+            check_layout(found, str(src), "official")
+            verify = lambda: check_official(found, names, expected(), str(src))  # noqa: E731
+        else:
+            check_official(found, names, _resolve(expected), str(src))
         for t in reader.tensors.values():
             _check_float(t.name, t.dtype, src)
-        entries = [(want[t.name][0], t.dtype, t.shape, lambda n=t.name, c=t.dtype: (reader.read(n), c),
+        entries = [(names[t.name], t.dtype, t.shape, lambda n=t.name, c=t.dtype: (reader.read(n), c),
                     (reader.fileno(), t.offset)) for t in reader.in_file_order()]  # sequential reads
-        return _stream_to_ckpt(entries, dst, dtype, overwrite, progress, "pt_to_ms", [src], check_only)
+        return _stream_to_ckpt(entries, dst, dtype, overwrite, progress, "pt_to_ms", [src], check_only, verify)
 
 
 def diffusers_to_mindspore(folder, dst, expected: dict, dtype="fp32", overwrite=False, progress=True, variant=None,
                            check_only=False):
     """diffusers SDXL base pipeline folder -> MindSpore `.ckpt` (via the official names)."""
     check_output(dst, overwrite or check_only)
-    want = official_expectation(expected)
+    want = official_expectation(_resolve(expected))
     with DiffusersFolder(folder, variant) as pipe:
         check_keys(pipe.shapes(), {n: s for n, (_, s) in want.items()}, str(folder), "official")
         keep = pipe.source_dtype() if dtype == "keep" else None
@@ -183,13 +221,23 @@ def diffusers_to_mindspore(folder, dst, expected: dict, dtype="fp32", overwrite=
         return _stream_to_ckpt(entries, dst, dtype, overwrite, progress, "diffusers_to_ms", [], check_only)
 
 
-def mindspore_to_official(src, dst, expected: dict, dtype="fp32", overwrite=False, progress=True, check_only=False):
-    """MindSpore `.ckpt` -> official single-file `.safetensors` (laid out as the safetensors library does)."""
+def mindspore_to_official(src, dst, expected, dtype="fp32", overwrite=False, progress=True, check_only=False):
+    """MindSpore `.ckpt` -> official single-file `.safetensors` (laid out as the safetensors library does).
+    `expected`: a dict, or a function returning it (see the module's docstring)."""
     check_output(dst, overwrite or check_only, [src])
     if _sniff(src) == "safetensors":
         raise ConversionError(f"not a MindSpore checkpoint: {src} (it is a safetensors file: use --task pt_to_ms)")
     with CkptReader(src) as reader:
-        check_keys(reader.shapes(), {n: tuple(s) for n, s in expected.items()}, str(src), "MindSpore")
+        found = reader.shapes()
+
+        def verify():
+            check_keys(found, {n: tuple(s) for n, s in _resolve(expected).items()}, str(src), "MindSpore")
+
+        if callable(expected) and not check_only:
+            check_layout(found, str(src), "MindSpore")
+        else:
+            verify()
+            verify = None
         infos, sources = [], {}
         for t in reader.tensors.values():
             _check_float(t.name, t.dtype, src)
@@ -210,6 +258,6 @@ def mindspore_to_official(src, dst, expected: dict, dtype="fp32", overwrite=Fals
             t = sources[name]
             return (reader.fileno(), t.pieces[0][0]) if len(t.pieces) == 1 and t.dtype == targets[name] else None
 
-        with atomic_output(dst, overwrite, [src]) as f, _progress(total, "ms_to_pt", progress) as bar:
+        with atomic_output(dst, overwrite, [src], verify) as f, _progress(total, "ms_to_pt", progress) as bar:
             write_safetensors(f, infos, fetch, progress=bar, where=where)
         return {"tensors": len(infos), "bytes": total, "seconds": time.time() - start, "written": True}

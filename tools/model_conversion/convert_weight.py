@@ -11,6 +11,7 @@ checkpoint must have come from the model that `--config` builds. See weight_conv
 import argparse
 import resource
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,20 +33,26 @@ def _model_shapes(config):
     return model_mindspore_shapes(config)
 
 
-def expected_shapes(config) -> dict:
-    """{MindSpore name: shape} of the model `config` builds. Built in a child process, so this process
-    never holds MindSpore (about 1 GB) while it streams the weights."""
+@contextmanager
+def expected_shapes(config):
+    """Build the model of `config` in a child process, while the caller goes on (the conversion writes
+    meanwhile); yields a function that waits for its {MindSpore name: shape}. A child, so this process
+    never holds MindSpore (about 1 GB) while it streams the weights; it is ended on leaving the block."""
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
 
     if not Path(config).is_file():
         raise ConversionError(f"model config not found: {config}")
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        try:
-            return pool.submit(_model_shapes, str(config)).result()
-        except Exception as e:
-            raise ConversionError(f"could not build the model of {config} to read its parameter names: "
-                                  f"{type(e).__name__}: {e}") from None
+    with multiprocessing.get_context("spawn").Pool(1) as pool:  # leaving it terminates the child
+        pending = pool.apply_async(_model_shapes, (str(config),))
+
+        def result() -> dict:
+            try:
+                return pending.get()
+            except Exception as e:
+                raise ConversionError(f"could not build the model of {config} to read its parameter names: "
+                                      f"{type(e).__name__}: {e}") from None
+
+        yield result
 
 
 def parse_args(argv=None):
@@ -78,15 +85,15 @@ def main(argv=None) -> int:
         if not Path(src).exists():
             raise ConversionError(f"input not found: {src}")
         conversion.check_output(dst, args.overwrite or args.check)  # before the model is built
-        expected = expected_shapes(args.config)
         common = dict(dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress, check_only=args.check)
-        if task == "pt_to_ms":
-            if Path(src).is_dir():
-                summary = conversion.diffusers_to_mindspore(src, dst, expected, variant=args.variant, **common)
+        with expected_shapes(args.config) as expected:
+            if task == "pt_to_ms":
+                if Path(src).is_dir():
+                    summary = conversion.diffusers_to_mindspore(src, dst, expected, variant=args.variant, **common)
+                else:
+                    summary = conversion.official_to_mindspore(src, dst, expected, **common)
             else:
-                summary = conversion.official_to_mindspore(src, dst, expected, **common)
-        else:
-            summary = conversion.mindspore_to_official(src, dst, expected, **common)
+                summary = conversion.mindspore_to_official(src, dst, expected, **common)
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
