@@ -1,86 +1,120 @@
-"""Benchmark: MindSpore's CPU Conv2D against the same convolution written as unfold (im2col) + MatMul.
+"""Benchmark: MindBooth's CPU convolution (gm.modules.conv.Conv2d: im2col + MatMul, frozen weight) against
+MindSpore's own Conv2D kernel and against torch's conv2d.
 
-    python benchmarks/bench_conv.py
+    python benchmarks/bench_conv.py                       # all three
+    python benchmarks/bench_conv.py --impls mindbooth torch --repeats 5
 
 SDXL UNet shapes (3x3, stride 1, padding 1, batch 2 = instance + class) at the latent sizes of a 512x512
-image; forward, and forward + backward to the input (what a LoRA step needs: the conv weights are frozen).
-GRAPH mode, each op in its own Cell, median of 3 runs after a warm-up. Prints `RESULT {json}` per shape
-and checks that both give the same numbers."""
+image; forward, and forward + backward to the input (what a LoRA step needs: the conv weights are frozen, as
+`freeze_convolutions` marks them in training). MindSpore in GRAPH mode, each conv in its own Cell; median of
+`--repeats` runs after a warm-up. Prints `RESULT {json}` per shape, with each output's and input gradient's
+largest difference from torch's, relative to torch's largest value."""
+import argparse
 import json
 import statistics
 import time
 
-import mindspore as ms
 import numpy as np
-from mindspore import nn, ops
+
+import common  # noqa: F401  (puts the repository root on sys.path)
 
 SHAPES = [(320, 64), (640, 32), (1280, 16)]  # (channels, latent side) of SDXL's three levels at 512x512
+IMPLS = ("mindbooth", "mindspore_conv2d", "torch")
 
 
-class Conv2D(nn.Cell):
-    def __init__(self, channels):
-        super().__init__()
-        self.conv = ops.Conv2D(out_channel=channels, kernel_size=3, pad_mode="pad", pad=1)
-
-    def construct(self, x, weight):
-        return self.conv(x, weight)
-
-
-class Im2colConv2D(nn.Cell):
-    def construct(self, x, weight):
-        batch, _, height, width = x.shape
-        columns = ops.unfold(x, kernel_size=3, padding=1)  # (batch, in * 9, height * width)
-        out = ops.matmul(weight.reshape(weight.shape[0], -1), columns)
-        return out.reshape(batch, weight.shape[0], height, width)
-
-
-class SumOf(nn.Cell):
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
-
-    def construct(self, x, weight):
-        return self.net(x, weight).sum()
-
-
-class InputGrad(nn.Cell):
-    """d sum(net(x, weight)) / dx (GRAPH mode does not parse a lambda here)."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.grad = ops.GradOperation()(SumOf(net))
-
-    def construct(self, x, weight):
-        return self.grad(x, weight)
-
-
-def median_seconds(fn, repeats=3):
-    fn().asnumpy()
+def median_seconds(fn, repeats):
+    fn()  # warm-up (GRAPH mode compiles here)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        fn().asnumpy()
+        fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
+def mindspore_conv(impl, x_np, weight_np):
+    """(forward, forward + input gradient) as functions returning numpy arrays."""
+    import mindspore as ms
+    from mindspore import nn
+
+    from gm.modules.conv import Conv2d
+
+    channels = weight_np.shape[0]
+    conv = Conv2d(channels, channels, 3, padding=1, has_bias=False, as_matmul=impl == "mindbooth")
+    conv.weight.set_data(ms.Tensor(weight_np))
+    conv.weight.requires_grad = False
+    if impl == "mindbooth":
+        conv.freeze_weight()  # what freeze_convolutions does in training: input gradient only
+
+    class SumOf(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.conv = conv
+
+        def construct(self, x):
+            return self.conv(x).sum()
+
+    class ValueAndInputGrad(nn.Cell):  # the value too, so that the forward runs (GRAPH mode prunes unused ops)
+        def __init__(self):
+            super().__init__()
+            self.value_and_grad = ms.value_and_grad(SumOf(), grad_position=0)
+
+        def construct(self, x):
+            return self.value_and_grad(x)
+
+    x = ms.Tensor(x_np)
+    value_and_grad = ValueAndInputGrad()
+    return (lambda: conv(x).asnumpy()), (lambda: value_and_grad(x)[1].asnumpy())
+
+
+def torch_conv(x_np, weight_np):
+    import torch
+
+    weight = torch.from_numpy(weight_np)
+
+    def forward():
+        with torch.no_grad():
+            return torch.nn.functional.conv2d(torch.from_numpy(x_np), weight, padding=1).numpy()
+
+    def forward_backward():
+        x = torch.from_numpy(x_np).requires_grad_(True)
+        torch.nn.functional.conv2d(x, weight, padding=1).sum().backward()
+        return x.grad.numpy()
+
+    return forward, forward_backward
+
+
 def main():
-    ms.set_context(mode=ms.GRAPH_MODE)
-    ms.set_device("CPU")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+    if any(impl != "torch" for impl in args.impls):
+        import mindspore as ms
+
+        ms.set_context(mode=ms.GRAPH_MODE)
+        ms.set_device("CPU")
     rng = np.random.default_rng(0)
     for channels, side in SHAPES:
-        x = ms.Tensor(rng.standard_normal((2, channels, side, side)).astype(np.float32))
-        weight = ms.Tensor((rng.standard_normal((channels, channels, 3, 3)) / np.sqrt(9 * channels)).astype(np.float32))
-        result = {"channels": channels, "side": side, "gflop_forward": 2 * 2 * channels * channels * 9 * side * side / 1e9}
+        x = rng.standard_normal((2, channels, side, side)).astype(np.float32)
+        weight = (rng.standard_normal((channels, channels, 3, 3)) / np.sqrt(9 * channels)).astype(np.float32)
+        result = {"channels": channels, "side": side, "batch": 2,
+                  "gflop_forward": 2 * 2 * channels * channels * 9 * side * side / 1e9}
         outputs = {}
-        for name, net in (("conv2d", Conv2D(channels)), ("im2col_matmul", Im2colConv2D())):
-            result[f"{name}_forward_s"] = median_seconds(lambda: net(x, weight))
-            grad = InputGrad(net)
-            result[f"{name}_forward_backward_s"] = median_seconds(lambda: grad(x, weight))
-            outputs[name] = (net(x, weight).asnumpy(), grad(x, weight).asnumpy())
-        for i, what in enumerate(("output", "input_grad")):
-            a, b = outputs["conv2d"][i], outputs["im2col_matmul"][i]
-            result[f"{what}_relative_difference"] = float(np.abs(a - b).max() / np.abs(a).max())
+        for impl in args.impls:
+            forward, forward_backward = torch_conv(x, weight) if impl == "torch" else mindspore_conv(impl, x, weight)
+            result[f"{impl}_forward_s"] = round(median_seconds(forward, args.repeats), 4)
+            result[f"{impl}_forward_backward_s"] = round(median_seconds(forward_backward, args.repeats), 4)
+            outputs[impl] = (forward(), forward_backward())
+        if "torch" in outputs:
+            for impl in outputs:
+                for i, what in enumerate(("output", "input_grad")):
+                    ours, ref = outputs[impl][i], outputs["torch"][i]
+                    result[f"{impl}_{what}_relative_difference"] = float(np.abs(ours - ref).max() / np.abs(ref).max())
+            for impl in outputs:
+                if impl != "torch":
+                    for what in ("forward", "forward_backward"):
+                        result[f"{impl}_{what}_vs_torch"] = round(result[f"{impl}_{what}_s"] / result[f"torch_{what}_s"], 2)
         print("RESULT " + json.dumps(result), flush=True)
 
 
