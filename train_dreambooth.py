@@ -19,7 +19,7 @@ from mindbooth.allocator import preload_mimalloc
 from mindbooth.distributed import setup_distributed_environment
 
 if __name__ == "__main__":
-    preload_mimalloc()  # on CPU: re-executes this script with mimalloc preloaded (faster steps), before anything else
+    preload_mimalloc()  # on CPU: re-executes this script with mimalloc preloaded (mindbooth/allocator.py), first
 setup_distributed_environment()  # before MindSpore is imported: mpirun's variables -> MindSpore's
 
 import mindspore as ms  # noqa: E402
