@@ -2,17 +2,18 @@
 
 MindSpore's CPU runtime allocates through malloc. With mimalloc preloaded, on this project's 2-core machine, the
 full-size SDXL train step compiled about 30 % faster and peaked 0.6 GiB lower (same step time), and the tiny
-model's main job ran its steps 19 % faster (benchmarks/RESULTS.md section 12). A preloaded allocator must be in place before the process starts, so
-`preload_mimalloc` re-executes the running script once, with LD_PRELOAD set, before MindSpore is imported.
+model's main job ran its steps 19 % faster (benchmarks/RESULTS.md section 12). A preloaded allocator must be in
+place before the process starts, so `preload_mimalloc` re-executes the running script once, with LD_PRELOAD set,
+before MindSpore is imported. `--allocator` is declared in mindbooth/config.py (add_allocator_flag).
 mimalloc comes from PyPI (`cmeel-mimalloc`, in requirement.txt); without it everything runs on glibc's malloc.
 """
-import argparse
 import glob
 import os
 import sys
 import sysconfig
 
-CHOICES = ("mimalloc", "system")
+from mindbooth.config import early_flags
+
 _DONE = "MINDBOOTH_ALLOCATOR_SET"  # set in the re-executed process: never re-execute twice
 
 
@@ -39,36 +40,21 @@ def preload_env(allocator: str, env=None) -> dict:
     return env
 
 
-def allocator_flags(argv=None):
-    """(allocator, device_target) from the command line, read before MindSpore is imported."""
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--allocator", default="mimalloc")
-    parser.add_argument("--device_target", default="Ascend")
-    known, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-    return known.allocator, known.device_target
-
-
-def add_allocator_flag(add_argument):
-    """The `--allocator` flag, for a script's parser (`preload_mimalloc` reads it before the parser runs)."""
-    add_argument("--allocator", default="mimalloc", choices=CHOICES,
-                 help="CPU only: mimalloc (default: faster compiles, lower peak) or glibc's malloc (system)")
-
-
 def preload_mimalloc(argv=None):
     """Re-execute this script with mimalloc preloaded, when it runs on CPU with `--allocator mimalloc` (the
     default) and mimalloc is installed. Otherwise it returns, having printed a hint if mimalloc is missing.
     Call it first thing in a script's `__main__`, before MindSpore is imported and before any other process
     is started (the re-executed process keeps the PID, so mpirun and msrun see the same worker)."""
-    allocator, device_target = allocator_flags(argv)
-    if allocator != "mimalloc" or device_target != "CPU" or os.environ.get(_DONE):
+    flags = early_flags(argv, allocator="mimalloc", device_target="Ascend")
+    if flags.allocator != "mimalloc" or flags.device_target != "CPU" or os.environ.get(_DONE):
         return
     if "libmimalloc" in os.environ.get("LD_PRELOAD", ""):
         return
     if mimalloc_library() is None:
-        print("note: running on glibc's malloc; `pip install cmeel-mimalloc` makes CPU steps faster", file=sys.stderr)
+        print("note: running on glibc's malloc; `pip install cmeel-mimalloc` compiles faster and peaks lower on CPU", file=sys.stderr)
         return
     env = preload_env("mimalloc")
-    env[_DONE] = allocator
+    env[_DONE] = "mimalloc"
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, sys.orig_argv, env)

@@ -1,9 +1,10 @@
 """Training configuration: the YAML holds everything; a command-line flag, when given, overrides it."""
 import argparse
+import sys
 
 from omegaconf import OmegaConf
 
-from mindbooth.allocator import add_allocator_flag
+ALLOCATORS = ("mimalloc", "system")  # --allocator (mindbooth/allocator.py)
 
 
 def str2bool(value) -> bool:
@@ -14,6 +15,21 @@ def str2bool(value) -> bool:
     if value.lower() in ("false", "0", "no", "n"):
         return False
     raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
+
+
+def early_flags(argv=None, **defaults) -> argparse.Namespace:
+    """Flags a script must read before MindSpore is imported, before its full parser runs: each `name=default`
+    (a bool default parses True/False) from argv (default sys.argv[1:]); every other flag is left alone."""
+    parser = argparse.ArgumentParser(add_help=False)
+    for name, default in defaults.items():
+        parser.add_argument(f"--{name}", default=default, type=str2bool if isinstance(default, bool) else str)
+    return parser.parse_known_args(sys.argv[1:] if argv is None else argv)[0]
+
+
+def add_allocator_flag(add_argument):
+    """The `--allocator` flag of the trainer and the sampler (mindbooth/allocator.py reads it with early_flags)."""
+    add_argument("--allocator", default="mimalloc", choices=ALLOCATORS,
+                 help="CPU only: mimalloc (default: faster compiles, lower peak) or glibc's malloc (system)")
 
 
 # flag -> (config path, type, help). MindONE's DreamBooth flags keep their meaning.

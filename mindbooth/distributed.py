@@ -8,7 +8,6 @@ MindSpore is imported, and rank 0 starts the scheduler process that msrun would 
 Failure ends the job in bounded time: both launchers kill every rank when one exits with an error (measured:
 mpirun within seconds, msrun within about 35 s, waiting for its scheduler); cluster set-up gives up after
 MS_TOPO_TIMEOUT seconds; the scheduler started here leaves with the workers, or SCHEDULER_GRACE_S after rank 0."""
-import argparse
 import hashlib
 import os
 import socket
@@ -18,7 +17,7 @@ import tempfile
 
 import numpy as np
 
-from mindbooth.config import str2bool  # MindSpore itself is imported only after setup_distributed_environment
+from mindbooth.config import early_flags  # MindSpore itself is imported only after setup_distributed_environment
 
 DYNAMIC_CLUSTER_VARS = ("MS_ROLE", "MS_WORKER_NUM", "MS_SCHED_HOST", "MS_SCHED_PORT")
 TOPOLOGY_TIMEOUT_S = 300  # cluster set-up (all ranks registering) under mpirun; msrun's own default is 600
@@ -45,11 +44,8 @@ init()
 
 def launch_flags(argv=None):
     """(is_parallel, device_target) from the command line, read before MindSpore is imported."""
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--is_parallel", type=str2bool, default=False)
-    parser.add_argument("--device_target", default="Ascend")
-    known, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-    return known.is_parallel, known.device_target
+    flags = early_flags(argv, is_parallel=False, device_target="Ascend")
+    return flags.is_parallel, flags.device_target
 
 
 def openmpi_world():

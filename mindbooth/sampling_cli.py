@@ -18,7 +18,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from tqdm import tqdm
 
-from mindbooth.allocator import add_allocator_flag
+from mindbooth.config import add_allocator_flag
 from mindbooth.images import load_rgb, make_grid
 from mindbooth.pipeline import SAMPLERS
 from mindbooth.sampling_model import load_sampling_model, size_multiple, split_weights
