@@ -432,7 +432,7 @@ def test_kernel_copy_of_a_short_input_is_an_error(tmp_path):
     src, dst = tmp_path / "src.bin", tmp_path / "dst.bin"
     src.write_bytes(b"x" * 10)
     with open(src, "rb") as s, open(dst, "wb") as d:
-        message = error_of(copy_range, s.fileno(), d.fileno(), 4, 100, "w")
+        message = error_of(copy_range, s.fileno(), d, 4, 100, "w")
     assert "input ended while copying 'w' (6 of 100 bytes)" in message
 
 

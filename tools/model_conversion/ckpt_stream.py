@@ -68,30 +68,33 @@ class CkptWriter:
 
     def write(self, name: str, dtype: str, data: np.ndarray):
         """`dtype` is the safetensors code of `data` (bf16 data as uint16 bits)."""
-        ms_type = DTYPES[dtype][1]
         raw = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
-        for start in range(0, max(raw.nbytes, 1), self.slice_bytes):
-            piece = raw[start:start + self.slice_bytes]
-            self.file.write(entry_prefix(name, ms_type, data.shape, piece.nbytes))
-            self.file.write(piece)
-
+        self._entries(name, dtype, data.shape, raw.nbytes,
+                      lambda start, length: self.file.write(raw[start:start + length]))
 
     def copy(self, name: str, dtype: str, shape, src_fd: int, offset: int, nbytes: int):
         """As `write`, for data already laid out as `dtype` at `offset` of the open file `src_fd`: the kernel
         copies it (copy_file_range, as `cp` does), so it never passes through this process."""
+        self._entries(name, dtype, shape, nbytes,
+                      lambda start, length: copy_range(src_fd, self.file, offset + start, length, name))
+
+    def _entries(self, name, dtype, shape, nbytes, write_content):
+        """One entry per slice of at most `slice_bytes`: its header, then `write_content(start, length)`."""
         ms_type = DTYPES[dtype][1]
         for start in range(0, max(nbytes, 1), self.slice_bytes):
-            piece = min(self.slice_bytes, nbytes - start)
-            self.file.write(entry_prefix(name, ms_type, shape, piece))
-            self.file.flush()  # the copy below writes at the file descriptor's position
-            copy_range(src_fd, self.file.fileno(), offset + start, piece, name)
+            length = min(self.slice_bytes, nbytes - start)
+            self.file.write(entry_prefix(name, ms_type, shape, length))
+            write_content(start, length)
 
 
 _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM}
 
 
-def copy_range(src_fd: int, dst_fd: int, offset: int, nbytes: int, name: str = ""):
-    """Append `nbytes` of `src_fd` from `offset` at `dst_fd`'s position: in the kernel where it can, else by reads."""
+def copy_range(src_fd: int, dst, offset: int, nbytes: int, name: str = ""):
+    """Append `nbytes` of `src_fd` from `offset` to the open binary file `dst`: in the kernel where it can, else
+    by reads. `dst` is flushed first, since the kernel writes at its file descriptor's position."""
+    dst.flush()
+    dst_fd = dst.fileno()
     done = 0
     while done < nbytes:
         try:

@@ -88,6 +88,16 @@ def _resolve(expected) -> dict:
     return expected() if callable(expected) else expected
 
 
+def _check_now_or_before_publishing(expected, check_only, check_layout_now, check_exact):
+    """Run `check_exact(model's {name: shape})` now when `expected` is at hand (a dict, or --check waits for it)
+    and return None; otherwise run `check_layout_now()` and return the exact check, for `atomic_output(verify=)`."""
+    if callable(expected) and not check_only:
+        check_layout_now()
+        return lambda: check_exact(expected())
+    check_exact(_resolve(expected))
+    return None
+
+
 def _target_dtype(dtype: str, source_code: str) -> str:
     if dtype not in CHOICES:
         raise ConversionError(f"unknown --dtype {dtype!r}: choose one of {', '.join(CHOICES)}")
@@ -193,12 +203,9 @@ def official_to_mindspore(src, dst, expected, dtype="fp32", overwrite=False, pro
     with SafetensorsReader(src) as reader:
         found = reader.shapes()
         names = official_to_mindspore_names(found)
-        verify = None
-        if callable(expected) and not check_only:
-            check_layout(found, str(src), "official")
-            verify = lambda: check_official(found, names, expected(), str(src))  # noqa: E731
-        else:
-            check_official(found, names, _resolve(expected), str(src))
+        verify = _check_now_or_before_publishing(
+            expected, check_only, lambda: check_layout(found, str(src), "official"),
+            lambda model: check_official(found, names, model, str(src)))
         for t in reader.tensors.values():
             _check_float(t.name, t.dtype, src)
         entries = [(names[t.name], t.dtype, t.shape, lambda n=t.name, c=t.dtype: (reader.read(n), c),
@@ -229,15 +236,9 @@ def mindspore_to_official(src, dst, expected, dtype="fp32", overwrite=False, pro
         raise ConversionError(f"not a MindSpore checkpoint: {src} (it is a safetensors file: use --task pt_to_ms)")
     with CkptReader(src) as reader:
         found = reader.shapes()
-
-        def verify():
-            check_keys(found, {n: tuple(s) for n, s in _resolve(expected).items()}, str(src), "MindSpore")
-
-        if callable(expected) and not check_only:
-            check_layout(found, str(src), "MindSpore")
-        else:
-            verify()
-            verify = None
+        verify = _check_now_or_before_publishing(
+            expected, check_only, lambda: check_layout(found, str(src), "MindSpore"),
+            lambda model: check_keys(found, {n: tuple(s) for n, s in model.items()}, str(src), "MindSpore"))
         infos, sources = [], {}
         for t in reader.tensors.values():
             _check_float(t.name, t.dtype, src)

@@ -154,14 +154,11 @@ def write_safetensors(fileobj, infos, fetch, metadata=None, progress=None, where
     for t in infos:
         source = where(t.name) if where is not None else None
         if source is not None:
-            fileobj.flush()  # the copy writes at the file descriptor's position
-            copy_range(source[0], fileobj.fileno(), source[1], t.nbytes, t.name)
-            if progress is not None:
-                progress.update(t.nbytes)
-            continue
-        data = np.ascontiguousarray(fetch(t.name))
-        if data.nbytes != t.nbytes:
-            raise ConversionError(f"internal: '{t.name}' has {data.nbytes} bytes, {t.nbytes} were announced")
-        fileobj.write(data.reshape(-1).view(np.uint8))
+            copy_range(source[0], fileobj, source[1], t.nbytes, t.name)
+        else:
+            data = np.ascontiguousarray(fetch(t.name))
+            if data.nbytes != t.nbytes:
+                raise ConversionError(f"internal: '{t.name}' has {data.nbytes} bytes, {t.nbytes} were announced")
+            fileobj.write(data.reshape(-1).view(np.uint8))
         if progress is not None:
             progress.update(t.nbytes)
