@@ -60,7 +60,7 @@ def main():
     import argparse
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--allocator", choices=["system", "jemalloc", "mimalloc"], default="mimalloc")
+    p.add_argument("--allocator", choices=common.ALLOCATORS, default="mimalloc")
     args = p.parse_args()
     results = {"allocator": args.allocator}
     for case, (small, large) in SIZES.items():

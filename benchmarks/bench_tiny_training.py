@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 import common
+from mindbooth.config import ALLOCATORS
 
 RUNS = {  # name -> extra flags of train_dreambooth.py
     "graph": ["--ms_mode", "0"],
@@ -30,7 +31,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps per run (the first is the warm-up)")
     parser.add_argument("--runs", nargs="+", choices=sorted(RUNS), default=["graph", "pynative", "graph_text", "graph_cached"])
-    parser.add_argument("--allocators", nargs="+", choices=["mimalloc", "system"], default=["mimalloc"],
+    parser.add_argument("--allocators", nargs="+", choices=ALLOCATORS, default=["mimalloc"],
                         help="train_dreambooth.py's --allocator: each run is repeated with each")
     parser.add_argument("--rss_limit_gib", type=float, default=16.0)
     args = parser.parse_args()

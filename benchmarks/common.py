@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # gm/ and mindbooth/ import from the repository root
     sys.path.insert(0, str(ROOT))
 JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
+ALLOCATORS = ("system", "jemalloc", "mimalloc")  # allocator_env
 
 
 def rss_gib(pid="self") -> float:
@@ -155,7 +156,7 @@ def benchmark_parser(description: str):
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--steps", type=int, default=3, help="steps in all; the first is the warm-up")
     p.add_argument("--count_flops", type=int, default=1, help="torch: count FLOPs of one step")
-    p.add_argument("--allocator", choices=["system", "jemalloc", "mimalloc"], default=None,
+    p.add_argument("--allocator", choices=ALLOCATORS, default=None,
                    help="malloc of the measured process (default: jemalloc for torch, as the reference is best "
                         "run; mimalloc for MindSpore, as train_dreambooth.py runs on CPU)")
     p.add_argument("--frozen_dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
