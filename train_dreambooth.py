@@ -32,6 +32,8 @@ from gm.modules.lora import lora_parameters, new_lora_init  # noqa: E402
 from gm.util import instantiate_from_config  # noqa: E402
 from mindbooth import checkpoint as ckpt  # noqa: E402
 from mindbooth.class_images import missing_class_image_names, sample_class_images  # noqa: E402
+from mindbooth.compile_cache import (cache_folder, compile_in_child, compile_step_graphs, file_identity,  # noqa: E402
+                                     is_complete, is_entry_point, precompile_folder, user_cache_enabled)
 from mindbooth.config import load_training_config, training_parser  # noqa: E402
 from mindbooth.data import BatchSampler, DreamBoothDataset, collate  # noqa: E402
 from mindbooth.distributed import Distributed  # noqa: E402
@@ -39,7 +41,8 @@ from mindbooth.images import make_grid, save_image_atomic  # noqa: E402
 from mindbooth.optim import AdamW  # noqa: E402
 from mindbooth.pipeline import Text2Image  # noqa: E402
 from mindbooth.progress_log import LossLog  # noqa: E402
-from mindbooth.train_step import ApplyStep, DreamBoothLoss, DynamicLossScale, GradStep, make_buffers  # noqa: E402
+from mindbooth.train_step import (ApplyStep, DreamBoothLoss, DynamicLossScale, GradStep, make_buffers,  # noqa: E402
+                                  step_input_shapes, zero_step_inputs)
 from mindbooth.training_state import TrainingState, learning_rate_at  # noqa: E402
 
 
@@ -67,16 +70,23 @@ def main(argv=None):
     dist = Distributed(args.is_parallel, args.device_target)
     seed = int(train_cfg.seed)
     ms.set_seed(seed)
-    if dist.is_main:
+    precompiling = precompile_folder() is not None  # this process is compile_in_child's child
+    if dist.is_main and not precompiling:
         save_path.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(config, save_path / "config.yaml")  # the effective config: YAML + flags
+    weights = [w for w in args.weight.split(",") if w]
+    rows_per_item = 2 if with_prior else 1  # a batch item: its instance example, then its class example
+    step_shapes = step_input_shapes(config.model.params, int(train_cfg.per_batch_size) * rows_per_item, int(data_cfg.resolution))
+
+    # ---- the step's graphs, compiled by a child that exits before this process builds its model ---------------
+    # On CPU the compiler's leftovers would stay on top of the training peak (mindbooth/compile_cache.py).
+    step_cache = precompile_folder() if precompiling else step_graphs_in_child(args, argv, config, weights, step_shapes, save_path)
 
     # ---- model -----------------------------------------------------------------------------------------------
     try:
         engine = instantiate_from_config(config.model)
     except ValueError as error:  # e.g. a LoRA rank larger than a layer, an unknown frozen_weight_dtype
         fail(f"{args.config}: {error}")
-    weights = [w for w in args.weight.split(",") if w]
     try:
         ckpt.load_weights(engine, weights)
     except (ValueError, FileNotFoundError) as error:
@@ -90,6 +100,11 @@ def main(argv=None):
         for name, param in sorted(lora.items()):
             if ".lora_A." in name:
                 param.set_data(new_lora_init(param.shape, lora_rng))
+    if precompiling:  # the child: compile the step graphs into step_cache and exit
+        if not train_text_encoder:  # (its conditioning is token ids, not the cached embeddings step_shapes describes)
+            steps = build_steps(engine, config, lora, dist, with_prior, train_text_encoder)
+            compile_step_graphs(step_cache, steps["grad_step"], steps["apply_step"], zero_step_inputs(step_shapes))
+        return engine
     rank, alpha = int(config.model.params.lora_config.rank), float(config.model.params.lora_config.get("alpha", config.model.params.lora_config.rank))
     text2image = Text2Image(engine)
 
@@ -168,26 +183,12 @@ def main(argv=None):
         engine.free_encoders(text_encoders=not train_text_encoder)  # what is no longer needed
 
     # ---- optimizer -------------------------------------------------------------------------------------------
-    names = sorted(lora)
-    params = [lora[name] for name in names]
-    buffers = make_buffers(params)
-    # the text-encoder LoRA may train at its own rate (diffusers' --text_encoder_lr), under the same schedule
-    text_encoder_lr = optim_cfg.get("text_encoder_learning_rate") or optim_cfg.learning_rate
-    lr_scales = [float(text_encoder_lr) / float(optim_cfg.learning_rate) if name.startswith("conditioner.") else 1.0 for name in names]
-    optimizer = AdamW(params, learning_rate=float(optim_cfg.learning_rate), beta1=float(optim_cfg.get("beta1", 0.9)),
-                      beta2=float(optim_cfg.get("beta2", 0.999)), eps=float(optim_cfg.get("eps", 1e-8)),
-                      weight_decay=float(optim_cfg.get("weight_decay", 1e-2)), lr_scales=lr_scales)
-    loss_net = DreamBoothLoss(engine, float(db.get("prior_loss_weight", 1.0)), with_prior, train_text_encoder)
+    steps = build_steps(engine, config, lora, dist, with_prior, train_text_encoder)
+    buffers, optimizer, grad_step, apply_step = steps["buffers"], steps["optimizer"], steps["grad_step"], steps["apply_step"]
     accumulation = int(train_cfg.get("gradient_accumulation_steps", 1))
-    grad_step = GradStep(loss_net, params, buffers, dist.grad_reducer(params))
-    apply_step = ApplyStep(buffers, optimizer, accumulation, bool(train_cfg.get("clip_grad", False)),
-                           float(train_cfg.get("max_grad_norm", 1.0)))
-    precision = str(train_cfg.get("precision", "fp32"))
-    if precision not in ("fp32", "fp16"):
-        fail(f"train.precision must be fp32 or fp16, got {precision!r}")
-    if precision == "fp16":  # UNet computes in fp16; LoRA weights and AdamW stay fp32; the loss scale guards overflow
-        engine.model.to_float(ms.float16)
-    loss_scale = DynamicLossScale(enabled=precision == "fp16")
+    loss_scale = DynamicLossScale(enabled=str(train_cfg.get("precision", "fp32")) == "fp16")
+    if step_cache is not None and is_complete(step_cache) and not train_text_encoder:
+        compile_step_graphs(step_cache, grad_step, apply_step, zero_step_inputs(step_shapes))  # loaded, not compiled
     state = TrainingState(save_path, engine, optimizer, sampler, data_rng, loss_scale, rank, alpha, int(train_cfg.get("max_num_ckpt", 3)))
     start_step = state.restore() if resuming else 0
     if resuming and dist.is_main:
@@ -238,6 +239,50 @@ def main(argv=None):
         write_grid(text2image, [sample_prompt], save_path / "sample_final.png", train_cfg, resolution, seed)
         print(f"done: LoRA in {state.latest_lora_path()}, loss plot {save_path / 'loss.png'}, sample {save_path / 'sample_final.png'}")
     return engine
+
+
+def step_graphs_in_child(args, argv, config, weights, step_shapes, save_path):
+    """The cache folder of the step graphs, compiled there by a child process unless an earlier run did; None
+    where the child is not used: off (--compile_in_child False), not CPU GRAPH mode, data parallel, trained text
+    encoders (their step takes token ids), a missing weight file (the model phase says so), MindSpore's cache
+    switched on by the user, or this script imported rather than run."""
+    train_cfg = config.train
+    if (not bool(train_cfg.get("compile_in_child", True)) or args.device_target != "CPU" or args.ms_mode != 0 or args.is_parallel
+            or OmegaConf.select(config, "model.params.lora_config.text_encoder", default=False) or user_cache_enabled()
+            or not weights or not all(Path(w).is_file() for w in weights) or not is_entry_point(__file__)):
+        return None
+    # Everything the two graphs depend on; the data, prompts, paths, seed and schedule stay on the host.
+    key_parts = {"model": OmegaConf.to_container(config.model, resolve=True), "optim": OmegaConf.to_container(config.optim, resolve=True),
+                 "train": {k: train_cfg.get(k) for k in ("precision", "clip_grad", "max_grad_norm", "gradient_accumulation_steps")},
+                 "prior_loss_weight": config.dreambooth.get("prior_loss_weight", 1.0), "inputs": step_shapes,
+                 "mode": args.ms_mode, "jit_level": args.jit_level, "device": args.device_target,
+                 "weights": [file_identity(w) for w in weights]}
+    folder = cache_folder(save_path / "compile_cache", __file__, key_parts)
+    return folder if compile_in_child(folder, __file__, sys.argv[1:] if argv is None else argv) else None
+
+
+def build_steps(engine, config, lora, dist, with_prior, train_text_encoder) -> dict:
+    """The LoRA's gradient buffers, AdamW, and the gradient and optimizer steps (mindbooth/train_step.py)."""
+    optim_cfg, train_cfg = config.optim, config.train
+    names = sorted(lora)
+    params = [lora[name] for name in names]
+    buffers = make_buffers(params)
+    # the text-encoder LoRA may train at its own rate (diffusers' --text_encoder_lr), under the same schedule
+    text_encoder_lr = optim_cfg.get("text_encoder_learning_rate") or optim_cfg.learning_rate
+    lr_scales = [float(text_encoder_lr) / float(optim_cfg.learning_rate) if name.startswith("conditioner.") else 1.0 for name in names]
+    optimizer = AdamW(params, learning_rate=float(optim_cfg.learning_rate), beta1=float(optim_cfg.get("beta1", 0.9)),
+                      beta2=float(optim_cfg.get("beta2", 0.999)), eps=float(optim_cfg.get("eps", 1e-8)),
+                      weight_decay=float(optim_cfg.get("weight_decay", 1e-2)), lr_scales=lr_scales)
+    loss_net = DreamBoothLoss(engine, float(config.dreambooth.get("prior_loss_weight", 1.0)), with_prior, train_text_encoder)
+    grad_step = GradStep(loss_net, params, buffers, dist.grad_reducer(params))
+    apply_step = ApplyStep(buffers, optimizer, int(train_cfg.get("gradient_accumulation_steps", 1)),
+                           bool(train_cfg.get("clip_grad", False)), float(train_cfg.get("max_grad_norm", 1.0)))
+    precision = str(train_cfg.get("precision", "fp32"))
+    if precision not in ("fp32", "fp16"):
+        fail(f"train.precision must be fp32 or fp16, got {precision!r}")
+    if precision == "fp16":  # UNet computes in fp16; LoRA weights and AdamW stay fp32; the loss scale guards overflow
+        engine.model.to_float(ms.float16)
+    return {"buffers": buffers, "optimizer": optimizer, "grad_step": grad_step, "apply_step": apply_step}
 
 
 def buffers_zero(buffers):

@@ -7,6 +7,7 @@ sigmas) comes from the host so runs are reproducible and resumable.
 Loss scaling: the loss is multiplied by `loss_scale` once before backward and the gradients divided by it
 once after; accumulation divides by the number of micro-steps once. Nothing else rescales."""
 import mindspore as ms
+import numpy as np
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
 
@@ -138,6 +139,28 @@ class ApplyStep(nn.Cell):
         norm = ops.depend(norm, self.optimizer(grads))
         norm = ops.depend(norm, self.hyper_map(_clear, self.buffers))
         return norm
+
+
+def step_input_shapes(model_params, rows: int, resolution: int) -> dict:
+    """Shapes of GradStep's inputs for `rows` samples at `resolution` with cached text embeddings (frozen text
+    encoders), read from the model config: latents, noise, sigmas and the (crossattn, vector) conditioning."""
+    unet = model_params.network_config.params
+    side = resolution // int(model_params.get("latents_per_pixel", 8))
+    tokens = max(int(embedder.get("params", {}).get("max_length", 77))
+                 for embedder in model_params.conditioner_config.params.emb_models if embedder.input_key == "txt")
+    latents = (rows, int(unet.in_channels), side, side)
+    return {"latents": latents, "noise": latents, "sigmas": (rows,),
+            "conditioning": [(rows, tokens, int(unet.context_dim)), (rows, int(unet.adm_in_channels))]}
+
+
+def zero_step_inputs(shapes: dict) -> list:
+    """GradStep's inputs of `shapes` (step_input_shapes), as the training loop passes them, all zeros but the
+    loss scale: for compiling the step before any data exists."""
+    def zeros(shape):
+        return Tensor(np.zeros(shape, np.float32))
+
+    conditioning = ms.mutable(tuple(zeros(shape) for shape in shapes["conditioning"]))
+    return [zeros(shapes["latents"]), zeros(shapes["noise"]), zeros(shapes["sigmas"]), conditioning, Tensor(1.0, ms.float32)]
 
 
 def make_buffers(params) -> ParameterTuple:

@@ -1,0 +1,123 @@
+"""The training step's graphs compiled in a short-lived child process, then loaded from MindSpore's compile cache.
+
+Why: on MindSpore 2.10's CPU backend, compiling a GRAPH_MODE graph leaves about 180 KiB per op of the graph in the
+process's heap. A later compile reuses it; the step's tensors do not, so it stays on top of the training peak
+(about 5 GiB for the full SDXL gradient step). A process that loads the same graph from the compile cache holds
+about 27 KiB per op (benchmarks/RESULTS.md section 13). So a child (the same script, with `PRECOMPILE_ENV` naming
+the folder) builds the model, compiles the gradient and optimizer steps into the cache and exits, which gives its
+memory back; the training process then loads both graphs.
+
+MindSpore picks a cached graph by the order graphs are compiled in and checks only a hash of the entry script and
+the files it imports, not the network, its config or the input shapes. Hence:
+- the folder is named by a hash of everything that shapes the graphs (`key_parts`: the effective config, the
+  weight files, the input shapes, mode and device) plus MindSpore's version and this project's sources;
+- only the two step graphs are compiled with the cache switched on, in the same order in both processes, and
+  not at all when the user switched the cache on for the whole process (`user_cache_enabled`);
+- the cache is used only when the running script is the entry point (`sys.argv[0]`), as in the child: under any
+  other entry point (pytest) MindSpore's hash would differ and it would compile again.
+"""
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mindspore as ms
+
+PRECOMPILE_ENV = "MINDBOOTH_PRECOMPILE"  # set in the child: the folder to compile into
+_COMPLETE = "complete.json"  # written once the child compiled both graphs
+_ROOT = Path(__file__).resolve().parents[1]
+_CACHE_ENABLE, _CACHE_PATH = "MS_COMPILER_CACHE_ENABLE", "MS_COMPILER_CACHE_PATH"  # MindSpore's switches
+
+
+def precompile_folder():
+    """In the child: the folder its graphs are compiled into. None in every other process."""
+    folder = os.environ.get(PRECOMPILE_ENV)
+    return Path(folder) if folder else None
+
+
+def is_entry_point(script) -> bool:
+    """Whether `script` is the program being run (the only case where MindSpore's cache check can match)."""
+    return os.path.realpath(sys.argv[0]) == os.path.realpath(script)
+
+
+def _source_digest(script) -> str:
+    digest = hashlib.sha256()
+    for path in sorted([*_ROOT.glob("gm/**/*.py"), *_ROOT.glob("mindbooth/**/*.py"), Path(script).resolve()]):
+        digest.update(str(path.relative_to(_ROOT) if path.is_relative_to(_ROOT) else path).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def cache_folder(root, script, key_parts) -> Path:
+    """root/<hash of key_parts, MindSpore's version and the sources of gm/, mindbooth/ and `script`>."""
+    key = json.dumps({"parts": key_parts, "mindspore": ms.__version__, "sources": _source_digest(script)},
+                     sort_keys=True, default=str)
+    return Path(root) / hashlib.sha256(key.encode()).hexdigest()[:20]
+
+
+def file_identity(path) -> dict:
+    """What identifies a weight file for the key: its path, size and modification time."""
+    stat = os.stat(path)
+    return {"path": os.path.realpath(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def is_complete(folder) -> bool:
+    return (Path(folder) / _COMPLETE).is_file()
+
+
+def compile_in_child(folder, script, argv) -> bool:
+    """Make sure `folder` holds the compiled step graphs: run `script argv` as a child with PRECOMPILE_ENV set,
+    unless an earlier run left them. The child writes into a private folder renamed into place on success, so
+    an interrupted child leaves nothing that could be loaded. Returns whether the graphs are there."""
+    folder = Path(folder)
+    if is_complete(folder):
+        return True
+    partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    result = subprocess.run([sys.executable, str(script), *argv], env={**os.environ, PRECOMPILE_ENV: str(partial)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace")
+    if result.returncode != 0 or not is_complete(partial):
+        shutil.rmtree(partial, ignore_errors=True)
+        last_line = (result.stderr.strip().splitlines() or ["no message"])[-1]
+        print(f"note: the train step could not be compiled in a child process (exit code {result.returncode}: {last_line}); "
+              "compiling it in this process", file=sys.stderr)
+        return False
+    try:
+        partial.rename(folder)
+    except OSError:  # another run put the same graphs there first
+        shutil.rmtree(partial, ignore_errors=True)
+    return is_complete(folder)
+
+
+def user_cache_enabled() -> bool:
+    """Whether the user switched MindSpore's compile cache on for the whole process: its graphs would then take
+    the cache's numbers before ours, and ours would no longer match the child's."""
+    return os.environ.get(_CACHE_ENABLE) in ("1", "True", "true")
+
+
+@contextlib.contextmanager
+def compile_cache(folder):
+    """MindSpore's compile cache on in `folder` (graphs compiled now are written there, or loaded if there).
+    Its environment variables are read at each compile (set_context's enable_compile_cache is deprecated)."""
+    os.environ.update({_CACHE_ENABLE: "1", _CACHE_PATH: str(folder)})
+    try:
+        yield
+    finally:
+        del os.environ[_CACHE_ENABLE], os.environ[_CACHE_PATH]
+
+
+def compile_step_graphs(folder, grad_step, apply_step, inputs):
+    """Compile (in the child) or load (in the training process) the gradient step for `inputs`, then the
+    optimizer step, in this order, with the cache in `folder`. The child marks the folder complete."""
+    folder = Path(folder)
+    with compile_cache(folder):
+        grad_step.compile(*inputs)
+        apply_step.compile()
+    if precompile_folder() == folder:
+        (folder / _COMPLETE).write_text(json.dumps({"graphs": ["grad_step", "apply_step"]}))

@@ -1,0 +1,98 @@
+"""The train step compiled in a child process and loaded from MindSpore's compile cache (mindbooth/compile_cache.py):
+the same training, bit for bit, as compiling it in the training process; a later run with the same graphs loads them
+without a child; a child that fails leaves nothing a run could load."""
+import csv
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from mindbooth.checkpoint import read_checkpoint
+from mindbooth.compile_cache import cache_folder, compile_in_child, is_complete
+from tiny_workspace import make_workspace
+
+SCRIPT = ROOT / "train_dreambooth.py"
+
+
+def _train(workspace, save_path, *extra):
+    """train_dreambooth.py as a user runs it (the entry point: the only case where the cache is used)."""
+    command = [sys.executable, str(SCRIPT), "--config", str(workspace / "train.yaml"), "--weight", str(workspace / "tiny.ckpt"),
+               "--instance_data_path", str(workspace / "subject"), "--instance_prompt", "a photo of sks toy",
+               "--class_data_path", str(workspace / "class"), "--class_prompt", "a photo of toy", "--num_class_images", "2",
+               "--device_target", "CPU", "--ms_mode", "0", "--save_path", str(save_path), "--save_ckpt_interval", "1", *extra]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-4000:]
+    return run
+
+
+def _rows(save_path):
+    with open(save_path / "loss.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _cache_files(save_path):
+    return {p.relative_to(save_path): p.stat().st_mtime_ns for p in (save_path / "compile_cache").rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Run a: 2 steps with the step compiled in a child, then resumed to 3 steps (same graphs: loaded, no child).
+    Run b: 3 steps compiled in the training process."""
+    workspace = make_workspace(tmp_path_factory.mktemp("compile_cache"))
+    run_a, run_b = workspace / "run_a", workspace / "run_b"
+    _train(workspace, run_a, "--total_step", "2")
+    files_after_first = _cache_files(run_a)
+    _train(workspace, run_a, "--total_step", "3", "--resume", str(run_a))
+    _train(workspace, run_b, "--total_step", "3", "--compile_in_child", "False")
+    return run_a, run_b, files_after_first
+
+
+def test_training_with_the_step_compiled_in_a_child_equals_compiling_it_in_process(runs):
+    run_a, run_b, _ = runs
+    for name in ("SDXL-tiny_3_lora.ckpt", "state/step_3_optimizer.ckpt"):
+        a, b = read_checkpoint(run_a / name), read_checkpoint(run_b / name)
+        assert a.keys() == b.keys() and len(a) > 0
+        for key in b:
+            np.testing.assert_array_equal(a[key].asnumpy(), b[key].asnumpy(), err_msg=f"{name}: {key}")
+    lora = read_checkpoint(run_b / "SDXL-tiny_3_lora.ckpt")
+    assert max(np.abs(v.asnumpy()).max() for k, v in lora.items() if ".lora_B." in k) > 0  # trained: B moved from 0
+    rows_a, rows_b = _rows(run_a), _rows(run_b)
+    assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b] == ["1", "2", "3"]
+    for column in ("loss", "loss_instance", "loss_class", "grad_norm"):
+        assert [r[column] for r in rows_a] == [r[column] for r in rows_b], column
+    # one graph for every step: the graph loaded from the cache served the real batches
+    assert {r["compiled_step_graphs"] for r in rows_a} == {"1"}
+
+
+def test_the_child_leaves_both_graphs_and_a_resumed_run_loads_them_without_a_child(runs):
+    run_a, run_b, files_after_first = runs
+    folders = [p for p in (run_a / "compile_cache").iterdir()]
+    assert len(folders) == 1 and is_complete(folders[0])  # no .partial left, one key for both runs of run_a
+    assert len(list(folders[0].rglob("*.mindir"))) == 2  # the gradient step and the optimizer step
+    assert _cache_files(run_a) == files_after_first  # the resumed run wrote nothing: it loaded
+    assert not (run_b / "compile_cache").exists()
+
+
+def test_a_failed_child_leaves_no_folder_and_says_why(tmp_path, capsys):
+    script = tmp_path / "fails.py"
+    script.write_text("import sys\nsys.exit('error: --weight not found')\n")
+    folder = cache_folder(tmp_path / "cache", script, {"inputs": [1, 2]})
+    assert compile_in_child(folder, script, []) is False
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+    assert "error: --weight not found" in capsys.readouterr().err
+    # a child that exits cleanly without compiling both graphs is no better
+    script.write_text("pass\n")
+    assert compile_in_child(folder, script, []) is False and not folder.exists()
+
+
+def test_the_folder_name_changes_with_what_shapes_the_graph(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text("# v1\n")
+    base = cache_folder(tmp_path, script, {"inputs": [2, 4, 4, 4], "model": {"rank": 4}})
+    assert base == cache_folder(tmp_path, script, {"model": {"rank": 4}, "inputs": [2, 4, 4, 4]})  # order-free
+    assert base != cache_folder(tmp_path, script, {"inputs": [2, 4, 8, 8], "model": {"rank": 4}})
+    assert base != cache_folder(tmp_path, script, {"inputs": [2, 4, 4, 4], "model": {"rank": 8}})
+    script.write_text("# v2\n")  # the script's source is part of the key
+    assert base != cache_folder(tmp_path, script, {"inputs": [2, 4, 4, 4], "model": {"rank": 4}})
