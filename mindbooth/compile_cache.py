@@ -9,8 +9,9 @@ memory back; the training process then loads both graphs.
 
 MindSpore picks a cached graph by the order graphs are compiled in and checks only a hash of the entry script and
 the files it imports, not the network, its config or the input shapes. Hence:
-- the folder is named by a hash of everything that shapes the graphs (`key_parts`: the effective config, the
-  weight files, the input shapes, mode and device) plus MindSpore's version and this project's sources;
+- the folder is named by a hash of everything that shapes the graphs (`key_parts`: the model config, the optimizer
+  and step settings, the weight files, the input shapes, mode and device) plus MindSpore's version and this
+  project's sources (the folder holds graphs only, no weights: ~10 MB for the tiny model);
 - only the two step graphs are compiled with the cache switched on, in the same order in both processes, and
   not at all when the user switched the cache on for the whole process (`user_cache_enabled`);
 - the cache is used only when the running script is the entry point (`sys.argv[0]`), as in the child: under any
