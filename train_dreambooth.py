@@ -33,7 +33,7 @@ from gm.util import instantiate_from_config  # noqa: E402
 from mindbooth import checkpoint as ckpt  # noqa: E402
 from mindbooth.class_images import missing_class_image_names, sample_class_images  # noqa: E402
 from mindbooth.compile_cache import (cache_folder, compile_in_child, compile_step_graphs, file_identity,  # noqa: E402
-                                     is_complete, is_entry_point, precompile_folder, user_cache_enabled)
+                                     is_entry_point, precompile_folder, user_cache_enabled)
 from mindbooth.config import load_training_config, training_parser  # noqa: E402
 from mindbooth.data import BatchSampler, DreamBoothDataset, collate  # noqa: E402
 from mindbooth.distributed import Distributed  # noqa: E402
@@ -187,7 +187,7 @@ def main(argv=None):
     buffers, optimizer, grad_step, apply_step = steps["buffers"], steps["optimizer"], steps["grad_step"], steps["apply_step"]
     accumulation = int(train_cfg.get("gradient_accumulation_steps", 1))
     loss_scale = DynamicLossScale(enabled=str(train_cfg.get("precision", "fp32")) == "fp16")
-    if step_cache is not None and is_complete(step_cache) and not train_text_encoder:
+    if step_cache is not None and not train_text_encoder:
         compile_step_graphs(step_cache, grad_step, apply_step, zero_step_inputs(step_shapes))  # loaded, not compiled
     state = TrainingState(save_path, engine, optimizer, sampler, data_rng, loss_scale, rank, alpha, int(train_cfg.get("max_num_ckpt", 3)))
     start_step = state.restore() if resuming else 0

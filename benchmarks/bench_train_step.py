@@ -11,7 +11,9 @@ gradient clipping at 1.0. MindBooth: GradStep + ApplyStep of mindbooth/train_ste
 diffusers UNet2DConditionModel + peft (as train_dreambooth_lora_sdxl.py), SDPA attention.
 Prints one `RESULT {json}` line: in GRAPH mode the gradient step's compile time and the RSS after it, the first
 step (the optimizer step's compile included) apart, median of the later steps, peak
-RSS of the measuring process (wait4), load average. The torch run also counts the step's FLOPs
+RSS of the measuring process and its children (wait4), load average. With `--compile_in_child 1` (the default, as
+train_dreambooth.py runs on CPU) a child compiles both step graphs first (`child_s`) and the compile time is that of
+loading both. The torch run also counts the step's FLOPs
 (torch.utils.flop_counter, matmul/conv/attention), which is the same network's count for both."""
 import shutil
 import sys
