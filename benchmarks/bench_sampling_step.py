@@ -45,7 +45,7 @@ def run_torch(args):
     from torch.utils.flop_counter import FlopCounterMode
 
     t0 = time.perf_counter()
-    unet = common.diffusers_unet(lora=False).eval()
+    unet = common.diffusers_unet(lora=False, transformer_depth=args.transformer_depth).eval()
     build_s = time.perf_counter() - t0
     common.progress(stage="built", build_s=round(build_s, 1))
     arrays = batch_arrays(args.resolution)

@@ -113,7 +113,7 @@ def run_torch(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    unet = common.diffusers_unet(lora=True)
+    unet = common.diffusers_unet(lora=True, transformer_depth=args.transformer_depth)
     build_s = time.perf_counter() - t0
     common.progress(stage="built", build_s=round(build_s, 1))
     unet.train()

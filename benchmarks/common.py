@@ -162,6 +162,9 @@ def benchmark_parser(description: str):
     p.add_argument("--frozen_dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
                    help="MindSpore only: dtype the frozen UNet/VAE weights are stored in (computed in fp32)")
     p.add_argument("--rss_limit_gib", type=float, default=20.0)
+    p.add_argument("--transformer_depth", type=int, nargs=3, default=list(SDXL_TRANSFORMER_DEPTH),
+                   help="transformer blocks per UNet level, both frameworks (SDXL: 1 2 10; e.g. 1 2 2 for a reduced "
+                        "full-width UNet that is quicker to measure; level 0 has no attention in SDXL)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     return p
 
@@ -221,12 +224,13 @@ TRAIN_CONFIG = ROOT / "configs" / "training" / "sd_xl_base_finetune_dreambooth_l
 INFERENCE_CONFIG = ROOT / "configs" / "inference" / "sd_xl_base.yaml"
 TINY_CONFIG = ROOT / "configs" / "inference" / "sd_xl_tiny.yaml"
 
+SDXL_TRANSFORMER_DEPTH = (1, 2, 10)  # per level; the middle block takes the last level's depth
 SDXL_UNET_CONFIG = dict(
     sample_size=128, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True, freq_shift=0,
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
     mid_block_type="UNetMidBlock2DCrossAttn", block_out_channels=(320, 640, 1280), layers_per_block=2,
-    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+    transformer_layers_per_block=SDXL_TRANSFORMER_DEPTH, attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
     use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
     projection_class_embeddings_input_dim=2816, norm_num_groups=32, norm_eps=1e-5, act_fn="silu",
     upcast_attention=False,
@@ -241,14 +245,15 @@ def build_mindspore_engine(args, train: bool):
 
     ms.set_device("CPU")
     ms.set_context(mode=ms.GRAPH_MODE if args.mode == "graph" else ms.PYNATIVE_MODE)
+    ms.set_seed(0)  # the same random weights in every run, so that runs compare by their losses too
     start = time.perf_counter()
-    engine = mindbooth_engine(train=train, frozen_dtype=args.frozen_dtype)
+    engine = mindbooth_engine(train=train, frozen_dtype=args.frozen_dtype, transformer_depth=args.transformer_depth)
     build_s = time.perf_counter() - start
     progress(stage="built", build_s=round(build_s, 1))
     return engine, build_s
 
 
-def mindbooth_engine(train: bool, frozen_dtype: str = "fp32"):
+def mindbooth_engine(train: bool, frozen_dtype: str = "fp32", transformer_depth=SDXL_TRANSFORMER_DEPTH):
     from omegaconf import OmegaConf
 
     from gm.util import instantiate_from_config
@@ -259,6 +264,7 @@ def mindbooth_engine(train: bool, frozen_dtype: str = "fp32"):
     config.params.first_stage_config = tiny.first_stage_config
     if frozen_dtype != "fp32":
         config.params.frozen_weight_dtype = frozen_dtype
+    config.params.network_config.params.transformer_depth = list(transformer_depth)
     engine = instantiate_from_config(config)
     randomise_zero_initialised(engine.model.diffusion_model)
     return engine
@@ -281,12 +287,12 @@ def randomise_zero_initialised(unet, seed: int = 0):
             param.set_data(ms.Tensor(values).astype(param.dtype))
 
 
-def diffusers_unet(lora: bool):
+def diffusers_unet(lora: bool, transformer_depth=SDXL_TRANSFORMER_DEPTH):
     import torch
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)
+    unet = UNet2DConditionModel(**dict(SDXL_UNET_CONFIG, transformer_layers_per_block=tuple(transformer_depth)))
     unet.requires_grad_(False)
     if lora:  # as diffusers' examples/dreambooth/train_dreambooth_lora_sdxl.py does
         from peft import LoraConfig

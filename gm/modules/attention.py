@@ -4,7 +4,7 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from gm.modules.diffusionmodules.util import zero_module
-from gm.modules.lean_ops import GELU, softmax_backward, swap_axes
+from gm.modules.lean_ops import GELU, gelu_derivative, softmax_backward, swap_axes
 
 
 class ScaledDotProductAttention(nn.Cell):
@@ -29,7 +29,9 @@ class ScaledDotProductAttention(nn.Cell):
 
     def bprop(self, q, k, v, out, dout):
         dout = dout.astype(v.dtype)  # under Cell.to_float the incoming gradient may keep the caller's dtype
-        scaled_q = q * self.scale
+        # Recomputed from a q that waits for dout: without the Depend, GRAPH mode's common-subexpression elimination
+        # merges this recomputation with the forward's, and the forward's probabilities stay alive until here.
+        scaled_q = ops.depend(q, dout) * self.scale
         probabilities = self.softmax(self.matmul_transposed_b(scaled_q, k))
         grad_v = self.matmul_transposed_a(probabilities, dout)
         grad_scores = softmax_backward(probabilities, self.matmul_transposed_b(dout, v))
@@ -69,17 +71,38 @@ class CrossAttention(nn.Cell):
         return self.to_out(out)
 
 
+class GatedGELU(nn.Cell):
+    """value * gelu(gate) over the two halves of the last axis. Its backward keeps only the input and recomputes
+    both halves and gelu(gate) from it (lean_ops' docstring: why the input waits for dout); autodiff would keep the
+    two halves and gelu(gate), half as much again (torch keeps as much)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gelu = GELU()
+        self.halves = ops.Split(axis=-1, output_num=2)  # the primitive: ops.split/ops.chunk fail to parse in a bprop
+
+    def construct(self, x):
+        value, gate = self.halves(x)
+        return value * self.gelu(gate)
+
+    def bprop(self, x, out, dout):
+        dout = dout.astype(x.dtype)
+        value, gate = self.halves(ops.depend(x, dout))
+        grad_value = dout * self.gelu(gate)
+        grad_gate = dout * value * gelu_derivative(gate)
+        return (ops.cat((grad_value, grad_gate), axis=-1),)
+
+
 class GEGLU(nn.Cell):
     """Gated GELU: one projection gives the value and its gate."""
 
     def __init__(self, dim_in: int, dim_out: int):
         super().__init__()
         self.proj = nn.Dense(dim_in, dim_out * 2)
-        self.gelu = GELU()
+        self.gated_gelu = GatedGELU()
 
     def construct(self, x):
-        value, gate = ops.chunk(self.proj(x), 2, axis=-1)
-        return value * self.gelu(gate)
+        return self.gated_gelu(self.proj(x))
 
 
 class FeedForward(nn.Cell):

@@ -13,6 +13,10 @@ as long as the graph exists):
 - The softmax backward (y * (dout - sum(dout * y))) broadcasts a Sub: +5.2 GiB; `softmax_backward` +1.2 GiB.
 The same graphs in PyNative mode, and these replacements, stay near one tensor per op. The results are the
 same to float rounding, on every backend.
+
+The backward passes below recompute what they need from their input, and that input waits for the incoming
+gradient (ops.depend): otherwise GRAPH mode's common-subexpression elimination merges the recomputation with the
+forward's, and the forward's intermediates stay alive until the backward, which is what recomputing avoids.
 """
 from mindspore import mint, nn, ops
 
@@ -47,6 +51,25 @@ class GELU(nn.Cell):
 
     def bprop(self, x, out, dout):
         dout = dout.astype(x.dtype)  # under Cell.to_float the incoming gradient may keep the caller's dtype
-        cdf = 0.5 * (1.0 + ops.erf(x * SQRT_HALF))
-        pdf = ops.exp(-0.5 * x * x) * INV_SQRT_2PI
-        return (dout * (cdf + x * pdf),)
+        x = ops.depend(x, dout)  # see the module's docstring
+        return (dout * gelu_derivative(x),)
+
+
+def gelu_derivative(x):
+    """d gelu(x) / dx = Phi(x) + x * phi(x), from Python-float constants."""
+    cdf = 0.5 * (1.0 + ops.erf(x * SQRT_HALF))
+    return cdf + x * (ops.exp(-0.5 * x * x) * INV_SQRT_2PI)
+
+
+class SiLU(nn.Cell):
+    """x * sigmoid(x), whose backward keeps only x: autodiff of MindSpore's SiLU keeps sigmoid(x) as well (one more
+    activation-sized tensor per SiLU until the backward), torch keeps only the input."""
+
+    def construct(self, x):
+        return ops.silu(x)
+
+    def bprop(self, x, out, dout):
+        dout = dout.astype(x.dtype)
+        x = ops.depend(x, dout)  # see the module's docstring
+        sigmoid = ops.sigmoid(x)
+        return (dout * sigmoid * (1.0 + x * (1.0 - sigmoid)),)

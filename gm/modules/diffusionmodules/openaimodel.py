@@ -7,7 +7,7 @@ from mindspore import nn, ops
 
 from gm.modules.attention import SpatialTransformer
 from gm.modules.conv import Conv2d
-from gm.modules.lean_ops import add_broadcast
+from gm.modules.lean_ops import SiLU, add_broadcast
 from gm.modules.diffusionmodules.util import normalization, timestep_embedding, zero_module
 
 
@@ -20,10 +20,10 @@ class ResBlock(nn.Cell):
 
     def __init__(self, channels: int, emb_channels: int, out_channels: int, dropout: float = 0.0):
         super().__init__()
-        self.in_layers = nn.SequentialCell([normalization(channels), nn.SiLU(), conv3x3(channels, out_channels)])
-        self.emb_layers = nn.SequentialCell([nn.SiLU(), nn.Dense(emb_channels, out_channels)])
+        self.in_layers = nn.SequentialCell([normalization(channels), SiLU(), conv3x3(channels, out_channels)])
+        self.emb_layers = nn.SequentialCell([SiLU(), nn.Dense(emb_channels, out_channels)])
         self.out_layers = nn.SequentialCell(
-            [normalization(out_channels), nn.SiLU(), nn.Dropout(p=dropout), zero_module(conv3x3(out_channels, out_channels))]
+            [normalization(out_channels), SiLU(), nn.Dropout(p=dropout), zero_module(conv3x3(out_channels, out_channels))]
         )
         self.has_skip_projection = out_channels != channels
         if self.has_skip_projection:
@@ -120,12 +120,12 @@ class UNetModel(nn.Cell):
             return SpatialTransformer(channels, channels // num_head_channels, num_head_channels, depth, context_dim, dropout)
 
         self.time_embed = nn.SequentialCell(
-            [nn.Dense(model_channels, time_embed_dim), nn.SiLU(), nn.Dense(time_embed_dim, time_embed_dim)]
+            [nn.Dense(model_channels, time_embed_dim), SiLU(), nn.Dense(time_embed_dim, time_embed_dim)]
         )
         self.has_label_emb = num_classes == "sequential"
         if self.has_label_emb:
             self.label_emb = nn.SequentialCell(
-                [nn.SequentialCell([nn.Dense(adm_in_channels, time_embed_dim), nn.SiLU(), nn.Dense(time_embed_dim, time_embed_dim)])]
+                [nn.SequentialCell([nn.Dense(adm_in_channels, time_embed_dim), SiLU(), nn.Dense(time_embed_dim, time_embed_dim)])]
             )
 
         input_blocks = [TimestepEmbedSequential([conv3x3(in_channels, model_channels)])]
@@ -166,7 +166,7 @@ class UNetModel(nn.Cell):
                 output_blocks.append(TimestepEmbedSequential(layers))
         self.output_blocks = nn.CellList(output_blocks)
 
-        self.out = nn.SequentialCell([normalization(channels), nn.SiLU(), zero_module(conv3x3(model_channels, out_channels))])
+        self.out = nn.SequentialCell([normalization(channels), SiLU(), zero_module(conv3x3(model_channels, out_channels))])
 
     def construct(self, x, timesteps, context=None, y=None):
         """x: (B, C, H, W) noisy latents; timesteps: (B,); context: (B, 77, context_dim); y: (B, adm_in_channels)."""
