@@ -1,5 +1,7 @@
 """gm/modules/lean_ops.py and the attention built on it equal torch autograd: outputs and every input gradient,
 in PyNative and GRAPH mode (their backward passes are written by hand)."""
+import collections
+import json
 import os
 import re
 import subprocess
@@ -104,6 +106,7 @@ def test_add_broadcast_and_swap_axes_are_the_plain_ops():
 
 
 _COMPILE_TINY_UNET_GRADIENT = """
+import json
 import sys
 import mindspore as ms
 import numpy as np
@@ -127,6 +130,11 @@ class Loss(ms.nn.Cell):
     def construct(self, x, t, context, y):
         return (self.unet(x, t, context, y) ** 2).sum()
 ms.ops.GradOperation(get_all=True)(Loss())(*(ms.Tensor(a) for a in inputs))[0].asnumpy()
+cells = [(name, type(cell).__name__) for name, cell in unet.cells_and_names()]
+counts = {kind: sum(k == kind for _, k in cells) for kind in ("ScaledDotProductAttention", "GatedGELU")}
+# SiLUs on feature maps; those on the time/label embedding all see the same input and are rightly merged
+counts["SiLU"] = sum(k == "SiLU" and "emb" not in name for name, k in cells)
+print(json.dumps(counts))
 """
 
 
@@ -146,7 +154,26 @@ def _kernel_graph_nodes(path):
         yield match.group(1), shapes, outputs[0] if outputs else None, scope
 
 
-def test_unet_training_graph_has_no_buffer_holding_kernels(tmp_path):
+def _kernels_after_the_gradient(path):
+    """Counter of (op, output rank) of the nodes in a dumped kernel-graph IR file that run after some gradient (a node
+    in the "Gradients/" scope) exists, i.e. that depend on one, directly or through other nodes (Depend included)."""
+    node = re.compile(r"^\s+%(\d+)\([^)]*\) = (?:PrimFunc_)?(\w+)\((.*)$")
+    lines = path.read_text().splitlines()
+    after_gradient, counts = set(), collections.Counter()
+    for index, line in enumerate(lines[:-1]):  # nodes are listed after their inputs
+        match = node.match(line)
+        if not match:
+            continue
+        scope = next((l for l in lines[index + 2:index + 8] if "Fullname with scope" in l), "")
+        args = re.split(r" primitive_attrs:| cnode_attrs:| \{instance name", match.group(3))[0]
+        if "scope: (Gradients/" in scope or any(int(r) in after_gradient for r in re.findall(r"%(\d+)\b", args)):
+            after_gradient.add(int(match.group(1)))
+            output = re.search(r"-> \(<Tensor\[\w+\], \(([\d, ]*)\)", lines[index + 1])
+            counts[match.group(2), len(output.group(1).split(",")) if output else None] += 1
+    return counts
+
+
+def test_unet_training_graph_has_no_buffer_holding_kernels_and_keeps_its_recomputations(tmp_path):
     """The GRAPH-mode gradient of the tiny UNet, as MindSpore compiles it, has none of the kernels that hold a
     buffer per op on CPU (lean_ops): no Transpose, no GeLU, no Add/Sub/Div/RealDiv with a broadcast tensor."""
     env = dict(os.environ, MS_DEV_SAVE_GRAPHS="1", MS_DEV_DUMP_IR_PASSES="graph_build",
@@ -165,3 +192,13 @@ def test_unet_training_graph_has_no_buffer_holding_kernels(tmp_path):
                if op in ("Transpose", "GeLU", "GeLUGrad")
                or (op in ("Add", "Sub", "Div", "RealDiv") and out and any(s and s != out for s in shapes))]
     assert not holding, holding[:5]
+    # The hand-written backward passes recompute from an input that waits for dout (ops.depend). Without that, the
+    # recomputation needs only forward tensors, is merged with the forward's (CSE) or runs during the forward, and
+    # its result (the attention probabilities, GELU's erf, SiLU's sigmoid) lives until the backward: +1.5 GiB at
+    # full size. So each of these kernels is in the graph twice, and once after the gradient exists.
+    cells = json.loads(run.stdout.strip().splitlines()[-1])
+    assert cells["ScaledDotProductAttention"] and cells["GatedGELU"] and cells["SiLU"], cells
+    after_gradient = sum((_kernels_after_the_gradient(path) for path in graphs), collections.Counter())
+    for kernel, rank, cell in (("Softmax", 4, "ScaledDotProductAttention"), ("Erf", 3, "GatedGELU"), ("Sigmoid", 4, "SiLU")):
+        in_graph = sum(op == kernel and out is not None and len(out) == rank for op, _, out, _ in nodes)
+        assert (in_graph, after_gradient[kernel, rank]) == (2 * cells[cell], cells[cell]), (kernel, cells)
