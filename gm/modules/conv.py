@@ -55,8 +55,7 @@ class FrozenWeightConv(nn.Cell):
         batch, out_channels, out_height, out_width = dout.shape
         dout = dout.astype(x.dtype)  # under Cell.to_float the incoming gradient may keep the caller's dtype
         weight_2d = ops.depend(weight, dout).astype(x.dtype).reshape(out_channels, -1)  # (out, in*k*k)
-        # CPU BatchMatMul does not broadcast its batch axis: the (small) weight is repeated per sample.
-        grad_columns = self.matmul_transposed_weight(ops.broadcast_to(weight_2d, (batch,) + weight_2d.shape),
+        grad_columns = self.matmul_transposed_weight(per_sample(weight_2d, batch),
                                                      dout.reshape(batch, out_channels, out_height * out_width))
         if _is_pointwise(self.kernel_size, self.stride, self.padding):
             grad_x = grad_columns.reshape(x.shape)
@@ -67,16 +66,24 @@ class FrozenWeightConv(nn.Cell):
         return grad_x, ops.zeros_like(weight)
 
 
+def per_sample(weight_2d, batch: int):
+    """(batch, out, in*k*k): the weight once per sample, for BatchMatMul, which does not broadcast its batch axis on
+    CPU. By Concat: MindSpore's CPU BroadcastTo (what ops.matmul uses to broadcast) is about 14x slower than Concat at
+    these sizes (benchmarks/bench_op_cores.py)."""
+    weight_3d = weight_2d.expand_dims(0)
+    return weight_3d if batch == 1 else ops.cat((weight_3d,) * batch)
+
+
 def _conv_columns_matmul(x, weight_2d, kernel_size: int, stride: int, padding: int):
     """x (batch, in, h, w) convolved with weight_2d (out, in*k*k) as one unfold + MatMul."""
     batch, in_channels, height, width = x.shape
     out_channels = weight_2d.shape[0]
     if _is_pointwise(kernel_size, stride, padding):
-        out = ops.matmul(weight_2d, x.reshape(batch, in_channels, height * width))
+        out = ops.bmm(per_sample(weight_2d, batch), x.reshape(batch, in_channels, height * width))
         return out.reshape(batch, out_channels, height, width)
     out_height, out_width = (_output_size(size, kernel_size, stride, padding) for size in (height, width))
     columns = ops.unfold(x, kernel_size=kernel_size, padding=padding, stride=stride)  # (batch, in*k*k, pixels)
-    return ops.matmul(weight_2d, columns).reshape(batch, out_channels, out_height, out_width)
+    return ops.bmm(per_sample(weight_2d, batch), columns).reshape(batch, out_channels, out_height, out_width)
 
 
 def conv2d_as_matmul(x, weight, kernel_size: int, stride: int, padding: int, frozen_conv=None):
