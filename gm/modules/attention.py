@@ -29,8 +29,8 @@ class ScaledDotProductAttention(nn.Cell):
 
     def bprop(self, q, k, v, out, dout):
         dout = dout.astype(v.dtype)  # under Cell.to_float the incoming gradient may keep the caller's dtype
-        # Recomputed from a q that waits for dout: without the Depend, GRAPH mode's common-subexpression elimination
-        # merges this recomputation with the forward's, and the forward's probabilities stay alive until here.
+        # Recomputed from a q that waits for dout: without the Depend, GRAPH mode merges this recomputation with the
+        # forward's or runs it during the forward, and the probabilities stay alive until here (lean_ops' docstring).
         scaled_q = ops.depend(q, dout) * self.scale
         probabilities = self.softmax(self.matmul_transposed_b(scaled_q, k))
         grad_v = self.matmul_transposed_a(probabilities, dout)

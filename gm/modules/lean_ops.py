@@ -15,8 +15,9 @@ The same graphs in PyNative mode, and these replacements, stay near one tensor p
 same to float rounding, on every backend.
 
 The backward passes below recompute what they need from their input, and that input waits for the incoming
-gradient (ops.depend): otherwise GRAPH mode's common-subexpression elimination merges the recomputation with the
-forward's, and the forward's intermediates stay alive until the backward, which is what recomputing avoids.
+gradient (ops.depend): otherwise GRAPH mode merges the recomputation with the forward's (common-subexpression
+elimination) or runs it during the forward, and its results stay alive until the backward, which is what
+recomputing avoids.
 """
 from mindspore import mint, nn, ops
 
