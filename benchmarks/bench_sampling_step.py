@@ -37,7 +37,8 @@ def run_mindspore(args):
         times.append(time.perf_counter() - start)
         cpu.append(time.process_time() - cpu_start)
         common.progress(stage=f"step {i}", seconds=round(times[-1], 2), peak=round(common.peak_rss_gib(), 2))
-    return dict(build_s=build_s, times=times, cpu_times=cpu, rss_after_build_gib=rss_model)
+    profile = common.profile_op_types(lambda: cell(*inputs).asnumpy()) if args.profile_ops else None
+    return dict(build_s=build_s, times=times, cpu_times=cpu, rss_after_build_gib=rss_model, profile_ops=profile)
 
 
 def run_torch(args):

@@ -7,6 +7,7 @@ and reports the child's peak RSS from wait4() (the kernel's high-water mark, not
 import json
 import os
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
@@ -165,6 +166,9 @@ def benchmark_parser(description: str):
     p.add_argument("--transformer_depth", type=int, nargs=3, default=list(SDXL_TRANSFORMER_DEPTH),
                    help="transformer blocks per UNet level, both frameworks (SDXL: 1 2 10; e.g. 1 2 2 for a reduced "
                         "full-width UNet that is quicker to measure; level 0 has no attention in SDXL)")
+    p.add_argument("--profile_ops", type=int, default=0,
+                   help="MindSpore: after the timed steps, run one more under mindspore.Profiler and print kernel "
+                        "time by op type (PROFILE lines, in the result as profile_ops)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     return p
 
@@ -198,6 +202,56 @@ def progress(**fields):
     """A line the parent keeps as the last known state if the child dies (memory guard)."""
     fields["rss_gib"] = round(rss_gib(), 2)
     print("PARTIAL " + json.dumps(fields), flush=True)
+
+
+def profile_op_types(run_step, top: int = 25) -> list:
+    """Run `run_step()` once under mindspore.Profiler; returns [(op type, ms, share of kernel time)] by time, and
+    prints them. The op types' kernel times are what MindSpore's CPU backend measured per kernel launch."""
+    import csv
+    import tempfile
+
+    import mindspore as ms
+
+    folder = tempfile.mkdtemp(prefix="mindbooth-profile-")
+    profiler = ms.Profiler(output_path=folder)
+    run_step()
+    profiler.analyse()
+    table = next(Path(folder).rglob("cpu_op_type_info_*.csv"))
+    with open(table) as f:
+        rows = [(r["op_type"], float(r["total_compute_time"]), int(r["type_occurrences"])) for r in csv.DictReader(f)]
+    total = sum(ms_ for _, ms_, _ in rows)
+    rows = sorted(rows, key=lambda r: -r[1])[:top]
+    print(f"PROFILE kernel time {total / 1000:.2f} s", flush=True)
+    for op, ms_, count in rows:
+        print(f"PROFILE {op:24s} {ms_:10.0f} ms {100 * ms_ / total:5.1f} % {count:6d} launches", flush=True)
+    span_ms, gaps = _launch_gaps(next(Path(folder).rglob("cpu_op_execute_timestamp_*.txt")))
+    print(f"PROFILE span {span_ms / 1000:.2f} s, {sum(gaps.values()) / 1000:.2f} s between kernels; the largest "
+          f"shares by the kernel launched next:", flush=True)
+    for op, gap in sorted(gaps.items(), key=lambda item: -item[1])[:10]:
+        print(f"PROFILE   before {op:24s} {gap:10.0f} ms", flush=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    return [dict(op=op, ms=round(ms_), share=round(ms_ / total, 4), launches=count) for op, ms_, count in rows] + [
+        dict(op="(all)", ms=round(total), span_ms=round(span_ms), between_kernels_ms=round(sum(gaps.values())))]
+
+
+def _launch_gaps(timestamps_file):
+    """From the CPU profiler's per-launch (start ns, duration ms) lists: the span from the first launch's start to the
+    last one's end, and the time between one kernel's end and the next one's start, summed by the next one's type."""
+    import collections
+
+    launches = []
+    for line in Path(timestamps_file).read_text().splitlines():
+        name, _, times = line.split(";", 2)
+        op = name.rsplit("/", 1)[-1].split("-op")[0]
+        for entry in times.split():
+            start_ns, duration_ms, _ = entry.split(",")
+            launches.append((int(start_ns), float(duration_ms) * 1e6, op))
+    launches.sort()
+    gaps = collections.Counter()
+    for (start, duration, _), (next_start, _, next_op) in zip(launches, launches[1:]):
+        gaps[next_op] += max(0.0, next_start - start - duration) / 1e6
+    span = (launches[-1][0] + launches[-1][1] - launches[0][0]) / 1e6
+    return span, gaps
 
 
 class Timer:

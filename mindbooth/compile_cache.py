@@ -28,6 +28,8 @@ from pathlib import Path
 
 import mindspore as ms
 
+from gm.modules import cpu_kernels
+
 PRECOMPILE_ENV = "MINDBOOTH_PRECOMPILE"  # set in the child: the folder to compile into
 _COMPLETE = "complete.json"  # written once the child compiled both graphs
 _ROOT = Path(__file__).resolve().parents[1]
@@ -47,15 +49,18 @@ def is_entry_point(script) -> bool:
 
 def _source_digest(script) -> str:
     digest = hashlib.sha256()
-    for path in sorted([*_ROOT.glob("gm/**/*.py"), *_ROOT.glob("mindbooth/**/*.py"), Path(script).resolve()]):
+    sources = [*_ROOT.glob("gm/**/*.py"), *_ROOT.glob("gm/**/*.cc"), *_ROOT.glob("gm/**/*.h"), *_ROOT.glob("mindbooth/**/*.py")]
+    for path in sorted([*sources, Path(script).resolve()]):
         digest.update(str(path.relative_to(_ROOT) if path.is_relative_to(_ROOT) else path).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()
 
 
 def cache_folder(root, script, key_parts) -> Path:
-    """root/<hash of key_parts, MindSpore's version and the sources of gm/, mindbooth/ and `script`>."""
-    key = json.dumps({"parts": key_parts, "mindspore": ms.__version__, "sources": _source_digest(script)},
+    """root/<hash of key_parts, MindSpore's version, the sources of gm/, mindbooth/ and `script`, and the CPU kernel
+    library the graphs call (gm/modules/cpu_kernels), if any>."""
+    key = json.dumps({"parts": key_parts, "mindspore": ms.__version__, "sources": _source_digest(script),
+                      "cpu_kernels": cpu_kernels.library_path() if cpu_kernels.enabled() else None},
                      sort_keys=True, default=str)
     return Path(root) / hashlib.sha256(key.encode()).hexdigest()[:20]
 

@@ -173,11 +173,14 @@ def _kernels_after_the_gradient(path):
     return counts
 
 
-def test_unet_training_graph_has_no_buffer_holding_kernels_and_keeps_its_recomputations(tmp_path):
+@pytest.mark.parametrize("kernels", ["mindspore", "fused"])
+def test_unet_training_graph_has_no_buffer_holding_kernels_and_keeps_its_recomputations(kernels, tmp_path):
     """The GRAPH-mode gradient of the tiny UNet, as MindSpore compiles it, has none of the kernels that hold a
-    buffer per op on CPU (lean_ops): no Transpose, no GeLU, no Add/Sub/Div/RealDiv with a broadcast tensor."""
+    buffer per op on CPU (lean_ops): no Transpose, no GeLU, no Add/Sub/Div/RealDiv with a broadcast tensor. With
+    MindSpore's own kernels (MINDBOOTH_CPU_KERNELS=0, as on Ascend/GPU) and with the fused CPU kernels."""
     env = dict(os.environ, MS_DEV_SAVE_GRAPHS="1", MS_DEV_DUMP_IR_PASSES="graph_build",
-               MS_DEV_SAVE_GRAPHS_PATH=str(tmp_path / "ir"), PYTHONPATH=str(ROOT))
+               MS_DEV_SAVE_GRAPHS_PATH=str(tmp_path / "ir"), PYTHONPATH=str(ROOT),
+               MINDBOOTH_CPU_KERNELS="1" if kernels == "fused" else "0")
     script = tmp_path / "compile_tiny_unet_gradient.py"  # a file: GRAPH mode reads the Cell's source
     script.write_text(_COMPILE_TINY_UNET_GRADIENT)
     run = subprocess.run([sys.executable, str(script), str(TINY_CONFIG)], env=env, cwd=tmp_path, capture_output=True,
@@ -199,6 +202,13 @@ def test_unet_training_graph_has_no_buffer_holding_kernels_and_keeps_its_recompu
     cells = json.loads(run.stdout.strip().splitlines()[-1])
     assert cells["ScaledDotProductAttention"] and cells["GatedGELU"] and cells["SiLU"], cells
     after_gradient = sum((_kernels_after_the_gradient(path) for path in graphs), collections.Counter())
-    for kernel, rank, cell in (("Softmax", 4, "ScaledDotProductAttention"), ("Erf", 3, "GatedGELU"), ("Sigmoid", 4, "SiLU")):
+    recomputed = [("Softmax", 4, "ScaledDotProductAttention"), ("Sigmoid", 4, "SiLU")]
+    fused_away = {"Erf", "GroupNorm", "GroupNormGrad", "LayerNorm", "LayerNormGrad", "LayerNormGradGrad"}
+    if kernels == "fused":  # GEGLU's gating and every norm, forward and backward, are custom kernels
+        assert "Custom" in ops_seen and not ops_seen & fused_away, ops_seen & fused_away
+    else:
+        assert {"Erf", "LayerNorm", "GroupNorm"} <= ops_seen
+        recomputed.append(("Erf", 3, "GatedGELU"))
+    for kernel, rank, cell in recomputed:
         in_graph = sum(op == kernel and out is not None and len(out) == rank for op, _, out, _ in nodes)
         assert (in_graph, after_gradient[kernel, rank]) == (2 * cells[cell], cells[cell]), (kernel, cells)

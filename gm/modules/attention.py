@@ -3,8 +3,10 @@ SpatialTransformer (linear proj_in/out), with sgm's parameter names."""
 import mindspore as ms
 from mindspore import nn, ops
 
+from gm.modules import cpu_kernels
 from gm.modules.diffusionmodules.util import zero_module
 from gm.modules.lean_ops import GELU, gelu_derivative, softmax_backward, swap_axes
+from gm.modules.normalization import GroupNorm, LayerNorm
 
 
 class ScaledDotProductAttention(nn.Cell):
@@ -71,22 +73,35 @@ class CrossAttention(nn.Cell):
         return self.to_out(out)
 
 
+def _half_last_axis(x):
+    return [*x[:-1], x[-1] // 2]
+
+
 class GatedGELU(nn.Cell):
     """value * gelu(gate) over the two halves of the last axis. Its backward keeps only the input and recomputes
     both halves and gelu(gate) from it (lean_ops' docstring: why the input waits for dout); autodiff would keep the
-    two halves and gelu(gate), half as much again (torch keeps as much)."""
+    two halves and gelu(gate), half as much again (torch keeps as much). `fused` (default: cpu_kernels.enabled())
+    computes each pass in one CPU kernel."""
 
-    def __init__(self):
+    def __init__(self, fused=None):
         super().__init__()
         self.gelu = GELU()
         self.halves = ops.Split(axis=-1, output_num=2)  # the primitive: ops.split/ops.chunk fail to parse in a bprop
+        self.fused = cpu_kernels.enabled() if fused is None else fused
+        if self.fused:
+            self.forward_kernel = cpu_kernels.kernel("GatedGeluForward", _half_last_axis, cpu_kernels.same_as_first)
+            self.backward_kernel = cpu_kernels.kernel("GatedGeluBackward", cpu_kernels.same_as_first, cpu_kernels.same_as_first)
 
     def construct(self, x):
+        if self.fused and x.dtype == ms.float32:
+            return self.forward_kernel(x)
         value, gate = self.halves(x)
         return value * self.gelu(gate)
 
     def bprop(self, x, out, dout):
         dout = dout.astype(x.dtype)
+        if self.fused and x.dtype == ms.float32:
+            return (self.backward_kernel(x, dout),)
         value, gate = self.halves(ops.depend(x, dout))
         grad_value = dout * self.gelu(gate)
         grad_gate = dout * value * gelu_derivative(gate)
@@ -121,9 +136,9 @@ class BasicTransformerBlock(nn.Cell):
         self.attn1 = CrossAttention(dim, heads=n_heads, dim_head=d_head, dropout=dropout)
         self.ff = FeedForward(dim, dropout=dropout)
         self.attn2 = CrossAttention(dim, context_dim=context_dim, heads=n_heads, dim_head=d_head, dropout=dropout)
-        self.norm1 = nn.LayerNorm((dim,), epsilon=1e-5)
-        self.norm2 = nn.LayerNorm((dim,), epsilon=1e-5)
-        self.norm3 = nn.LayerNorm((dim,), epsilon=1e-5)
+        self.norm1 = LayerNorm((dim,), epsilon=1e-5)
+        self.norm2 = LayerNorm((dim,), epsilon=1e-5)
+        self.norm3 = LayerNorm((dim,), epsilon=1e-5)
 
     def construct(self, x, context):
         x = self.attn1(self.norm1(x)) + x
@@ -137,7 +152,7 @@ class SpatialTransformer(nn.Cell):
     def __init__(self, in_channels: int, n_heads: int, d_head: int, depth: int, context_dim: int, dropout: float = 0.0):
         super().__init__()
         inner_dim = n_heads * d_head
-        self.norm = nn.GroupNorm(32, in_channels, eps=1e-6)
+        self.norm = GroupNorm(32, in_channels, eps=1e-6)
         self.proj_in = nn.Dense(in_channels, inner_dim)
         self.transformer_blocks = nn.CellList(
             [BasicTransformerBlock(inner_dim, n_heads, d_head, context_dim, dropout) for _ in range(depth)]

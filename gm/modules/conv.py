@@ -13,6 +13,8 @@ weight keeps plain autodiff.
 import mindspore as ms
 from mindspore import nn, ops
 
+from gm.modules.weight_cast import CastLike
+
 MAX_COLUMNS_BYTES = 512 * 2**20
 
 
@@ -46,15 +48,16 @@ class FrozenWeightConv(nn.Cell):
         super().__init__()
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
         self.matmul_transposed_weight = ops.BatchMatMul(transpose_a=True)
+        self.cast_like = CastLike()
 
     def construct(self, x, weight):
-        weight = ops.depend(weight, x).astype(x.dtype)
+        weight = self.cast_like(ops.depend(weight, x), x)
         return _conv_columns_matmul(x, weight.reshape(weight.shape[0], -1), self.kernel_size, self.stride, self.padding)
 
     def bprop(self, x, weight, out, dout):
         batch, out_channels, out_height, out_width = dout.shape
         dout = dout.astype(x.dtype)  # under Cell.to_float the incoming gradient may keep the caller's dtype
-        weight_2d = ops.depend(weight, dout).astype(x.dtype).reshape(out_channels, -1)  # (out, in*k*k)
+        weight_2d = self.cast_like(ops.depend(weight, dout), x).reshape(out_channels, -1)  # (out, in*k*k)
         grad_columns = self.matmul_transposed_weight(per_sample(weight_2d, batch),
                                                      dout.reshape(batch, out_channels, out_height * out_width))
         if _is_pointwise(self.kernel_size, self.stride, self.padding):

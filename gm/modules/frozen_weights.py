@@ -16,6 +16,7 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from gm.modules.conv import Conv2d
+from gm.modules.weight_cast import CastLike
 
 DTYPES = {"float16": ms.float16, "fp16": ms.float16, "bfloat16": ms.bfloat16, "bf16": ms.bfloat16}
 
@@ -27,13 +28,14 @@ class CastMatMul(nn.Cell):
         super().__init__()
         self.matmul = ops.MatMul(transpose_b=True)
         self.matmul_back = ops.MatMul()
+        self.cast_like = CastLike()
 
     def construct(self, x, weight):
-        return self.matmul(x, ops.depend(weight, x).astype(x.dtype))
+        return self.matmul(x, self.cast_like(ops.depend(weight, x), x))
 
     def bprop(self, x, weight, out, dout):
         # The weight is frozen: its gradient is never used, zeros keep the bprop's signature.
-        return self.matmul_back(dout, ops.depend(weight, dout).astype(dout.dtype)), ops.zeros_like(weight)
+        return self.matmul_back(dout, self.cast_like(ops.depend(weight, dout), dout)), ops.zeros_like(weight)
 
 
 class CastConv2D(nn.Cell):

@@ -8,11 +8,12 @@ from mindspore import nn, ops
 
 from gm.modules.conv import Conv2d
 from gm.modules.diffusionmodules.util import normalization
+from gm.modules.normalization import GroupNorm
 
 VAE_NORM_EPS = 1e-6  # every VAE GroupNorm uses 1e-6 (the UNet's use 1e-5)
 
 
-def Normalize(channels: int) -> nn.GroupNorm:
+def Normalize(channels: int) -> GroupNorm:
     return normalization(channels, eps=VAE_NORM_EPS)
 
 

@@ -5,6 +5,8 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
 
+from gm.modules.normalization import GroupNorm
+
 
 def timestep_embedding(timesteps, dim: int, max_period: int = 10000):
     """Sinusoidal embedding of (N,) timesteps -> (N, dim), cosine half first (as sgm and diffusers'
@@ -26,6 +28,6 @@ def zero_module(module: nn.Cell) -> nn.Cell:
     return module
 
 
-def normalization(channels: int, eps: float = 1e-5) -> nn.GroupNorm:
+def normalization(channels: int, eps: float = 1e-5) -> GroupNorm:
     """GroupNorm with 32 groups, as every SDXL norm layer in the UNet and VAE."""
-    return nn.GroupNorm(32, channels, eps=eps)
+    return GroupNorm(32, channels, eps=eps)

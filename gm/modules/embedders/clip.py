@@ -11,6 +11,7 @@ import numpy as np
 from mindspore import nn, ops
 
 from gm.modules.lean_ops import GELU
+from gm.modules.normalization import LayerNorm
 
 LAYER_NORM_EPS = 1e-5  # CLIP and OpenCLIP both use torch's default (MindSpore's default is 1e-7)
 
@@ -102,9 +103,9 @@ class CLIPEncoderLayer(nn.Cell):
     def __init__(self, width: int, heads: int, mlp_width: int, act: str):
         super().__init__()
         self.self_attn = CLIPAttention(width, heads)
-        self.layer_norm1 = nn.LayerNorm((width,), epsilon=LAYER_NORM_EPS)
+        self.layer_norm1 = LayerNorm((width,), epsilon=LAYER_NORM_EPS)
         self.mlp = CLIPMLP(width, mlp_width, act)
-        self.layer_norm2 = nn.LayerNorm((width,), epsilon=LAYER_NORM_EPS)
+        self.layer_norm2 = LayerNorm((width,), epsilon=LAYER_NORM_EPS)
 
     def construct(self, x, mask):
         x = x + self.self_attn(self.layer_norm1(x), mask)
@@ -130,7 +131,7 @@ class CLIPTextTransformer(nn.Cell):
         self.num_layers = layers
         self.embeddings = CLIPTextEmbeddings(width, vocab_size, max_length)
         self.encoder = CLIPEncoder(width, layers, heads, mlp_width, act)
-        self.final_layer_norm = nn.LayerNorm((width,), epsilon=LAYER_NORM_EPS)
+        self.final_layer_norm = LayerNorm((width,), epsilon=LAYER_NORM_EPS)
         self.causal_mask = causal_mask(max_length)
 
     def construct(self, input_ids, num_layers: int):

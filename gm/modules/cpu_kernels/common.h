@@ -1,0 +1,49 @@
+// MindSpore "aot" custom-op kernels for the CPU: the signature every kernel here has, and shared helpers.
+// Each kernel: params = inputs then outputs, shapes[i][0..ndims[i]), dtypes[i] like "float32"; returns 0 on success.
+#pragma once
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#define MINDBOOTH_KERNEL(name) \
+  extern "C" int name(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void* stream, void* extra)
+
+namespace mindbooth {
+
+inline int64_t element_count(int ndim, const int64_t* shape) {
+  int64_t n = 1;
+  for (int i = 0; i < ndim; ++i) n *= shape[i];
+  return n;
+}
+
+inline bool all_float32(int nparam, const char** dtypes) {
+  for (int i = 0; i < nparam; ++i)
+    if (std::strcmp(dtypes[i], "float32") != 0 && std::strcmp(dtypes[i], "float") != 0) return false;
+  return true;
+}
+
+// Threads for `count` items of work: one per hardware thread, at most one per item.
+inline int thread_count(int64_t count) {
+  const int64_t hardware = std::max(1u, std::thread::hardware_concurrency());
+  return static_cast<int>(std::max<int64_t>(1, std::min(hardware, count)));
+}
+
+// body(begin, end, chunk) over [0, count) in `thread_count(count)` contiguous chunks, chunk 0 on the calling
+// thread. Threads start per call and are joined before it returns, so none is left spinning while MindSpore's
+// next kernel runs: with OpenMP's idle workers spinning, the train step's MatMuls ran 45 % slower.
+template <typename Body>
+void parallel_for(int64_t count, Body body) {
+  const int threads = thread_count(count);
+  const int64_t chunk = (count + threads - 1) / threads;
+  std::vector<std::thread> workers;
+  for (int t = 1; t < threads; ++t) {
+    const int64_t begin = t * chunk, end = std::min(count, begin + chunk);
+    if (begin < end) workers.emplace_back(body, begin, end, t);
+  }
+  body(0, std::min(count, chunk), 0);
+  for (auto& worker : workers) worker.join();
+}
+
+}  // namespace mindbooth

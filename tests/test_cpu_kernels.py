@@ -1,0 +1,168 @@
+"""gm/modules/cpu_kernels: the fused CPU kernels equal torch (outputs and every gradient), are built once into the
+cache without leaving partial files, are what the layers use on this CPU, and are left out when switched off."""
+import logging
+import os
+
+import mindspore as ms
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from mindspore import nn
+
+from gm.modules import cpu_kernels
+from gm.modules.attention import GatedGELU
+from gm.modules.normalization import GroupNorm, LayerNorm
+from gm.modules.weight_cast import CastLike
+from test_unet import relative_error
+
+MODES = pytest.mark.parametrize("mode", [ms.PYNATIVE_MODE, ms.GRAPH_MODE], ids=["pynative", "graph"])
+
+
+class WeightedSum(nn.Cell):
+    def __init__(self, net, weights):
+        super().__init__()
+        self.net, self.weights = net, weights
+
+    def construct(self, x):
+        return (self.net(x) * self.weights).sum()
+
+
+def _ours(net, x, weights, mode):
+    """net(x), and the gradients of sum(net(x) * weights) for x and net's trainable parameters."""
+    ms.set_context(mode=mode)
+    try:
+        out = net(ms.Tensor(x)).asnumpy()
+        grad = ms.value_and_grad(WeightedSum(net, ms.Tensor(weights)), grad_position=0, weights=net.trainable_params())
+        _, (grad_x, grad_params) = grad(ms.Tensor(x))
+    finally:
+        ms.set_context(mode=ms.PYNATIVE_MODE)
+    return out, [grad_x.asnumpy(), *(g.asnumpy() for g in grad_params)]
+
+
+def _torch(fn, x, params, weights):
+    tensors = [torch.from_numpy(a).requires_grad_(True) for a in (x, *params)]
+    out = fn(*tensors)
+    (out * torch.from_numpy(weights)).sum().backward()
+    return out.detach().numpy(), [t.grad.numpy() for t in tensors]
+
+
+def _assert_close(got, want, tolerance=1e-5):
+    (out, grads), (want_out, want_grads) = got, want
+    assert out.shape == want_out.shape and relative_error(out, want_out) < tolerance
+    assert len(grads) == len(want_grads)
+    for index, (a, b) in enumerate(zip(grads, want_grads)):
+        assert a.shape == b.shape and relative_error(a, b) < tolerance, f"gradient {index}: {relative_error(a, b)}"
+
+
+def _affine(net, rng):
+    params = (rng.uniform(0.5, 1.5, net.gamma.shape).astype(np.float32), rng.standard_normal(net.beta.shape).astype(np.float32))
+    net.gamma.set_data(ms.Tensor(params[0]))
+    net.beta.set_data(ms.Tensor(params[1]))
+    return params
+
+
+def test_the_kernels_are_built_and_used_on_this_cpu():
+    """CI's machines have g++: the fast path is what the tests (and the quick-start) run."""
+    assert cpu_kernels.enabled()
+    assert GroupNorm(32, 64).fused and LayerNorm((16,)).fused and GatedGELU().fused and CastLike().fused
+
+
+@MODES
+@pytest.mark.parametrize("shape", [(2, 64, 8, 8), (1, 96, 3, 5), (2, 32, 7)], ids=["4d", "odd-pixels", "3d"])
+def test_group_norm_equals_torch(shape, mode):
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal(shape) * 3 + 2).astype(np.float32)  # an offset mean: the variance must not cancel
+    weights = rng.standard_normal(shape).astype(np.float32)
+    net = GroupNorm(32, shape[1], eps=1e-6)
+    gamma, beta = _affine(net, rng)
+    want = _torch(lambda x, g, b: F.group_norm(x, 32, g, b, eps=1e-6), x, (gamma, beta), weights)
+    _assert_close(_ours(net, x, weights, mode), want)
+
+
+@MODES
+@pytest.mark.parametrize("shape", [(2, 16, 40), (3, 77, 24), (5, 13)], ids=["tokens", "text", "2d-odd"])
+def test_layer_norm_equals_torch(shape, mode):
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal(shape) * 2 - 1).astype(np.float32)
+    weights = rng.standard_normal(shape).astype(np.float32)
+    net = LayerNorm((shape[-1],), epsilon=1e-5)
+    gamma, beta = _affine(net, rng)
+    want = _torch(lambda x, g, b: F.layer_norm(x, (shape[-1],), g, b, eps=1e-5), x, (gamma, beta), weights)
+    _assert_close(_ours(net, x, weights, mode), want)
+
+
+@MODES
+@pytest.mark.parametrize("shape", [(2, 16, 2 * 40), (3, 2 * 13)], ids=["tokens", "2d-odd"])
+def test_gated_gelu_equals_torch(shape, mode):
+    rng = np.random.default_rng(2)
+    x = (rng.standard_normal(shape) * 3).astype(np.float32)  # gates well into both tails of erf
+    weights = rng.standard_normal(shape[:-1] + (shape[-1] // 2,)).astype(np.float32)
+
+    def reference(x):
+        value, gate = x.chunk(2, dim=-1)
+        return value * F.gelu(gate)
+
+    _assert_close(_ours(GatedGELU(), x, weights, mode), _torch(reference, x, (), weights))
+
+
+@MODES
+def test_fused_and_mindspore_layers_agree(mode):
+    """The same layers with the kernels switched off (as on Ascend/GPU) compute the same numbers."""
+    rng = np.random.default_rng(3)
+    for make, shape in ((lambda fused: GroupNorm(32, 64, fused=fused), (2, 64, 4, 4)),
+                        (lambda fused: LayerNorm((24,), fused=fused), (2, 9, 24)),
+                        (lambda fused: GatedGELU(fused=fused), (2, 9, 48))):
+        x = rng.standard_normal(shape).astype(np.float32)
+        fused, plain = make(True), make(False)
+        if hasattr(fused, "gamma"):
+            gamma, beta = _affine(fused, rng)
+            plain.gamma.set_data(ms.Tensor(gamma))
+            plain.beta.set_data(ms.Tensor(beta))
+        weights = rng.standard_normal(fused(ms.Tensor(x)).shape).astype(np.float32)
+        _assert_close(_ours(fused, x, weights, mode), _ours(plain, x, weights, mode))
+
+
+def test_fp16_cast_is_exact():
+    rng = np.random.default_rng(4)
+    weight = (rng.standard_normal((37, 11)) * 100).astype(np.float16)  # 407 values: 8-wide vectors and a tail
+    weight[0, :4] = [np.inf, -np.inf, 6.0e-8, -0.0]  # infinities, a subnormal, a signed zero
+    like = ms.Tensor(np.zeros(1, np.float32))
+    got = CastLike()(ms.Tensor(weight), like).asnumpy()
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, weight.astype(np.float32))
+    assert np.signbit(got[0, 3])
+
+
+def test_switched_off_by_the_environment(monkeypatch):
+    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
+    assert not cpu_kernels.enabled()
+    assert not GroupNorm(32, 64).fused and not LayerNorm((16,)).fused and not GatedGELU().fused
+
+
+def test_build_is_cached_and_leaves_no_partial_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINDBOOTH_KERNEL_CACHE", str(tmp_path))
+    cpu_kernels.library_path.cache_clear()
+    try:
+        path = cpu_kernels.library_path()
+        assert path is not None and os.path.dirname(path) == str(tmp_path)
+        assert os.listdir(tmp_path) == [os.path.basename(path)]  # the build folder is gone
+        built = os.stat(path).st_mtime_ns
+        cpu_kernels.library_path.cache_clear()
+        assert cpu_kernels.library_path() == path and os.stat(path).st_mtime_ns == built  # not rebuilt
+    finally:
+        cpu_kernels.library_path.cache_clear()
+
+
+def test_a_failed_build_falls_back_with_a_warning(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("MINDBOOTH_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
+    cpu_kernels.library_path.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING):
+            assert cpu_kernels.library_path() is None
+            assert not cpu_kernels.enabled()
+        assert "using MindSpore's CPU kernels" in caplog.text
+        assert os.listdir(tmp_path) == []
+    finally:
+        cpu_kernels.library_path.cache_clear()
