@@ -77,6 +77,47 @@ def cases():
     def matmul(x, w):
         return matmul_transposed_b(x, w)
 
+    # MindBooth's fused CPU kernels (gm/modules/cpu_kernels), forward, on the same shapes
+    from mindspore import mint
+
+    from gm.modules import cpu_kernels
+    from gm.modules.lean_ops import SQRT_HALF
+
+    group_norm_config, layer_norm_config = ms.Tensor([32, 1e-5], ms.float32), ms.Tensor([1e-5], ms.float32)
+    same = cpu_kernels.same_as_first
+    cast_kernel = cpu_kernels.kernel("CastFloat16ToFloat32", same, lambda dtype: ms.float32)
+    group_norm_kernel = cpu_kernels.kernel("GroupNormForward", same, same)
+    layer_norm_kernel = cpu_kernels.kernel("LayerNormForward", same, same)
+    gated_gelu_kernel = cpu_kernels.kernel("GatedGeluForward", lambda shape: [*shape[:-1], shape[-1] // 2], same)
+    swap_kernel = cpu_kernels.kernel("SwapAxes12", lambda shape: [shape[0], shape[2], shape[1], *shape[3:]], same)
+    halves = ops.Split(axis=-1, output_num=2)
+
+    def cast_fused(w):
+        return cast_kernel(w)
+
+    def group_norm_fused(x, gamma, beta):
+        return group_norm_kernel(x, gamma, beta, group_norm_config)
+
+    def layer_norm_fused(x, gamma, beta):
+        return layer_norm_kernel(x, gamma, beta, layer_norm_config)
+
+    def gated_gelu(x):  # GatedGELU's MindSpore ops (lean_ops.GELU's forward)
+        value, gate = halves(x)
+        return value * (0.5 * gate * (1.0 + ops.erf(gate * SQRT_HALF)))
+
+    def gated_gelu_fused(x):
+        return gated_gelu_kernel(x)
+
+    def swap_view(x):  # a consumer makes mint.transpose's view contiguous; here the Mul
+        return mint.transpose(x, 1, 2) * 1.0
+
+    def swap_fused(x):
+        return swap_kernel(x)
+
+    def torch_gated_gelu(x):
+        value, gate = x.chunk(2, dim=-1)
+        return value * F.gelu(gate)
+
     scores = (2, 10, 1024, 1024)  # the 32x32 level's self-attention: batch, heads, tokens, tokens
     return {
         "cast fp16->fp32 (10240, 1280)": ([randn(10240, 1280, dtype=np.float16)], cast, lambda w: w.float()),
@@ -96,6 +137,20 @@ def cases():
         "layer norm (2, 1024, 640)": ([randn(2, 1024, 640), randn(640), randn(640)], layer_norm,
                                       lambda x, g, b: F.layer_norm(x, (640,), g, b, 1e-5)),
         "matmul (2048, 1280) x (1280, 10240)": ([randn(2048, 1280), randn(10240, 1280)], matmul, lambda x, w: x @ w.T),
+        "cast fp16->fp32 (10240, 1280), MindBooth kernel": ([randn(10240, 1280, dtype=np.float16)], cast_fused,
+                                                            lambda w: w.float()),
+        "group norm (2, 640, 32, 32), MindBooth kernel": ([randn(2, 640, 32, 32), randn(640), randn(640)],
+                                                          group_norm_fused,
+                                                          lambda x, g, b: F.group_norm(x, 32, g, b, 1e-5)),
+        "layer norm (2, 1024, 640), MindBooth kernel": ([randn(2, 1024, 640), randn(640), randn(640)], layer_norm_fused,
+                                                        lambda x, g, b: F.layer_norm(x, (640,), g, b, 1e-5)),
+        "GEGLU gating (2, 1024, 2 x 2560), MindSpore ops": ([randn(2, 1024, 5120)], gated_gelu, torch_gated_gelu),
+        "GEGLU gating (2, 1024, 2 x 2560), MindBooth kernel": ([randn(2, 1024, 5120)], gated_gelu_fused,
+                                                               torch_gated_gelu),
+        "swap axes 1, 2 (2, 1024, 10, 64), mint view * 1": ([randn(2, 1024, 10, 64)], swap_view,
+                                                            lambda x: x.transpose(1, 2).contiguous()),
+        "swap axes 1, 2 (2, 1024, 10, 64), MindBooth kernel": ([randn(2, 1024, 10, 64)], swap_fused,
+                                                               lambda x: x.transpose(1, 2).contiguous()),
     }
 
 

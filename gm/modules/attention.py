@@ -5,7 +5,7 @@ from mindspore import nn, ops
 
 from gm.modules import cpu_kernels
 from gm.modules.diffusionmodules.util import zero_module
-from gm.modules.lean_ops import GELU, gelu_derivative, softmax_backward, swap_axes
+from gm.modules.lean_ops import GELU, SwapAxes12, gelu_derivative, softmax_backward
 from gm.modules.normalization import GroupNorm, LayerNorm
 
 
@@ -56,10 +56,11 @@ class CrossAttention(nn.Cell):
         self.to_k = nn.Dense(context_dim, inner_dim, has_bias=False)
         self.to_v = nn.Dense(context_dim, inner_dim, has_bias=False)
         self.to_out = nn.SequentialCell([nn.Dense(inner_dim, query_dim), nn.Dropout(p=dropout)])
+        self.swap_axes = SwapAxes12()  # (batch, tokens, heads, dim) <-> (batch, heads, tokens, dim)
 
     def _split_heads(self, x):
         batch, tokens, _ = x.shape
-        return swap_axes(x.reshape(batch, tokens, self.heads, -1), 1, 2)
+        return self.swap_axes(x.reshape(batch, tokens, self.heads, -1))
 
     def construct(self, x, context=None):
         context = x if context is None else context
@@ -69,7 +70,7 @@ class CrossAttention(nn.Cell):
         # In fp32 whatever the compute dtype: fp16 softmax over 4096 tokens overflows.
         out = self.attention(q.astype(ms.float32), k.astype(ms.float32), v.astype(ms.float32)).astype(v.dtype)
         batch, _, tokens, _ = out.shape
-        out = swap_axes(out, 1, 2).reshape(batch, tokens, -1)
+        out = self.swap_axes(out).reshape(batch, tokens, -1)
         return self.to_out(out)
 
 
@@ -158,13 +159,14 @@ class SpatialTransformer(nn.Cell):
             [BasicTransformerBlock(inner_dim, n_heads, d_head, context_dim, dropout) for _ in range(depth)]
         )
         self.proj_out = zero_module(nn.Dense(inner_dim, in_channels))
+        self.swap_axes = SwapAxes12()  # (batch, channels, pixels) <-> (batch, pixels, channels)
 
     def construct(self, x, context):
         batch, channels, height, width = x.shape
         x_in = x
-        x = swap_axes(self.norm(x).reshape(batch, channels, height * width), 1, 2)
+        x = self.swap_axes(self.norm(x).reshape(batch, channels, height * width))
         x = self.proj_in(x)
         for block in self.transformer_blocks:
             x = block(x, context)
         x = self.proj_out(x)
-        return swap_axes(x, 1, 2).reshape(batch, channels, height, width) + x_in
+        return self.swap_axes(x).reshape(batch, channels, height, width) + x_in

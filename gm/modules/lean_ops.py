@@ -19,7 +19,10 @@ gradient (ops.depend): otherwise GRAPH mode merges the recomputation with the fo
 elimination) or runs it during the forward, and its results stay alive until the backward, which is what
 recomputing avoids.
 """
+import mindspore as ms
 from mindspore import mint, nn, ops
+
+from gm.modules import cpu_kernels
 
 SQRT_HALF = 0.7071067811865476  # 1 / sqrt(2)
 INV_SQRT_2PI = 0.3989422804014327  # 1 / sqrt(2 pi)
@@ -34,6 +37,33 @@ def swap_axes(x, axis0: int, axis1: int):
     """x with two axes swapped, by mint.transpose: no per-kernel buffer (ops.Transpose keeps 2x its output), but
     about 5x slower on CPU (100 vs 21 ms per 64 MiB); where a MatMul follows, prefer its transpose flags."""
     return mint.transpose(x, axis0, axis1)
+
+
+def _middle_axes_swapped(shape):
+    return [shape[0], shape[2], shape[1], *shape[3:]]
+
+
+class SwapAxes12(nn.Cell):
+    """x with axes 1 and 2 swapped, contiguous. Where cpu_kernels.enabled(), one copy kernel in the forward and the
+    backward: mint.transpose's view is made contiguous between kernels, which the CPU profile showed as idle time
+    before the next BatchMatMul or Reshape. Elsewhere swap_axes."""
+
+    def __init__(self, fused=None):
+        super().__init__()
+        self.fused = cpu_kernels.enabled() if fused is None else fused
+        if self.fused:
+            self.kernel = cpu_kernels.kernel("SwapAxes12", _middle_axes_swapped, cpu_kernels.same_as_first)
+
+    def construct(self, x):
+        if self.fused and x.dtype == ms.float32:
+            return self.kernel(x)
+        return swap_axes(x, 1, 2)
+
+    def bprop(self, x, out, dout):
+        dout = dout.astype(x.dtype)
+        if self.fused and x.dtype == ms.float32:
+            return (self.kernel(dout),)
+        return (swap_axes(dout, 1, 2),)
 
 
 def softmax_backward(probabilities, grad_probabilities):

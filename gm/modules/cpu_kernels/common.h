@@ -18,6 +18,10 @@ inline int64_t element_count(int ndim, const int64_t* shape) {
   return n;
 }
 
+// params[index] as an fp32 input or output
+inline const float* input(void** params, int index) { return static_cast<const float*>(params[index]); }
+inline float* output(void** params, int index) { return static_cast<float*>(params[index]); }
+
 inline bool all_float32(int nparam, const char** dtypes) {
   for (int i = 0; i < nparam; ++i)
     if (std::strcmp(dtypes[i], "float32") != 0 && std::strcmp(dtypes[i], "float") != 0) return false;

@@ -8,6 +8,8 @@
 #include "common.h"
 
 using mindbooth::element_count;
+using mindbooth::input;
+using mindbooth::output;
 using mindbooth::parallel_for;
 
 namespace {
@@ -41,22 +43,28 @@ void gradient_sums(const float* dy, const float* x, int64_t count, double* sum_d
   *sum_dy_x = b;
 }
 
+struct GroupLayout {
+  int64_t batch, channels, pixels, groups, group_channels;
+  float eps;
+};
+
+// x (N, C, *spatial) in `groups` groups of channels, config = [groups, eps]; groups is 0 where C does not divide
+GroupLayout group_layout(int ndim, const int64_t* shape, const float* config) {
+  const int64_t batch = shape[0], channels = shape[1], groups = static_cast<int64_t>(config[0]);
+  const bool valid = groups > 0 && channels % groups == 0;
+  return {batch, channels, element_count(ndim, shape) / (batch * channels), valid ? groups : 0,
+          valid ? channels / groups : 0, config[1]};
+}
+
 }  // namespace
 
 // inputs x (N, C, *spatial), gamma (C), beta (C), config (2) = [groups, eps]; output y (x's shape)
 MINDBOOTH_KERNEL(GroupNormForward) {
   if (nparam != 5 || !mindbooth::all_float32(nparam, dtypes) || ndims[0] < 2) return 1;
-  const float* x = static_cast<const float*>(params[0]);
-  const float* gamma = static_cast<const float*>(params[1]);
-  const float* beta = static_cast<const float*>(params[2]);
-  const float* config = static_cast<const float*>(params[3]);
-  float* y = static_cast<float*>(params[4]);
-  const int64_t batch = shapes[0][0], channels = shapes[0][1];
-  const int64_t pixels = element_count(ndims[0], shapes[0]) / (batch * channels);
-  const int64_t groups = static_cast<int64_t>(config[0]);
-  const float eps = config[1];
-  if (groups <= 0 || channels % groups != 0) return 2;
-  const int64_t group_channels = channels / groups;
+  const auto [batch, channels, pixels, groups, group_channels, eps] = group_layout(ndims[0], shapes[0], input(params, 3));
+  if (groups == 0) return 2;
+  const float *x = input(params, 0), *gamma = input(params, 1), *beta = input(params, 2);
+  float* y = output(params, 4);
   parallel_for(batch * groups, [&](int64_t begin, int64_t end, int) {
     for (int64_t ng = begin; ng < end; ++ng) {
       const int64_t first_channel = (ng % groups) * group_channels;
@@ -79,19 +87,10 @@ MINDBOOTH_KERNEL(GroupNormForward) {
 // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dy * gamma, means over the group.
 MINDBOOTH_KERNEL(GroupNormBackward) {
   if (nparam != 7 || !mindbooth::all_float32(nparam, dtypes) || ndims[0] < 2) return 1;
-  const float* x = static_cast<const float*>(params[0]);
-  const float* gamma = static_cast<const float*>(params[1]);
-  const float* dy = static_cast<const float*>(params[2]);
-  const float* config = static_cast<const float*>(params[3]);
-  float* dx = static_cast<float*>(params[4]);
-  float* dgamma = static_cast<float*>(params[5]);
-  float* dbeta = static_cast<float*>(params[6]);
-  const int64_t batch = shapes[0][0], channels = shapes[0][1];
-  const int64_t pixels = element_count(ndims[0], shapes[0]) / (batch * channels);
-  const int64_t groups = static_cast<int64_t>(config[0]);
-  const float eps = config[1];
-  if (groups <= 0 || channels % groups != 0) return 2;
-  const int64_t group_channels = channels / groups;
+  const auto [batch, channels, pixels, groups, group_channels, eps] = group_layout(ndims[0], shapes[0], input(params, 3));
+  if (groups == 0) return 2;
+  const float *x = input(params, 0), *gamma = input(params, 1), *dy = input(params, 2);
+  float *dx = output(params, 4), *dgamma = output(params, 5), *dbeta = output(params, 6);
   const double count = static_cast<double>(group_channels * pixels);
   std::vector<double> sum_dy(batch * channels), sum_dy_xhat(batch * channels);
   parallel_for(batch * groups, [&](int64_t begin, int64_t end, int) {
@@ -140,13 +139,10 @@ MINDBOOTH_KERNEL(GroupNormBackward) {
 // inputs x (..., C), gamma (C), beta (C), config (1) = [eps]; output y (x's shape)
 MINDBOOTH_KERNEL(LayerNormForward) {
   if (nparam != 5 || !mindbooth::all_float32(nparam, dtypes) || ndims[0] < 1) return 1;
-  const float* x = static_cast<const float*>(params[0]);
-  const float* gamma = static_cast<const float*>(params[1]);
-  const float* beta = static_cast<const float*>(params[2]);
-  const float eps = static_cast<const float*>(params[3])[0];
-  float* y = static_cast<float*>(params[4]);
-  const int64_t width = shapes[0][ndims[0] - 1];
-  const int64_t rows = element_count(ndims[0], shapes[0]) / width;
+  const int64_t width = shapes[0][ndims[0] - 1], rows = element_count(ndims[0], shapes[0]) / width;
+  const float *x = input(params, 0), *gamma = input(params, 1), *beta = input(params, 2);
+  const float eps = input(params, 3)[0];
+  float* y = output(params, 4);
   parallel_for(rows, [&](int64_t begin, int64_t end, int) {
     for (int64_t r = begin; r < end; ++r) {
       const float* xr = x + r * width;
@@ -162,15 +158,10 @@ MINDBOOTH_KERNEL(LayerNormForward) {
 // inputs x, gamma, dy, config; outputs dx (x's shape), dgamma (C), dbeta (C)
 MINDBOOTH_KERNEL(LayerNormBackward) {
   if (nparam != 7 || !mindbooth::all_float32(nparam, dtypes) || ndims[0] < 1) return 1;
-  const float* x = static_cast<const float*>(params[0]);
-  const float* gamma = static_cast<const float*>(params[1]);
-  const float* dy = static_cast<const float*>(params[2]);
-  const float eps = static_cast<const float*>(params[3])[0];
-  float* dx = static_cast<float*>(params[4]);
-  float* dgamma = static_cast<float*>(params[5]);
-  float* dbeta = static_cast<float*>(params[6]);
-  const int64_t width = shapes[0][ndims[0] - 1];
-  const int64_t rows = element_count(ndims[0], shapes[0]) / width;
+  const int64_t width = shapes[0][ndims[0] - 1], rows = element_count(ndims[0], shapes[0]) / width;
+  const float *x = input(params, 0), *gamma = input(params, 1), *dy = input(params, 2);
+  const float eps = input(params, 3)[0];
+  float *dx = output(params, 4), *dgamma = output(params, 5), *dbeta = output(params, 6);
   // each chunk of rows sums its dgamma/dbeta apart; the chunks are added in order after
   const int chunks = mindbooth::thread_count(rows);
   std::vector<std::vector<float>> dgamma_part(chunks, std::vector<float>(width, 0.0f));
