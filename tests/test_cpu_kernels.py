@@ -13,7 +13,6 @@ from mindspore import nn
 from gm.modules import cpu_kernels
 from gm.modules.attention import GatedGELU
 from gm.modules.lean_ops import SwapAxes12
-from gm.modules.lora import MAX_FUSED_RANK, LowRankProduct
 from gm.modules.normalization import GroupNorm, LayerNorm
 from gm.modules.weight_cast import CastLike
 from test_unet import relative_error
@@ -180,33 +179,3 @@ def test_swapping_axes_equals_torch(shape, mode):
     assert net.fused
     _assert_close(_ours(net, x, weights, mode), _torch(lambda x: x.transpose(1, 2), x, (), weights), tolerance=0)
 
-
-class Branch(nn.Cell):
-    """A LoRA branch on trainable A and B, as LoRABranch computes it."""
-
-    def __init__(self, in_features, out_features, rank, fused):
-        super().__init__()
-        self.a = ms.Parameter(ms.Tensor(np.random.default_rng(6).standard_normal((rank, in_features)).astype(np.float32)), name="a")
-        self.b = ms.Parameter(ms.Tensor(np.random.default_rng(7).standard_normal((out_features, rank)).astype(np.float32)), name="b")
-        self.product = LowRankProduct(0.75, rank)
-        self.product.fused = fused and self.product.fused
-
-    def construct(self, x):
-        return self.product(x, self.a, self.b)
-
-
-@MODES
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "matmuls"])
-@pytest.mark.parametrize("shape, out_features, rank", [((2, 33, 40), 24, 4), ((37, 19), 50, 3)], ids=["3d", "2d-odd"])
-def test_low_rank_product_equals_torch(shape, out_features, rank, fused, mode):
-    rng = np.random.default_rng(8)
-    x = rng.standard_normal(shape).astype(np.float32)
-    net = Branch(shape[-1], out_features, rank, fused)
-    assert net.product.fused == fused
-    weights = rng.standard_normal(shape[:-1] + (out_features,)).astype(np.float32)
-    want = _torch(lambda x, a, b: 0.75 * (x @ a.T) @ b.T, x, (net.a.asnumpy(), net.b.asnumpy()), weights)
-    _assert_close(_ours(net, x, weights, mode), want)
-
-
-def test_large_ranks_use_matmuls():
-    assert LowRankProduct(1.0, MAX_FUSED_RANK).fused and not LowRankProduct(1.0, MAX_FUSED_RANK + 1).fused

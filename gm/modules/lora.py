@@ -12,59 +12,10 @@ import mindspore as ms
 from mindspore import nn, ops
 from mindspore.common.initializer import HeUniform
 
-from gm.modules import cpu_kernels
 from gm.modules.frozen_weights import CastMatMul, FrozenDense
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 DEFAULT_ATTENTIONS = ("attn1", "attn2")
-MAX_FUSED_RANK = 16  # above, MatMuls (BLAS-like blocking) beat the fused kernel's rank passes over each row
-
-
-def _branch_output_shape(x, a, b, config):
-    return [*x[:-1], b[0]]
-
-
-def _branch_gradient_shapes(x, a, b, config, dy):
-    return x, a, b
-
-
-def _branch_gradient_dtypes(x, a, b, config, dy):
-    return x, x, x
-
-
-class LowRankProduct(nn.Cell):
-    """scale * (x A^T) B^T for x (..., in), A (rank, in), B (out, rank). Where cpu_kernels.enabled() and the rank is at
-    most MAX_FUSED_RANK, one CPU kernel per pass: MindSpore's CPU MatMul runs such rank-4 products at 0.6 GFLOP/s
-    (17-21 ms each at (2048 x 640) x (640 x 4), as long as the 640 x 640 base layer). Elsewhere two MatMuls."""
-
-    def __init__(self, scale: float, rank: int):
-        super().__init__()
-        self.scale = scale
-        self.matmul = ops.MatMul(transpose_b=True)
-        self.matmul_transposed_a = ops.MatMul(transpose_a=True)  # a Transpose op would hold 2x its output on CPU
-        self.fused = cpu_kernels.enabled() and rank <= MAX_FUSED_RANK
-        if self.fused:
-            self.config = ms.Tensor([scale], ms.float32)
-            self.forward_kernel = cpu_kernels.kernel("LoraForward", _branch_output_shape, cpu_kernels.same_as_first)
-            self.backward_kernel = cpu_kernels.kernel("LoraBackward", _branch_gradient_shapes, _branch_gradient_dtypes)
-
-    def construct(self, x, a, b):
-        if self.fused and x.dtype == ms.float32 and a.dtype == ms.float32 and b.dtype == ms.float32:
-            return self.forward_kernel(x, a, b, self.config)
-        x_2d = x.reshape(-1, x.shape[-1])
-        out = self.matmul(self.matmul(x_2d, a.astype(x.dtype)), b.astype(x.dtype)) * self.scale
-        return out.reshape(x.shape[:-1] + (out.shape[-1],))
-
-    def bprop(self, x, a, b, out, dout):
-        if self.fused and x.dtype == ms.float32 and a.dtype == ms.float32 and b.dtype == ms.float32:
-            return self.backward_kernel(x, a, b, self.config, dout.astype(x.dtype))
-        # scale * (x A^T) B^T: dh = scale * dout B, dx = dh A, dA = dh^T x, dB = scale * dout^T (x A^T)
-        x_2d, dout_2d = x.reshape(-1, x.shape[-1]), dout.reshape(-1, dout.shape[-1]).astype(x.dtype)
-        grad_h = ops.matmul(dout_2d, b.astype(x.dtype)) * self.scale
-        grad_x = ops.matmul(grad_h, a.astype(x.dtype)).reshape(x.shape)
-        grad_a = self.matmul_transposed_a(grad_h, x_2d).astype(a.dtype)
-        grad_b = (self.matmul_transposed_a(dout_2d, self.matmul(x_2d, a.astype(x.dtype))) * self.scale).astype(b.dtype)
-        return grad_x, grad_a, grad_b
 
 
 class LoRABranch(nn.Cell):
@@ -83,11 +34,10 @@ class LoRABranch(nn.Cell):
         # A as peft initialises it (Kaiming-uniform, a=sqrt(5)); B zero.
         self.lora_A = nn.Dense(in_features, rank, has_bias=False, weight_init=HeUniform(negative_slope=math.sqrt(5)))
         self.lora_B = nn.Dense(rank, out_features, has_bias=False, weight_init="zeros")
-        self.low_rank_product = LowRankProduct(self.scale, rank)  # the branch's math, on lora_A/lora_B's weights
         self.merged = False
 
     def construct(self, x):
-        return self.low_rank_product(self.lora_dropout(x), self.lora_A.weight, self.lora_B.weight)
+        return self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scale
 
     def delta_weight(self):
         return ops.matmul(self.lora_B.weight.astype(ms.float32), self.lora_A.weight.astype(ms.float32)) * self.scale
@@ -120,7 +70,7 @@ class LoRADense(LoRABranch):
         if self.has_bias:
             out = self.bias_add(out, self.bias.astype(x.dtype))
         if not self.merged:
-            out = out + self.low_rank_product(self.lora_dropout(x_2d), self.lora_A.weight, self.lora_B.weight)
+            out = out + self.lora_B(self.lora_A(self.lora_dropout(x_2d))) * self.scale
         return out.reshape(x_shape[:-1] + (out.shape[-1],))
 
     def merge(self, scale: float = 1.0):

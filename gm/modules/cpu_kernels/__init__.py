@@ -24,7 +24,7 @@ from mindspore import ops
 
 SOURCE_FOLDER = Path(__file__).resolve().parent
 FAST_MATH_SOURCES = ("gelu.cc",)  # -ffast-math: erff/expf vectorised through glibc's libmvec
-SOURCES = ("norms.cc", "cast.cc", "transpose.cc", "lora.cc")
+SOURCES = ("norms.cc", "cast.cc", "transpose.cc")
 COMPILER_FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-pthread", "-fPIC", "-std=c++20")
 ENV_SWITCH = "MINDBOOTH_CPU_KERNELS"
 
