@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-import common
+from bench_train_step import mindspore_grad_step  # imports common, which puts the repository on sys.path
 
 NODE = re.compile(r"^\s+%(\d+)\([^)]*\) = (?:PrimFunc_)?(\w+)\((.*)$")
 TENSOR = re.compile(r"<Tensor\[(\w+)\], \(([\d, ]*)\)")
@@ -99,23 +99,10 @@ def peak_live_set(nodes):
     return peak
 
 
-def compile_with_ir_dump(args, ir_folder: str):
-    """The child: build the engine and GradStep as bench_train_step.py does, compile its gradient step only."""
-    import mindspore as ms
-    import numpy as np
-
-    from bench_train_step import batch_arrays, mindspore_vector
-    from gm.modules.lora import lora_parameters
-    from mindbooth.train_step import DreamBoothLoss, GradStep, make_buffers
-
-    engine, _ = common.build_mindspore_engine(args, train=True)
-    params = [p for _, p in sorted(lora_parameters(engine).items())]
-    grad_step = GradStep(DreamBoothLoss(engine, 1.0, True), params, make_buffers(params))
-    grad_step.set_train(True)
-    arrays = batch_arrays(args.resolution)
-    conditioning = ms.mutable((ms.Tensor(arrays["crossattn"]), ms.Tensor(mindspore_vector(arrays))))
-    grad_step.compile(ms.Tensor(arrays["latents"]), ms.Tensor(arrays["noise"]),
-                      ms.Tensor(np.array([14.6, 0.03], np.float32)), conditioning, ms.Tensor(1.0, ms.float32))
+def compile_with_ir_dump(args):
+    """The child (its IR folder comes in the environment): compile the gradient step of bench_train_step.py only."""
+    grad_step, _, _, inputs, _ = mindspore_grad_step(args)
+    grad_step.compile(*inputs)
 
 
 def main():
@@ -129,7 +116,7 @@ def main():
     args = p.parse_args()
     args.mode = "graph"
     if args.child:
-        compile_with_ir_dump(args, args.child)
+        compile_with_ir_dump(args)
         return
     with tempfile.TemporaryDirectory(prefix="mindbooth-ir-") as ir_folder:
         env = dict(os.environ, MS_DEV_SAVE_GRAPHS="1", MS_DEV_DUMP_IR_PASSES="graph_build",

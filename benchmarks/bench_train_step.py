@@ -46,13 +46,31 @@ def mindspore_vector(arrays):
     return np.concatenate([arrays["pooled"], feats], axis=1).astype(np.float32)
 
 
-def run_mindspore(args):
+def mindspore_grad_step(args):
+    """As the trainer builds them: the full-size engine's LoRA parameters, their gradient buffers, the GradStep in
+    training mode and its inputs (latents, noise, sigmas, conditioning, loss scale). Returns (grad_step, params,
+    buffers, inputs, build seconds)."""
     import mindspore as ms
 
     from gm.modules.lora import lora_parameters
+    from mindbooth.train_step import DreamBoothLoss, GradStep, make_buffers
+
+    engine, build_s = common.build_mindspore_engine(args, train=True)
+    params = [p for _, p in sorted(lora_parameters(engine).items())]
+    buffers = make_buffers(params)
+    grad_step = GradStep(DreamBoothLoss(engine, 1.0, True), params, buffers)
+    grad_step.set_train(True)
+    arrays = batch_arrays(args.resolution)
+    conditioning = ms.mutable((ms.Tensor(arrays["crossattn"]), ms.Tensor(mindspore_vector(arrays))))  # not a graph constant
+    inputs = [ms.Tensor(arrays["latents"]), ms.Tensor(arrays["noise"]), ms.Tensor(np.array([14.6, 0.03], np.float32)),
+              conditioning, ms.Tensor(1.0, ms.float32)]
+    return grad_step, params, buffers, inputs, build_s
+
+
+def run_mindspore(args):
     from mindbooth.compile_cache import cache_folder, compile_in_child, compile_step_graphs, precompile_folder
     from mindbooth.optim import AdamW
-    from mindbooth.train_step import ApplyStep, DreamBoothLoss, GradStep, make_buffers
+    from mindbooth.train_step import ApplyStep
 
     # As train_dreambooth.py on CPU: a child compiles both step graphs into a cache and exits before this
     # process builds its model; this process loads them (mindbooth/compile_cache.py).
@@ -65,16 +83,8 @@ def run_mindspore(args):
             step_cache = None
         child_s = round(time.perf_counter() - start, 1)
         common.progress(stage="compiled in child", seconds=child_s)
-    engine, build_s = common.build_mindspore_engine(args, train=True)
-    params = [p for _, p in sorted(lora_parameters(engine).items())]
-    buffers = make_buffers(params)
-    grad_step = GradStep(DreamBoothLoss(engine, 1.0, True), params, buffers)
+    grad_step, params, buffers, inputs, build_s = mindspore_grad_step(args)
     apply_step = ApplyStep(buffers, AdamW(params, learning_rate=5e-5), 1, True, 1.0)
-    grad_step.set_train(True)
-    arrays = batch_arrays(args.resolution)
-    conditioning = ms.mutable((ms.Tensor(arrays["crossattn"]), ms.Tensor(mindspore_vector(arrays))))  # not a graph constant
-    inputs = [ms.Tensor(arrays["latents"]), ms.Tensor(arrays["noise"]), ms.Tensor(np.array([14.6, 0.03], np.float32)),
-              conditioning, ms.Tensor(1.0, ms.float32)]
     if precompile_folder() is not None:  # the child: compile into the cache and leave
         compile_step_graphs(step_cache, grad_step, apply_step, inputs)
         sys.exit(0)
