@@ -141,6 +141,13 @@ def test_switched_off_by_the_environment(monkeypatch):
     assert not GroupNorm(32, 64).fused and not LayerNorm((16,)).fused and not GatedGELU().fused
 
 
+def test_switched_off_when_mindspore_would_refuse_the_library(tmp_path, monkeypatch):
+    monkeypatch.setenv("MS_CUSTOM_AOT_WHITE_LIST", str(tmp_path))  # MindSpore allows custom-op libraries only there
+    assert not cpu_kernels.enabled()
+    monkeypatch.setenv("MS_CUSTOM_AOT_WHITE_LIST", os.path.dirname(cpu_kernels.library_path()))
+    assert cpu_kernels.enabled()
+
+
 def test_build_is_cached_and_leaves_no_partial_files(tmp_path, monkeypatch):
     monkeypatch.setenv("MINDBOOTH_KERNEL_CACHE", str(tmp_path))
     cpu_kernels.library_path.cache_clear()

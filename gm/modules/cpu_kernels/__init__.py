@@ -96,7 +96,13 @@ def enabled() -> bool:
     and the library builds."""
     if os.environ.get(ENV_SWITCH, "1") == "0" or ms.get_context("device_target") != "CPU":
         return False
-    return library_path() is not None
+    path = library_path()
+    allowed = os.environ.get("MS_CUSTOM_AOT_WHITE_LIST")  # MindSpore refuses custom-op libraries outside it
+    if path is not None and allowed and not Path(path).resolve().is_relative_to(Path(allowed).resolve()):
+        logger.warning("MindBooth CPU kernels: %s is outside MS_CUSTOM_AOT_WHITE_LIST; set MINDBOOTH_KERNEL_CACHE "
+                       "inside it to use them", path)
+        return False
+    return path is not None
 
 
 def same_as_first(first, *rest):
