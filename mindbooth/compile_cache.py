@@ -49,8 +49,7 @@ def is_entry_point(script) -> bool:
 
 def _source_digest(script) -> str:
     digest = hashlib.sha256()
-    sources = [*_ROOT.glob("gm/**/*.py"), *_ROOT.glob("gm/**/*.cc"), *_ROOT.glob("gm/**/*.h"), *_ROOT.glob("mindbooth/**/*.py")]
-    for path in sorted([*sources, Path(script).resolve()]):
+    for path in sorted([*_ROOT.glob("gm/**/*.py"), *_ROOT.glob("mindbooth/**/*.py"), Path(script).resolve()]):
         digest.update(str(path.relative_to(_ROOT) if path.is_relative_to(_ROOT) else path).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()
@@ -58,7 +57,7 @@ def _source_digest(script) -> str:
 
 def cache_folder(root, script, key_parts) -> Path:
     """root/<hash of key_parts, MindSpore's version, the sources of gm/, mindbooth/ and `script`, and the CPU kernel
-    library the graphs call (gm/modules/cpu_kernels), if any>."""
+    library the graphs call (gm/modules/cpu_kernels), if any: its file name hashes the kernels' sources>."""
     key = json.dumps({"parts": key_parts, "mindspore": ms.__version__, "sources": _source_digest(script),
                       "cpu_kernels": cpu_kernels.library_path() if cpu_kernels.enabled() else None},
                      sort_keys=True, default=str)
