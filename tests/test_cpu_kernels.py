@@ -12,6 +12,7 @@ from mindspore import nn
 
 from gm.modules import cpu_kernels
 from gm.modules.attention import GatedGELU
+from gm.modules.conv import Conv2d, FrozenWeightConv, freeze_convolutions
 from gm.modules.lean_ops import SwapAxes12
 from gm.modules.normalization import GroupNorm, LayerNorm
 from gm.modules.weight_cast import CastLike
@@ -65,8 +66,9 @@ def _affine(net, rng):
 
 def test_the_kernels_are_built_and_used_on_this_cpu():
     """CI's machines have g++: the fast path is what the tests (and the quick-start) run."""
-    assert cpu_kernels.enabled()
+    assert cpu_kernels.enabled() and cpu_kernels.convolution_enabled()
     assert GroupNorm(32, 64).fused and LayerNorm((16,)).fused and GatedGELU().fused and CastLike().fused
+    assert FrozenWeightConv(3, 1, 1).fused
 
 
 @MODES
@@ -150,22 +152,22 @@ def test_switched_off_when_mindspore_would_refuse_the_library(tmp_path, monkeypa
 
 def test_build_is_cached_and_leaves_no_partial_files(tmp_path, monkeypatch):
     monkeypatch.setenv("MINDBOOTH_KERNEL_CACHE", str(tmp_path))
-    cpu_kernels.library_path.cache_clear()
+    cpu_kernels._library.cache_clear()
     try:
         path = cpu_kernels.library_path()
         assert path is not None and os.path.dirname(path) == str(tmp_path)
         assert os.listdir(tmp_path) == [os.path.basename(path)]  # the build folder is gone
         built = os.stat(path).st_mtime_ns
-        cpu_kernels.library_path.cache_clear()
+        cpu_kernels._library.cache_clear()
         assert cpu_kernels.library_path() == path and os.stat(path).st_mtime_ns == built  # not rebuilt
     finally:
-        cpu_kernels.library_path.cache_clear()
+        cpu_kernels._library.cache_clear()
 
 
 def test_a_failed_build_falls_back_with_a_warning(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("MINDBOOTH_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
-    cpu_kernels.library_path.cache_clear()
+    cpu_kernels._library.cache_clear()
     try:
         with caplog.at_level(logging.WARNING):
             assert cpu_kernels.library_path() is None
@@ -173,7 +175,7 @@ def test_a_failed_build_falls_back_with_a_warning(tmp_path, monkeypatch, caplog)
         assert "using MindSpore's CPU kernels" in caplog.text
         assert os.listdir(tmp_path) == []
     finally:
-        cpu_kernels.library_path.cache_clear()
+        cpu_kernels._library.cache_clear()
 
 
 @MODES
@@ -186,3 +188,68 @@ def test_swapping_axes_equals_torch(shape, mode):
     assert net.fused
     _assert_close(_ours(net, x, weights, mode), _torch(lambda x: x.transpose(1, 2), x, (), weights), tolerance=0)
 
+
+
+class FrozenConvolution(nn.Cell):
+    """A frozen weight (as every conv of a LoRA run) through FrozenWeightConv: only the input has a gradient."""
+
+    def __init__(self, weight, padding, fused):
+        super().__init__()
+        self.weight = ms.Parameter(ms.Tensor(weight), requires_grad=False)
+        self.conv = FrozenWeightConv(weight.shape[-1], 1, padding, fused=fused)
+
+    def construct(self, x):
+        return self.conv(x, self.weight)
+
+
+@MODES
+@pytest.mark.parametrize("storage", [np.float32, np.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", [(5, 7, 3, 1, 9, 6), (6, 4, 3, 0, 8, 11), (5, 3, 1, 0, 6, 6), (16, 24, 3, 1, 12, 12)],
+                         ids=["k3p1-odd", "k3p0", "k1", "k3p1-blocked"])
+def test_convolution_equals_torch(case, storage, mode):
+    """The oneDNN kernel: output and input gradient of a stride-1 conv, as torch computes them on the same weight."""
+    in_channels, out_channels, kernel, padding, height, width = case
+    rng = np.random.default_rng(6)
+    weight = (rng.standard_normal((out_channels, in_channels, kernel, kernel)) / kernel).astype(storage)
+    x = rng.standard_normal((2, in_channels, height, width)).astype(np.float32)
+    net = FrozenConvolution(weight, padding, fused=True)
+    assert net.conv.fused and not net.trainable_params()
+    weight_fp32 = torch.from_numpy(weight.astype(np.float32))
+    grow = 2 * padding - kernel + 1
+    weights = rng.standard_normal((2, out_channels, height + grow, width + grow)).astype(np.float32)
+    want = _torch(lambda x: F.conv2d(x, weight_fp32, padding=padding), x, (), weights)
+    _assert_close(_ours(net, x, weights, mode), want)
+
+
+def test_convolution_kernel_takes_the_stride_one_convolutions():
+    """The UNet's downsamplers (stride 2) keep im2col; the 3x3 and 1x1 convolutions take the kernel."""
+    net = nn.SequentialCell([Conv2d(4, 8, 3, padding=1), Conv2d(8, 8, 3, stride=2, padding=1), Conv2d(8, 4, 1)])
+    for parameter in net.get_parameters():
+        parameter.requires_grad = False
+    assert freeze_convolutions(net) == 3
+    assert [cell.frozen_conv.fused for cell in net] == [True, False, True]
+
+
+@pytest.mark.parametrize("headers", ["missing", "broken"])
+def test_without_onednn_the_other_kernels_stay(headers, tmp_path, monkeypatch, caplog):
+    """No oneDNN headers, or headers that do not compile: the library is built without the convolution (one
+    library in the cache, no partial files) and the other kernels are still used."""
+    monkeypatch.setenv("MINDBOOTH_KERNEL_CACHE", str(tmp_path / "cache"))
+    if headers == "missing":
+        monkeypatch.setattr(cpu_kernels, "onednn_paths", lambda: None)
+    else:
+        broken = tmp_path / "include" / "oneapi" / "dnnl"
+        broken.mkdir(parents=True)
+        (broken / "dnnl.h").write_text("#error not oneDNN\n")
+        library_folder = cpu_kernels.onednn_paths()[1]
+        monkeypatch.setattr(cpu_kernels, "onednn_paths", lambda: (tmp_path / "include", library_folder))
+    cpu_kernels._library.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING):
+            path = cpu_kernels.library_path()
+            assert path is not None and cpu_kernels.enabled() and not cpu_kernels.convolution_enabled()
+        assert not FrozenWeightConv(3, 1, 1).fused and GroupNorm(32, 64).fused
+        assert os.listdir(tmp_path / "cache") == [os.path.basename(path)]
+        assert ("build with oneDNN failed" in caplog.text) == (headers == "broken")
+    finally:
+        cpu_kernels._library.cache_clear()

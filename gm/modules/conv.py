@@ -7,12 +7,14 @@ into columns and multiplying by the (out, in*k*k) weight gives the same numbers 
 
 The columns are k*k times the input, so a large input (the VAE at 1024x1024) is done in strips of output
 rows that keep the columns under `MAX_COLUMNS_BYTES`. A frozen weight (freeze_convolutions; every conv of a
-LoRA run) goes through FrozenWeightConv, whose own backward computes only the input gradient. A trainable
+LoRA run) goes through FrozenWeightConv, whose own backward computes only the input gradient; where the CPU
+kernels have oneDNN (gm/modules/cpu_kernels), its stride-1 convolutions run there instead of im2col. A trainable
 weight keeps plain autodiff.
 """
 import mindspore as ms
 from mindspore import nn, ops
 
+from gm.modules import cpu_kernels
 from gm.modules.weight_cast import CastLike
 
 MAX_COLUMNS_BYTES = 512 * 2**20
@@ -44,19 +46,33 @@ class FrozenWeightConv(nn.Cell):
     the weight made MindSpore's CPU Transpose kernel hold a buffer of twice the weight's fp32 size for the whole
     run, per conv (gm/modules/lean_ops.py has the measurements)."""
 
-    def __init__(self, kernel_size: int, stride: int, padding: int):
+    def __init__(self, kernel_size: int, stride: int, padding: int, fused=None):
         super().__init__()
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
         self.matmul_transposed_weight = ops.BatchMatMul(transpose_a=True)
         self.cast_like = CastLike()
+        self.fused = (cpu_kernels.convolution_enabled() if fused is None else fused) and stride == 1
+        if self.fused:  # stride 1: each output size follows from the input size and back, for the kernels' shapes
+            grow = 2 * padding - kernel_size + 1
+            self.config = ms.Tensor([padding], ms.float32)
+            self.conv_forward = cpu_kernels.kernel(
+                "Conv2dForward", lambda x, w, config: [x[0], w[0], x[2] + grow, x[3] + grow], cpu_kernels.same_as_first)
+            self.conv_backward_data = cpu_kernels.kernel(
+                "Conv2dBackwardData", lambda dy, w, config: [dy[0], w[1], dy[2] - grow, dy[3] - grow],
+                cpu_kernels.same_as_first)
 
     def construct(self, x, weight):
         weight = self.cast_like(ops.depend(weight, x), x)
+        if self.fused and x.dtype == ms.float32:
+            return self.conv_forward(x, weight, self.config)
         return _conv_columns_matmul(x, weight.reshape(weight.shape[0], -1), self.kernel_size, self.stride, self.padding)
 
     def bprop(self, x, weight, out, dout):
         batch, out_channels, out_height, out_width = dout.shape
         dout = dout.astype(x.dtype)  # under Cell.to_float the incoming gradient may keep the caller's dtype
+        if self.fused and x.dtype == ms.float32:
+            grad_x = self.conv_backward_data(dout, self.cast_like(ops.depend(weight, dout), x), self.config)
+            return grad_x, ops.zeros_like(weight)
         weight_2d = self.cast_like(ops.depend(weight, dout), x).reshape(out_channels, -1)  # (out, in*k*k)
         grad_columns = self.matmul_transposed_weight(per_sample(weight_2d, batch),
                                                      dout.reshape(batch, out_channels, out_height * out_width))

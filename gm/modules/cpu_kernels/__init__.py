@@ -1,8 +1,13 @@
 """Fused fp32 CPU kernels (C++, vectorised, one thread per core) for the ops whose MindSpore 2.10 CPU kernels are
-slowest, as MindSpore "aot" custom ops: GroupNorm and LayerNorm (forward and backward), GEGLU's gating, and the
-fp16 -> fp32 weight cast.
+slowest, as MindSpore "aot" custom ops: GroupNorm and LayerNorm (forward and backward), GEGLU's gating, the
+fp16 -> fp32 weight cast, the axes-1-2 swap, and the stride-1 convolution (through the oneDNN library MindSpore
+ships, in the layouts oneDNN picks).
 Measured against torch on the same shapes (benchmarks/bench_op_cores.py): MindSpore's GroupNorm is 50x, LayerNorm
 17x, Erf 6.5x and Cast 1.4x slower, each on one core.
+
+The convolution needs oneDNN's headers (`pip install --no-deps onednn-devel`, done by scripts/setup.sh) and
+MindSpore's libdnnl.so.3; without them, or if it does not build, the library is built without it and convolutions
+stay im2col + BatchMatMul (gm/modules/conv.py).
 
 The library is compiled once per source and machine with the system's g++ (`-march=native`) into a cache folder
 (MINDBOOTH_KERNEL_CACHE, default ~/.cache/mindbooth/cpu_kernels). The kernels are used only where MindSpore runs on
@@ -16,6 +21,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sysconfig
 import tempfile
 from pathlib import Path
 
@@ -25,6 +31,8 @@ from mindspore import ops
 SOURCE_FOLDER = Path(__file__).resolve().parent
 FAST_MATH_SOURCES = ("gelu.cc",)  # -ffast-math: erff/expf vectorised through glibc's libmvec
 SOURCES = ("norms.cc", "cast.cc", "transpose.cc")
+ONEDNN_SOURCES = ("conv.cc",)
+ONEDNN_LIBRARY = "libdnnl.so.3"
 COMPILER_FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-pthread", "-fPIC", "-std=c++20")
 ENV_SWITCH = "MINDBOOTH_CPU_KERNELS"
 
@@ -41,8 +49,18 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
-def _build_key(compiler: str) -> str:
-    digest = hashlib.sha256()
+def onednn_paths():
+    """(include folder, library folder) for the oneDNN sources: onednn-devel's headers in this environment and the
+    libdnnl.so.3 inside MindSpore; None where either is missing."""
+    include = Path(sysconfig.get_path("data")) / "include"
+    library = Path(ms.__file__).resolve().parent / "lib"
+    if (include / "oneapi" / "dnnl" / "dnnl_threadpool_iface.hpp").is_file() and (library / ONEDNN_LIBRARY).is_file():
+        return include, library
+    return None
+
+
+def _build_key(compiler: str, onednn) -> str:
+    digest = hashlib.sha256(repr(onednn).encode())
     for path in sorted(SOURCE_FOLDER.glob("*.[ch]*")):
         if path.suffix in (".cc", ".h"):
             digest.update(path.name.encode() + path.read_bytes())
@@ -51,7 +69,7 @@ def _build_key(compiler: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def _compile(compiler: str, target: Path):
+def _compile(compiler: str, target: Path, onednn):
     """Compile into a private folder, then rename into place: concurrent processes (one per device) and an
     interrupted build never leave a partial library behind."""
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -63,32 +81,51 @@ def _compile(compiler: str, target: Path):
             subprocess.run([compiler, *COMPILER_FLAGS, "-ffast-math", "-c", str(SOURCE_FOLDER / name), "-o", str(obj)],
                            check=True, capture_output=True, text=True)
             objects.append(str(obj))
+        sources, link = list(SOURCES), []
+        if onednn is not None:
+            include, library_folder = onednn
+            for name in ONEDNN_SOURCES:
+                obj = work / (name + ".o")
+                subprocess.run([compiler, *COMPILER_FLAGS, f"-I{include}", "-c", str(SOURCE_FOLDER / name),
+                                "-o", str(obj)], check=True, capture_output=True, text=True)
+                objects.append(str(obj))
+            link = [f"-L{library_folder}", f"-l:{ONEDNN_LIBRARY}", f"-Wl,-rpath,{library_folder}"]
         library = work / target.name
-        subprocess.run([compiler, *COMPILER_FLAGS, "-shared", *[str(SOURCE_FOLDER / s) for s in SOURCES], *objects,
-                        "-o", str(library)], check=True, capture_output=True, text=True)
+        subprocess.run([compiler, *COMPILER_FLAGS, "-shared", *[str(SOURCE_FOLDER / s) for s in sources], *objects,
+                        *link, "-o", str(library)], check=True, capture_output=True, text=True)
         os.replace(library, target)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
 @functools.lru_cache(maxsize=None)
-def library_path():
-    """The compiled kernel library's path, building it on first use; None where it cannot be built."""
+def _library():
+    """(path, has the oneDNN convolution) of the compiled kernel library, built on first use: with the convolution
+    where oneDNN is found, else (or if that fails to build) without it; (None, False) where nothing builds."""
     compiler = shutil.which(os.environ.get("CXX", "g++"))
     if compiler is None or platform.system() != "Linux":
         logger.warning("MindBooth CPU kernels: no g++ found; using MindSpore's (slower) CPU kernels")
-        return None
+        return None, False
     cache = Path(os.environ.get("MINDBOOTH_KERNEL_CACHE", Path.home() / ".cache" / "mindbooth" / "cpu_kernels"))
-    target = cache / f"libmindbooth_cpu_{_build_key(compiler)}.so"
-    if not target.is_file():
-        try:
-            _compile(compiler, target)
-        except (OSError, subprocess.CalledProcessError) as error:
-            detail = getattr(error, "stderr", "") or str(error)
-            logger.warning("MindBooth CPU kernels: build failed (%s); using MindSpore's CPU kernels",
-                           detail.strip().splitlines()[-1] if detail.strip() else error)
-            return None
-    return str(target)
+    onednn = onednn_paths()
+    for variant in ((onednn, None) if onednn is not None else (None,)):
+        target = cache / f"libmindbooth_cpu_{_build_key(compiler, variant)}.so"
+        if not target.is_file():
+            try:
+                _compile(compiler, target, variant)
+            except (OSError, subprocess.CalledProcessError) as error:
+                detail = getattr(error, "stderr", "") or str(error)
+                logger.warning("MindBooth CPU kernels: build %s oneDNN failed (%s)", "with" if variant else "without",
+                               detail.strip().splitlines()[-1] if detail.strip() else error)
+                continue
+        return str(target), variant is not None
+    logger.warning("MindBooth CPU kernels: using MindSpore's CPU kernels")
+    return None, False
+
+
+def library_path():
+    """The compiled kernel library's path, building it on first use; None where it cannot be built."""
+    return _library()[0]
 
 
 def enabled() -> bool:
@@ -103,6 +140,11 @@ def enabled() -> bool:
                        "inside it to use them", path)
         return False
     return path is not None
+
+
+def convolution_enabled() -> bool:
+    """Whether stride-1 convolutions built now run in the oneDNN kernel (enabled(), and the library has it)."""
+    return enabled() and _library()[1]
 
 
 def same_as_first(first, *rest):
