@@ -145,3 +145,44 @@ def test_lora_injected_after_storing_fp16_uses_the_cast_path():
 def test_bad_dtype_is_a_clear_error():
     with pytest.raises(ValueError, match="frozen weight dtype must be one of"):
         store_frozen_weights(_engine(lora=False).model, "float8")
+
+
+_COMPILE_GRAD_STEP = """
+import sys
+import mindspore as ms
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+from test_frozen_weights import _engine, _unet_inputs
+from gm.modules.lora import lora_parameters
+from mindbooth.train_step import DreamBoothLoss, GradStep, make_buffers
+ms.set_device("CPU")
+ms.set_context(mode=ms.GRAPH_MODE)
+engine = _engine("float16")
+params = list(lora_parameters(engine).values())
+step = GradStep(DreamBoothLoss(engine, 1.0, True), params, make_buffers(params))
+latents, _, context, vector = _unet_inputs(np.random.default_rng(0))
+step(latents, latents * 0.5, ms.Tensor([3.0, 0.5], ms.float32), ms.mutable((context, vector)), ms.Tensor(1.0, ms.float32))
+"""
+
+
+def test_training_graph_copies_no_frozen_weight(tmp_path):
+    """The GRAPH-mode gradient step (gradient buffers assigned: side effects) with fp16-stored frozen weights casts
+    each weight used in the backward twice, where it is used, and never copies a stored weight first (TensorMove:
+    MindSpore copies a parameter it loads more than once, which an ops.depend on the weight caused)."""
+    import os
+    import subprocess
+    import sys
+
+    from test_lean_ops import _kernel_graph_nodes
+
+    env = dict(os.environ, MS_DEV_SAVE_GRAPHS="1", MS_DEV_DUMP_IR_PASSES="graph_build",
+               MS_DEV_SAVE_GRAPHS_PATH=str(tmp_path / "ir"), PYTHONPATH=str(ROOT))
+    script = tmp_path / "compile_grad_step.py"  # a file: GRAPH mode reads the Cell's source
+    script.write_text(_COMPILE_GRAD_STEP)
+    run = subprocess.run([sys.executable, str(script), str(ROOT / "tests")], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    nodes = [node for path in sorted((tmp_path / "ir").glob("graph_build_*.ir")) for node in _kernel_graph_nodes(path)]
+    ops_seen = [op for op, _, _, _ in nodes]
+    assert "MatMul" in ops_seen and "Custom" in ops_seen  # the step's UNet is in the parsed graph
+    assert "TensorMove" not in ops_seen

@@ -62,7 +62,7 @@ class FrozenWeightConv(nn.Cell):
                 cpu_kernels.same_as_first)
 
     def construct(self, x, weight):
-        weight = self.cast_like(ops.depend(weight, x), x)
+        weight = self.cast_like(weight, x)
         if self.fused and x.dtype == ms.float32:
             return self.conv_forward(x, weight, self.config)
         return _conv_columns_matmul(x, weight.reshape(weight.shape[0], -1), self.kernel_size, self.stride, self.padding)
@@ -71,9 +71,9 @@ class FrozenWeightConv(nn.Cell):
         batch, out_channels, out_height, out_width = dout.shape
         dout = dout.astype(x.dtype)  # under Cell.to_float the incoming gradient may keep the caller's dtype
         if self.fused and x.dtype == ms.float32:
-            grad_x = self.conv_backward_data(dout, self.cast_like(ops.depend(weight, dout), x), self.config)
+            grad_x = self.conv_backward_data(dout, self.cast_like(weight, dout), self.config)
             return grad_x, ops.zeros_like(weight)
-        weight_2d = self.cast_like(ops.depend(weight, dout), x).reshape(out_channels, -1)  # (out, in*k*k)
+        weight_2d = self.cast_like(weight, dout).reshape(out_channels, -1)  # (out, in*k*k)
         grad_columns = self.matmul_transposed_weight(per_sample(weight_2d, batch),
                                                      dout.reshape(batch, out_channels, out_height * out_width))
         if _is_pointwise(self.kernel_size, self.stride, self.padding):
@@ -150,11 +150,13 @@ class Conv2d(nn.Conv2d):
     def frozen_weight(self) -> bool:
         return self.frozen_conv is not None
 
-    def freeze_weight(self):
+    def freeze_weight(self, fused=None):
         """From now on this conv computes no weight gradient (FrozenWeightConv's backward): for a frozen weight,
-        in any storage dtype. Called by freeze_convolutions and gm.modules.frozen_weights, before compiling."""
+        in any storage dtype. Called by freeze_convolutions and gm.modules.frozen_weights, before compiling.
+        `fused`: the oneDNN CPU kernel for stride 1 (default: where available), else im2col."""
         if self.frozen_conv is None:
-            self.frozen_conv = FrozenWeightConv(self.square_kernel_size, self.square_stride, self.square_padding)
+            self.frozen_conv = FrozenWeightConv(self.square_kernel_size, self.square_stride, self.square_padding,
+                                                fused=fused)
 
     def construct(self, x):
         if not self.as_matmul:

@@ -7,7 +7,7 @@ are fp16, so storing them in fp16 loses nothing.
 Two MindSpore behaviours make a plain `weight.astype(x.dtype)` keep a full fp32 copy of every weight
 alive (measured, benchmarks/RESULTS.md "Frozen weights in fp16"):
 - GRAPH mode schedules a cast that depends only on a Parameter early, so all casts of a forward pass
-  live at once; `ops.depend(weight, x)` makes each cast wait for the layer's input.
+  live at once; CastLike (gm/modules/weight_cast.py) makes each cast wait for the layer's input.
 - Autodiff saves the cast weight for the backward pass (dx = dout W); the cells below have a custom
   bprop that casts the weight again instead, so no fp32 copy outlives its layer.
 Parameter names (`weight`, `bias`, `gamma`, `beta`) and objects stay the same, so checkpoints load as before.
@@ -31,11 +31,11 @@ class CastMatMul(nn.Cell):
         self.cast_like = CastLike()
 
     def construct(self, x, weight):
-        return self.matmul(x, self.cast_like(ops.depend(weight, x), x))
+        return self.matmul(x, self.cast_like(weight, x))
 
     def bprop(self, x, weight, out, dout):
         # The weight is frozen: its gradient is never used, zeros keep the bprop's signature.
-        return self.matmul_back(dout, self.cast_like(ops.depend(weight, dout), dout)), ops.zeros_like(weight)
+        return self.matmul_back(dout, self.cast_like(weight, dout)), ops.zeros_like(weight)
 
 
 class CastConv2D(nn.Cell):

@@ -4,11 +4,14 @@
 
 #include "common.h"
 
-// input (...) float16; output (...) float32
+// input (...) float16, after (any, not read); output (...) float32.
+// `after` only orders the cast after the tensor it is for (the layer's input, or in the backward its incoming
+// gradient), so that the fp32 copy exists only while it is used. An ops.depend on the weight instead made MindSpore
+// load the parameter twice (forward and backward) and then copy it before each load's use (TensorMove).
 MINDBOOTH_KERNEL(CastFloat16ToFloat32) {
-  if (nparam != 2 || std::strcmp(dtypes[0], "float16") != 0 || std::strcmp(dtypes[1], "float32") != 0) return 1;
+  if (nparam != 3 || std::strcmp(dtypes[0], "float16") != 0 || std::strcmp(dtypes[2], "float32") != 0) return 1;
   const uint16_t* x = static_cast<const uint16_t*>(params[0]);
-  float* y = static_cast<float*>(params[1]);
+  float* y = static_cast<float*>(params[2]);
   const int64_t count = mindbooth::element_count(ndims[0], shapes[0]);
   const int64_t vectors = count / 8;
   mindbooth::parallel_for(vectors, [&](int64_t begin, int64_t end, int) {
