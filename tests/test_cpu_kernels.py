@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from mindspore import nn
 
 from gm.modules import cpu_kernels
-from gm.modules.attention import GatedGELU
+from gm.modules.attention import CrossAttention, FusedAttention, GatedGELU
 from gm.modules.conv import Conv2d, FrozenWeightConv, freeze_convolutions
 from gm.modules.lean_ops import SwapAxes12
 from gm.modules.normalization import GroupNorm, LayerNorm
@@ -66,9 +66,9 @@ def _affine(net, rng):
 
 def test_the_kernels_are_built_and_used_on_this_cpu():
     """CI's machines have g++: the fast path is what the tests (and the quick-start) run."""
-    assert cpu_kernels.enabled() and cpu_kernels.convolution_enabled()
+    assert cpu_kernels.enabled() and cpu_kernels.onednn_enabled()
     assert GroupNorm(32, 64).fused and LayerNorm((16,)).fused and GatedGELU().fused and CastLike().fused
-    assert FrozenWeightConv(3, 1, 1).fused
+    assert FrozenWeightConv(3, 1, 1).fused and CrossAttention(32, heads=2, dim_head=16).fused
 
 
 @MODES
@@ -247,9 +247,40 @@ def test_without_onednn_the_other_kernels_stay(headers, tmp_path, monkeypatch, c
     try:
         with caplog.at_level(logging.WARNING):
             path = cpu_kernels.library_path()
-            assert path is not None and cpu_kernels.enabled() and not cpu_kernels.convolution_enabled()
+            assert path is not None and cpu_kernels.enabled() and not cpu_kernels.onednn_enabled()
         assert not FrozenWeightConv(3, 1, 1).fused and GroupNorm(32, 64).fused
         assert os.listdir(tmp_path / "cache") == [os.path.basename(path)]
         assert ("build with oneDNN failed" in caplog.text) == (headers == "broken")
     finally:
         cpu_kernels._library.cache_clear()
+
+
+class Attention(nn.Cell):
+    def __init__(self, heads, dim_head, k, v):
+        super().__init__()
+        self.attention = FusedAttention()
+        self.config = ms.Tensor([heads, dim_head**-0.5], ms.float32)
+        self.k, self.v = ms.Parameter(ms.Tensor(k), name="k"), ms.Parameter(ms.Tensor(v), name="v")
+
+    def construct(self, q):
+        return self.attention(q, self.k, self.v, self.config)
+
+
+@MODES
+@pytest.mark.parametrize("case", [(2, 70, 77, 3, 8), (1, 130, 130, 2, 16), (2, 64, 5, 4, 8)],
+                         ids=["cross", "self-odd-blocks", "few-keys"])
+def test_fused_attention_equals_torch(case, mode):
+    """softmax(q k^T / sqrt(d)) v per head on (batch, tokens, heads * dim_head): output and the gradients of q, k
+    and v (k and v as parameters here), as torch's scaled_dot_product_attention computes them."""
+    batch, queries, keys, heads, dim_head = case
+    rng = np.random.default_rng(7)
+    q = rng.standard_normal((batch, queries, heads * dim_head)).astype(np.float32)
+    k, v = (rng.standard_normal((batch, keys, heads * dim_head)).astype(np.float32) for _ in range(2))
+    weights = rng.standard_normal(q.shape).astype(np.float32)
+
+    def reference(q, k, v):
+        split = lambda t: t.reshape(batch, t.shape[1], heads, dim_head).transpose(1, 2)
+        out = F.scaled_dot_product_attention(split(q), split(k), split(v))
+        return out.transpose(1, 2).reshape(batch, queries, heads * dim_head)
+
+    _assert_close(_ours(Attention(heads, dim_head, k, v), q, weights, mode), _torch(reference, q, (k, v), weights))

@@ -42,16 +42,45 @@ class ScaledDotProductAttention(nn.Cell):
         return grad_q, grad_k, grad_v
 
 
+def _three_like_the_inputs(q, k, v, *rest):
+    return q, k, v
+
+
+class FusedAttention(nn.Cell):
+    """softmax(q k^T * scale) v per head on (batch, tokens, heads * dim_head), forward and backward each one CPU
+    kernel (gm/modules/cpu_kernels/attention.cc): no head transposes, no tokens^2 tensors between kernels; the
+    backward recomputes the probabilities block by block. Needs the kernels' oneDNN part."""
+
+    def __init__(self):
+        super().__init__()
+        self.forward = cpu_kernels.kernel("AttentionForward", cpu_kernels.same_as_first, cpu_kernels.same_as_first)
+        self.backward = cpu_kernels.kernel("AttentionBackward", _three_like_the_inputs, _three_like_the_inputs)
+
+    def construct(self, q, k, v, config):
+        return self.forward(q, k, v, config)
+
+    def bprop(self, q, k, v, config, out, dout):
+        grad_q, grad_k, grad_v = self.backward(q, k, v, dout.astype(q.dtype), config)
+        return grad_q, grad_k, grad_v, ops.zeros_like(config)
+
+
 class CrossAttention(nn.Cell):
     """Multi-head attention; self-attention when `context` is None (attn1), cross-attention on the
-    text context otherwise (attn2). to_q/to_k/to_v have no bias, as in SDXL."""
+    text context otherwise (attn2). to_q/to_k/to_v have no bias, as in SDXL. `fused` (default:
+    cpu_kernels.onednn_enabled()) computes the attention in the CPU kernels of FusedAttention."""
 
-    def __init__(self, query_dim: int, context_dim: int = None, heads: int = 8, dim_head: int = 64, dropout: float = 0.0):
+    def __init__(self, query_dim: int, context_dim: int = None, heads: int = 8, dim_head: int = 64, dropout: float = 0.0,
+                 fused=None):
         super().__init__()
         inner_dim = heads * dim_head
         context_dim = query_dim if context_dim is None else context_dim
         self.heads = heads
-        self.attention = ScaledDotProductAttention(dim_head**-0.5)
+        self.fused = cpu_kernels.onednn_enabled() if fused is None else fused
+        if self.fused:
+            self.attention = FusedAttention()
+            self.attention_config = ms.Tensor([heads, dim_head**-0.5], ms.float32)
+        else:
+            self.attention = ScaledDotProductAttention(dim_head**-0.5)
         self.to_q = nn.Dense(query_dim, inner_dim, has_bias=False)
         self.to_k = nn.Dense(context_dim, inner_dim, has_bias=False)
         self.to_v = nn.Dense(context_dim, inner_dim, has_bias=False)
@@ -64,10 +93,13 @@ class CrossAttention(nn.Cell):
 
     def construct(self, x, context=None):
         context = x if context is None else context
-        q = self._split_heads(self.to_q(x))
-        k = self._split_heads(self.to_k(context))
-        v = self._split_heads(self.to_v(context))
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
         # In fp32 whatever the compute dtype: fp16 softmax over 4096 tokens overflows.
+        if self.fused:
+            out = self.attention(q.astype(ms.float32), k.astype(ms.float32), v.astype(ms.float32),
+                                 self.attention_config)
+            return self.to_out(out.astype(v.dtype))
+        q, k, v = self._split_heads(q), self._split_heads(k), self._split_heads(v)
         out = self.attention(q.astype(ms.float32), k.astype(ms.float32), v.astype(ms.float32)).astype(v.dtype)
         batch, _, tokens, _ = out.shape
         out = self.swap_axes(out).reshape(batch, tokens, -1)

@@ -51,7 +51,7 @@ class FrozenWeightConv(nn.Cell):
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
         self.matmul_transposed_weight = ops.BatchMatMul(transpose_a=True)
         self.cast_like = CastLike()
-        self.fused = (cpu_kernels.convolution_enabled() if fused is None else fused) and stride == 1
+        self.fused = (cpu_kernels.onednn_enabled() if fused is None else fused) and stride == 1
         if self.fused:  # stride 1: each output size follows from the input size and back, for the kernels' shapes
             grow = 2 * padding - kernel_size + 1
             self.config = ms.Tensor([padding], ms.float32)

@@ -29,9 +29,9 @@ import mindspore as ms
 from mindspore import ops
 
 SOURCE_FOLDER = Path(__file__).resolve().parent
-FAST_MATH_SOURCES = ("gelu.cc",)  # -ffast-math: erff/expf vectorised through glibc's libmvec
+FAST_MATH_SOURCES = ("gelu.cc", "attention.cc")  # -ffast-math: erff/expf vectorised through glibc's libmvec
 SOURCES = ("norms.cc", "cast.cc", "transpose.cc")
-ONEDNN_SOURCES = ("conv.cc",)
+ONEDNN_SOURCES = ("conv.cc", "attention.cc")  # need oneDNN's headers and library
 ONEDNN_LIBRARY = "libdnnl.so.3"
 COMPILER_FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-pthread", "-fPIC", "-std=c++20")
 ENV_SWITCH = "MINDBOOTH_CPU_KERNELS"
@@ -71,28 +71,26 @@ def _build_key(compiler: str, onednn) -> str:
 
 def _compile(compiler: str, target: Path, onednn):
     """Compile into a private folder, then rename into place: concurrent processes (one per device) and an
-    interrupted build never leave a partial library behind."""
+    interrupted build never leave a partial library behind. `onednn`: onednn_paths(), or None to leave out the
+    sources that need oneDNN."""
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="build-", dir=target.parent))
     try:
-        objects = []
-        for name in FAST_MATH_SOURCES:
+        objects, link = [], []
+        names = dict.fromkeys((*SOURCES, *FAST_MATH_SOURCES, *ONEDNN_SOURCES))  # each once, in order
+        for name in (n for n in names if onednn is not None or n not in ONEDNN_SOURCES):
+            flags = ["-ffast-math"] if name in FAST_MATH_SOURCES else []
+            if name in ONEDNN_SOURCES:
+                flags.append(f"-I{onednn[0]}")
             obj = work / (name + ".o")
-            subprocess.run([compiler, *COMPILER_FLAGS, "-ffast-math", "-c", str(SOURCE_FOLDER / name), "-o", str(obj)],
+            subprocess.run([compiler, *COMPILER_FLAGS, *flags, "-c", str(SOURCE_FOLDER / name), "-o", str(obj)],
                            check=True, capture_output=True, text=True)
             objects.append(str(obj))
-        sources, link = list(SOURCES), []
         if onednn is not None:
-            include, library_folder = onednn
-            for name in ONEDNN_SOURCES:
-                obj = work / (name + ".o")
-                subprocess.run([compiler, *COMPILER_FLAGS, f"-I{include}", "-c", str(SOURCE_FOLDER / name),
-                                "-o", str(obj)], check=True, capture_output=True, text=True)
-                objects.append(str(obj))
-            link = [f"-L{library_folder}", f"-l:{ONEDNN_LIBRARY}", f"-Wl,-rpath,{library_folder}"]
+            link = [f"-L{onednn[1]}", f"-l:{ONEDNN_LIBRARY}", f"-Wl,-rpath,{onednn[1]}"]
         library = work / target.name
-        subprocess.run([compiler, *COMPILER_FLAGS, "-shared", *[str(SOURCE_FOLDER / s) for s in sources], *objects,
-                        *link, "-o", str(library)], check=True, capture_output=True, text=True)
+        subprocess.run([compiler, *COMPILER_FLAGS, "-shared", *objects, *link, "-o", str(library)], check=True,
+                       capture_output=True, text=True)
         os.replace(library, target)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -142,8 +140,9 @@ def enabled() -> bool:
     return path is not None
 
 
-def convolution_enabled() -> bool:
-    """Whether stride-1 convolutions built now run in the oneDNN kernel (enabled(), and the library has it)."""
+def onednn_enabled() -> bool:
+    """Whether layers built now use the kernels that run on oneDNN (the stride-1 convolution, attention): enabled(),
+    and the library was built with them."""
     return enabled() and _library()[1]
 
 
