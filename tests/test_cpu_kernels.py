@@ -258,12 +258,11 @@ def test_without_onednn_the_other_kernels_stay(headers, tmp_path, monkeypatch, c
 class Attention(nn.Cell):
     def __init__(self, heads, dim_head, k, v):
         super().__init__()
-        self.attention = FusedAttention()
-        self.config = ms.Tensor([heads, dim_head**-0.5], ms.float32)
+        self.attention = FusedAttention(heads, dim_head**-0.5)
         self.k, self.v = ms.Parameter(ms.Tensor(k), name="k"), ms.Parameter(ms.Tensor(v), name="v")
 
     def construct(self, q):
-        return self.attention(q, self.k, self.v, self.config)
+        return self.attention(q, self.k, self.v)
 
 
 @MODES
@@ -284,3 +283,21 @@ def test_fused_attention_equals_torch(case, mode):
         return out.transpose(1, 2).reshape(batch, queries, heads * dim_head)
 
     _assert_close(_ours(Attention(heads, dim_head, k, v), q, weights, mode), _torch(reference, q, (k, v), weights))
+
+
+def test_lower_precision_cells_leave_the_fp32_kernels():
+    """Cell.to_float(float16) makes MindSpore cast every op input in the cell to fp16, the kernels' too: the
+    convolution and the attention then take their MindSpore paths, and run."""
+    net = nn.SequentialCell([Conv2d(4, 8, 3, padding=1), Conv2d(8, 8, 1)])
+    for parameter in net.get_parameters():
+        parameter.requires_grad = False
+    freeze_convolutions(net)
+    attention = CrossAttention(8, heads=2, dim_head=4)
+    assert all(cell.frozen_conv.fused for cell in net) and attention.fused
+    net.to_float(ms.float16)
+    attention.to_float(ms.float16)
+    assert not any(cell.frozen_conv.fused for cell in net) and not attention.fused
+    x = np.random.default_rng(8).standard_normal((1, 4, 6, 6)).astype(np.float32)
+    assert np.isfinite(net(ms.Tensor(x)).asnumpy()).all()
+    tokens = ms.Tensor(np.ones((1, 5, 8), np.float32))
+    assert attention(tokens).shape == (1, 5, 8)

@@ -49,19 +49,23 @@ def _three_like_the_inputs(q, k, v, *rest):
 class FusedAttention(nn.Cell):
     """softmax(q k^T * scale) v per head on (batch, tokens, heads * dim_head), forward and backward each one CPU
     kernel (gm/modules/cpu_kernels/attention.cc): no head transposes, no tokens^2 tensors between kernels; the
-    backward recomputes the probabilities block by block. Needs the kernels' oneDNN part."""
+    backward recomputes the probabilities block by block. Needs the kernels' oneDNN part. The kernels compute in
+    fp32 whatever dtype the inputs arrive in (Cell.to_float casts them to the compute dtype)."""
 
-    def __init__(self):
+    def __init__(self, heads: int, scale: float):
         super().__init__()
+        self.config = ms.Tensor([heads, scale], ms.float32)
         self.forward = cpu_kernels.kernel("AttentionForward", cpu_kernels.same_as_first, cpu_kernels.same_as_first)
         self.backward = cpu_kernels.kernel("AttentionBackward", _three_like_the_inputs, _three_like_the_inputs)
 
-    def construct(self, q, k, v, config):
-        return self.forward(q, k, v, config)
+    def construct(self, q, k, v):
+        out = self.forward(q.astype(ms.float32), k.astype(ms.float32), v.astype(ms.float32), self.config)
+        return out.astype(q.dtype)
 
-    def bprop(self, q, k, v, config, out, dout):
-        grad_q, grad_k, grad_v = self.backward(q, k, v, dout.astype(q.dtype), config)
-        return grad_q, grad_k, grad_v, ops.zeros_like(config)
+    def bprop(self, q, k, v, out, dout):
+        grads = self.backward(q.astype(ms.float32), k.astype(ms.float32), v.astype(ms.float32),
+                              dout.astype(ms.float32), self.config)
+        return grads[0].astype(q.dtype), grads[1].astype(k.dtype), grads[2].astype(v.dtype)
 
 
 class CrossAttention(nn.Cell):
@@ -74,18 +78,20 @@ class CrossAttention(nn.Cell):
         super().__init__()
         inner_dim = heads * dim_head
         context_dim = query_dim if context_dim is None else context_dim
-        self.heads = heads
+        self.heads, self.scale = heads, dim_head**-0.5
         self.fused = cpu_kernels.onednn_enabled() if fused is None else fused
-        if self.fused:
-            self.attention = FusedAttention()
-            self.attention_config = ms.Tensor([heads, dim_head**-0.5], ms.float32)
-        else:
-            self.attention = ScaledDotProductAttention(dim_head**-0.5)
+        self.attention = FusedAttention(heads, self.scale) if self.fused else ScaledDotProductAttention(self.scale)
         self.to_q = nn.Dense(query_dim, inner_dim, has_bias=False)
         self.to_k = nn.Dense(context_dim, inner_dim, has_bias=False)
         self.to_v = nn.Dense(context_dim, inner_dim, has_bias=False)
         self.to_out = nn.SequentialCell([nn.Dense(inner_dim, query_dim), nn.Dropout(p=dropout)])
         self.swap_axes = SwapAxes12()  # (batch, tokens, heads, dim) <-> (batch, heads, tokens, dim)
+
+    def add_flags(self, **flags):
+        if self.fused and cpu_kernels.lowers_precision(flags):  # the kernels are fp32-only
+            self.fused = False
+            self.attention = ScaledDotProductAttention(self.scale)
+        return super().add_flags(**flags)
 
     def _split_heads(self, x):
         batch, tokens, _ = x.shape
@@ -96,9 +102,7 @@ class CrossAttention(nn.Cell):
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
         # In fp32 whatever the compute dtype: fp16 softmax over 4096 tokens overflows.
         if self.fused:
-            out = self.attention(q.astype(ms.float32), k.astype(ms.float32), v.astype(ms.float32),
-                                 self.attention_config)
-            return self.to_out(out.astype(v.dtype))
+            return self.to_out(self.attention(q, k, v).astype(v.dtype))
         q, k, v = self._split_heads(q), self._split_heads(k), self._split_heads(v)
         out = self.attention(q.astype(ms.float32), k.astype(ms.float32), v.astype(ms.float32)).astype(v.dtype)
         batch, _, tokens, _ = out.shape

@@ -61,19 +61,24 @@ class FrozenWeightConv(nn.Cell):
                 "Conv2dBackwardData", lambda dy, w, config: [dy[0], w[1], dy[2] - grow, dy[3] - grow],
                 cpu_kernels.same_as_first)
 
+    def add_flags(self, **flags):
+        if cpu_kernels.lowers_precision(flags):
+            self.fused = False
+        return super().add_flags(**flags)
+
     def construct(self, x, weight):
         weight = self.cast_like(weight, x)
-        if self.fused and x.dtype == ms.float32:
+        if self.fused and x.dtype == ms.float32 and weight.dtype == ms.float32:
             return self.conv_forward(x, weight, self.config)
         return _conv_columns_matmul(x, weight.reshape(weight.shape[0], -1), self.kernel_size, self.stride, self.padding)
 
     def bprop(self, x, weight, out, dout):
         batch, out_channels, out_height, out_width = dout.shape
         dout = dout.astype(x.dtype)  # under Cell.to_float the incoming gradient may keep the caller's dtype
-        if self.fused and x.dtype == ms.float32:
-            grad_x = self.conv_backward_data(dout, self.cast_like(weight, dout), self.config)
-            return grad_x, ops.zeros_like(weight)
-        weight_2d = self.cast_like(weight, dout).reshape(out_channels, -1)  # (out, in*k*k)
+        weight_cast = self.cast_like(weight, dout)
+        if self.fused and dout.dtype == ms.float32 and weight_cast.dtype == ms.float32:
+            return self.conv_backward_data(dout, weight_cast, self.config), ops.zeros_like(weight)
+        weight_2d = weight_cast.reshape(out_channels, -1)  # (out, in*k*k)
         grad_columns = self.matmul_transposed_weight(per_sample(weight_2d, batch),
                                                      dout.reshape(batch, out_channels, out_height * out_width))
         if _is_pointwise(self.kernel_size, self.stride, self.padding):

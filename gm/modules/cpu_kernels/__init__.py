@@ -146,6 +146,13 @@ def onednn_enabled() -> bool:
     return enabled() and _library()[1]
 
 
+def lowers_precision(flags: dict) -> bool:
+    """Whether Cell flags are Cell.to_float(float16/bfloat16)'s: MindSpore then casts the inputs of every op in the
+    cell to that dtype, the fp32-only kernels' too (PyNative; a Python-side dtype check does not see it), so a
+    layer with an fp32 kernel takes its MindSpore path."""
+    return bool(flags.get("fp16") or flags.get("bf16"))
+
+
 def same_as_first(first, *rest):
     """out_shape/out_dtype of a kernel whose output is like its first input."""
     return first
