@@ -1,13 +1,13 @@
 """Fused fp32 CPU kernels (C++, vectorised, one thread per core) for the ops whose MindSpore 2.10 CPU kernels are
 slowest, as MindSpore "aot" custom ops: GroupNorm and LayerNorm (forward and backward), GEGLU's gating, the
-fp16 -> fp32 weight cast, the axes-1-2 swap, and the stride-1 convolution (through the oneDNN library MindSpore
-ships, in the layouts oneDNN picks).
+fp16 -> fp32 weight cast, the axes-1-2 swap, and, through the oneDNN library MindSpore ships, the stride-1
+convolution (in the layouts oneDNN picks) and attention (oneDNN's sgemm).
 Measured against torch on the same shapes (benchmarks/bench_op_cores.py): MindSpore's GroupNorm is 50x, LayerNorm
 17x, Erf 6.5x and Cast 1.4x slower, each on one core.
 
-The convolution needs oneDNN's headers (`pip install --no-deps onednn-devel`, done by scripts/setup.sh) and
-MindSpore's libdnnl.so.3; without them, or if it does not build, the library is built without it and convolutions
-stay im2col + BatchMatMul (gm/modules/conv.py).
+The convolution and attention kernels need oneDNN's headers (`pip install --no-deps onednn-devel`, done by
+scripts/setup.sh) and MindSpore's libdnnl.so.3; without them, or if they do not build, the library is built without
+them, convolutions stay im2col + BatchMatMul (gm/modules/conv.py) and attention ScaledDotProductAttention.
 
 The library is compiled once per source and machine with the system's g++ (`-march=native`) into a cache folder
 (MINDBOOTH_KERNEL_CACHE, default ~/.cache/mindbooth/cpu_kernels). The kernels are used only where MindSpore runs on
