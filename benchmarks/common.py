@@ -212,7 +212,9 @@ def profile_op_types(run_step, top: int = 25) -> list:
 
     import mindspore as ms
 
-    folder = tempfile.mkdtemp(prefix="mindbooth-profile-")
+    # MINDBOOTH_PROFILE_DIR keeps the profiler's files (per-launch timestamps by scope name) for a closer look
+    keep = os.environ.get("MINDBOOTH_PROFILE_DIR")
+    folder = keep or tempfile.mkdtemp(prefix="mindbooth-profile-")
     profiler = ms.Profiler(output_path=folder)
     run_step()
     profiler.analyse()
@@ -229,7 +231,8 @@ def profile_op_types(run_step, top: int = 25) -> list:
           f"shares by the kernel launched next:", flush=True)
     for op, gap in sorted(gaps.items(), key=lambda item: -item[1])[:10]:
         print(f"PROFILE   before {op:24s} {gap:10.0f} ms", flush=True)
-    shutil.rmtree(folder, ignore_errors=True)
+    if not keep:
+        shutil.rmtree(folder, ignore_errors=True)
     return [dict(op=op, ms=round(ms_), share=round(ms_ / total, 4), launches=count) for op, ms_, count in rows] + [
         dict(op="(all)", ms=round(total), span_ms=round(span_ms), between_kernels_ms=round(sum(gaps.values())))]
 
