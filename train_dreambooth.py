@@ -274,7 +274,7 @@ def build_steps(engine, config, lora, dist, with_prior, train_text_encoder) -> d
                       beta2=float(optim_cfg.get("beta2", 0.999)), eps=float(optim_cfg.get("eps", 1e-8)),
                       weight_decay=float(optim_cfg.get("weight_decay", 1e-2)), lr_scales=lr_scales)
     loss_net = DreamBoothLoss(engine, float(config.dreambooth.get("prior_loss_weight", 1.0)), with_prior, train_text_encoder)
-    grad_step = GradStep(loss_net, params, buffers, dist.grad_reducer(params))
+    grad_step = GradStep(loss_net, params, buffers, dist.grad_reducer(buffers))
     apply_step = ApplyStep(buffers, optimizer, int(train_cfg.get("gradient_accumulation_steps", 1)),
                            bool(train_cfg.get("clip_grad", False)), float(train_cfg.get("max_grad_norm", 1.0)))
     precision = str(train_cfg.get("precision", "fp32"))

@@ -10,6 +10,8 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
+from mindbooth.optim import flatten
+
 
 class DreamBoothLoss(nn.Cell):
     """loss = loss_instance + prior_loss_weight * loss_class (Ruiz et al., 2023, eq. 2).
@@ -46,51 +48,12 @@ class DreamBoothLoss(nn.Cell):
         return loss_instance, loss_instance, ops.zeros_like(loss_instance)
 
 
-_accumulate = ops.MultitypeFuncGraph("accumulate")
-
-
-@_accumulate.register("Tensor", "Tensor", "Tensor")
-def _accumulate_one(inverse_scale, buffer, grad):
-    ops.assign_add(buffer, grad.astype(ms.float32) * inverse_scale)
-    return True
-
-
-_all_finite = ops.MultitypeFuncGraph("all_finite")
-
-
-@_all_finite.register("Tensor")
-def _finite_one(grad):
-    return ops.isfinite(grad).all()
-
-
-_square_sum = ops.MultitypeFuncGraph("square_sum")
-
-
-@_square_sum.register("Tensor")
-def _square_sum_one(grad):
-    return (grad * grad).sum()
-
-
-_scale = ops.MultitypeFuncGraph("scale")
-
-
-@_scale.register("Tensor", "Tensor")
-def _scale_one(factor, grad):
-    return grad * factor
-
-
-_clear = ops.MultitypeFuncGraph("clear")
-
-
-@_clear.register("Tensor")
-def _clear_one(buffer):
-    ops.assign(buffer, ops.zeros_like(buffer))
-    return True
-
-
 class GradStep(nn.Cell):
     """Forward + backward of one micro-batch; adds loss_scale-unscaled gradients into `buffers`.
     Returns (loss, loss_instance, loss_class, gradients_finite).
+
+    The gradients are handled flat (mindbooth.optim.flatten, `buffers` from make_buffers): one launch per
+    element-wise op and one all-reduce for all of a LoRA's ~1100 parameters instead of one per parameter.
 
     Pass `conditioning` as `ms.mutable(tuple_of_tensors)`: a plain tuple of Tensors is a constant of the
     compiled graph, and GRAPH_MODE would then recompile whenever its values change (every step)."""
@@ -99,9 +62,8 @@ class GradStep(nn.Cell):
         super().__init__(auto_prefix=False)
         self.loss_net = loss_net
         self.params = ParameterTuple(params)
-        self.buffers = buffers
+        self.buffers = buffers  # one flat buffer (make_buffers)
         self.grad_reducer = grad_reducer if grad_reducer is not None else ops.identity
-        self.hyper_map = ops.HyperMap()
         self.value_and_grad = ms.value_and_grad(self._scaled_loss, grad_position=None, weights=self.params, has_aux=True)
 
     def _scaled_loss(self, latents, noise, sigmas, conditioning, loss_scale):
@@ -110,10 +72,10 @@ class GradStep(nn.Cell):
 
     def construct(self, latents, noise, sigmas, conditioning, loss_scale):
         (scaled_loss, loss, loss_instance, loss_class), grads = self.value_and_grad(latents, noise, sigmas, conditioning, loss_scale)
-        grads = self.grad_reducer(grads)
+        grads = self.grad_reducer((flatten(grads),))[0]
         # An overflow shows in the scaled loss or in any gradient; either makes the step unusable.
-        finite = ops.logical_and(ops.isfinite(scaled_loss), ops.stack(self.hyper_map(_all_finite, grads)).all())
-        accumulated = self.hyper_map(ops.partial(_accumulate, 1.0 / loss_scale), self.buffers, grads)
+        finite = ops.logical_and(ops.isfinite(scaled_loss), ops.isfinite(grads).all())
+        accumulated = ops.assign_add(self.buffers[0], grads * (1.0 / loss_scale))
         return ops.depend(loss, accumulated), loss_instance, loss_class, finite
 
 
@@ -123,21 +85,20 @@ class ApplyStep(nn.Cell):
 
     def __init__(self, buffers: ParameterTuple, optimizer: nn.Cell, accumulation_steps: int, clip_grad: bool, max_grad_norm: float):
         super().__init__(auto_prefix=False)
-        self.buffers = buffers
+        self.buffers = buffers  # one flat buffer (make_buffers)
         self.optimizer = optimizer
         self.inverse_steps = ms.Tensor(1.0 / accumulation_steps, ms.float32)
         self.clip_grad = clip_grad
         self.max_grad_norm = float(max_grad_norm)
-        self.hyper_map = ops.HyperMap()
 
     def construct(self):
-        grads = self.hyper_map(ops.partial(_scale, self.inverse_steps), self.buffers)
-        norm = ops.sqrt(ops.stack(self.hyper_map(_square_sum, grads)).sum())
+        grads = self.buffers[0] * self.inverse_steps
+        norm = ops.sqrt((grads * grads).sum())
         if self.clip_grad:
             clip = ops.minimum(self.max_grad_norm / (norm + 1e-6), ms.Tensor(1.0, ms.float32))
-            grads = self.hyper_map(ops.partial(_scale, clip), grads)
+            grads = grads * clip
         norm = ops.depend(norm, self.optimizer(grads))
-        norm = ops.depend(norm, self.hyper_map(_clear, self.buffers))
+        norm = ops.depend(norm, ops.assign(self.buffers[0], ops.zeros_like(self.buffers[0])))
         return norm
 
 
@@ -164,7 +125,16 @@ def zero_step_inputs(shapes: dict) -> list:
 
 
 def make_buffers(params) -> ParameterTuple:
-    return ParameterTuple(params).clone(prefix="grad_accum", init="zeros")
+    """The gradient accumulation buffer: one fp32 vector, the parameters' gradients laid end to end."""
+    total = sum(int(np.prod(p.shape)) for p in params)
+    return ParameterTuple([Parameter(Tensor(np.zeros(total, np.float32)), name="grad_accum", requires_grad=False)])
+
+
+def buffered_gradients(buffers: ParameterTuple, params) -> list:
+    """The accumulated gradients as numpy arrays, one per parameter in its shape, from make_buffers' flat buffer."""
+    flat = buffers[0].asnumpy()
+    offsets = np.cumsum([0] + [int(np.prod(p.shape)) for p in params])
+    return [flat[begin:end].reshape(p.shape) for p, begin, end in zip(params, offsets, offsets[1:])]
 
 
 class DynamicLossScale:

@@ -87,9 +87,10 @@ class TrainingState:
             if name not in lora:
                 raise SystemExit(f"error: {record['lora']} lacks {name}: it was trained with another LoRA config")
             param.set_data(lora[name].value().astype(param.dtype))
-        saved = read_checkpoint(record["optimizer"])
-        for name, param in self.optimizer.state().items():
-            param.set_data(saved[name].value().astype(param.dtype))
+        try:
+            self.optimizer.load_state(read_checkpoint(record["optimizer"]), source=record["optimizer"])
+        except ValueError as error:
+            raise SystemExit(f"error: {error}") from None
         self.data_rng.bit_generator.state = record["data_rng"]
         self.batch_sampler.load_state(record["batch_sampler"])
         self.loss_scale.load_state(record["loss_scale"])

@@ -13,7 +13,7 @@ from mindspore import nn
 from gm.modules import cpu_kernels
 from gm.modules.attention import CrossAttention, FusedAttention, GatedGELU
 from gm.modules.conv import Conv2d, FrozenWeightConv, freeze_convolutions
-from gm.modules.lean_ops import SwapAxes12
+from gm.modules.lean_ops import NearestUpsample2x, SwapAxes12
 from gm.modules.normalization import GroupNorm, LayerNorm
 from gm.modules.weight_cast import CastLike
 from test_unet import relative_error
@@ -301,3 +301,17 @@ def test_lower_precision_cells_leave_the_fp32_kernels():
     assert np.isfinite(net(ms.Tensor(x)).asnumpy()).all()
     tokens = ms.Tensor(np.ones((1, 5, 8), np.float32))
     assert attention(tokens).shape == (1, 5, 8)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["kernel", "mindspore"])
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5), (1, 16, 8, 8)])
+@MODES
+def test_nearest_upsampling_equals_torch(shape, fused, mode):
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal(shape).astype(np.float32)
+    weights = rng.standard_normal((*shape[:2], 2 * shape[2], 2 * shape[3])).astype(np.float32)
+    net = NearestUpsample2x(fused=fused)
+    want = _torch(lambda x: F.interpolate(x, scale_factor=2, mode="nearest"), x, (), weights)
+    _assert_close(_ours(net, x, weights, mode), want)
+    net.to_float(ms.float16)
+    assert not net.fused

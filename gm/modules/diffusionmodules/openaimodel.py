@@ -7,7 +7,7 @@ from mindspore import nn, ops
 
 from gm.modules.attention import SpatialTransformer
 from gm.modules.conv import Conv2d
-from gm.modules.lean_ops import SiLU, add_broadcast
+from gm.modules.lean_ops import NearestUpsample2x, SiLU, add_broadcast
 from gm.modules.diffusionmodules.util import normalization, timestep_embedding, zero_module
 
 
@@ -49,12 +49,11 @@ class Downsample(nn.Cell):
 class Upsample(nn.Cell):
     def __init__(self, channels: int):
         super().__init__()
+        self.upsample = NearestUpsample2x()
         self.conv = conv3x3(channels, channels)
 
     def construct(self, x):
-        height, width = x.shape[-2:]
-        x = ops.interpolate(x, size=(height * 2, width * 2), mode="nearest")
-        return self.conv(x)
+        return self.conv(self.upsample(x))
 
 
 class TimestepEmbedSequential(nn.SequentialCell):
