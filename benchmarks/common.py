@@ -216,7 +216,9 @@ def profile_op_types(run_step, top: int = 25) -> list:
     keep = os.environ.get("MINDBOOTH_PROFILE_DIR")
     folder = keep or tempfile.mkdtemp(prefix="mindbooth-profile-")
     profiler = ms.Profiler(output_path=folder)
+    start, sys_start = time.perf_counter(), os.times().system
     run_step()
+    wall_s, sys_s = time.perf_counter() - start, os.times().system - sys_start
     profiler.analyse()
     table = next(Path(folder).rglob("cpu_op_type_info_*.csv"))
     with open(table) as f:
@@ -227,6 +229,7 @@ def profile_op_types(run_step, top: int = 25) -> list:
     for op, ms_, count in rows:
         print(f"PROFILE {op:24s} {ms_:10.0f} ms {100 * ms_ / total:5.1f} % {count:6d} launches", flush=True)
     span_ms, gaps = _launch_gaps(next(Path(folder).rglob("cpu_op_execute_timestamp_*.txt")))
+    print(f"PROFILE step {wall_s:.2f} s wall ({sys_s:.2f} s of CPU time in the kernel, e.g. page faults)", flush=True)
     print(f"PROFILE span {span_ms / 1000:.2f} s, {sum(gaps.values()) / 1000:.2f} s between kernels; the largest "
           f"shares by the kernel launched next:", flush=True)
     for op, gap in sorted(gaps.items(), key=lambda item: -item[1])[:10]:
@@ -234,7 +237,8 @@ def profile_op_types(run_step, top: int = 25) -> list:
     if not keep:
         shutil.rmtree(folder, ignore_errors=True)
     return [dict(op=op, ms=round(ms_), share=round(ms_ / total, 4), launches=count) for op, ms_, count in rows] + [
-        dict(op="(all)", ms=round(total), span_ms=round(span_ms), between_kernels_ms=round(sum(gaps.values())))]
+        dict(op="(all)", ms=round(total), span_ms=round(span_ms), between_kernels_ms=round(sum(gaps.values())),
+             step_wall_ms=round(wall_s * 1000), step_system_cpu_ms=round(sys_s * 1000))]
 
 
 def _launch_gaps(timestamps_file):

@@ -13,7 +13,7 @@ from mindspore import nn
 from gm.modules import cpu_kernels
 from gm.modules.attention import CrossAttention, FusedAttention, GatedGELU
 from gm.modules.conv import Conv2d, FrozenWeightConv, freeze_convolutions
-from gm.modules.lean_ops import NearestUpsample2x, SwapAxes12
+from gm.modules.lean_ops import NearestUpsample2x, SiLU, SwapAxes12
 from gm.modules.normalization import GroupNorm, LayerNorm
 from gm.modules.weight_cast import CastLike
 from test_unet import relative_error
@@ -313,5 +313,17 @@ def test_nearest_upsampling_equals_torch(shape, fused, mode):
     net = NearestUpsample2x(fused=fused)
     want = _torch(lambda x: F.interpolate(x, scale_factor=2, mode="nearest"), x, (), weights)
     _assert_close(_ours(net, x, weights, mode), want)
+    net.to_float(ms.float16)
+    assert not net.fused
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["kernel", "mindspore"])
+@MODES
+def test_silu_equals_torch(fused, mode):
+    rng = np.random.default_rng(10)
+    x = (4 * rng.standard_normal((2, 5, 7, 9))).astype(np.float32)  # both tails of the sigmoid
+    weights = rng.standard_normal(x.shape).astype(np.float32)
+    net = SiLU(fused=fused)
+    _assert_close(_ours(net, x, weights, mode), _torch(F.silu, x, (), weights))
     net.to_float(ms.float16)
     assert not net.fused

@@ -138,13 +138,30 @@ def gelu_derivative(x):
 
 class SiLU(nn.Cell):
     """x * sigmoid(x), whose backward keeps only x: autodiff of MindSpore's SiLU keeps sigmoid(x) as well (one more
-    activation-sized tensor per SiLU until the backward), torch keeps only the input."""
+    activation-sized tensor per SiLU until the backward), torch keeps only the input. `fused` (default:
+    cpu_kernels.enabled()): one CPU kernel each way, for fp32 (MindSpore's path is 2 passes forward, 5 backward)."""
+
+    def __init__(self, fused=None):
+        super().__init__()
+        self.fused = cpu_kernels.enabled() if fused is None else fused
+        if self.fused:
+            self.forward = cpu_kernels.kernel("SiluForward", cpu_kernels.same_as_first, cpu_kernels.same_as_first)
+            self.backward = cpu_kernels.kernel("SiluBackward", cpu_kernels.same_as_first, cpu_kernels.same_as_first)
+
+    def add_flags(self, **flags):
+        if cpu_kernels.lowers_precision(flags):  # the kernels are fp32-only
+            self.fused = False
+        return super().add_flags(**flags)
 
     def construct(self, x):
+        if self.fused and x.dtype == ms.float32:
+            return self.forward(x)
         return ops.silu(x)
 
     def bprop(self, x, out, dout):
         dout = dout.astype(x.dtype)
         x = ops.depend(x, dout)  # see the module's docstring
+        if self.fused and x.dtype == ms.float32:
+            return (self.backward(x, dout),)
         sigmoid = ops.sigmoid(x)
         return (dout * sigmoid * (1.0 + x * (1.0 - sigmoid)),)

@@ -29,7 +29,7 @@ import mindspore as ms
 from mindspore import ops
 
 SOURCE_FOLDER = Path(__file__).resolve().parent
-FAST_MATH_SOURCES = ("gelu.cc", "attention.cc")  # -ffast-math: erff/expf vectorised through glibc's libmvec
+FAST_MATH_SOURCES = ("gelu.cc", "silu.cc", "attention.cc")  # -ffast-math: erff/expf vectorised through glibc's libmvec
 SOURCES = ("norms.cc", "cast.cc", "transpose.cc", "upsample.cc")
 ONEDNN_SOURCES = ("conv.cc", "attention.cc")  # need oneDNN's headers and library
 ONEDNN_LIBRARY = "libdnnl.so.3"
