@@ -80,3 +80,10 @@ def test_trainer_and_sampler_accept_the_flag():
     assert sampling_parser().parse_args(["--allocator", "mimalloc"]).allocator == "mimalloc"
     with pytest.raises(SystemExit):
         training_parser().parse_args(["--config", "x.yaml", "--allocator", "tcmalloc"])
+
+
+@needs_mimalloc
+def test_mimalloc_keeps_freed_memory_10_s_unless_told_otherwise():
+    assert preload_env("mimalloc", {})["MIMALLOC_PURGE_DELAY"] == "10000"
+    assert preload_env("mimalloc", {"MIMALLOC_PURGE_DELAY": "250"})["MIMALLOC_PURGE_DELAY"] == "250"
+    assert "MIMALLOC_PURGE_DELAY" not in preload_env("system", {})
