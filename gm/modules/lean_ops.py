@@ -66,6 +66,25 @@ class SwapAxes12(nn.Cell):
         return (swap_axes(dout, 1, 2),)
 
 
+class Fp32KernelPair(nn.Cell):
+    """A layer with an fp32 CPU kernel each way (`forward`, `backward`, where `fused`, default
+    cpu_kernels.enabled()); subclasses keep MindSpore's ops for other dtypes, and take them under
+    Cell.to_float(float16/bfloat16), which casts the kernels' inputs too (cpu_kernels.lowers_precision)."""
+
+    def __init__(self, forward: str, backward: str, forward_shape=cpu_kernels.same_as_first,
+                 backward_shape=cpu_kernels.same_as_first, fused=None):
+        super().__init__()
+        self.fused = cpu_kernels.enabled() if fused is None else fused
+        if self.fused:
+            self.forward = cpu_kernels.kernel(forward, forward_shape, cpu_kernels.same_as_first)
+            self.backward = cpu_kernels.kernel(backward, backward_shape, cpu_kernels.same_as_first)
+
+    def add_flags(self, **flags):
+        if cpu_kernels.lowers_precision(flags):
+            self.fused = False
+        return super().add_flags(**flags)
+
+
 def _doubled_sides(x):
     return [x[0], x[1], 2 * x[2], 2 * x[3]]
 
@@ -74,22 +93,13 @@ def _halved_sides(dy):
     return [dy[0], dy[1], dy[2] // 2, dy[3] // 2]
 
 
-class NearestUpsample2x(nn.Cell):
+class NearestUpsample2x(Fp32KernelPair):
     """(N, C, H, W) -> (N, C, 2H, 2W), each pixel repeated over a 2x2 block. Where cpu_kernels.enabled(), a CPU
     kernel each way (MindSpore's CPU ResizeNearestNeighborV2Grad: 78 ms per call at the full-size UNet's 64x64
     level, for a memory-bound sum over 2x2 blocks); elsewhere ops.interpolate."""
 
     def __init__(self, fused=None):
-        super().__init__()
-        self.fused = cpu_kernels.enabled() if fused is None else fused
-        if self.fused:
-            self.forward = cpu_kernels.kernel("Upsample2xNearest", _doubled_sides, cpu_kernels.same_as_first)
-            self.backward = cpu_kernels.kernel("Upsample2xNearestBackward", _halved_sides, cpu_kernels.same_as_first)
-
-    def add_flags(self, **flags):
-        if cpu_kernels.lowers_precision(flags):  # the kernels are fp32-only
-            self.fused = False
-        return super().add_flags(**flags)
+        super().__init__("Upsample2xNearest", "Upsample2xNearestBackward", _doubled_sides, _halved_sides, fused)
 
     def construct(self, x):
         if self.fused and x.dtype == ms.float32:
@@ -136,22 +146,13 @@ def gelu_derivative(x):
     return cdf + x * (ops.exp(-0.5 * x * x) * INV_SQRT_2PI)
 
 
-class SiLU(nn.Cell):
+class SiLU(Fp32KernelPair):
     """x * sigmoid(x), whose backward keeps only x: autodiff of MindSpore's SiLU keeps sigmoid(x) as well (one more
     activation-sized tensor per SiLU until the backward), torch keeps only the input. `fused` (default:
     cpu_kernels.enabled()): one CPU kernel each way, for fp32 (MindSpore's path is 2 passes forward, 5 backward)."""
 
     def __init__(self, fused=None):
-        super().__init__()
-        self.fused = cpu_kernels.enabled() if fused is None else fused
-        if self.fused:
-            self.forward = cpu_kernels.kernel("SiluForward", cpu_kernels.same_as_first, cpu_kernels.same_as_first)
-            self.backward = cpu_kernels.kernel("SiluBackward", cpu_kernels.same_as_first, cpu_kernels.same_as_first)
-
-    def add_flags(self, **flags):
-        if cpu_kernels.lowers_precision(flags):  # the kernels are fp32-only
-            self.fused = False
-        return super().add_flags(**flags)
+        super().__init__("SiluForward", "SiluBackward", fused=fused)
 
     def construct(self, x):
         if self.fused and x.dtype == ms.float32:
