@@ -201,15 +201,16 @@ def test_unet_training_graph_has_no_buffer_holding_kernels_and_keeps_its_recompu
     # full size. So each of these kernels is in the graph twice, and once after the gradient exists.
     cells = json.loads(run.stdout.strip().splitlines()[-1])
     after_gradient = sum((_kernels_after_the_gradient(path) for path in graphs), collections.Counter())
-    recomputed = [("Sigmoid", 4, "SiLU")]
-    fused_away = {"Erf", "GroupNorm", "GroupNormGrad", "LayerNorm", "LayerNormGrad", "LayerNormGradGrad", "Softmax"}
-    if kernels == "fused":  # attention, GEGLU's gating and every norm, forward and backward, are custom kernels
+    recomputed = []
+    fused_away = {"Erf", "GroupNorm", "GroupNormGrad", "LayerNorm", "LayerNormGrad", "LayerNormGradGrad", "Softmax",
+                  "Sigmoid", "ResizeNearestNeighborV2", "ResizeNearestNeighborV2Grad"}
+    if kernels == "fused":  # attention, GEGLU's gating, SiLU, upsampling and every norm, both ways, are custom kernels
         assert cells["FusedAttention"] and not cells["ScaledDotProductAttention"] and cells["GatedGELU"], cells
         assert "Custom" in ops_seen and not ops_seen & fused_away, ops_seen & fused_away
     else:
         assert cells["ScaledDotProductAttention"] and cells["GatedGELU"] and cells["SiLU"], cells
         assert {"Erf", "LayerNorm", "GroupNorm", "Softmax"} <= ops_seen
-        recomputed += [("Erf", 3, "GatedGELU"), ("Softmax", 4, "ScaledDotProductAttention")]
+        recomputed += [("Sigmoid", 4, "SiLU"), ("Erf", 3, "GatedGELU"), ("Softmax", 4, "ScaledDotProductAttention")]
     for kernel, rank, cell in recomputed:
         in_graph = sum(op == kernel and out is not None and len(out) == rank for op, _, out, _ in nodes)
         assert (in_graph, after_gradient[kernel, rank]) == (2 * cells[cell], cells[cell]), (kernel, cells)
