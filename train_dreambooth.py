@@ -35,6 +35,7 @@ from mindbooth.class_images import missing_class_image_names, sample_class_image
 from mindbooth.compile_cache import (cache_folder, compile_in_child, compile_step_graphs, file_identity,  # noqa: E402
                                      is_entry_point, precompile_folder, user_cache_enabled)
 from mindbooth.config import load_training_config, training_parser  # noqa: E402
+from mindbooth.context_projections import ContextProjections  # noqa: E402
 from mindbooth.data import BatchSampler, DreamBoothDataset, collate  # noqa: E402
 from mindbooth.distributed import Distributed  # noqa: E402
 from mindbooth.images import make_grid, save_image_atomic  # noqa: E402
@@ -42,7 +43,7 @@ from mindbooth.optim import AdamW  # noqa: E402
 from mindbooth.pipeline import Text2Image  # noqa: E402
 from mindbooth.progress_log import LossLog  # noqa: E402
 from mindbooth.train_step import (ApplyStep, DreamBoothLoss, DynamicLossScale, GradStep, make_buffers,  # noqa: E402
-                                  step_input_shapes, zero_step_inputs)
+                                  step_conditioning, step_input_shapes, zero_step_inputs)
 from mindbooth.training_state import TrainingState, learning_rate_at  # noqa: E402
 
 
@@ -100,10 +101,13 @@ def main(argv=None):
         for name, param in sorted(lora.items()):
             if ".lora_A." in name:
                 param.set_data(new_lora_init(param.shape, lora_rng))
+    # The text context is fixed (cached embeddings of the instance and class prompts): the frozen cross-attention
+    # keys/values of it are computed once, not in every step. Trained text encoders change it at every step.
+    context_projections = None if train_text_encoder else ContextProjections(engine.model.diffusion_model)
     if precompiling:  # the child: compile the step graphs into step_cache and exit
         if not train_text_encoder:  # (its conditioning is token ids, not the cached embeddings step_shapes describes)
             steps = build_steps(engine, config, lora, dist, with_prior, train_text_encoder)
-            compile_step_graphs(step_cache, steps["grad_step"], steps["apply_step"], zero_step_inputs(step_shapes))
+            compile_step_graphs(step_cache, steps["grad_step"], steps["apply_step"], zero_step_inputs(step_shapes, context_projections))
         return engine
     rank, alpha = int(config.model.params.lora_config.rank), float(config.model.params.lora_config.get("alpha", config.model.params.lora_config.rank))
     text2image = Text2Image(engine)
@@ -168,8 +172,7 @@ def main(argv=None):
             items.append((latents, noise, sigmas, *conditioning))
         examples = range(2 if with_prior else 1)  # row 0 of an item: its instance example; row 1: its class example
         fields = [ms.Tensor(np.stack([item[field][row] for row in examples for item in items])) for field in range(len(items[0]))]
-        # mutable: a plain tuple of Tensors is a graph constant, and GRAPH_MODE would recompile at every step
-        return fields[0], fields[1], fields[2], ms.mutable(tuple(fields[3:]))
+        return fields[0], fields[1], fields[2], step_conditioning(fields[3:], context_projections)
 
     if cache is not None:
         what = "latents" if train_text_encoder else "latents and text embeddings"
@@ -188,7 +191,7 @@ def main(argv=None):
     accumulation = int(train_cfg.get("gradient_accumulation_steps", 1))
     loss_scale = DynamicLossScale(enabled=str(train_cfg.get("precision", "fp32")) == "fp16")
     if step_cache is not None and not train_text_encoder:
-        compile_step_graphs(step_cache, grad_step, apply_step, zero_step_inputs(step_shapes))  # loaded, not compiled
+        compile_step_graphs(step_cache, grad_step, apply_step, zero_step_inputs(step_shapes, context_projections))  # loaded, not compiled
     state = TrainingState(save_path, engine, optimizer, sampler, data_rng, loss_scale, rank, alpha, int(train_cfg.get("max_num_ckpt", 3)))
     start_step = state.restore() if resuming else 0
     if resuming and dist.is_main:

@@ -5,6 +5,7 @@ import numpy as np
 from mindspore import nn
 
 from gm.util import instantiate_from_config
+from mindbooth.context_projections import ContextProjections
 from mindbooth.images import to_uint8
 
 SAMPLERS = {
@@ -33,14 +34,15 @@ def build_sampler(name: str, num_steps: int, guidance_scale: float):
 
 
 class DenoiseCell(nn.Cell):
-    """D(x, sigma | cond) as one Cell, so GRAPH_MODE compiles the UNet call once for all steps."""
+    """D(x, sigma | cond) as one Cell, so GRAPH_MODE compiles the UNet call once for all steps. `projections`: the
+    UNet's context_projections of crossattn (mindbooth/context_projections.py), the same for all steps."""
 
     def __init__(self, engine):
         super().__init__(auto_prefix=False)
         self.engine = engine
 
-    def construct(self, x, sigma, crossattn, vector):
-        return self.engine.denoise(x, sigma, {"crossattn": crossattn, "vector": vector})
+    def construct(self, x, sigma, crossattn, vector, projections):
+        return self.engine.denoise(x, sigma, {"crossattn": (crossattn, projections), "vector": vector})
 
 
 class EmbedCell(nn.Cell):
@@ -135,8 +137,10 @@ class Text2Image:
             init_latents = self.engine.encode_first_stage(ms.Tensor(init_images, ms.float32), posterior_noise)
         sampler_obj = build_sampler(sampler, num_steps, guidance_scale)
 
+        context_projections = ContextProjections(self.engine.model.diffusion_model)  # computed at the first step
+
         def denoiser_fn(x, sigma, c):
-            return self.denoise_cell(x, sigma, c["crossattn"], c["vector"])
+            return self.denoise_cell(x, sigma, c["crossattn"], c["vector"], context_projections(c["crossattn"]))
 
         latents = sampler_obj(denoiser_fn, ms.Tensor(init_noise), cond, uc, callback=callback,
                               init_latents=init_latents, strength=strength, rng=rng)

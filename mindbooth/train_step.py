@@ -19,7 +19,8 @@ class DreamBoothLoss(nn.Cell):
     The batch holds the instance samples first and the class samples after them; each part's loss is
     the mean of the per-sample diffusion loss over that part.
 
-    `conditioning` is (crossattn, vector) when the text encoders are frozen (embeddings computed outside), or,
+    `conditioning` is (crossattn, vector) when the text encoders are frozen (embeddings computed outside), or
+    (crossattn, vector, *the UNet's context_projections of crossattn) (mindbooth/context_projections.py), or,
     with `train_text_encoder`, the conditioner's inputs (token ids per text encoder, size numbers): the text
     encoders then run inside the gradient graph so their LoRA trains."""
 
@@ -34,7 +35,9 @@ class DreamBoothLoss(nn.Cell):
 
     def construct(self, latents, noise, sigmas, conditioning):
         if self.conditioner is None:
-            crossattn, vector = conditioning
+            crossattn, vector = conditioning[0], conditioning[1]
+            if len(conditioning) > 2:  # the frozen keys/values of crossattn, computed once per run
+                crossattn = (crossattn, conditioning[2:])
         else:
             vector, crossattn = self.conditioner(*conditioning)
         cond = {"crossattn": crossattn, "vector": vector}
@@ -114,14 +117,25 @@ def step_input_shapes(model_params, rows: int, resolution: int) -> dict:
             "conditioning": [(rows, tokens, int(unet.context_dim)), (rows, int(unet.adm_in_channels))]}
 
 
-def zero_step_inputs(shapes: dict) -> list:
+def zero_step_inputs(shapes: dict, context_projections=None) -> list:
     """GradStep's inputs of `shapes` (step_input_shapes), as the training loop passes them, all zeros but the
-    loss scale: for compiling the step before any data exists."""
+    loss scale: for compiling the step before any data exists. With `context_projections` (a ContextProjections),
+    the conditioning carries the projections of the zero text, as step_conditioning makes it."""
     def zeros(shape):
         return Tensor(np.zeros(shape, np.float32))
 
-    conditioning = ms.mutable(tuple(zeros(shape) for shape in shapes["conditioning"]))
+    conditioning = step_conditioning([zeros(shape) for shape in shapes["conditioning"]], context_projections)
     return [zeros(shapes["latents"]), zeros(shapes["noise"]), zeros(shapes["sigmas"]), conditioning, Tensor(1.0, ms.float32)]
+
+
+def step_conditioning(conditioning, context_projections=None):
+    """GradStep's `conditioning` input from the cached embeddings [crossattn, vector] (or the text encoders' inputs):
+    a mutable tuple, since a plain tuple of Tensors is a graph constant and GRAPH_MODE would recompile at every
+    step; with `context_projections`, the frozen keys/values of crossattn appended (DreamBoothLoss)."""
+    conditioning = tuple(conditioning)
+    if context_projections is not None:
+        conditioning = conditioning + tuple(context_projections(conditioning[0]))
+    return ms.mutable(conditioning)
 
 
 def make_buffers(params) -> ParameterTuple:

@@ -6,6 +6,7 @@ from mindspore import nn, ops
 from gm.modules import cpu_kernels
 from gm.modules.diffusionmodules.util import zero_module
 from gm.modules.lean_ops import GELU, SwapAxes12, gelu_derivative, softmax_backward
+from gm.modules.lora import base_projection, with_lora_delta
 from gm.modules.normalization import GroupNorm, LayerNorm
 
 
@@ -71,12 +72,18 @@ class FusedAttention(nn.Cell):
 class CrossAttention(nn.Cell):
     """Multi-head attention; self-attention when `context` is None (attn1), cross-attention on the
     text context otherwise (attn2). to_q/to_k/to_v have no bias, as in SDXL. `fused` (default:
-    cpu_kernels.onednn_enabled()) computes the attention in the CPU kernels of FusedAttention."""
+    cpu_kernels.onednn_enabled()) computes the attention in the CPU kernels of FusedAttention.
+
+    A cross-attention's context may also come as (text, projections): `projections` holds the frozen to_k/to_v
+    products of `text` of every cross-attention of the UNet (UNetModel.context_projections), this one's at
+    2 * context_index; only the LoRA updates of to_k/to_v are then computed here. The text of a DreamBooth run
+    or of a sampling call does not change between steps, so those products need computing once."""
 
     def __init__(self, query_dim: int, context_dim: int = None, heads: int = 8, dim_head: int = 64, dropout: float = 0.0,
                  fused=None):
         super().__init__()
         inner_dim = heads * dim_head
+        self.is_cross = context_dim is not None  # attends to a text context (attn2)
         context_dim = query_dim if context_dim is None else context_dim
         self.heads, self.scale = heads, dim_head**-0.5
         self.fused = cpu_kernels.onednn_enabled() if fused is None else fused
@@ -86,6 +93,7 @@ class CrossAttention(nn.Cell):
         self.to_v = nn.Dense(context_dim, inner_dim, has_bias=False)
         self.to_out = nn.SequentialCell([nn.Dense(inner_dim, query_dim), nn.Dropout(p=dropout)])
         self.swap_axes = SwapAxes12()  # (batch, tokens, heads, dim) <-> (batch, heads, tokens, dim)
+        self.context_index = None  # set by UNetModel: where this layer's keys/values are in context_projections
 
     def add_flags(self, **flags):
         if self.fused and cpu_kernels.lowers_precision(flags):  # the kernels are fp32-only
@@ -97,9 +105,19 @@ class CrossAttention(nn.Cell):
         batch, tokens, _ = x.shape
         return self.swap_axes(x.reshape(batch, tokens, self.heads, -1))
 
+    def project_context(self, text):
+        """The frozen parts of to_k and to_v applied to `text` (no LoRA)."""
+        return base_projection(self.to_k, text), base_projection(self.to_v, text)
+
     def construct(self, x, context=None):
-        context = x if context is None else context
-        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        if isinstance(context, tuple):  # (text, UNetModel.context_projections(text))
+            text, projections = context
+            q = self.to_q(x)
+            k = with_lora_delta(self.to_k, projections[2 * self.context_index].astype(q.dtype), text)
+            v = with_lora_delta(self.to_v, projections[2 * self.context_index + 1].astype(q.dtype), text)
+        else:
+            context = x if context is None else context
+            q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
         # In fp32 whatever the compute dtype: fp16 softmax over 4096 tokens overflows.
         if self.fused:
             return self.to_out(self.attention(q, k, v).astype(v.dtype))

@@ -37,7 +37,12 @@ class LoRABranch(nn.Cell):
         self.merged = False
 
     def construct(self, x):
-        return self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scale
+        return self.low_rank_update(x)
+
+    def low_rank_update(self, x_2d):
+        update = self.lora_B(self.lora_A(self.lora_dropout(x_2d)))
+        # alpha == rank (the default) scales by 1: no pass over the layer's output, forward or backward
+        return update if self.scale == 1.0 else update * self.scale
 
     def delta_weight(self):
         return ops.matmul(self.lora_B.weight.astype(ms.float32), self.lora_A.weight.astype(ms.float32)) * self.scale
@@ -70,8 +75,13 @@ class LoRADense(LoRABranch):
         if self.has_bias:
             out = self.bias_add(out, self.bias.astype(x.dtype))
         if not self.merged:
-            out = out + self.lora_B(self.lora_A(self.lora_dropout(x_2d))) * self.scale
+            out = out + self.low_rank_update(x_2d)
         return out.reshape(x_shape[:-1] + (out.shape[-1],))
+
+    def delta(self, x):
+        """The LoRA update alone, (alpha / rank) * B A dropout(x), as construct adds it."""
+        out = self.low_rank_update(x.reshape(-1, x.shape[-1]))
+        return out.reshape(x.shape[:-1] + (out.shape[-1],))
 
     def merge(self, scale: float = 1.0):
         """Fold scale * (alpha/rank) * B A into the base weight; the layer then skips its LoRA branch."""
@@ -86,6 +96,25 @@ class LoRADense(LoRABranch):
             raise RuntimeError("LoRA is not merged into this layer")
         self.weight.set_data((self.weight.astype(ms.float32) - self._merge_scale * self.delta_weight()).astype(self.weight.dtype))
         self.merged = False
+
+
+def base_projection(layer: nn.Cell, x):
+    """The frozen part of a Dense layer (nn.Dense, FrozenDense or a LoRADense's base), W x + b, for x of any leading
+    shape: the same MatMul on the weight cast to x's dtype. Called outside a graph (UNetModel.context_projections)
+    it runs op by op, each fp32 copy of a weight freed after its product."""
+    x_2d = x.reshape(-1, x.shape[-1])
+    out = ops.MatMul(transpose_b=True)(x_2d, layer.weight.astype(x.dtype))
+    if layer.has_bias:
+        out = ops.BiasAdd()(out, layer.bias.astype(x.dtype))
+    return out.reshape(x.shape[:-1] + (out.shape[-1],))
+
+
+def with_lora_delta(layer: nn.Cell, base_out, x):
+    """`base_out` (the layer's frozen projection of x) plus the layer's LoRA update of x, if it has an unmerged LoRA:
+    equal to layer(x)."""
+    if isinstance(layer, LoRADense) and not layer.merged:
+        return base_out + layer.delta(x)
+    return base_out
 
 
 class FusedQKVLoRA(nn.Cell):

@@ -5,7 +5,7 @@ from typing import List, Sequence, Union
 
 from mindspore import nn, ops
 
-from gm.modules.attention import SpatialTransformer
+from gm.modules.attention import CrossAttention, SpatialTransformer
 from gm.modules.conv import Conv2d
 from gm.modules.lean_ops import NearestUpsample2x, SiLU, add_broadcast
 from gm.modules.diffusionmodules.util import normalization, timestep_embedding, zero_module
@@ -166,9 +166,23 @@ class UNetModel(nn.Cell):
         self.output_blocks = nn.CellList(output_blocks)
 
         self.out = nn.SequentialCell([normalization(channels), SiLU(), zero_module(conv3x3(model_channels, out_channels))])
+        for index, attention in enumerate(self._cross_attentions()):
+            attention.context_index = index
+
+    def _cross_attentions(self) -> list:
+        return [cell for _, cell in self.cells_and_names() if isinstance(cell, CrossAttention) and cell.is_cross]
+
+    def context_projections(self, context) -> tuple:
+        """(k_0, v_0, k_1, v_1, ...): every cross-attention's frozen to_k/to_v products of the text `context`, without
+        LoRA. Passing (context, these) as the context gives the same output as `context` alone while computing only
+        the LoRA updates of the keys/values: for a text that stays the same over many calls (the prompts of a
+        DreamBooth run, the sampling steps of one image). Run outside a graph, layer by layer; recompute when the
+        base weights change (a LoRA merge)."""
+        return tuple(projection for attention in self._cross_attentions() for projection in attention.project_context(context))
 
     def construct(self, x, timesteps, context=None, y=None):
-        """x: (B, C, H, W) noisy latents; timesteps: (B,); context: (B, 77, context_dim); y: (B, adm_in_channels)."""
+        """x: (B, C, H, W) noisy latents; timesteps: (B,); context: (B, 77, context_dim), or (that, its
+        context_projections); y: (B, adm_in_channels)."""
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).astype(x.dtype))
         if self.has_label_emb:
             emb = emb + self.label_emb(y)
