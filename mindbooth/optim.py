@@ -25,6 +25,12 @@ def flatten(tensors):
     return ops.cat(_hyper_map(_ravel, tuple(tensors)))
 
 
+def flat_layout(params) -> tuple:
+    """(sizes, offsets): where each of `params` lies in `flatten`'s vector, as tuples of ints."""
+    sizes = tuple(int(np.prod(p.shape)) for p in params)
+    return sizes, tuple(int(offset) for offset in np.cumsum((0,) + sizes)[:-1])
+
+
 _assign_piece = ops.MultitypeFuncGraph("assign_piece")
 
 
@@ -49,8 +55,7 @@ class AdamW(nn.Cell):
         lr_scales = [1.0] * len(self.params) if lr_scales is None else list(lr_scales)
         if len(lr_scales) != len(self.params):
             raise ValueError(f"lr_scales has {len(lr_scales)} entries for {len(self.params)} parameters")
-        self.sizes = tuple(int(np.prod(p.shape)) for p in self.params)
-        self.offsets = tuple(int(offset) for offset in np.cumsum((0,) + self.sizes[:-1]))
+        self.sizes, self.offsets = flat_layout(self.params)
         if all(scale == lr_scales[0] for scale in lr_scales):
             self.lr_scales = Tensor(float(lr_scales[0]), ms.float32)
         else:  # one factor per element

@@ -10,7 +10,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
-from mindbooth.optim import flatten
+from mindbooth.optim import flat_layout, flatten
 
 
 class DreamBoothLoss(nn.Cell):
@@ -140,15 +140,15 @@ def step_conditioning(conditioning, context_projections=None):
 
 def make_buffers(params) -> ParameterTuple:
     """The gradient accumulation buffer: one fp32 vector, the parameters' gradients laid end to end."""
-    total = sum(int(np.prod(p.shape)) for p in params)
+    total = sum(flat_layout(params)[0])
     return ParameterTuple([Parameter(Tensor(np.zeros(total, np.float32)), name="grad_accum", requires_grad=False)])
 
 
 def buffered_gradients(buffers: ParameterTuple, params) -> list:
     """The accumulated gradients as numpy arrays, one per parameter in its shape, from make_buffers' flat buffer."""
     flat = buffers[0].asnumpy()
-    offsets = np.cumsum([0] + [int(np.prod(p.shape)) for p in params])
-    return [flat[begin:end].reshape(p.shape) for p, begin, end in zip(params, offsets, offsets[1:])]
+    sizes, offsets = flat_layout(params)
+    return [flat[begin:begin + size].reshape(p.shape) for p, size, begin in zip(params, sizes, offsets)]
 
 
 class DynamicLossScale:

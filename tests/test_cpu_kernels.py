@@ -204,8 +204,9 @@ class FrozenConvolution(nn.Cell):
 
 @MODES
 @pytest.mark.parametrize("storage", [np.float32, np.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("case", [(5, 7, 3, 1, 9, 6), (6, 4, 3, 0, 8, 11), (5, 3, 1, 0, 6, 6), (16, 24, 3, 1, 12, 12)],
-                         ids=["k3p1-odd", "k3p0", "k1", "k3p1-blocked"])
+@pytest.mark.parametrize("case", [(5, 7, 3, 1, 9, 6), (6, 4, 3, 0, 8, 11), (5, 3, 1, 0, 6, 6), (16, 24, 3, 1, 12, 12),
+                                  (4, 5, 3, 2, 7, 7)],
+                         ids=["k3p1-odd", "k3p0", "k1", "k3p1-blocked", "k3p2"])
 def test_convolution_equals_torch(case, storage, mode):
     """The oneDNN kernel: output and input gradient of a stride-1 conv, as torch computes them on the same weight."""
     in_channels, out_channels, kernel, padding, height, width = case
