@@ -1,8 +1,9 @@
-"""Benchmark: MindBooth's CPU convolution (gm.modules.conv.Conv2d with a frozen weight: the oneDNN kernel of
-gm/modules/cpu_kernels where it is built, and im2col + MatMul) against MindSpore's own Conv2D kernel and against
-torch's conv2d.
+"""Benchmark: MindBooth's CPU convolution (gm.modules.conv.Conv2d with a frozen weight: the kernel of
+gm/modules/cpu_kernels where it is built, with its default algorithm (Winograd F(4x4, 3x3) where it pays) and
+with oneDNN's direct convolution, and im2col + MatMul) against MindSpore's own Conv2D kernel and against torch's
+conv2d.
 
-    python benchmarks/bench_conv.py                       # all four
+    python benchmarks/bench_conv.py                       # all five
     python benchmarks/bench_conv.py --impls mindbooth torch --repeats 5
 
 SDXL UNet shapes (3x3, stride 1, padding 1, batch 2 = instance + class) at the latent sizes of a 512x512
@@ -20,7 +21,7 @@ import numpy as np
 import common  # noqa: F401  (puts the repository root on sys.path)
 
 SHAPES = [(320, 64), (640, 32), (1280, 16)]  # (channels, latent side) of SDXL's three levels at 512x512
-IMPLS = ("mindbooth", "mindbooth_im2col", "mindspore_conv2d", "torch")
+IMPLS = ("mindbooth", "mindbooth_direct", "mindbooth_im2col", "mindspore_conv2d", "torch")
 
 
 def median_seconds(fn, repeats):
@@ -45,7 +46,8 @@ def mindspore_conv(impl, x_np, weight_np):
     conv.weight.set_data(ms.Tensor(weight_np))
     conv.weight.requires_grad = False
     if impl != "mindspore_conv2d":  # what freeze_convolutions does in training: input gradient only
-        conv.freeze_weight(fused=False if impl == "mindbooth_im2col" else None)
+        conv.freeze_weight(fused=False if impl == "mindbooth_im2col" else None,
+                           algorithm="direct" if impl == "mindbooth_direct" else "auto")
 
     class SumOf(nn.Cell):
         def __init__(self):

@@ -193,10 +193,10 @@ def test_swapping_axes_equals_torch(shape, mode):
 class FrozenConvolution(nn.Cell):
     """A frozen weight (as every conv of a LoRA run) through FrozenWeightConv: only the input has a gradient."""
 
-    def __init__(self, weight, padding, fused):
+    def __init__(self, weight, padding, fused, algorithm="auto"):
         super().__init__()
         self.weight = ms.Parameter(ms.Tensor(weight), requires_grad=False)
-        self.conv = FrozenWeightConv(weight.shape[-1], 1, padding, fused=fused)
+        self.conv = FrozenWeightConv(weight.shape[-1], 1, padding, fused=fused, algorithm=algorithm)
 
     def construct(self, x):
         return self.conv(x, self.weight)
@@ -220,6 +220,66 @@ def test_convolution_equals_torch(case, storage, mode):
     weights = rng.standard_normal((2, out_channels, height + grow, width + grow)).astype(np.float32)
     want = _torch(lambda x: F.conv2d(x, weight_fp32, padding=padding), x, (), weights)
     _assert_close(_ours(net, x, weights, mode), want)
+
+
+@MODES
+@pytest.mark.parametrize("storage", [np.float32, np.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", [(8, 16, 2, 9, 7), (24, 8, 1, 13, 18), (64, 32, 2, 16, 16)],
+                         ids=["tails", "one-sample", "whole-tiles"])
+def test_winograd_convolution_is_as_close_to_exact_as_direct(case, storage, mode):
+    """Winograd's F(4x4, 3x3) (winograd.cc): output and input gradient against the float64 convolution, within a
+    small multiple of the direct convolution's fp32 error; sizes that are not whole 4x4 tiles or 8-column blocks."""
+    in_channels, out_channels, batch, height, width = case
+    rng = np.random.default_rng(7)
+    weight = (rng.standard_normal((out_channels, in_channels, 3, 3)) / np.sqrt(9 * in_channels)).astype(storage)
+    x = rng.standard_normal((batch, in_channels, height, width)).astype(np.float32)
+    weights = rng.standard_normal((batch, out_channels, height, width)).astype(np.float32)
+    exact = _torch(lambda x: F.conv2d(x, torch.from_numpy(weight.astype(np.float64)), padding=1), x.astype(np.float64),
+                   (), weights.astype(np.float64))
+    errors = {}
+    for algorithm in ("direct", "winograd"):
+        out, (grad_x,) = _ours(FrozenConvolution(weight, 1, fused=True, algorithm=algorithm), x, weights, mode)
+        errors[algorithm] = relative_error(out, exact[0]), relative_error(grad_x, exact[1][0])
+    assert max(errors["winograd"]) <= 2e-5, errors
+    assert errors["winograd"] != errors["direct"]  # a different algorithm ran
+
+
+def test_winograd_is_taken_where_it_pays():
+    """"auto" computes what Winograd computes where the batch has 32 or more 4x4 output tiles, else what the direct
+    convolution computes; 1x1 convolutions and channel counts that are not multiples of 8 stay direct."""
+    rng = np.random.default_rng(8)
+
+    def outputs(in_channels, out_channels, kernel, batch, side):
+        weight = rng.standard_normal((out_channels, in_channels, kernel, kernel)).astype(np.float32)
+        x = ms.Tensor(rng.standard_normal((batch, in_channels, side, side)).astype(np.float32))
+        return [FrozenConvolution(weight, kernel // 2, fused=True, algorithm=a)(x).asnumpy()
+                for a in ("auto", "direct", "winograd")]
+
+    auto, direct, winograd = outputs(16, 16, 3, 2, 16)  # 2 x 16 tiles
+    assert np.array_equal(auto, winograd) and not np.array_equal(auto, direct)
+    auto, direct, winograd = outputs(16, 16, 3, 1, 16)  # 16 tiles
+    assert np.array_equal(auto, direct) and not np.array_equal(auto, winograd)
+    for shape in ((16, 16, 1, 2, 16), (12, 16, 3, 2, 16)):
+        auto, direct, winograd = outputs(*shape)
+        assert np.array_equal(auto, direct) and np.array_equal(winograd, direct)
+
+
+@pytest.mark.parametrize("algorithm", ["direct", "winograd"])
+def test_fp16_weights_are_read_as_stored(algorithm):
+    """An fp16 weight goes to the kernel as stored (no CastLike copy in between) and gives, forward and backward,
+    exactly what its fp32 values give."""
+    rng = np.random.default_rng(9)
+    weight = rng.standard_normal((16, 8, 3, 3)).astype(np.float16)
+    x = rng.standard_normal((2, 8, 12, 12)).astype(np.float32)
+    weights = rng.standard_normal((2, 16, 12, 12)).astype(np.float32)
+    stored = FrozenConvolution(weight, 1, fused=True, algorithm=algorithm)
+    calls = []
+    stored.conv.cast_like.construct = lambda *args: calls.append(args)  # any cast would fail the call
+    got = _ours(stored, x, weights, ms.PYNATIVE_MODE)
+    want = _ours(FrozenConvolution(weight.astype(np.float32), 1, fused=True, algorithm=algorithm), x, weights,
+                 ms.PYNATIVE_MODE)
+    assert not calls
+    assert np.array_equal(got[0], want[0]) and np.array_equal(got[1][0], want[1][0])
 
 
 def test_convolution_kernel_takes_the_stride_one_convolutions():

@@ -18,6 +18,9 @@ from gm.modules import cpu_kernels
 from gm.modules.weight_cast import CastLike
 
 MAX_COLUMNS_BYTES = 512 * 2**20
+# The oneDNN kernel's algorithm for 3x3 padding-1 convolutions (gm/modules/cpu_kernels/conv.cc): Winograd's
+# F(4x4, 3x3) where it pays ("auto"), oneDNN's direct convolution, or Winograd wherever it applies.
+CONVOLUTION_ALGORITHMS = {"auto": 0, "direct": 1, "winograd": 2}
 
 
 def matmul_convolution_default() -> bool:
@@ -40,13 +43,14 @@ def _ceil_div(a: int, b: int) -> int:
 
 class FrozenWeightConv(nn.Cell):
     """The whole-input (no strips) im2col convolution for a frozen weight, stored in fp32 or fp16/bf16
-    (gm.modules.frozen_weights). The cast waits for the input; the custom backward gives only the input gradient,
+    (gm.modules.frozen_weights); where the CPU kernels have oneDNN, their convolution instead, which reads an fp16
+    weight as stored. The cast waits for the input; the custom backward gives only the input gradient,
     fold(W^T dout), recomputed from x's shape and the weight, so neither the columns (k*k times x) nor an fp32 copy
     of the weight is kept for it. W^T is taken inside BatchMatMul (transpose_a): autodiff's explicit Transpose of
     the weight made MindSpore's CPU Transpose kernel hold a buffer of twice the weight's fp32 size for the whole
     run, per conv (gm/modules/lean_ops.py has the measurements)."""
 
-    def __init__(self, kernel_size: int, stride: int, padding: int, fused=None):
+    def __init__(self, kernel_size: int, stride: int, padding: int, fused=None, algorithm: str = "auto"):
         super().__init__()
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
         self.matmul_transposed_weight = ops.BatchMatMul(transpose_a=True)
@@ -54,7 +58,7 @@ class FrozenWeightConv(nn.Cell):
         self.fused = (cpu_kernels.onednn_enabled() if fused is None else fused) and stride == 1
         if self.fused:  # stride 1: each output size follows from the input size and back, for the kernels' shapes
             grow = 2 * padding - kernel_size + 1
-            self.config = ms.Tensor([padding], ms.float32)
+            self.config = ms.Tensor([padding, CONVOLUTION_ALGORITHMS[algorithm]], ms.float32)
             self.conv_forward = cpu_kernels.kernel(
                 "Conv2dForward", lambda x, w, config: [x[0], w[0], x[2] + grow, x[3] + grow], cpu_kernels.same_as_first)
             self.conv_backward_data = cpu_kernels.kernel(
@@ -66,19 +70,29 @@ class FrozenWeightConv(nn.Cell):
             self.fused = False
         return super().add_flags(**flags)
 
+    def _weight_for(self, weight, like):
+        """The weight in like's dtype; but an fp16 weight as stored where the oneDNN kernel computes with fp32
+        `like`: the kernel reads fp16 itself, so no fp32 copy of the weight is made."""
+        if self.fused and like.dtype == ms.float32 and weight.dtype == ms.float16:
+            return weight
+        return self.cast_like(weight, like)
+
+    def _kernel_takes(self, like, weight):
+        return self.fused and like.dtype == ms.float32 and (weight.dtype == ms.float32 or weight.dtype == ms.float16)
+
     def construct(self, x, weight):
-        weight = self.cast_like(weight, x)
-        if self.fused and x.dtype == ms.float32 and weight.dtype == ms.float32:
+        weight = self._weight_for(weight, x)
+        if self._kernel_takes(x, weight):
             return self.conv_forward(x, weight, self.config)
         return _conv_columns_matmul(x, weight.reshape(weight.shape[0], -1), self.kernel_size, self.stride, self.padding)
 
     def bprop(self, x, weight, out, dout):
         batch, out_channels, out_height, out_width = dout.shape
         dout = dout.astype(x.dtype)  # under Cell.to_float the incoming gradient may keep the caller's dtype
-        weight_cast = self.cast_like(weight, dout)
-        if self.fused and dout.dtype == ms.float32 and weight_cast.dtype == ms.float32:
-            return self.conv_backward_data(dout, weight_cast, self.config), ops.zeros_like(weight)
-        weight_2d = weight_cast.reshape(out_channels, -1)  # (out, in*k*k)
+        weight_for = self._weight_for(weight, dout)
+        if self._kernel_takes(dout, weight_for):
+            return self.conv_backward_data(dout, weight_for, self.config), ops.zeros_like(weight)
+        weight_2d = weight_for.reshape(out_channels, -1)  # (out, in*k*k)
         grad_columns = self.matmul_transposed_weight(per_sample(weight_2d, batch),
                                                      dout.reshape(batch, out_channels, out_height * out_width))
         if _is_pointwise(self.kernel_size, self.stride, self.padding):
@@ -155,13 +169,14 @@ class Conv2d(nn.Conv2d):
     def frozen_weight(self) -> bool:
         return self.frozen_conv is not None
 
-    def freeze_weight(self, fused=None):
+    def freeze_weight(self, fused=None, algorithm: str = "auto"):
         """From now on this conv computes no weight gradient (FrozenWeightConv's backward): for a frozen weight,
         in any storage dtype. Called by freeze_convolutions and gm.modules.frozen_weights, before compiling.
-        `fused`: the oneDNN CPU kernel for stride 1 (default: where available), else im2col."""
+        `fused`: the oneDNN CPU kernel for stride 1 (default: where available), else im2col; `algorithm`: that
+        kernel's (CONVOLUTION_ALGORITHMS)."""
         if self.frozen_conv is None:
             self.frozen_conv = FrozenWeightConv(self.square_kernel_size, self.square_stride, self.square_padding,
-                                                fused=fused)
+                                                fused=fused, algorithm=algorithm)
 
     def construct(self, x):
         if not self.as_matmul:

@@ -10,9 +10,12 @@
 // load the parameter twice (forward and backward) and then copy it before each load's use (TensorMove).
 MINDBOOTH_KERNEL(CastFloat16ToFloat32) {
   if (nparam != 3 || std::strcmp(dtypes[0], "float16") != 0 || std::strcmp(dtypes[2], "float32") != 0) return 1;
-  const uint16_t* x = static_cast<const uint16_t*>(params[0]);
-  float* y = static_cast<float*>(params[2]);
-  const int64_t count = mindbooth::element_count(ndims[0], shapes[0]);
+  mindbooth::float16_to_float32(static_cast<const uint16_t*>(params[0]), mindbooth::element_count(ndims[0], shapes[0]),
+                                static_cast<float*>(params[2]));
+  return 0;
+}
+
+void mindbooth::float16_to_float32(const uint16_t* x, int64_t count, float* y) {
   const int64_t vectors = count / 8;
   mindbooth::parallel_for(vectors, [&](int64_t begin, int64_t end, int) {
     for (int64_t v = begin; v < end; ++v) {
@@ -21,5 +24,4 @@ MINDBOOTH_KERNEL(CastFloat16ToFloat32) {
     }
   });
   for (int64_t i = 8 * vectors; i < count; ++i) y[i] = _cvtsh_ss(x[i]);
-  return 0;
 }

@@ -50,4 +50,7 @@ void parallel_for(int64_t count, Body body) {
   for (auto& worker : workers) worker.join();
 }
 
+// y[0, count) = the fp16 values x[0, count) in fp32, with F16C, over the threads (cast.cc, conv.cc, winograd.cc)
+void float16_to_float32(const uint16_t* x, int64_t count, float* y);
+
 }  // namespace mindbooth
