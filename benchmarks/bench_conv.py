@@ -14,11 +14,14 @@ largest difference from torch's, relative to torch's largest value."""
 import argparse
 import json
 import statistics
+import sys
 import time
 
 import numpy as np
 
 import common  # noqa: F401  (puts the repository root on sys.path)
+from mindbooth.allocator import preload_mimalloc
+from mindbooth.config import add_allocator_flag
 
 SHAPES = [(320, 64), (640, 32), (1280, 16)]  # (channels, latent side) of SDXL's three levels at 512x512
 IMPLS = ("mindbooth", "mindbooth_direct", "mindbooth_im2col", "mindspore_conv2d", "torch")
@@ -91,6 +94,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
     p.add_argument("--repeats", type=int, default=3)
+    add_allocator_flag(p.add_argument)
     args = p.parse_args()
     if any(impl != "torch" for impl in args.impls):
         import mindspore as ms
@@ -122,4 +126,7 @@ def main():
 
 
 if __name__ == "__main__":
+    # with the allocator MindBooth runs on the CPU (mimalloc): the Winograd kernel's large temporary buffers, freed
+    # and allocated again by every call, page-fault on glibc's malloc
+    preload_mimalloc([*sys.argv[1:], "--device_target", "CPU"])
     main()
