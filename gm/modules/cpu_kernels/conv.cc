@@ -212,6 +212,21 @@ bool use_winograd(int64_t batch, int64_t in_channels, int64_t out_channels, int6
   return algorithm == 2 || batch * ((height + 3) / 4) * ((width + 3) / 4) >= kWinogradMinTiles;
 }
 
+// Both kernels' Winograd path, where use_winograd picks it: the kernel's result (0, or 1 on failure), or -1 where the
+// direct convolution computes it. `transposed`: the input gradient (params[0] is the output's gradient, and the
+// weight's first axis is its channels).
+int try_winograd(void** params, const char** dtypes, int64_t** shapes, bool transposed) {
+  const int64_t *x_shape = shapes[0], *w_shape = shapes[1];
+  const int64_t in_channels = w_shape[transposed ? 0 : 1], out_channels = w_shape[transposed ? 1 : 0];
+  if (!use_winograd(x_shape[0], in_channels, out_channels, w_shape[2], x_shape[2], x_shape[3],
+                    mindbooth::input(params, 2), shapes[2][0]))
+    return -1;
+  const bool done = mindbooth::winograd_conv3x3(mindbooth::input(params, 0), params[1], !is_float32(dtypes[1]),
+                                                transposed, x_shape[0], in_channels, out_channels, x_shape[2],
+                                                x_shape[3], mindbooth::output(params, 3));
+  return done ? 0 : 1;
+}
+
 int report(const Failure& failure, const char* kernel) {
   std::fprintf(stderr, "MindBooth %s: oneDNN %s failed (status %d)\n", kernel, failure.what, failure.status);
   return 1;
@@ -222,13 +237,7 @@ int report(const Failure& failure, const char* kernel) {
 // x (N, C, H, W), weight (O, C, k, k) in fp32 or fp16, config = [padding, algorithm] -> y (N, O, H + 2p - k + 1, W + 2p - k + 1)
 MINDBOOTH_KERNEL(Conv2dForward) {
   if (!valid(nparam, ndims, dtypes)) return 1;
-  const int64_t *x_shape = shapes[0], *w_shape = shapes[1];
-  if (use_winograd(x_shape[0], w_shape[1], w_shape[0], w_shape[2], x_shape[2], x_shape[3], mindbooth::input(params, 2),
-                   shapes[2][0]))
-    return mindbooth::winograd_conv3x3(mindbooth::input(params, 0), params[1], !is_float32(dtypes[1]), false, x_shape[0],
-                                       w_shape[1], w_shape[0], x_shape[2], x_shape[3], mindbooth::output(params, 3))
-               ? 0
-               : 1;
+  if (const int result = try_winograd(params, dtypes, shapes, false); result >= 0) return result;
   try {
     Convolution conv(shapes[0], shapes[1], shapes[3], static_cast<int64_t>(mindbooth::input(params, 2)[0]));
     PrimitiveDesc desc = conv.forward(dnnl_forward_inference);
@@ -248,13 +257,7 @@ MINDBOOTH_KERNEL(Conv2dForward) {
 // dy (N, O, Ho, Wo), weight (O, C, k, k) in fp32 or fp16, config = [padding, algorithm] -> dx (N, C, H, W): the input gradient
 MINDBOOTH_KERNEL(Conv2dBackwardData) {
   if (!valid(nparam, ndims, dtypes)) return 1;
-  const int64_t *dy_shape = shapes[0], *w_shape = shapes[1];
-  if (use_winograd(dy_shape[0], w_shape[0], w_shape[1], w_shape[2], dy_shape[2], dy_shape[3], mindbooth::input(params, 2),
-                   shapes[2][0]))
-    return mindbooth::winograd_conv3x3(mindbooth::input(params, 0), params[1], !is_float32(dtypes[1]), true, dy_shape[0],
-                                       w_shape[0], w_shape[1], dy_shape[2], dy_shape[3], mindbooth::output(params, 3))
-               ? 0
-               : 1;
+  if (const int result = try_winograd(params, dtypes, shapes, true); result >= 0) return result;
   try {
     Convolution conv(shapes[3], shapes[1], shapes[0], static_cast<int64_t>(mindbooth::input(params, 2)[0]));
     PrimitiveDesc desc = conv.backward_data();
