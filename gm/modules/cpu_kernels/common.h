@@ -22,9 +22,13 @@ inline int64_t element_count(int ndim, const int64_t* shape) {
 inline const float* input(void** params, int index) { return static_cast<const float*>(params[index]); }
 inline float* output(void** params, int index) { return static_cast<float*>(params[index]); }
 
+inline bool is_float32(const char* dtype) {
+  return std::strcmp(dtype, "float32") == 0 || std::strcmp(dtype, "float") == 0;
+}
+
 inline bool all_float32(int nparam, const char** dtypes) {
   for (int i = 0; i < nparam; ++i)
-    if (std::strcmp(dtypes[i], "float32") != 0 && std::strcmp(dtypes[i], "float") != 0) return false;
+    if (!is_float32(dtypes[i])) return false;
   return true;
 }
 

@@ -2,8 +2,8 @@
 // (mindspore/lib/libdnnl.so.3), driven with the layouts oneDNN picks (format "any": blocked or channels-last)
 // instead of the plain NCHW that MindSpore's Conv2D and our im2col + BatchMatMul work in. On the UNet's 3x3
 // convolutions at a 512 image this is 1.5-2x faster than im2col + BatchMatMul (benchmarks/bench_conv.py).
-// The plain tensors are reordered into and out of oneDNN's layouts per call; the weight too (it is a frozen
-// weight just cast from fp16, a new buffer each time).
+// The plain tensors are reordered into and out of oneDNN's layouts per call; the weight too (a frozen weight,
+// in fp32 or as stored in fp16, which is converted first).
 // Threads: oneDNN's threadpool interface over mindbooth::parallel_for (threads per call, none left spinning).
 // The 3x3 padding-1 convolutions of large enough batches go to Winograd's F(4x4, 3x3) instead (winograd.cc), which
 // oneDNN has only for AVX-512 machines: a quarter of the multiplications.
@@ -180,7 +180,7 @@ void run(const PrimitiveDesc& desc, std::initializer_list<dnnl_exec_arg_t> args)
   check(dnnl_primitive_execute(primitive, stream(), static_cast<int>(all.size()), all.data()), "execute");
 }
 
-bool is_float32(const char* dtype) { return std::strcmp(dtype, "float32") == 0 || std::strcmp(dtype, "float") == 0; }
+using mindbooth::is_float32;
 
 // x, config and y in fp32; the weight in fp32 or fp16 (a frozen weight as stored: no fp32 copy made before)
 bool valid(int nparam, int* ndims, const char** dtypes) {
@@ -190,12 +190,12 @@ bool valid(int nparam, int* ndims, const char** dtypes) {
 }
 
 // The weight in fp32 for oneDNN: itself, or its fp16 values converted into `storage`
-const float* weight_float32(void** params, const char** dtypes, int64_t** shapes, std::vector<float>& storage) {
+const float* weight_float32(void** params, const char** dtypes, int64_t** shapes, std::unique_ptr<float[]>& storage) {
   if (is_float32(dtypes[1])) return mindbooth::input(params, 1);
-  storage.resize(mindbooth::element_count(4, shapes[1]));
-  mindbooth::float16_to_float32(static_cast<const uint16_t*>(params[1]), static_cast<int64_t>(storage.size()),
-                                storage.data());
-  return storage.data();
+  const int64_t count = mindbooth::element_count(4, shapes[1]);
+  storage.reset(new float[count]);  // every value written below: no zero-filling first
+  mindbooth::float16_to_float32(static_cast<const uint16_t*>(params[1]), count, storage.get());
+  return storage.get();
 }
 
 // config = [padding, algorithm]: 0 Winograd where it applies and pays, 1 oneDNN's direct convolution, 2 Winograd
@@ -242,7 +242,7 @@ MINDBOOTH_KERNEL(Conv2dForward) {
     Convolution conv(shapes[0], shapes[1], shapes[3], static_cast<int64_t>(mindbooth::input(params, 2)[0]));
     PrimitiveDesc desc = conv.forward(dnnl_forward_inference);
     Operand x(conv.src.get(), params[0], query(desc, dnnl_query_src_md), true);
-    std::vector<float> converted;
+    std::unique_ptr<float[]> converted;
     Operand weight(conv.weights.get(), const_cast<float*>(weight_float32(params, dtypes, shapes, converted)),
                    query(desc, dnnl_query_weights_md), true);
     Operand y(conv.dst.get(), params[3], query(desc, dnnl_query_dst_md), false);
@@ -262,7 +262,7 @@ MINDBOOTH_KERNEL(Conv2dBackwardData) {
     Convolution conv(shapes[3], shapes[1], shapes[0], static_cast<int64_t>(mindbooth::input(params, 2)[0]));
     PrimitiveDesc desc = conv.backward_data();
     Operand dy(conv.dst.get(), params[0], query(desc, dnnl_query_diff_dst_md), true);
-    std::vector<float> converted;
+    std::unique_ptr<float[]> converted;
     Operand weight(conv.weights.get(), const_cast<float*>(weight_float32(params, dtypes, shapes, converted)),
                    query(desc, dnnl_query_weights_md), true);
     Operand dx(conv.src.get(), params[3], query(desc, dnnl_query_diff_src_md), false);

@@ -291,7 +291,9 @@ bool winograd_conv3x3(const float* x, const void* weight, bool weight_float16, b
   std::unique_ptr<float[], decltype(&std::free)> v(aligned(kPoints * point_stride(chunk_rows * s.tiles_per_row * s.in)),
                                                     &std::free);
   if (!v) return false;
-  std::unique_ptr<float[]> m(new float[kPoints * point_stride(chunk_rows * s.tiles_per_row * s.out)]);
+  std::unique_ptr<float[], decltype(&std::free)> m(aligned(kPoints * point_stride(chunk_rows * s.tiles_per_row * s.out)),
+                                                    &std::free);
+  if (!m) return false;
   for (int64_t first = 0; first < rows; first += chunk_rows) {
     const int64_t last = std::min(rows, first + chunk_rows);
     transform_input(x, s, first, last, v.get());
