@@ -96,6 +96,33 @@ def test_frozen_weight_takes_its_own_backward_and_equals_autodiff(case, mode, st
         assert a.shape == b.shape and relative_error(a, b) < 1e-6
 
 
+@pytest.mark.parametrize("storage", ["float32", "float16"])
+def test_fused_frozen_conv_is_never_cut_into_strips(storage, monkeypatch):
+    """The oneDNN kernel makes no im2col columns: a frozen conv whose columns exceed MAX_COLUMNS_BYTES goes to it
+    whole (no unfold at all) and gives what the strips give."""
+    monkeypatch.setattr(conv_module, "MAX_COLUMNS_BYTES", 1500)
+    rng = np.random.default_rng(2)
+    strips, whole = (Conv2d(8, 16, 3, padding=1, as_matmul=True) for _ in range(2))
+    weight = rng.standard_normal(strips.weight.shape).astype(np.float16).astype(np.float32)
+    bias = np.linspace(-1, 1, 16).astype(np.float16).astype(np.float32)
+    for net in (strips, whole):
+        net.weight.set_data(ms.Tensor(weight))
+        net.bias.set_data(ms.Tensor(bias))
+        net.bias.requires_grad = net.weight.requires_grad = False
+    holder = nn.SequentialCell([whole])
+    assert (store_frozen_weights(holder, "float16") if storage == "float16" else freeze_convolutions(holder)) == 1
+    assert whole.frozen_conv.fused
+    x = ms.Tensor(rng.standard_normal((2, 8, 12, 10)).astype(np.float32))
+    unfolded = []
+    unfold = ops.unfold
+    monkeypatch.setattr(ops, "unfold", lambda *args, **kwargs: unfolded.append(1) or unfold(*args, **kwargs))
+    got = whole(x).asnumpy()
+    assert not unfolded
+    want = strips(x).asnumpy()
+    assert len(unfolded) > 1  # the unfrozen conv went in strips
+    assert relative_error(got, want) < 1e-5
+
+
 def test_native_conv_keeps_the_frozen_conv_route():
     """Ascend/GPU (as_matmul False): fp16 storage goes through FrozenConv2d as before."""
     holder = nn.SequentialCell([Conv2d(4, 8, 3, padding=1, as_matmul=False)])

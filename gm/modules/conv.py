@@ -8,8 +8,8 @@ into columns and multiplying by the (out, in*k*k) weight gives the same numbers 
 The columns are k*k times the input, so a large input (the VAE at 1024x1024) is done in strips of output
 rows that keep the columns under `MAX_COLUMNS_BYTES`. A frozen weight (freeze_convolutions; every conv of a
 LoRA run) goes through FrozenWeightConv, whose own backward computes only the input gradient; where the CPU
-kernels have oneDNN (gm/modules/cpu_kernels), its stride-1 convolutions run there instead of im2col. A trainable
-weight keeps plain autodiff.
+kernels have oneDNN (gm/modules/cpu_kernels), its stride-1 convolutions run there instead of im2col, whole at any
+size (the kernel makes no columns). A trainable weight keeps plain autodiff.
 """
 import mindspore as ms
 from mindspore import nn, ops
@@ -77,6 +77,11 @@ class FrozenWeightConv(nn.Cell):
             return weight
         return self.cast_like(weight, like)
 
+    def computes_in_kernel(self, x) -> bool:
+        """Whether x goes to the oneDNN kernel (any weight dtype: an fp16 weight as stored, others cast to fp32),
+        which makes no columns, so it needs no strips however large x is."""
+        return self.fused and x.dtype == ms.float32
+
     def _kernel_takes(self, like, weight):
         return self.fused and like.dtype == ms.float32 and (weight.dtype == ms.float32 or weight.dtype == ms.float16)
 
@@ -131,6 +136,10 @@ def conv2d_as_matmul(x, weight, kernel_size: int, stride: int, padding: int, fro
     out_channels = weight.shape[0]
     out_height, out_width = (_output_size(size, kernel_size, stride, padding) for size in (height, width))
     columns_bytes = batch * in_channels * kernel_size**2 * out_height * out_width * 4
+    if frozen_conv is not None and frozen_conv.computes_in_kernel(x):
+        # No columns, so no strips: at 1024x1024 the strips of the UNet's widest 3x3 convs (e.g. 960 -> 320
+        # channels at 128x128) took 9 s of the sampling step in pad, unfold and BatchMatMul.
+        return frozen_conv(x, weight)
     if columns_bytes <= MAX_COLUMNS_BYTES or _is_pointwise(kernel_size, stride, padding):
         if frozen_conv is not None:
             return frozen_conv(x, weight)
