@@ -327,14 +327,18 @@ class Attention(nn.Cell):
 
 
 @MODES
-@pytest.mark.parametrize("case", [(2, 70, 77, 3, 8), (1, 130, 130, 2, 16), (2, 64, 5, 4, 8)],
-                         ids=["cross", "self-odd-blocks", "few-keys"])
+@pytest.mark.parametrize("case", [(2, 70, 77, 3, 8, 1), (1, 130, 130, 2, 16, 1), (2, 64, 5, 4, 8, 1),
+                                  (1, 101, 541, 2, 64, 1), (2, 53, 77, 2, 32, 8)],
+                         ids=["cross", "self-odd-blocks", "few-keys", "flash-key-blocks", "flash-peaked"])
 def test_fused_attention_equals_torch(case, mode):
     """softmax(q k^T / sqrt(d)) v per head on (batch, tokens, heads * dim_head): output and the gradients of q, k
-    and v (k and v as parameters here), as torch's scaled_dot_product_attention computes them."""
-    batch, queries, keys, heads, dim_head = case
+    and v (k and v as parameters here), as torch's scaled_dot_product_attention computes them. dim_head 16, 32 and
+    64 take the flash forward: 541 keys are three key blocks (the last one partial, as 77's single one) and 101
+    queries three query blocks; q at 8x spreads the scores over hundreds, so later blocks' maxima rescale earlier
+    ones and most probabilities underflow."""
+    batch, queries, keys, heads, dim_head, q_scale = case
     rng = np.random.default_rng(7)
-    q = rng.standard_normal((batch, queries, heads * dim_head)).astype(np.float32)
+    q = q_scale * rng.standard_normal((batch, queries, heads * dim_head)).astype(np.float32)
     k, v = (rng.standard_normal((batch, keys, heads * dim_head)).astype(np.float32) for _ in range(2))
     weights = rng.standard_normal(q.shape).astype(np.float32)
 

@@ -3,7 +3,9 @@
 #pragma once
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <thread>
 #include <vector>
 
@@ -30,6 +32,16 @@ inline bool all_float32(int nparam, const char** dtypes) {
   for (int i = 0; i < nparam; ++i)
     if (!is_float32(dtypes[i])) return false;
   return true;
+}
+
+// 8 floats; unaligned loads and stores, and allowed to alias float arrays (winograd.cc, attention.cc)
+typedef float Lanes __attribute__((vector_size(32), aligned(4), may_alias));
+
+// `count` floats, 64-byte aligned (cache lines), uninitialised; empty if the allocation fails
+using AlignedFloats = std::unique_ptr<float[], decltype(&std::free)>;
+inline AlignedFloats aligned_floats(int64_t count) {
+  const size_t bytes = (static_cast<size_t>(count) * sizeof(float) + 63) / 64 * 64;
+  return AlignedFloats(static_cast<float*>(std::aligned_alloc(64, bytes)), &std::free);
 }
 
 // Threads for `count` items of work: one per hardware thread, at most one per item.

@@ -28,8 +28,7 @@
 
 namespace {
 
-// 8 channels; unaligned loads and stores, and allowed to alias float arrays
-typedef float Lanes __attribute__((vector_size(32), aligned(4), may_alias));
+using mindbooth::Lanes;  // 8 channels
 constexpr int64_t kLanes = 8, kPoints = 36;
 constexpr int64_t kChunkBytes = int64_t{48} << 20;
 
@@ -109,11 +108,6 @@ inline void transpose_8x8(const float* src, int64_t src_stride, float* dst, int6
     _mm256_storeu_ps(dst + j * dst_stride, _mm256_permute2f128_ps(r[j], r[j + 4], 0x20));
     _mm256_storeu_ps(dst + (j + 4) * dst_stride, _mm256_permute2f128_ps(r[j], r[j + 4], 0x31));
   }
-}
-
-float* aligned(int64_t count) {  // 64-byte aligned floats (cache lines), or nullptr; free with std::free
-  const size_t bytes = (static_cast<size_t>(count) * sizeof(float) + 63) / 64 * 64;
-  return static_cast<float*>(std::aligned_alloc(64, bytes));
 }
 
 struct Shape {
@@ -277,7 +271,7 @@ bool winograd_applies(int64_t in_channels, int64_t out_channels, int64_t kernel,
 bool winograd_conv3x3(const float* x, const void* weight, bool weight_float16, bool transposed, int64_t batch,
                       int64_t in_channels, int64_t out_channels, int64_t height, int64_t width, float* y) {
   const Shape s{batch, in_channels, out_channels, height, width, (height + 3) / 4, (width + 3) / 4};
-  std::unique_ptr<float[], decltype(&std::free)> u(aligned(kPoints * point_stride(s.in * s.out)), &std::free);
+  const mindbooth::AlignedFloats u = mindbooth::aligned_floats(kPoints * point_stride(s.in * s.out));
   if (!u) return false;
   // the weight is (out, in, 3, 3) for the convolution, (in, out, 3, 3) for the input gradient
   const int64_t rows_a = transposed ? s.in : s.out, columns_b = transposed ? s.out : s.in;
@@ -288,11 +282,11 @@ bool winograd_conv3x3(const float* x, const void* weight, bool weight_float16, b
   const int64_t rows = s.batch * s.tile_rows_per_image;
   const int64_t row_bytes = kPoints * s.tiles_per_row * std::max(s.in, s.out) * int64_t{sizeof(float)};
   const int64_t chunk_rows = std::clamp<int64_t>(kChunkBytes / row_bytes, 1, rows);
-  std::unique_ptr<float[], decltype(&std::free)> v(aligned(kPoints * point_stride(chunk_rows * s.tiles_per_row * s.in)),
-                                                    &std::free);
+  const mindbooth::AlignedFloats v =
+      mindbooth::aligned_floats(kPoints * point_stride(chunk_rows * s.tiles_per_row * s.in));
   if (!v) return false;
-  std::unique_ptr<float[], decltype(&std::free)> m(aligned(kPoints * point_stride(chunk_rows * s.tiles_per_row * s.out)),
-                                                    &std::free);
+  const mindbooth::AlignedFloats m =
+      mindbooth::aligned_floats(kPoints * point_stride(chunk_rows * s.tiles_per_row * s.out));
   if (!m) return false;
   for (int64_t first = 0; first < rows; first += chunk_rows) {
     const int64_t last = std::min(rows, first + chunk_rows);
