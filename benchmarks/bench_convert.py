@@ -6,8 +6,9 @@
 Without --input it writes a random fp16 official-layout file (6.9 GB) from the key list into --workdir
 first. Every step runs as its own process, timed from outside; peak RSS is read with wait4(), so it
 covers the step's whole process tree (the converter builds the model's name list in a child).
-Steps, in turn, `--repeats` times, each after an untimed `sync` (medians reported): cp of the input, alone and
-with an fsync of the copy (the converter fsyncs); pt_to_ms fp16; ms_to_pt fp16 (back to the original, checked
+Steps, in turn, `--warmup` rounds (not counted: the first round after writing the input was 2-4x slower for
+every step, cp included) then `--repeats` rounds, each step after an untimed `sync` (medians reported): cp of the
+input, alone and with an fsync of the copy (the converter fsyncs); pt_to_ms fp16; ms_to_pt fp16 (back to the original, checked
 bit-identical); pt_to_ms fp32 (the default). The input is warm in the page cache for every step, cp included.
 Needs ~28 GB free in --workdir.
 """
@@ -47,6 +48,7 @@ def main():
     source.add_argument("--keys", help="key list to build a random full-size file from (torch_key_base.yaml)")
     p.add_argument("--workdir", default=tempfile.gettempdir(), help="where the large files go (removed after)")
     p.add_argument("--repeats", type=int, default=3, help="times each step runs (the median is reported)")
+    p.add_argument("--warmup", type=int, default=1, help="rounds of all steps run first and not counted")
     args = p.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench_convert_", dir=args.workdir))
@@ -65,7 +67,8 @@ def main():
                                                          "fp32.ckpt"))
         convert = [py, str(CLI), "--no_progress", "--task"]
         # The converter fsyncs its output before renaming it into place (no half-written checkpoint after a
-        # crash); `cp` does not, so cp is also timed with the same fsync (coreutils' `sync FILE`).
+        # crash), having had the disk write it all along (write-behind); `cp` does neither, so cp is also timed
+        # with the same fsync (coreutils' `sync FILE`).
         steps = [
             ("cp (same file)", copy, ["cp", str(src), str(copy)]),
             ("cp + fsync (same file)", copy, ["sh", "-c", f"cp '{src}' '{copy}' && sync '{copy}'"]),
@@ -76,12 +79,13 @@ def main():
             ("pt_to_ms (fp32, default)", ckpt32, convert + ["pt_to_ms", "--weight_safetensors", str(src),
                                                             "--weight_ms", str(ckpt32)]),
         ]
-        for _ in range(args.repeats):
+        for round_index in range(args.warmup + args.repeats):
             for name, output, cmd in steps:
                 output.unlink(missing_ok=True)
                 subprocess.run(["sync"], check=True)  # untimed: no dirty pages of an earlier step left to write
                 seconds, rss, out = timed(cmd)
-                runs.setdefault(name, []).append((seconds, rss, output.stat().st_size / 2**30, out.strip()))
+                if round_index >= args.warmup:
+                    runs.setdefault(name, []).append((seconds, rss, output.stat().st_size / 2**30, out.strip()))
             identical = filecmp.cmp(src, back, shallow=False)
     finally:
         for f in work.iterdir():
@@ -89,7 +93,8 @@ def main():
         work.rmdir()
 
     print(f"\ninput: {src.name if args.input else 'random fp16, official layout'}, {size:.2f} GiB; "
-          f"{os.cpu_count()} CPUs; median of {args.repeats} (each step after a `sync`, steps in turn)")
+          f"{os.cpu_count()} CPUs; median of {args.repeats} after {args.warmup} uncounted (each step after a `sync`, "
+          "steps in turn)")
     print(f"{'step':28s} {'wall s':>7s} {'x cp':>6s} {'x cp+fsync':>10s} {'peak RSS GiB':>13s} {'output GiB':>11s}  all s")
     cp_seconds = statistics.median(r[0] for r in runs["cp (same file)"])
     cp_sync_seconds = statistics.median(r[0] for r in runs["cp + fsync (same file)"])

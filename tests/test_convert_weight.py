@@ -9,6 +9,7 @@ import errno
 import os
 import subprocess
 import sys
+import time
 
 import mindspore as ms
 import numpy as np
@@ -230,6 +231,34 @@ def test_output_name_appears_only_when_complete(tmp_path, tiny_file, tiny_expect
         conversion.official_to_mindspore(tiny_file, out, tiny_expected, progress=False)
     assert seen == [(False, True)] * 100  # mid-run, where a kill could land: only the .partial file
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_disk_starts_writing_while_the_output_is_written(tmp_path, tiny_file, tiny_expected, monkeypatch):
+    """The output's dirty pages go to the disk during the conversion (sync_file_range, which does not wait), not
+    only at its final fsync; the write-behind thread works on the .partial file and stops with it."""
+    start_writing, calls = conversion._sync_file_range(), []
+    assert start_writing is not None  # glibc
+
+    def record(fd, offset, nbytes, flags):
+        calls.append((os.path.realpath(f"/proc/self/fd/{fd}"), flags))
+        return start_writing(fd, offset, nbytes, flags)
+
+    original = CkptWriter.write
+
+    def write(self, name, dtype, data):  # slower than the tiny model's conversion, so the thread comes round
+        time.sleep(0.002)
+        original(self, name, dtype, data)
+
+    monkeypatch.setattr(conversion, "_sync_file_range", lambda: record)
+    monkeypatch.setattr(conversion, "WRITE_BEHIND_SECONDS", 0.01)
+    monkeypatch.setattr(CkptWriter, "write", write)
+    out = tmp_path / "out.ckpt"
+    conversion.official_to_mindspore(tiny_file, out, tiny_expected, progress=False)
+    partial = os.path.realpath(out.with_name(out.name + ".partial"))
+    assert len(calls) > 1 and set(calls) == {(partial, conversion.SYNC_FILE_RANGE_WRITE)}
+    finished = len(calls)
+    time.sleep(0.05)
+    assert len(calls) == finished and len(CkptReader(out).tensors) == len(tiny_expected)
 
 
 # ------------------------------------------------------------------ bad input: one clear line
