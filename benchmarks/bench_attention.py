@@ -12,13 +12,11 @@ runs after a warm-up. Prints `RESULT {json}` per shape, with our output's and gr
 torch's, relative to torch's largest value, and GFLOP/s of the forward (4 * batch * heads * queries * keys * 64)."""
 import argparse
 import json
-import statistics
 import sys
-import time
 
 import numpy as np
 
-import common  # noqa: F401  (puts the repository root on sys.path)
+from common import median_seconds  # importing common also puts the repository root on sys.path
 from mindbooth.allocator import preload_mimalloc
 from mindbooth.config import add_allocator_flag
 
@@ -27,16 +25,6 @@ DIM_HEAD = 64
 SHAPES = [(4096, 4096, 10, "1024x1024, 64x64 level"), (1024, 1024, 20, "1024x1024, 32x32 level"),
           (1024, 1024, 10, "512x512, 32x32 level"), (256, 256, 20, "512x512, 16x16 level"),
           (4096, 77, 10, "1024x1024, cross-attention")]
-
-
-def median_seconds(fn, repeats):
-    fn()  # warm-up (GRAPH mode compiles here)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def mindbooth_attention(q, k, v, dout, heads):

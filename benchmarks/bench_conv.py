@@ -13,28 +13,16 @@ image; forward, and forward + backward to the input (what a LoRA step needs: the
 largest difference from torch's, relative to torch's largest value."""
 import argparse
 import json
-import statistics
 import sys
-import time
 
 import numpy as np
 
-import common  # noqa: F401  (puts the repository root on sys.path)
+from common import median_seconds  # importing common also puts the repository root on sys.path
 from mindbooth.allocator import preload_mimalloc
 from mindbooth.config import add_allocator_flag
 
 SHAPES = [(320, 64), (640, 32), (1280, 16)]  # (channels, latent side) of SDXL's three levels at 512x512
 IMPLS = ("mindbooth", "mindbooth_direct", "mindbooth_im2col", "mindspore_conv2d", "torch")
-
-
-def median_seconds(fn, repeats):
-    fn()  # warm-up (GRAPH mode compiles here)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def mindspore_conv(impl, x_np, weight_np):

@@ -75,6 +75,17 @@ def median_after_warmup(times):
     return statistics.median(times[1:]) if len(times) > 1 else None
 
 
+def median_seconds(fn, repeats: int) -> float:
+    """Median wall time of `repeats` calls of fn() after one untimed call (GRAPH mode compiles there)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def emit(result: dict):
     print("RESULT " + json.dumps(result), flush=True)
 
