@@ -41,93 +41,7 @@ bool gemm(char transa, char transb, int64_t m, int64_t n, int64_t k, float alpha
   return dnnl_sgemm(transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc) == dnnl_success;
 }
 
-// Each row of scores (rows x keys) to its softmax, in place.
-void softmax_rows(float* scores, int64_t rows, int64_t keys) {
-  for (int64_t r = 0; r < rows; ++r) {
-    float* row = scores + r * keys;
-    float largest = row[0];
-    for (int64_t j = 1; j < keys; ++j) largest = std::max(largest, row[j]);
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < keys; ++j) {
-      row[j] = std::exp(row[j] - largest);
-      sum += row[j];
-    }
-    const float inverse = 1.0f / sum;
-#pragma omp simd
-    for (int64_t j = 0; j < keys; ++j) row[j] *= inverse;
-  }
-}
-
-// body(sample, head) for every pair, the pairs split over the threads; false if any body failed
-template <typename Body>
-bool for_each_head(const Layout& l, Body body) {
-  std::vector<char> failed(static_cast<size_t>(mindbooth::thread_count(l.batch * l.heads)), 0);
-  mindbooth::parallel_for(l.batch * l.heads, [&](int64_t begin, int64_t end, int thread) {
-    // This thread's sgemm calls run on this thread only. The setting is per thread and chunk 0 runs on MindSpore's
-    // calling thread, so it is put back: left at 1 there, the convolution kernel ran on one core afterwards.
-    int previous = 0;
-    const bool restore = dnnl_threadpool_interop_get_max_concurrency(&previous) == dnnl_success;
-    dnnl_threadpool_interop_set_max_concurrency(1);
-    for (int64_t pair = begin; pair < end; ++pair)
-      if (!body(pair / l.heads, pair % l.heads)) failed[thread] = 1;
-    if (restore) dnnl_threadpool_interop_set_max_concurrency(previous);
-  });
-  for (char f : failed)
-    if (f) return false;
-  return true;
-}
-
-// ---- The forward as flash attention, for dim_head a multiple of 16 (SDXL's 64) ----
-// Per (sample, head): K is packed once into 16-key tiles (d x 16 each) and V into contiguous rows; queries go in
-// blocks of kBlockQueries, keys in blocks of kBlockKeys with the softmax kept online (running max and sum per
-// query, the output rescaled when the max grows), so the scores never leave L2 and no packing is repeated per
-// block, which sgemm on 64-deep products did. Both products are 6 x 16 register tiles (12 accumulators).
 using mindbooth::Lanes;
-
-constexpr int kTileRows = 6, kTileKeys = 16;
-constexpr int64_t kBlockQueries = 8 * kTileRows, kBlockKeys = 256;
-
-// s[r][0, 16) = sum_i q[r][i] k_tile[i][0, 16) for the tile's 6 query rows (q rows of d, already scaled)
-inline void score_tile(const float* q, int64_t d, const float* k_tile, float* s, int64_t s_stride) {
-  Lanes acc[kTileRows][2] = {};
-#pragma GCC unroll 4
-  for (int64_t i = 0; i < d; ++i) {
-    const Lanes k0 = *reinterpret_cast<const Lanes*>(k_tile + i * kTileKeys);
-    const Lanes k1 = *reinterpret_cast<const Lanes*>(k_tile + i * kTileKeys + 8);
-    for (int r = 0; r < kTileRows; ++r) {
-      const float a = q[r * d + i];
-      acc[r][0] += a * k0;
-      acc[r][1] += a * k1;
-    }
-  }
-  for (int r = 0; r < kTileRows; ++r) {
-    *reinterpret_cast<Lanes*>(s + r * s_stride) = acc[r][0];
-    *reinterpret_cast<Lanes*>(s + r * s_stride + 8) = acc[r][1];
-  }
-}
-
-// o[r][0, 16) += sum_j p[r][j] v[j][0, 16) over `keys` keys, for the tile's 6 rows (o and v rows of d floats)
-inline void output_tile(const float* p, int64_t p_stride, const float* v, int64_t d, int64_t keys, float* o) {
-  Lanes acc[kTileRows][2];
-  for (int r = 0; r < kTileRows; ++r) {
-    acc[r][0] = *reinterpret_cast<const Lanes*>(o + r * d);
-    acc[r][1] = *reinterpret_cast<const Lanes*>(o + r * d + 8);
-  }
-#pragma GCC unroll 4
-  for (int64_t j = 0; j < keys; ++j) {
-    const Lanes v0 = *reinterpret_cast<const Lanes*>(v + j * d), v1 = *reinterpret_cast<const Lanes*>(v + j * d + 8);
-    for (int r = 0; r < kTileRows; ++r) {
-      const float a = p[r * p_stride + j];
-      acc[r][0] += a * v0;
-      acc[r][1] += a * v1;
-    }
-  }
-  for (int r = 0; r < kTileRows; ++r) {
-    *reinterpret_cast<Lanes*>(o + r * d) = acc[r][0];
-    *reinterpret_cast<Lanes*>(o + r * d + 8) = acc[r][1];
-  }
-}
 
 // max of row[0, count), count >= 1; in 8 lanes (the compiler's max reduction stayed scalar)
 inline float row_max(const float* row, int64_t count) {
@@ -175,6 +89,85 @@ inline float exp_shifted(float* row, int64_t count, float largest) {
   for (int i = 0; i < 8; ++i) sum += sums[i];
   for (; j < count; ++j) sum += row[j] = std::exp(row[j] - largest);
   return sum;
+}
+
+// Each row of scores (rows x keys) to its softmax, in place (the same max and exp as the flash forward's).
+void softmax_rows(float* scores, int64_t rows, int64_t keys) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = scores + r * keys;
+    const float inverse = 1.0f / exp_shifted(row, keys, row_max(row, keys));
+#pragma omp simd
+    for (int64_t j = 0; j < keys; ++j) row[j] *= inverse;
+  }
+}
+
+// body(sample, head) for every pair, the pairs split over the threads; false if any body failed
+template <typename Body>
+bool for_each_head(const Layout& l, Body body) {
+  std::vector<char> failed(static_cast<size_t>(mindbooth::thread_count(l.batch * l.heads)), 0);
+  mindbooth::parallel_for(l.batch * l.heads, [&](int64_t begin, int64_t end, int thread) {
+    // This thread's sgemm calls run on this thread only. The setting is per thread and chunk 0 runs on MindSpore's
+    // calling thread, so it is put back: left at 1 there, the convolution kernel ran on one core afterwards.
+    int previous = 0;
+    const bool restore = dnnl_threadpool_interop_get_max_concurrency(&previous) == dnnl_success;
+    dnnl_threadpool_interop_set_max_concurrency(1);
+    for (int64_t pair = begin; pair < end; ++pair)
+      if (!body(pair / l.heads, pair % l.heads)) failed[thread] = 1;
+    if (restore) dnnl_threadpool_interop_set_max_concurrency(previous);
+  });
+  for (char f : failed)
+    if (f) return false;
+  return true;
+}
+
+// ---- The forward as flash attention, for dim_head a multiple of 16 (SDXL's 64) ----
+// Per (sample, head): K is packed once into 16-key tiles (d x 16 each) and V into contiguous rows; queries go in
+// blocks of kBlockQueries, keys in blocks of kBlockKeys with the softmax kept online (running max and sum per
+// query, the output rescaled when the max grows), so the scores never leave L2 and no packing is repeated per
+// block, which sgemm on 64-deep products did. Both products are 6 x 16 register tiles (12 accumulators).
+
+constexpr int kTileRows = 6, kTileKeys = 16;
+constexpr int64_t kBlockQueries = 8 * kTileRows, kBlockKeys = 256;
+
+// s[r][0, 16) = sum_i q[r][i] k_tile[i][0, 16) for the tile's 6 query rows (q rows of d, already scaled)
+inline void score_tile(const float* q, int64_t d, const float* k_tile, float* s, int64_t s_stride) {
+  Lanes acc[kTileRows][2] = {};
+#pragma GCC unroll 4
+  for (int64_t i = 0; i < d; ++i) {
+    const Lanes k0 = *reinterpret_cast<const Lanes*>(k_tile + i * kTileKeys);
+    const Lanes k1 = *reinterpret_cast<const Lanes*>(k_tile + i * kTileKeys + 8);
+    for (int r = 0; r < kTileRows; ++r) {
+      const float a = q[r * d + i];
+      acc[r][0] += a * k0;
+      acc[r][1] += a * k1;
+    }
+  }
+  for (int r = 0; r < kTileRows; ++r) {
+    *reinterpret_cast<Lanes*>(s + r * s_stride) = acc[r][0];
+    *reinterpret_cast<Lanes*>(s + r * s_stride + 8) = acc[r][1];
+  }
+}
+
+// o[r][0, 16) += sum_j p[r][j] v[j][0, 16) over `keys` keys, for the tile's 6 rows (o and v rows of d floats)
+inline void output_tile(const float* p, int64_t p_stride, const float* v, int64_t d, int64_t keys, float* o) {
+  Lanes acc[kTileRows][2];
+  for (int r = 0; r < kTileRows; ++r) {
+    acc[r][0] = *reinterpret_cast<const Lanes*>(o + r * d);
+    acc[r][1] = *reinterpret_cast<const Lanes*>(o + r * d + 8);
+  }
+#pragma GCC unroll 4
+  for (int64_t j = 0; j < keys; ++j) {
+    const Lanes v0 = *reinterpret_cast<const Lanes*>(v + j * d), v1 = *reinterpret_cast<const Lanes*>(v + j * d + 8);
+    for (int r = 0; r < kTileRows; ++r) {
+      const float a = p[r * p_stride + j];
+      acc[r][0] += a * v0;
+      acc[r][1] += a * v1;
+    }
+  }
+  for (int r = 0; r < kTileRows; ++r) {
+    *reinterpret_cast<Lanes*>(o + r * d) = acc[r][0];
+    *reinterpret_cast<Lanes*>(o + r * d + 8) = acc[r][1];
+  }
 }
 
 // One (sample, head): q_head, k_head, v_head and out_head point at the head's first column, rows C apart.
