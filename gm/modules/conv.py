@@ -82,12 +82,9 @@ class FrozenWeightConv(nn.Cell):
         which makes no columns, so it needs no strips however large x is."""
         return self.fused and x.dtype == ms.float32
 
-    def _kernel_takes(self, like, weight):
-        return self.fused and like.dtype == ms.float32 and (weight.dtype == ms.float32 or weight.dtype == ms.float16)
-
     def construct(self, x, weight):
         weight = self._weight_for(weight, x)
-        if self._kernel_takes(x, weight):
+        if self.computes_in_kernel(x):
             return self.conv_forward(x, weight, self.config)
         return _conv_columns_matmul(x, weight.reshape(weight.shape[0], -1), self.kernel_size, self.stride, self.padding)
 
@@ -95,7 +92,7 @@ class FrozenWeightConv(nn.Cell):
         batch, out_channels, out_height, out_width = dout.shape
         dout = dout.astype(x.dtype)  # under Cell.to_float the incoming gradient may keep the caller's dtype
         weight_for = self._weight_for(weight, dout)
-        if self._kernel_takes(dout, weight_for):
+        if self.computes_in_kernel(dout):
             return self.conv_backward_data(dout, weight_for, self.config), ops.zeros_like(weight)
         weight_2d = weight_for.reshape(out_channels, -1)  # (out, in*k*k)
         grad_columns = self.matmul_transposed_weight(per_sample(weight_2d, batch),
