@@ -80,6 +80,29 @@ def test_model_parameters_are_the_rule_layout_in_mindspore_names(config, request
     assert as_official == dict(official_shapes(load_config(config)["model"]["params"]))
 
 
+def test_model_shapes_are_read_with_the_cpu_kernels_off(monkeypatch, tiny_expected):
+    """The converter's expectation is built without MindBooth's CPU kernels (on a fresh machine, asking for them
+    compiles them): the same names and shapes as the model built with them, and the switch is put back."""
+    from gm.modules import cpu_kernels
+
+    if not cpu_kernels.enabled():
+        pytest.skip("the CPU kernels do not build here")
+    with no_init_parameters():
+        model = instantiate_from_config(load_config(TINY_CONFIG)["model"])
+    with_kernels = {name: tuple(int(d) for d in p.shape) for name, p in model.parameters_and_names()}
+    monkeypatch.delenv(cpu_kernels.ENV_SWITCH, raising=False)
+
+    def asked():
+        raise AssertionError("the kernel library was asked for while reading the model's shapes")
+
+    monkeypatch.setattr(cpu_kernels, "library_path", asked)
+    assert model_mindspore_shapes(TINY_CONFIG) == with_kernels == tiny_expected
+    assert cpu_kernels.ENV_SWITCH not in os.environ
+    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "1")
+    model_mindspore_shapes(TINY_CONFIG)
+    assert os.environ[cpu_kernels.ENV_SWITCH] == "1"
+
+
 @pytest.mark.parametrize("keys,what", [("torch_key_base.yaml", "SDXL base layout"),
                                        ("torch_key_refiner.yaml", "SDXL refiner"),
                                        ("torch_key_base_lcm.yaml", "LCM"),

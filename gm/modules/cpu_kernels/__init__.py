@@ -15,6 +15,7 @@ The library is compiled once per source and machine with the system's g++ (`-mar
 the CPU; on Ascend/GPU, with MINDBOOTH_CPU_KERNELS=0, or when g++ fails, the layers use MindSpore's own ops and
 compute the same thing.
 """
+import contextlib
 import functools
 import hashlib
 import logging
@@ -139,6 +140,21 @@ def enabled() -> bool:
                        "inside it to use them", path)
         return False
     return path is not None
+
+
+@contextlib.contextmanager
+def switched_off():
+    """Layers built inside the block use MindSpore's own ops (as with MINDBOOTH_CPU_KERNELS=0), and nothing is
+    compiled: for building a model only to read its parameters' names and shapes, which the kernels do not change."""
+    previous = os.environ.get(ENV_SWITCH)
+    os.environ[ENV_SWITCH] = "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(ENV_SWITCH, None)
+        else:
+            os.environ[ENV_SWITCH] = previous
 
 
 def onednn_enabled() -> bool:
