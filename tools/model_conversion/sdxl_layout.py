@@ -237,7 +237,7 @@ def model_mindspore_shapes(config_path) -> dict:
     """{MindSpore parameter name: shape} of the model a config builds, with no weight allocated.
 
     This is what a converted checkpoint must load into, strictly. MindBooth's CPU kernels are switched off
-    meanwhile: they add no parameters, and on a fresh machine their first use compiles them (a minute of g++),
+    meanwhile: they add no parameters, and on a fresh machine their first use compiles them with g++,
     while creating their 1838 custom ops took a tenth of the build.
     """
     from mindspore.nn.utils import no_init_parameters
