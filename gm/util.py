@@ -1,5 +1,7 @@
 """Config helpers in the style of Stability's generative-models (sgm)."""
+import contextlib
 import importlib
+import os
 
 
 def get_obj_from_str(string: str):
@@ -17,6 +19,22 @@ def instantiate_from_config(config, **extra_params):
     params = dict(config.get("params", None) or {})
     params.update(extra_params)
     return get_obj_from_str(config["target"])(**params)
+
+
+@contextlib.contextmanager
+def environment(**values: str):
+    """Environment variables set to `values` inside the block; each gets its previous value back (or is removed
+    again) on leaving it. For switches that MindSpore or this project read when something is built or compiled."""
+    previous = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def default(value, fallback):

@@ -17,7 +17,6 @@ the files it imports, not the network, its config or the input shapes. Hence:
 - the cache is used only when the running script is the entry point (`sys.argv[0]`), as in the child: under any
   other entry point (pytest) MindSpore's hash would differ and it would compile again.
 """
-import contextlib
 import hashlib
 import json
 import os
@@ -29,6 +28,7 @@ from pathlib import Path
 import mindspore as ms
 
 from gm.modules import cpu_kernels
+from gm.util import environment
 
 PRECOMPILE_ENV = "MINDBOOTH_PRECOMPILE"  # set in the child: the folder to compile into
 _COMPLETE = "complete.json"  # written once the child compiled both graphs
@@ -106,15 +106,10 @@ def user_cache_enabled() -> bool:
     return os.environ.get(_CACHE_ENABLE) in ("1", "True", "true")
 
 
-@contextlib.contextmanager
 def compile_cache(folder):
     """MindSpore's compile cache on in `folder` (graphs compiled now are written there, or loaded if there).
     Its environment variables are read at each compile (set_context's enable_compile_cache is deprecated)."""
-    os.environ.update({_CACHE_ENABLE: "1", _CACHE_PATH: str(folder)})
-    try:
-        yield
-    finally:
-        del os.environ[_CACHE_ENABLE], os.environ[_CACHE_PATH]
+    return environment(**{_CACHE_ENABLE: "1", _CACHE_PATH: str(folder)})
 
 
 def compile_step_graphs(folder, grad_step, apply_step, inputs):

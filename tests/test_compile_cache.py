@@ -2,6 +2,7 @@
 the same training, bit for bit, as compiling it in the training process; a later run with the same graphs loads them
 without a child; a child that fails leaves nothing a run could load."""
 import csv
+import os
 import subprocess
 import sys
 
@@ -101,3 +102,17 @@ def test_the_folder_name_changes_with_what_shapes_the_graph(tmp_path):
     assert base != cache_folder(tmp_path, script, {"inputs": [2, 4, 4, 4], "model": {"rank": 8}})
     script.write_text("# v2\n")  # the script's source is part of the key
     assert base != cache_folder(tmp_path, script, {"inputs": [2, 4, 4, 4], "model": {"rank": 4}})
+
+
+def test_the_cache_switches_are_set_in_the_block_only_and_restored_after_an_error(tmp_path, monkeypatch):
+    from mindbooth.compile_cache import compile_cache
+
+    monkeypatch.delenv("MS_COMPILER_CACHE_ENABLE", raising=False)
+    monkeypatch.setenv("MS_COMPILER_CACHE_PATH", "/users/own/path")  # a value the user set before stays theirs
+    with pytest.raises(RuntimeError, match="inside"):
+        with compile_cache(tmp_path):
+            assert os.environ["MS_COMPILER_CACHE_ENABLE"] == "1"
+            assert os.environ["MS_COMPILER_CACHE_PATH"] == str(tmp_path)
+            raise RuntimeError("inside")
+    assert "MS_COMPILER_CACHE_ENABLE" not in os.environ
+    assert os.environ["MS_COMPILER_CACHE_PATH"] == "/users/own/path"

@@ -15,7 +15,6 @@ The library is compiled once per source and machine with the system's g++ (`-mar
 the CPU; on Ascend/GPU, with MINDBOOTH_CPU_KERNELS=0, or when g++ fails, the layers use MindSpore's own ops and
 compute the same thing.
 """
-import contextlib
 import functools
 import hashlib
 import logging
@@ -29,6 +28,8 @@ from pathlib import Path
 
 import mindspore as ms
 from mindspore import ops
+
+from gm.util import environment
 
 SOURCE_FOLDER = Path(__file__).resolve().parent
 FAST_MATH_SOURCES = ("gelu.cc", "silu.cc", "attention.cc")  # -ffast-math: erff/expf vectorised through glibc's libmvec
@@ -142,19 +143,10 @@ def enabled() -> bool:
     return path is not None
 
 
-@contextlib.contextmanager
 def switched_off():
     """Layers built inside the block use MindSpore's own ops (as with MINDBOOTH_CPU_KERNELS=0), and nothing is
     compiled: for building a model only to read its parameters' names and shapes, which the kernels do not change."""
-    previous = os.environ.get(ENV_SWITCH)
-    os.environ[ENV_SWITCH] = "0"
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(ENV_SWITCH, None)
-        else:
-            os.environ[ENV_SWITCH] = previous
+    return environment(**{ENV_SWITCH: "0"})
 
 
 def onednn_enabled() -> bool:
