@@ -26,7 +26,9 @@ from tools.model_conversion.dtypes import ConversionError, cast
 from tools.model_conversion.keymap import mindspore_to_official_name
 from tools.model_conversion.make_random_sdxl import write_random
 from tools.model_conversion.safetensors_stream import SafetensorsReader, TensorInfo, header_bytes, write_order
-from tools.model_conversion.sdxl_layout import detect, load_config, model_mindspore_shapes, official_shapes
+from tools.model_conversion.convert_weight import expected_shapes
+from tools.model_conversion.sdxl_layout import (SDXL_TARGETS, config_targets, detect, load_config, model_mindspore_shapes,
+                                                 official_shapes, rule_mindspore_shapes)
 
 CLI = ROOT / "tools" / "model_conversion" / "convert_weight.py"
 FULL = os.environ.get("MINDBOOTH_FULL_SIZE") == "1"
@@ -78,6 +80,53 @@ def test_model_parameters_are_the_rule_layout_in_mindspore_names(config, request
     model = request.getfixturevalue("tiny_expected" if config == TINY_CONFIG else "base_expected")
     as_official = {mindspore_to_official_name(n): s for n, s in model.items()}
     assert as_official == dict(official_shapes(load_config(config)["model"]["params"]))
+
+
+def _config_variant(tmp_path, change):
+    config = load_config(TINY_CONFIG)
+    change(config["model"])
+    path = tmp_path / "variant.yaml"
+    from omegaconf import OmegaConf
+
+    OmegaConf.save(OmegaConf.create(config), path)
+    return path
+
+
+def test_rule_shapes_are_the_models_for_configs_of_sdxls_modules(tmp_path, tiny_expected, base_expected):
+    assert tuple(config_targets(load_config(BASE_CONFIG)["model"])) == SDXL_TARGETS
+    assert rule_mindspore_shapes(TINY_CONFIG) == tiny_expected
+    assert rule_mindspore_shapes(BASE_CONFIG) == base_expected
+    # a number the rules read beyond the shipped configs: a deeper middle transformer
+    deeper = _config_variant(tmp_path, lambda m: m["params"]["network_config"]["params"].update(transformer_depth_middle=3))
+    assert rule_mindspore_shapes(deeper) == model_mindspore_shapes(deeper) != tiny_expected
+
+
+def _other_sampler(model):
+    model["params"]["sampler_config"]["target"] = "gm.modules.diffusionmodules.sampler.EulerAncestralSampler"
+
+
+@pytest.mark.parametrize("change", [
+    _other_sampler,
+    lambda m: m["params"]["network_config"]["params"].update(num_res_blocks=[2, 2, 1]),
+], ids=["another module", "numbers the rules do not describe"])
+def test_rule_shapes_are_not_guessed_for_other_configs(tmp_path, change):
+    assert rule_mindspore_shapes(_config_variant(tmp_path, change)) is None
+
+
+def test_an_sdxl_config_is_checked_without_building_its_model(monkeypatch, tiny_expected):
+    import multiprocessing
+
+    def no_child(*args):
+        raise AssertionError("a process was started to build the model")
+
+    monkeypatch.setattr(multiprocessing, "get_context", no_child)
+    with expected_shapes(TINY_CONFIG) as expected:
+        assert expected == tiny_expected
+
+
+def test_another_config_is_checked_against_its_model_built_in_a_child(tmp_path, tiny_expected):
+    with expected_shapes(_config_variant(tmp_path, _other_sampler)) as expected:
+        assert callable(expected) and expected() == tiny_expected
 
 
 def test_model_shapes_are_read_with_the_cpu_kernels_off(monkeypatch, tiny_expected):

@@ -6,7 +6,8 @@ tensor at a time into `<output>.partial` and renames that to the output at the v
 interrupted run never leaves a file that looks complete.
 
 `expected` is either that dict, checked before anything is written, or a function that returns it
-(the command line builds the model in another process, about 4 s, while the tensors are written).
+(for a config not built of SDXL base's own modules, the command line builds the model in another process, about
+5 s, while the tensors are written).
 Then a file that is not SDXL base-shaped at all is refused at once, and the exact check runs after
 writing, before the output appears: a mismatch still leaves no output.
 """

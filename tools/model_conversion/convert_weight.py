@@ -6,7 +6,8 @@
         --weight_ms checkpoints/sd_xl_base_1.0_ms.ckpt --weight_safetensors sd_xl_base_1.0_back.safetensors
 
 `--weight_safetensors` may also be a diffusers pipeline folder (pt_to_ms only). The names and shapes the
-checkpoint must have come from the model that `--config` builds. See weight_convertion.md.
+checkpoint must have are those of the model that `--config` builds: derived from the config's numbers for SDXL
+base's modules, read from the model (built in a child process) for any other. See weight_convertion.md.
 """
 import argparse
 import resource
@@ -35,13 +36,26 @@ def _model_shapes(config):
 
 @contextmanager
 def expected_shapes(config):
-    """Build the model of `config` in a child process, while the caller goes on (the conversion writes
-    meanwhile); yields a function that waits for its {MindSpore name: shape}. A child, so this process
-    never holds MindSpore (about 1 GB) while it streams the weights; it is ended on leaving the block."""
+    """The {MindSpore name: shape} a checkpoint for `config` must have, for the block.
+
+    A config built of SDXL base's own modules gets it from the rules at once (`rule_mindspore_shapes`, which the
+    tests hold equal to the model's): a dict. Any other config's model is built in a child process while the
+    caller goes on (the conversion writes meanwhile); then a function that waits for it is yielded. A child, so
+    this process never holds MindSpore (about 1 GB) while it streams the weights; it is ended on leaving the block."""
     import multiprocessing
+
+    from tools.model_conversion.sdxl_layout import rule_mindspore_shapes
 
     if not Path(config).is_file():
         raise ConversionError(f"model config not found: {config}")
+    try:
+        by_rule = rule_mindspore_shapes(config)
+    except Exception as e:  # not YAML, or not a mapping
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        raise ConversionError(f"could not read the model config {config}: {type(e).__name__}: {first_line}") from None
+    if by_rule is not None:
+        yield by_rule
+        return
     with multiprocessing.get_context("spawn").Pool(1) as pool:  # leaving it terminates the child
         pending = pool.apply_async(_model_shapes, (str(config),))
 

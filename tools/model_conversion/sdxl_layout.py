@@ -9,6 +9,10 @@ by the same rules Stability's sgm code uses to build the model. For `sd_xl_base.
 `model_mindspore_shapes(config)` reads the names and shapes from the MindSpore model itself
 (built without allocating weights): the set the converted checkpoint must load into.
 
+`rule_mindspore_shapes(config)` is that set derived by the rules, in MindSpore names, without MindSpore: for a
+config built of SDXL base's own modules (`SDXL_TARGETS`), where the tests hold it equal to the model's (the
+tiny and the full-size config); None for any other config.
+
 `detect(shapes)` names the model family of a key set (SD 1.x, SD 2.x, SDXL refiner, ...) so that
 a wrong input gets an error that says what it is.
 """
@@ -73,6 +77,8 @@ def _as_depths(value, n):
 
 def unet_shapes(p, prefix=UNET):
     """sgm `UNetModel` (SDXL flavour: linear proj_in/out, sequential label embedding)."""
+    if not p.get("use_linear_in_transformer", True):
+        raise NotImplementedError("convolutional proj_in/proj_out are not SDXL's")
     out = OrderedDict()
     mc, mult, nres = p["model_channels"], list(p["channel_mult"]), p["num_res_blocks"]
     depth = _as_depths(p.get("transformer_depth", 1), len(mult))
@@ -98,7 +104,8 @@ def unet_shapes(p, prefix=UNET):
             chans.append(ch)
             block, ds = block + 1, ds * 2
     _unet_resblock(out, pre + "middle_block.0", ch, ch, emb)
-    _unet_transformer(out, pre + "middle_block.1", ch, depth[-1], ctx)
+    middle_depth = p.get("transformer_depth_middle")
+    _unet_transformer(out, pre + "middle_block.1", ch, depth[-1] if middle_depth is None else middle_depth, ctx)
     _unet_resblock(out, pre + "middle_block.2", ch, ch, emb)
     block = 0
     for level, m in reversed(list(enumerate(mult))):
@@ -230,6 +237,58 @@ def load_config(path):
     from omegaconf import OmegaConf
 
     return OmegaConf.to_container(OmegaConf.load(str(path)), resolve=True)
+
+
+# The `target`s of SDXL base's model config, in config order (configs/inference/sd_xl_base.yaml; the tiny
+# config has the same): the modules whose parameters the rules above describe.
+SDXL_TARGETS = (
+    "gm.models.diffusion.DiffusionEngine",
+    "gm.modules.diffusionmodules.denoiser.DiscreteDenoiser",
+    "gm.modules.diffusionmodules.denoiser_scaling.EpsScaling",
+    "gm.modules.diffusionmodules.discretizer.LegacyDDPMDiscretization",
+    "gm.modules.diffusionmodules.openaimodel.UNetModel",
+    "gm.modules.embedders.modules.GeneralConditioner",
+    "gm.modules.embedders.modules.FrozenCLIPEmbedder",
+    "gm.modules.embedders.modules.FrozenOpenCLIPEmbedder2",
+    "gm.modules.embedders.modules.ConcatTimestepEmbedderND",
+    "gm.modules.embedders.modules.ConcatTimestepEmbedderND",
+    "gm.modules.embedders.modules.ConcatTimestepEmbedderND",
+    "gm.models.autoencoder.AutoencoderKLInferenceWrapper",
+    "gm.modules.diffusionmodules.sampler.EulerEDMSampler",
+    "gm.modules.diffusionmodules.discretizer.LegacyDDPMDiscretization",
+    "gm.modules.diffusionmodules.guiders.VanillaCFG",
+    "gm.modules.diffusionmodules.loss.StandardDiffusionLoss",
+    "gm.modules.diffusionmodules.sigma_sampling.DiscreteSampling",
+    "gm.modules.diffusionmodules.discretizer.LegacyDDPMDiscretization",
+)
+
+
+def config_targets(node) -> list:
+    """Every `target` in a config tree, depth first in file order."""
+    if isinstance(node, dict):
+        own = [node["target"]] if isinstance(node.get("target"), str) else []
+        return own + [t for key, value in node.items() if key != "target" for t in config_targets(value)]
+    if isinstance(node, list):
+        return [t for item in node for t in config_targets(item)]
+    return []
+
+
+def rule_mindspore_shapes(config_path):
+    """{MindSpore parameter name: shape} of the model a config builds, by the rules (no MindSpore, no model),
+    or None when the config is not built of exactly SDXL base's modules or its numbers are outside what the
+    rules describe (the caller then builds the model). Equal to `model_mindspore_shapes` where not None: tested on the
+    tiny and the full-size config, and the rules read the same numbers the modules do."""
+    from tools.model_conversion.keymap import official_to_mindspore_names
+
+    model = load_config(config_path).get("model")
+    if not isinstance(model, dict) or tuple(config_targets(model)) != SDXL_TARGETS:
+        return None
+    try:
+        shapes = official_shapes(model["params"])
+    except (KeyError, TypeError, ValueError, NotImplementedError):  # e.g. num_res_blocks per level
+        return None
+    names = official_to_mindspore_names(shapes)
+    return {names[name]: tuple(shape) for name, shape in shapes.items()}
 
 
 # ---------------------------------------------------------------- model-derived expectation
