@@ -5,7 +5,8 @@
 
 Without --input it writes a random fp16 official-layout file (6.9 GB) from the key list into --workdir
 first. Every step runs as its own process, timed from outside; peak RSS is read with wait4(), so it
-covers the step's whole process tree (the converter builds the model's name list in a child).
+covers the step's whole process tree (a converter given a config of other modules than SDXL base's builds the
+model's name list in a child; the shipped config's names come from the rules, in the converter's own process).
 Steps, in turn, `--warmup` rounds (not counted: the first round after writing the input was 2-4x slower for
 every step, cp included) then `--repeats` rounds, each step after an untimed `sync` (medians reported): cp of the
 input, alone and with an fsync of the copy (the converter fsyncs); pt_to_ms fp16; ms_to_pt fp16 (back to the original, checked
@@ -103,7 +104,7 @@ def main():
         print(f"{name:28s} {seconds:7.1f} {seconds / cp_seconds:6.2f} {seconds / cp_sync_seconds:10.2f} "
               f"{max(r[1] for r in rows):13.2f} {rows[-1][2]:11.2f}  {' '.join(f'{r[0]:.1f}' for r in rows)}")
     print(f"round trip safetensors -> ckpt -> safetensors bit-identical: {identical}")
-    print("converter's own report (its main process RSS, without the model-building child):")
+    print("converter's own report (its main process's RSS):")
     for name, rows in runs.items():
         if rows[-1][3]:
             print(f"  {rows[-1][3]}")

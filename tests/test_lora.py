@@ -78,7 +78,9 @@ def test_lora_identity_merge_and_trainable_set():
     set_lora_merged(holder, False)
     for name, value in base_weights.items():
         np.testing.assert_allclose(dict(holder.parameters_and_names())[name].asnumpy(), value, atol=1e-6)
-    assert relative_error(run_ours(unet, inputs), with_lora) < 1e-6
+    # W + delta - delta is W up to fp32 rounding, which the layers carry to ~1e-6 of the output (5e-7 to 1e-6
+    # measured, with the thread split of the process); the LoRA's own effect is > 1e-3 (above)
+    assert relative_error(run_ours(unet, inputs), with_lora) < 1e-5
 
 
 class _UNetSum(nn.Cell):
