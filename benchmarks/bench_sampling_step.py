@@ -77,7 +77,7 @@ def run_torch(args):
 
 def main():
     p = common.benchmark_parser(__doc__.split("\n\n")[0])
-    common.run_benchmark(p.parse_args(), __file__, "sampling_step_cfg", run_mindspore, run_torch, job="sampling")
+    common.run_benchmark(p.parse_args(), __file__, "sampling_step_cfg", run_mindspore, run_torch)
 
 
 if __name__ == "__main__":

@@ -90,9 +90,9 @@ def emit(result: dict):
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def allocator_env(allocator: str, job: str = "training") -> dict:
+def allocator_env(allocator: str) -> dict:
     """The environment of a child process that runs with `allocator`: system (glibc), jemalloc (Debian's
-    libjemalloc2, the reference's), or mimalloc (what MindBooth preloads on CPU for `job`, mindbooth/allocator.py)."""
+    libjemalloc2, the reference's), or mimalloc (what MindBooth preloads on CPU, mindbooth/allocator.py)."""
     from mindbooth.allocator import preload_env
 
     env = preload_env("system")
@@ -101,17 +101,16 @@ def allocator_env(allocator: str, job: str = "training") -> dict:
             sys.exit(f"--allocator jemalloc: {JEMALLOC} not found (apt-get install libjemalloc2)")
         env["LD_PRELOAD"] = JEMALLOC
     elif allocator == "mimalloc":
-        env = preload_env("mimalloc", env, job=job)
+        env = preload_env("mimalloc", env)
         if "libmimalloc" not in env.get("LD_PRELOAD", ""):
             sys.exit("--allocator mimalloc: not installed (pip install cmeel-mimalloc)")
     return env
 
 
-def run_guarded(argv, rss_limit_gib: float, allocator: str = "system", timeout_s: float = None,
-                job: str = "training") -> dict:
+def run_guarded(argv, rss_limit_gib: float, allocator: str = "system", timeout_s: float = None) -> dict:
     """Run `argv` (a benchmark with --child) under the RSS guard, with `allocator` preloaded; return its RESULT
     dict plus the guard's facts (peak RSS of the child from wait4, killed or not, load average before/after)."""
-    env = allocator_env(allocator, job)
+    env = allocator_env(allocator)
     load_before = os.getloadavg()
     start = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=None, text=True, env=env, start_new_session=True)
@@ -189,12 +188,11 @@ def default_allocator(args) -> str:
     return args.allocator or ("jemalloc" if args.framework == "torch" else "mimalloc")
 
 
-def run_benchmark(args, script: str, benchmark: str, run_mindspore, run_torch, job: str = "training"):
-    """Parent: re-run this script as a memory-guarded child and print its result. Child: measure, print the result.
-    `job` ('training' or 'sampling') tunes the allocator as MindBooth's scripts for that job do."""
+def run_benchmark(args, script: str, benchmark: str, run_mindspore, run_torch):
+    """Parent: re-run this script as a memory-guarded child and print its result. Child: measure, print the result."""
     if not args.child:
         result = run_guarded([sys.executable, script, *sys.argv[1:], "--child"], args.rss_limit_gib,
-                             allocator=default_allocator(args), job=job)
+                             allocator=default_allocator(args))
         result["command"] = f"python benchmarks/{Path(script).name} " + " ".join(sys.argv[1:])
         emit(result)
         return

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mindbooth.allocator import preload_mimalloc  # noqa: E402
 
 if __name__ == "__main__":
-    preload_mimalloc(job="sampling")  # on CPU: re-executes this script with mimalloc preloaded (mindbooth/allocator.py)
+    preload_mimalloc()  # on CPU: re-executes this script with mimalloc preloaded (mindbooth/allocator.py)
 
 from mindbooth.sampling_cli import main  # noqa: E402  (imports MindSpore)
 

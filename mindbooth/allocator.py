@@ -16,15 +16,6 @@ from mindbooth.config import early_flags
 
 _DONE = "MINDBOOTH_ALLOCATOR_SET"  # set in the re-executed process: never re-execute twice
 
-# How long mimalloc keeps memory that was freed before it returns it to the OS, in ms, per kind of job (unless
-# MIMALLOC_PURGE_DELAY is set). Its default, 1 s, makes the next step page-fault the memory back in (2.2 s of system
-# CPU time in a reduced-UNet train step). Training: 10 s keeps what a step frees and soon takes again (that step
-# 24.9 -> 23.5 s at the same peak RSS; never returning it grew the training peak by 25 %, RESULTS.md section 17).
-# Sampling (the command-line sampler, whose denoising steps take 20-80 s on CPU): 60 s, longer than a step. With
-# 10 s the full-size 512 step page-faulted its buffers back in every step: 60-73 s of system CPU time per benchmark
-# run against 39-59 s with 60 s (41-48 s never returning them, at 0.4 GiB more peak; RESULTS.md section 22).
-PURGE_DELAY_MS = {"training": 10_000, "sampling": 60_000}
-
 
 def mimalloc_library():
     """Path of the libmimalloc.so that `cmeel-mimalloc` installs, or None."""
@@ -35,15 +26,17 @@ def mimalloc_library():
     return None
 
 
-def preload_env(allocator: str, env=None, job: str = "training") -> dict:
-    """A copy of `env` (default os.environ) whose processes start with `allocator` ('mimalloc' or 'system'),
-    mimalloc with the purge delay of `job` ('training' or 'sampling', PURGE_DELAY_MS)."""
+def preload_env(allocator: str, env=None) -> dict:
+    """A copy of `env` (default os.environ) whose processes start with `allocator` ('mimalloc' or 'system')."""
     env = dict(os.environ if env is None else env)
     library = mimalloc_library() if allocator == "mimalloc" else None
     preload = [p for p in env.get("LD_PRELOAD", "").split(":") if p and "libmimalloc" not in p]
     if library:
         preload.insert(0, library)
-        env.setdefault("MIMALLOC_PURGE_DELAY", str(PURGE_DELAY_MS[job]))
+        # mimalloc returns memory left free for 1 s (its default) to the OS; the next step then page-faults it back
+        # in (2.2 s of system CPU time in a reduced-UNet step). 10 s keeps what a step frees and soon takes again:
+        # that step 24.9 -> 23.5 s at the same peak RSS; never returning it grew the peak by 25 % (RESULTS.md 17).
+        env.setdefault("MIMALLOC_PURGE_DELAY", "10000")
     if preload:
         env["LD_PRELOAD"] = ":".join(preload)
     else:
@@ -51,9 +44,9 @@ def preload_env(allocator: str, env=None, job: str = "training") -> dict:
     return env
 
 
-def preload_mimalloc(argv=None, job: str = "training"):
-    """Re-execute this script with mimalloc preloaded (tuned for `job`: 'training' or 'sampling'), when it runs on
-    CPU with `--allocator mimalloc` (the default) and mimalloc is installed. Otherwise it returns, having printed a hint if mimalloc is missing.
+def preload_mimalloc(argv=None):
+    """Re-execute this script with mimalloc preloaded, when it runs on CPU with `--allocator mimalloc` (the
+    default) and mimalloc is installed. Otherwise it returns, having printed a hint if mimalloc is missing.
     Call it first thing in a script's `__main__`, before MindSpore is imported and before any other process
     is started (the re-executed process keeps the PID, so mpirun and msrun see the same worker)."""
     flags = early_flags(argv, allocator="mimalloc", device_target="Ascend")
@@ -64,7 +57,7 @@ def preload_mimalloc(argv=None, job: str = "training"):
     if mimalloc_library() is None:
         print("note: running on glibc's malloc; `pip install cmeel-mimalloc` compiles faster and peaks lower on CPU", file=sys.stderr)
         return
-    env = preload_env("mimalloc", job=job)
+    env = preload_env("mimalloc")
     env[_DONE] = "mimalloc"
     sys.stdout.flush()
     sys.stderr.flush()

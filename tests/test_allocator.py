@@ -83,8 +83,7 @@ def test_trainer_and_sampler_accept_the_flag():
 
 
 @needs_mimalloc
-def test_mimalloc_keeps_freed_memory_10_s_for_training_60_s_for_sampling_unless_told_otherwise():
+def test_mimalloc_keeps_freed_memory_10_s_unless_told_otherwise():
     assert preload_env("mimalloc", {})["MIMALLOC_PURGE_DELAY"] == "10000"
-    assert preload_env("mimalloc", {}, job="sampling")["MIMALLOC_PURGE_DELAY"] == "60000"
-    assert preload_env("mimalloc", {"MIMALLOC_PURGE_DELAY": "250"}, job="sampling")["MIMALLOC_PURGE_DELAY"] == "250"
+    assert preload_env("mimalloc", {"MIMALLOC_PURGE_DELAY": "250"})["MIMALLOC_PURGE_DELAY"] == "250"
     assert "MIMALLOC_PURGE_DELAY" not in preload_env("system", {})
