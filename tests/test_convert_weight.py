@@ -129,6 +129,15 @@ def test_another_config_is_checked_against_its_model_built_in_a_child(tmp_path, 
         assert callable(expected) and expected() == tiny_expected
 
 
+def test_a_config_that_is_not_yaml_is_a_one_line_error(tmp_path):
+    config = tmp_path / "broken.yaml"
+    config.write_text("model: [1, 2\n")
+    with pytest.raises(ConversionError, match=r"^could not read the model config .*broken.yaml: ParserError") as e:
+        with expected_shapes(config):
+            pass
+    assert "\n" not in str(e.value)
+
+
 def test_model_shapes_are_read_with_the_cpu_kernels_off(monkeypatch, tiny_expected):
     """The converter's expectation is built without MindBooth's CPU kernels (on a fresh machine, asking for them
     compiles them): the same names and shapes as the model built with them, and the switch is put back."""
