@@ -1,5 +1,6 @@
 """gm/modules/cpu_kernels: the fused CPU kernels equal torch (outputs and every gradient), are built once into the
 cache without leaving partial files, are what the layers use on this CPU, and are left out when switched off."""
+import ctypes
 import logging
 import os
 
@@ -262,6 +263,32 @@ def test_winograd_is_taken_where_it_pays():
     for shape in ((16, 16, 1, 2, 16), (12, 16, 3, 2, 16)):
         auto, direct, winograd = outputs(*shape)
         assert np.array_equal(auto, direct) and np.array_equal(winograd, direct)
+
+
+def test_scratch_buffers_are_kept_and_reused():
+    """The Winograd convolution's scratch buffers (scratch.cc) stay allocated between calls: a repeated call reuses
+    them (no new bytes) and gives the same result; a larger call replaces the buffers it outgrew instead of adding
+    to them; a smaller call after it takes what is kept."""
+    kept_bytes = ctypes.CDLL(cpu_kernels.library_path()).MindBoothScratchKeptBytes
+    kept_bytes.restype = ctypes.c_int64
+    rng = np.random.default_rng(9)
+
+    def convolution(channels):
+        weight = (rng.standard_normal((channels, channels, 3, 3)) / np.sqrt(9 * channels)).astype(np.float16)
+        x = ms.Tensor(rng.standard_normal((2, channels, 16, 16)).astype(np.float32))
+        net = FrozenConvolution(weight, 1, fused=True, algorithm="winograd")
+        return lambda: net(x).asnumpy()
+
+    small, large = convolution(256), convolution(384)
+    large_filters_bytes = 36 * 384 * 384 * 4  # transformed filters, larger than any buffer this file used before
+    first = small()
+    kept = kept_bytes()
+    assert kept >= 36 * 256 * 256 * 4
+    assert np.array_equal(small(), first) and kept_bytes() == kept
+    large()
+    grown = kept_bytes()
+    assert large_filters_bytes <= grown < kept + large_filters_bytes  # added on top, it would be more
+    assert np.array_equal(small(), first) and kept_bytes() == grown
 
 
 @pytest.mark.parametrize("algorithm", ["direct", "winograd"])

@@ -33,7 +33,7 @@ from gm.util import environment
 
 SOURCE_FOLDER = Path(__file__).resolve().parent
 FAST_MATH_SOURCES = ("gelu.cc", "silu.cc", "attention.cc")  # -ffast-math: erff/expf vectorised through glibc's libmvec
-SOURCES = ("norms.cc", "cast.cc", "transpose.cc", "upsample.cc")
+SOURCES = ("norms.cc", "cast.cc", "transpose.cc", "upsample.cc", "scratch.cc")
 ONEDNN_SOURCES = ("conv.cc", "winograd.cc", "attention.cc")  # need oneDNN's headers and library
 ONEDNN_LIBRARY = "libdnnl.so.3"
 COMPILER_FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-pthread", "-fPIC", "-std=c++20")

@@ -11,7 +11,7 @@
 // Layouts: the input (N, C, H, W) goes through a thread's buffer of 6 image rows in (row, column, channel) order,
 // so that the transforms run over 8 channels at once; the transformed input is V[36][tiles][C], the transformed
 // filters U[36][C][K], the products M[36][tiles][K]. Large inputs are done in chunks of tile rows that keep V and M
-// under kChunkBytes each; U is made once per call.
+// under kChunkBytes each; U is made once per call. All three are scratch buffers kept between calls (scratch.cc).
 #include "winograd.h"
 
 #include <oneapi/dnnl/dnnl.h>
@@ -271,7 +271,7 @@ bool winograd_applies(int64_t in_channels, int64_t out_channels, int64_t kernel,
 bool winograd_conv3x3(const float* x, const void* weight, bool weight_float16, bool transposed, int64_t batch,
                       int64_t in_channels, int64_t out_channels, int64_t height, int64_t width, float* y) {
   const Shape s{batch, in_channels, out_channels, height, width, (height + 3) / 4, (width + 3) / 4};
-  const mindbooth::AlignedFloats u = mindbooth::aligned_floats(kPoints * point_stride(s.in * s.out));
+  const mindbooth::ScratchFloats u(kPoints * point_stride(s.in * s.out));
   if (!u) return false;
   // the weight is (out, in, 3, 3) for the convolution, (in, out, 3, 3) for the input gradient
   const int64_t rows_a = transposed ? s.in : s.out, columns_b = transposed ? s.out : s.in;
@@ -282,11 +282,9 @@ bool winograd_conv3x3(const float* x, const void* weight, bool weight_float16, b
   const int64_t rows = s.batch * s.tile_rows_per_image;
   const int64_t row_bytes = kPoints * s.tiles_per_row * std::max(s.in, s.out) * int64_t{sizeof(float)};
   const int64_t chunk_rows = std::clamp<int64_t>(kChunkBytes / row_bytes, 1, rows);
-  const mindbooth::AlignedFloats v =
-      mindbooth::aligned_floats(kPoints * point_stride(chunk_rows * s.tiles_per_row * s.in));
+  const mindbooth::ScratchFloats v(kPoints * point_stride(chunk_rows * s.tiles_per_row * s.in));
   if (!v) return false;
-  const mindbooth::AlignedFloats m =
-      mindbooth::aligned_floats(kPoints * point_stride(chunk_rows * s.tiles_per_row * s.out));
+  const mindbooth::ScratchFloats m(kPoints * point_stride(chunk_rows * s.tiles_per_row * s.out));
   if (!m) return false;
   for (int64_t first = 0; first < rows; first += chunk_rows) {
     const int64_t last = std::min(rows, first + chunk_rows);
