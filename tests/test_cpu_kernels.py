@@ -223,6 +223,18 @@ def test_convolution_equals_torch(case, storage, mode):
     _assert_close(_ours(net, x, weights, mode), want)
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_pointwise_convolution_splits_rows_or_images(batch):
+    """The 1x1 convolution as one sgemm per image (conv.cc): with fewer images than threads each image's output rows
+    are split between them, with more the images are; output and input gradient as torch computes them."""
+    rng = np.random.default_rng(10)
+    weight = rng.standard_normal((40, 24, 1, 1)).astype(np.float32)
+    x = rng.standard_normal((batch, 24, 7, 5)).astype(np.float32)
+    weights = rng.standard_normal((batch, 40, 7, 5)).astype(np.float32)
+    want = _torch(lambda x: F.conv2d(x, torch.from_numpy(weight)), x, (), weights)
+    _assert_close(_ours(FrozenConvolution(weight, 0, fused=True), x, weights, ms.GRAPH_MODE), want)
+
+
 @MODES
 @pytest.mark.parametrize("storage", [np.float32, np.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("case", [(8, 16, 2, 9, 7), (24, 8, 1, 13, 18), (64, 32, 2, 16, 16)],

@@ -6,11 +6,12 @@
 // in fp32 or as stored in fp16, which is converted first).
 // Threads: oneDNN's threadpool interface over mindbooth::parallel_for (threads per call, none left spinning).
 // The 3x3 padding-1 convolutions of large enough batches go to Winograd's F(4x4, 3x3) instead (winograd.cc), which
-// oneDNN has only for AVX-512 machines: a quarter of the multiplications.
+// oneDNN has only for AVX-512 machines: a quarter of the multiplications; the 1x1 ones to oneDNN's sgemm.
 #include <oneapi/dnnl/dnnl.h>
 #include <oneapi/dnnl/dnnl_threadpool.h>
 #include <oneapi/dnnl/dnnl_threadpool_iface.hpp>
 
+#include <atomic>
 #include <cstdio>
 #include <cstring>
 #include <limits>
@@ -229,6 +230,53 @@ int try_winograd(void** params, const char** dtypes, int64_t** shapes, bool tran
   return done ? 0 : 1;
 }
 
+// The 1x1 convolution is a GEMM per image in NCHW itself: y[n] (O, HW) = W (O, C) x[n] (C, HW), and the input
+// gradient dx[n] (C, HW) = W^T dy[n] (O, HW). oneDNN's direct convolution reorders both activations into and out
+// of its blocked layout per call, which made the UNet's skip connections run at a third of the sgemm's rate. The
+// images, and where there are fewer images than threads their output rows, go over the threads, each product on
+// one thread (oneDNN's sgemm held to it, as in winograd.cc). `transposed`: the input gradient.
+bool pointwise(const float* x, const float* weight, int64_t batch, int64_t in_channels, int64_t out_channels,
+               int64_t pixels, bool transposed, float* y) {
+  // the product's rows are the output's channels: O for the convolution, C for its input gradient
+  const int64_t rows = transposed ? in_channels : out_channels, depth = transposed ? out_channels : in_channels;
+  const int64_t parts = std::max<int64_t>(1, mindbooth::thread_count(std::numeric_limits<int>::max()) / batch);
+  const int64_t part_rows = (rows + parts - 1) / parts;
+  std::atomic<bool> failed{false};
+  mindbooth::parallel_for(batch * parts, [&](int64_t begin, int64_t end, int) {
+    int previous = 0;  // per-thread setting, put back: chunk 0 runs on MindSpore's calling thread
+    const bool restore = dnnl_threadpool_interop_get_max_concurrency(&previous) == dnnl_success;
+    dnnl_threadpool_interop_set_max_concurrency(1);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t image = task / parts, row0 = (task % parts) * part_rows;
+      const int64_t count = std::min(rows, row0 + part_rows) - row0;
+      if (count <= 0) continue;
+      // row-major: W is (O, C); the input gradient's rows row0.. of W^T are W's columns row0..
+      const float* a = transposed ? weight + row0 : weight + row0 * in_channels;
+      if (dnnl_sgemm(transposed ? 'T' : 'N', 'N', count, pixels, depth, 1.0f, a, in_channels,
+                     x + image * depth * pixels, pixels, 0.0f, y + (image * rows + row0) * pixels, pixels) != dnnl_success)
+        failed = true;
+    }
+    if (restore) dnnl_threadpool_interop_set_max_concurrency(previous);
+  });
+  return !failed;
+}
+
+// Both kernels' 1x1 path: the kernel's result (0, or 1 on failure), or -1 where the kernel is not 1x1 unpadded
+int try_pointwise(void** params, const char** dtypes, int64_t** shapes, bool transposed) {
+  const int64_t *x_shape = shapes[0], *w_shape = shapes[1];
+  if (w_shape[2] != 1 || w_shape[3] != 1 || static_cast<int64_t>(mindbooth::input(params, 2)[0]) != 0) return -1;
+  try {
+    std::unique_ptr<mindbooth::ScratchFloats> converted;
+    const float* weight = weight_float32(params, dtypes, shapes, converted);
+    return pointwise(mindbooth::input(params, 0), weight, x_shape[0], w_shape[1], w_shape[0], x_shape[2] * x_shape[3],
+                     transposed, mindbooth::output(params, 3))
+               ? 0
+               : 1;
+  } catch (const Failure&) {
+    return 1;
+  }
+}
+
 int report(const Failure& failure, const char* kernel) {
   std::fprintf(stderr, "MindBooth %s: oneDNN %s failed (status %d)\n", kernel, failure.what, failure.status);
   return 1;
@@ -240,6 +288,7 @@ int report(const Failure& failure, const char* kernel) {
 MINDBOOTH_KERNEL(Conv2dForward) {
   if (!valid(nparam, ndims, dtypes)) return 1;
   if (const int result = try_winograd(params, dtypes, shapes, false); result >= 0) return result;
+  if (const int result = try_pointwise(params, dtypes, shapes, false); result >= 0) return result;
   try {
     Convolution conv(shapes[0], shapes[1], shapes[3], static_cast<int64_t>(mindbooth::input(params, 2)[0]));
     PrimitiveDesc desc = conv.forward(dnnl_forward_inference);
@@ -260,6 +309,7 @@ MINDBOOTH_KERNEL(Conv2dForward) {
 MINDBOOTH_KERNEL(Conv2dBackwardData) {
   if (!valid(nparam, ndims, dtypes)) return 1;
   if (const int result = try_winograd(params, dtypes, shapes, true); result >= 0) return result;
+  if (const int result = try_pointwise(params, dtypes, shapes, true); result >= 0) return result;
   try {
     Convolution conv(shapes[3], shapes[1], shapes[0], static_cast<int64_t>(mindbooth::input(params, 2)[0]));
     PrimitiveDesc desc = conv.backward_data();
