@@ -7,13 +7,13 @@
 // D = rowsum(P * dP) over the block's scores.
 #include <immintrin.h>
 #include <oneapi/dnnl/dnnl.h>
-#include <oneapi/dnnl/dnnl_threadpool.h>
 
 #include <cmath>
 #include <cstdio>
 #include <vector>
 
 #include "common.h"
+#include "onednn_thread.h"
 
 namespace {
 
@@ -106,14 +106,9 @@ template <typename Body>
 bool for_each_head(const Layout& l, Body body) {
   std::vector<char> failed(static_cast<size_t>(mindbooth::thread_count(l.batch * l.heads)), 0);
   mindbooth::parallel_for(l.batch * l.heads, [&](int64_t begin, int64_t end, int thread) {
-    // This thread's sgemm calls run on this thread only. The setting is per thread and chunk 0 runs on MindSpore's
-    // calling thread, so it is put back: left at 1 there, the convolution kernel ran on one core afterwards.
-    int previous = 0;
-    const bool restore = dnnl_threadpool_interop_get_max_concurrency(&previous) == dnnl_success;
-    dnnl_threadpool_interop_set_max_concurrency(1);
+    const mindbooth::SgemmOnThisThread one_thread;
     for (int64_t pair = begin; pair < end; ++pair)
       if (!body(pair / l.heads, pair % l.heads)) failed[thread] = 1;
-    if (restore) dnnl_threadpool_interop_set_max_concurrency(previous);
   });
   for (char f : failed)
     if (f) return false;

@@ -18,6 +18,7 @@
 #include <memory>
 
 #include "common.h"
+#include "onednn_thread.h"
 #include "winograd.h"
 
 namespace {
@@ -243,9 +244,7 @@ bool pointwise(const float* x, const float* weight, int64_t batch, int64_t in_ch
   const int64_t part_rows = (rows + parts - 1) / parts;
   std::atomic<bool> failed{false};
   mindbooth::parallel_for(batch * parts, [&](int64_t begin, int64_t end, int) {
-    int previous = 0;  // per-thread setting, put back: chunk 0 runs on MindSpore's calling thread
-    const bool restore = dnnl_threadpool_interop_get_max_concurrency(&previous) == dnnl_success;
-    dnnl_threadpool_interop_set_max_concurrency(1);
+    const mindbooth::SgemmOnThisThread one_thread;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t image = task / parts, row0 = (task % parts) * part_rows;
       const int64_t count = std::min(rows, row0 + part_rows) - row0;
@@ -256,7 +255,6 @@ bool pointwise(const float* x, const float* weight, int64_t batch, int64_t in_ch
                      x + image * depth * pixels, pixels, 0.0f, y + (image * rows + row0) * pixels, pixels) != dnnl_success)
         failed = true;
     }
-    if (restore) dnnl_threadpool_interop_set_max_concurrency(previous);
   });
   return !failed;
 }

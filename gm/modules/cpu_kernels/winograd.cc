@@ -15,7 +15,6 @@
 #include "winograd.h"
 
 #include <oneapi/dnnl/dnnl.h>
-#include <oneapi/dnnl/dnnl_threadpool.h>
 
 #include <immintrin.h>  // F16C for fp16 weights, as cast.cc
 
@@ -25,6 +24,7 @@
 #include <memory>
 
 #include "common.h"
+#include "onednn_thread.h"
 
 namespace {
 
@@ -247,15 +247,12 @@ void transform_output(const float* m, const Shape& s, int64_t first, int64_t las
 bool multiply(const float* v, const float* u, bool u_out_in, const Shape& s, int64_t tiles, float* m) {
   std::atomic<bool> failed{false};
   mindbooth::parallel_for(kPoints, [&](int64_t begin, int64_t end, int) {
-    int previous = 0;  // per-thread setting, put back: chunk 0 runs on MindSpore's calling thread
-    const bool restore = dnnl_threadpool_interop_get_max_concurrency(&previous) == dnnl_success;
-    dnnl_threadpool_interop_set_max_concurrency(1);
+    const mindbooth::SgemmOnThisThread one_thread;
     for (int64_t p = begin; p < end; ++p)
       if (dnnl_sgemm('N', u_out_in ? 'T' : 'N', tiles, s.out, s.in, 1.0f, v + p * point_stride(tiles * s.in), s.in,
                      u + p * point_stride(s.in * s.out), u_out_in ? s.in : s.out, 0.0f,
                      m + p * point_stride(tiles * s.out), s.out) != dnnl_success)
         failed = true;
-    if (restore) dnnl_threadpool_interop_set_max_concurrency(previous);
   });
   return !failed;
 }
