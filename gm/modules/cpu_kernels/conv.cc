@@ -231,6 +231,11 @@ int try_winograd(void** params, const char** dtypes, int64_t** shapes, bool tran
   return done ? 0 : 1;
 }
 
+int report(const Failure& failure, const char* kernel) {
+  std::fprintf(stderr, "MindBooth %s: oneDNN %s failed (status %d)\n", kernel, failure.what, failure.status);
+  return 1;
+}
+
 // The 1x1 convolution is a GEMM per image in NCHW itself: y[n] (O, HW) = W (O, C) x[n] (C, HW), and the input
 // gradient dx[n] (C, HW) = W^T dy[n] (O, HW). oneDNN's direct convolution reorders both activations into and out
 // of its blocked layout per call, which made the UNet's skip connections run at a third of the sgemm's rate. The
@@ -270,14 +275,9 @@ int try_pointwise(void** params, const char** dtypes, int64_t** shapes, bool tra
                      transposed, mindbooth::output(params, 3))
                ? 0
                : 1;
-  } catch (const Failure&) {
-    return 1;
+  } catch (const Failure& failure) {
+    return report(failure, transposed ? "Conv2dBackwardData" : "Conv2dForward");
   }
-}
-
-int report(const Failure& failure, const char* kernel) {
-  std::fprintf(stderr, "MindBooth %s: oneDNN %s failed (status %d)\n", kernel, failure.what, failure.status);
-  return 1;
 }
 
 }  // namespace
