@@ -14,6 +14,7 @@ from mindspore import nn
 from gm.modules import cpu_kernels
 from gm.modules.attention import CrossAttention, FusedAttention, GatedGELU
 from gm.modules.conv import Conv2d, FrozenWeightConv, freeze_convolutions
+from gm.modules.frozen_weights import FrozenDense
 from gm.modules.lean_ops import NearestUpsample2x, SiLU, SwapAxes12
 from gm.modules.normalization import GroupNorm, LayerNorm
 from gm.modules.weight_cast import CastLike
@@ -319,6 +320,55 @@ def test_fp16_weights_are_read_as_stored(algorithm):
                  ms.PYNATIVE_MODE)
     assert not calls
     assert np.array_equal(got[0], want[0]) and np.array_equal(got[1][0], want[1][0])
+
+
+def _frozen_dense(weight, bias):
+    """A FrozenDense holding the fp16 `weight` (out, in) and `bias` (or None), as store_frozen_weights leaves a frozen
+    nn.Dense."""
+    base = nn.Dense(weight.shape[1], weight.shape[0], has_bias=bias is not None)
+    for parameter, value in ((base.weight, weight), (base.bias, bias)):
+        if value is not None:
+            parameter.set_dtype(ms.float16)
+            parameter.set_data(ms.Tensor(value))
+            parameter.requires_grad = False
+    return FrozenDense(base)
+
+
+@MODES
+@pytest.mark.parametrize("case", [((2, 3, 24), 13, True), ((5, 16), 40, False), ((2, 550, 40), 600, True)],
+                         ids=["bias-odd-columns", "no-bias", "row-chunks-column-blocks"])
+def test_frozen_dense_kernel_equals_torch(case, mode):
+    """The Dense kernel (dense.cc) on an fp16-stored frozen weight and bias, read as stored (no cast kernel runs):
+    output and input gradient as torch computes them on the same values in fp32. 1100 rows and 600 columns take
+    several row chunks and column blocks per thread."""
+    x_shape, out_features, has_bias = case
+    rng = np.random.default_rng(11)
+    weight = (rng.standard_normal((out_features, x_shape[-1])) / np.sqrt(x_shape[-1])).astype(np.float16)
+    bias = rng.standard_normal(out_features).astype(np.float16) if has_bias else None
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    weights = rng.standard_normal((*x_shape[:-1], out_features)).astype(np.float32)
+    net = _frozen_dense(weight, bias)
+    assert net.cast_matmul.fused and not net.trainable_params()
+    casts = []
+    if mode == ms.PYNATIVE_MODE:  # any cast would fail the call (GRAPH mode would parse the stand-in)
+        net.cast_matmul.cast_like.construct = lambda *args: casts.append(args)
+    weight_fp32 = torch.from_numpy(weight.astype(np.float32))
+    bias_fp32 = torch.from_numpy(bias.astype(np.float32)) if has_bias else None
+    want = _torch(lambda x: F.linear(x, weight_fp32, bias_fp32), x, (), weights)
+    _assert_close(_ours(net, x, weights, mode), want)
+    assert not casts
+
+
+def test_frozen_dense_without_the_kernel_computes_the_same():
+    """The MindSpore path (cast, MatMul, BiasAdd), taken where the kernels are off, gives what the kernel gives."""
+    rng = np.random.default_rng(12)
+    weight = rng.standard_normal((24, 16)).astype(np.float16)
+    bias = rng.standard_normal(24).astype(np.float16)
+    x = rng.standard_normal((7, 16)).astype(np.float32)
+    weights = rng.standard_normal((7, 24)).astype(np.float32)
+    fused, plain = _frozen_dense(weight, bias), _frozen_dense(weight, bias)
+    plain.cast_matmul.fused = False
+    _assert_close(_ours(fused, x, weights, ms.GRAPH_MODE), _ours(plain, x, weights, ms.GRAPH_MODE))
 
 
 def test_convolution_kernel_takes_the_stride_one_convolutions():

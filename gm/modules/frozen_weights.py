@@ -15,27 +15,76 @@ Parameter names (`weight`, `bias`, `gamma`, `beta`) and objects stay the same, s
 import mindspore as ms
 from mindspore import nn, ops
 
+from gm.modules import cpu_kernels
 from gm.modules.conv import Conv2d
 from gm.modules.weight_cast import CastLike
 
 DTYPES = {"float16": ms.float16, "fp16": ms.float16, "bfloat16": ms.bfloat16, "bf16": ms.bfloat16}
 
 
+def _dense_shape(x, weight, *bias):
+    return [x[0], weight[0]]
+
+
+def _dense_input_gradient_shape(dout, weight):
+    return [dout[0], weight[1]]
+
+
 class CastMatMul(nn.Cell):
-    """x (N, in) @ weight(out, in).T with the weight cast to x's dtype; the backward recasts it."""
+    """x (N, in) @ weight(out, in).T with the weight cast to x's dtype; the backward recasts it.
+    Where the CPU kernels have oneDNN, an fp16 weight with fp32 x goes to their Dense kernels
+    (gm/modules/cpu_kernels/dense.cc), which convert it a block at a time while multiplying: no fp32 copy of the
+    whole weight is written and read back."""
 
     def __init__(self):
         super().__init__()
         self.matmul = ops.MatMul(transpose_b=True)
         self.matmul_back = ops.MatMul()
         self.cast_like = CastLike()
+        self.fused = cpu_kernels.onednn_enabled()
+        if self.fused:
+            self.forward_kernel = cpu_kernels.kernel("DenseForward", _dense_shape, cpu_kernels.same_as_first)
+            self.input_gradient_kernel = cpu_kernels.kernel(
+                "DenseBackwardData", _dense_input_gradient_shape, cpu_kernels.same_as_first)
+
+    def add_flags(self, **flags):
+        if cpu_kernels.lowers_precision(flags):
+            self.fused = False
+        return super().add_flags(**flags)
+
+    def in_kernel(self, x, weight) -> bool:
+        return self.fused and x.dtype == ms.float32 and weight.dtype == ms.float16
 
     def construct(self, x, weight):
+        if self.in_kernel(x, weight):
+            return self.forward_kernel(x, weight)
         return self.matmul(x, self.cast_like(weight, x))
+
+    def input_gradient(self, dout, weight):
+        if self.in_kernel(dout, weight):
+            return self.input_gradient_kernel(dout, weight)
+        return self.matmul_back(dout, self.cast_like(weight, dout))
 
     def bprop(self, x, weight, out, dout):
         # The weight is frozen: its gradient is never used, zeros keep the bprop's signature.
-        return self.matmul_back(dout, self.cast_like(weight, dout)), ops.zeros_like(weight)
+        return self.input_gradient(dout, weight), ops.zeros_like(weight)
+
+
+class CastMatMulBias(CastMatMul):
+    """CastMatMul plus a frozen bias stored like the weight; the Dense kernel adds it to each block of the output
+    as it writes it, instead of a BiasAdd pass over the whole output."""
+
+    def __init__(self):
+        super().__init__()
+        self.bias_add = ops.BiasAdd()
+
+    def construct(self, x, weight, bias):
+        if self.in_kernel(x, weight):
+            return self.forward_kernel(x, weight, bias)
+        return self.bias_add(self.matmul(x, self.cast_like(weight, x)), bias.astype(x.dtype))
+
+    def bprop(self, x, weight, bias, out, dout):
+        return self.input_gradient(dout, weight), ops.zeros_like(weight), ops.zeros_like(bias)
 
 
 class CastConv2D(nn.Cell):
@@ -67,14 +116,12 @@ class FrozenDense(nn.Cell):
         self.weight = base.weight
         self.has_bias = base.has_bias
         self.bias = base.bias if base.has_bias else None
-        self.cast_matmul = CastMatMul()
-        self.bias_add = ops.BiasAdd()
+        self.cast_matmul = CastMatMulBias() if base.has_bias else CastMatMul()
 
     def construct(self, x):
         x_shape = x.shape
-        out = self.cast_matmul(x.reshape(-1, x_shape[-1]), self.weight)
-        if self.has_bias:
-            out = self.bias_add(out, self.bias.astype(x.dtype))
+        x_2d = x.reshape(-1, x_shape[-1])
+        out = self.cast_matmul(x_2d, self.weight, self.bias) if self.has_bias else self.cast_matmul(x_2d, self.weight)
         return out.reshape(x_shape[:-1] + (out.shape[-1],))
 
 

@@ -12,7 +12,7 @@ import mindspore as ms
 from mindspore import nn, ops
 from mindspore.common.initializer import HeUniform
 
-from gm.modules.frozen_weights import CastMatMul, FrozenDense
+from gm.modules.frozen_weights import CastMatMul, CastMatMulBias, FrozenDense
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 DEFAULT_ATTENTIONS = ("attn1", "attn2")
@@ -62,18 +62,18 @@ class LoRADense(LoRABranch):
         self.bias_add = ops.BiasAdd()
         # weight/bias stored in fp16/bf16 (gm.modules.frozen_weights): cast at use without keeping fp32 copies.
         self.low_precision_base = isinstance(base, FrozenDense)
-        self.cast_matmul = CastMatMul()
+        self.cast_matmul = CastMatMulBias() if base.has_bias else CastMatMul()
 
     def construct(self, x):
         # The base path computes exactly as nn.Dense does, so a fresh LoRA is bit-identical to no LoRA.
         x_shape = x.shape
         x_2d = x.reshape(-1, x_shape[-1])
         if self.low_precision_base:
-            out = self.cast_matmul(x_2d, self.weight)
+            out = self.cast_matmul(x_2d, self.weight, self.bias) if self.has_bias else self.cast_matmul(x_2d, self.weight)
         else:
             out = self.matmul(x_2d, self.weight.astype(x.dtype))
-        if self.has_bias:
-            out = self.bias_add(out, self.bias.astype(x.dtype))
+            if self.has_bias:
+                out = self.bias_add(out, self.bias.astype(x.dtype))
         if not self.merged:
             out = out + self.low_rank_update(x_2d)
         return out.reshape(x_shape[:-1] + (out.shape[-1],))

@@ -18,10 +18,16 @@ MINDBOOTH_KERNEL(CastFloat16ToFloat32) {
 void mindbooth::float16_to_float32(const uint16_t* x, int64_t count, float* y) {
   const int64_t vectors = count / 8;
   mindbooth::parallel_for(vectors, [&](int64_t begin, int64_t end, int) {
-    for (int64_t v = begin; v < end; ++v) {
-      const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x + 8 * v));
-      _mm256_storeu_ps(y + 8 * v, _mm256_cvtph_ps(half));
-    }
+    float16_to_float32_serial(x + 8 * begin, 8 * (end - begin), y + 8 * begin);
   });
+  for (int64_t i = 8 * vectors; i < count; ++i) y[i] = _cvtsh_ss(x[i]);
+}
+
+void mindbooth::float16_to_float32_serial(const uint16_t* x, int64_t count, float* y) {
+  const int64_t vectors = count / 8;
+  for (int64_t v = 0; v < vectors; ++v) {
+    const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x + 8 * v));
+    _mm256_storeu_ps(y + 8 * v, _mm256_cvtph_ps(half));
+  }
   for (int64_t i = 8 * vectors; i < count; ++i) y[i] = _cvtsh_ss(x[i]);
 }

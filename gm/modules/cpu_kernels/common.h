@@ -86,5 +86,7 @@ void parallel_for(int64_t count, Body body) {
 
 // y[0, count) = the fp16 values x[0, count) in fp32, with F16C, over the threads (cast.cc, conv.cc, winograd.cc)
 void float16_to_float32(const uint16_t* x, int64_t count, float* y);
+// the same on the calling thread only (inside a kernel's own threads: dense.cc)
+void float16_to_float32_serial(const uint16_t* x, int64_t count, float* y);
 
 }  // namespace mindbooth
