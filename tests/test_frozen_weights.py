@@ -166,9 +166,10 @@ step(latents, latents * 0.5, ms.Tensor([3.0, 0.5], ms.float32), ms.mutable((cont
 
 
 def test_training_graph_copies_no_frozen_weight(tmp_path):
-    """The GRAPH-mode gradient step (gradient buffers assigned: side effects) with fp16-stored frozen weights casts
-    each weight used in the backward twice, where it is used, and never copies a stored weight first (TensorMove:
-    MindSpore copies a parameter it loads more than once, which an ops.depend on the weight caused)."""
+    """The GRAPH-mode gradient step (gradient buffers assigned: side effects) with fp16-stored frozen weights reads
+    each weight where it is used, forward and backward (the Dense and convolution kernels read fp16 as stored), and
+    never copies a stored weight first (TensorMove: MindSpore copies a parameter it loads more than once, which an
+    ops.depend on the weight caused)."""
     import os
     import subprocess
     import sys

@@ -79,7 +79,7 @@ class CastMatMulBias(CastMatMul):
         self.bias_add = ops.BiasAdd()
 
     def construct(self, x, weight, bias):
-        if self.in_kernel(x, weight):
+        if self.in_kernel(x, weight) and bias.dtype == ms.float16:
             return self.forward_kernel(x, weight, bias)
         return self.bias_add(self.matmul(x, self.cast_like(weight, x)), bias.astype(x.dtype))
 

@@ -37,11 +37,13 @@ inline bool all_float32(int nparam, const char** dtypes) {
 // 8 floats; unaligned loads and stores, and allowed to alias float arrays (winograd.cc, attention.cc)
 typedef float Lanes __attribute__((vector_size(32), aligned(4), may_alias));
 
+// The bytes of `count` floats rounded up to whole 64-byte cache lines, as std::aligned_alloc(64, ...) requires
+inline size_t aligned_bytes(int64_t count) { return (static_cast<size_t>(count) * sizeof(float) + 63) / 64 * 64; }
+
 // `count` floats, 64-byte aligned (cache lines), uninitialised; empty if the allocation fails
 using AlignedFloats = std::unique_ptr<float[], decltype(&std::free)>;
 inline AlignedFloats aligned_floats(int64_t count) {
-  const size_t bytes = (static_cast<size_t>(count) * sizeof(float) + 63) / 64 * 64;
-  return AlignedFloats(static_cast<float*>(std::aligned_alloc(64, bytes)), &std::free);
+  return AlignedFloats(static_cast<float*>(std::aligned_alloc(64, aligned_bytes(count))), &std::free);
 }
 
 // `count` floats, 64-byte aligned, uninitialised, for one kernel call, from buffers kept between calls (scratch.cc):

@@ -16,6 +16,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <optional>
 
 #include "common.h"
 #include "onednn_thread.h"
@@ -193,10 +194,10 @@ bool valid(int nparam, int* ndims, const char** dtypes) {
 
 // The weight in fp32 for oneDNN: itself, or its fp16 values converted into `storage`
 const float* weight_float32(void** params, const char** dtypes, int64_t** shapes,
-                            std::unique_ptr<mindbooth::ScratchFloats>& storage) {
+                            std::optional<mindbooth::ScratchFloats>& storage) {
   if (is_float32(dtypes[1])) return mindbooth::input(params, 1);
   const int64_t count = mindbooth::element_count(4, shapes[1]);
-  storage = std::make_unique<mindbooth::ScratchFloats>(count);  // every value written below: no zero-filling first
+  storage.emplace(count);  // every value written below: no zero-filling first
   if (!*storage) throw Failure{"weight buffer", dnnl_out_of_memory};
   mindbooth::float16_to_float32(static_cast<const uint16_t*>(params[1]), count, storage->get());
   return storage->get();
@@ -269,7 +270,7 @@ int try_pointwise(void** params, const char** dtypes, int64_t** shapes, bool tra
   const int64_t *x_shape = shapes[0], *w_shape = shapes[1];
   if (w_shape[2] != 1 || w_shape[3] != 1 || static_cast<int64_t>(mindbooth::input(params, 2)[0]) != 0) return -1;
   try {
-    std::unique_ptr<mindbooth::ScratchFloats> converted;
+    std::optional<mindbooth::ScratchFloats> converted;
     const float* weight = weight_float32(params, dtypes, shapes, converted);
     return pointwise(mindbooth::input(params, 0), weight, x_shape[0], w_shape[1], w_shape[0], x_shape[2] * x_shape[3],
                      transposed, mindbooth::output(params, 3))
@@ -291,7 +292,7 @@ MINDBOOTH_KERNEL(Conv2dForward) {
     Convolution conv(shapes[0], shapes[1], shapes[3], static_cast<int64_t>(mindbooth::input(params, 2)[0]));
     PrimitiveDesc desc = conv.forward(dnnl_forward_inference);
     Operand x(conv.src.get(), params[0], query(desc, dnnl_query_src_md), true);
-    std::unique_ptr<mindbooth::ScratchFloats> converted;
+    std::optional<mindbooth::ScratchFloats> converted;
     Operand weight(conv.weights.get(), const_cast<float*>(weight_float32(params, dtypes, shapes, converted)),
                    query(desc, dnnl_query_weights_md), true);
     Operand y(conv.dst.get(), params[3], query(desc, dnnl_query_dst_md), false);
@@ -312,7 +313,7 @@ MINDBOOTH_KERNEL(Conv2dBackwardData) {
     Convolution conv(shapes[3], shapes[1], shapes[0], static_cast<int64_t>(mindbooth::input(params, 2)[0]));
     PrimitiveDesc desc = conv.backward_data();
     Operand dy(conv.dst.get(), params[0], query(desc, dnnl_query_diff_dst_md), true);
-    std::unique_ptr<mindbooth::ScratchFloats> converted;
+    std::optional<mindbooth::ScratchFloats> converted;
     Operand weight(conv.weights.get(), const_cast<float*>(weight_float32(params, dtypes, shapes, converted)),
                    query(desc, dnnl_query_weights_md), true);
     Operand dx(conv.src.get(), params[3], query(desc, dnnl_query_diff_src_md), false);

@@ -1,8 +1,8 @@
 // The frozen Dense layer's product, y = x W^T (+ b), and its input gradient, dx = dy W, on oneDNN's sgemm, with the
-// weight read as stored (fp16 or fp32). Before, every product of an fp16 weight was a cast kernel writing the fp32
+// weight (and bias) read as stored in fp16. Before, every product of an fp16 weight was a cast kernel writing the fp32
 // copy of the whole weight to memory (SDXL's UNet: about 9 GB per step) and a MatMul reading it back, then a BiasAdd
 // pass over the output. Here the weight is converted a block of output columns at a time into a per-thread buffer
-// that the sgemm reads while it is still in the cache, and the bias is added to each block of rows as it is written.
+// that the sgemm reads while it is still in the cache, and the bias is added to each chunk of rows as it is written.
 // The column blocks go over the threads, each product on one thread (oneDNN's sgemm held to it, as in winograd.cc).
 #include <oneapi/dnnl/dnnl.h>
 
@@ -15,52 +15,40 @@
 
 namespace {
 
-constexpr int64_t kMaxBlockColumns = 1024;  // a block's converted weight: 256 x depth floats
-constexpr int64_t kChunkRows = 1024;       // rows per sgemm call: the block's output rows, bias added while in cache
+// Blocks of at most 1024 columns (the UNet's: 1024 x 1280 floats, 5 MB, in the last-level cache): the sgemm packs
+// x again for every block, and with 256-column blocks the deep products (2560 or 5120 -> 640 or 1280) ran up to 9 %
+// slower than MindSpore's cast + MatMul; with 1024 they ran as fast or faster (benchmarks/RESULTS.md section 24).
+constexpr int64_t kMaxBlockColumns = 1024;
+constexpr int64_t kChunkRows = 1024;  // rows per sgemm call: its output chunk gets its bias while in the cache
 
 bool is_float16(const char* dtype) { return std::strcmp(dtype, "float16") == 0; }
 
-// `count` values of a weight or bias as stored (fp16 or fp32) from element `offset`, into fp32 `to`
-void read_float32(const void* from, bool float16, int64_t offset, int64_t count, float* to) {
-  if (float16)
-    mindbooth::float16_to_float32_serial(static_cast<const uint16_t*>(from) + offset, count, to);
-  else
-    std::memcpy(to, static_cast<const float*>(from) + offset, count * sizeof(float));
-}
+const uint16_t* halves(const void* data) { return static_cast<const uint16_t*>(data); }
 
 struct Product {
   const float* a;      // (rows, depth): x, or dy for the input gradient
-  const void* weight;  // (out, in) as stored
-  bool weight_float16;
-  const void* bias;  // (columns) as stored, or null
-  bool bias_float16;
+  const void* weight;  // (out, in) fp16
+  const void* bias;    // (columns) fp16, or null
   int64_t rows, depth, columns;  // the output is (rows, columns)
   bool input_gradient;           // dx = dy W (columns = in, depth = out); else y = x W^T (columns = out, depth = in)
   float* out;
 };
 
-// Output columns [c0, c1): the weight's block in fp32 (converted into `buffer` if stored in fp16), then the sgemm
-// over chunks of rows, each followed by its bias.
-bool multiply_block(const Product& p, int64_t c0, int64_t c1, float* buffer, float* bias) {
+// Output columns [c0, c1): the weight's block converted to fp32 into `block`, then the sgemm over chunks of rows,
+// each followed by its bias.
+bool multiply_block(const Product& p, int64_t c0, int64_t c1, float* block, float* bias) {
   const int64_t width = c1 - c0;
-  const float* block;  // row-major: forward (width, depth) = W's rows c0..c1; input gradient (depth, ldb) from column c0
-  int64_t ldb;
-  if (!p.weight_float16) {
-    block = static_cast<const float*>(p.weight) + (p.input_gradient ? c0 : c0 * p.depth);
-    ldb = p.input_gradient ? p.columns : p.depth;
-  } else if (!p.input_gradient) {  // W's rows c0..c1 are contiguous
-    read_float32(p.weight, true, c0 * p.depth, width * p.depth, buffer);
-    block = buffer, ldb = p.depth;
-  } else {  // W's columns c0..c1: a piece of each row
-    for (int64_t r = 0; r < p.depth; ++r) read_float32(p.weight, true, r * p.columns + c0, width, buffer + r * width);
-    block = buffer, ldb = width;
-  }
-  if (p.bias) read_float32(p.bias, p.bias_float16, c0, width, bias);
+  if (!p.input_gradient)  // W's rows c0..c1, contiguous: block (width, depth)
+    mindbooth::float16_to_float32_serial(halves(p.weight) + c0 * p.depth, width * p.depth, block);
+  else  // W's columns c0..c1, a piece of each row: block (depth, width)
+    for (int64_t r = 0; r < p.depth; ++r)
+      mindbooth::float16_to_float32_serial(halves(p.weight) + r * p.columns + c0, width, block + r * width);
+  if (p.bias) mindbooth::float16_to_float32_serial(halves(p.bias) + c0, width, bias);
   for (int64_t r0 = 0; r0 < p.rows; r0 += kChunkRows) {
     const int64_t count = std::min(kChunkRows, p.rows - r0);
     float* out = p.out + r0 * p.columns + c0;
     if (dnnl_sgemm('N', p.input_gradient ? 'N' : 'T', count, width, p.depth, 1.0f, p.a + r0 * p.depth, p.depth, block,
-                   ldb, 0.0f, out, p.columns) != dnnl_success)
+                   p.input_gradient ? width : p.depth, 0.0f, out, p.columns) != dnnl_success)
       return false;
     if (!p.bias) continue;
     for (int64_t r = 0; r < count; ++r) {
@@ -81,7 +69,7 @@ bool multiply(const Product& p) {
   std::atomic<bool> failed{false};
   mindbooth::parallel_for(blocks, [&](int64_t begin, int64_t end, int) {
     const mindbooth::SgemmOnThisThread one_thread;
-    const mindbooth::ScratchFloats buffer(p.weight_float16 ? width * p.depth : 0), bias(p.bias ? width : 0);
+    const mindbooth::ScratchFloats buffer(width * p.depth), bias(p.bias ? width : 0);
     if (!buffer || !bias) {
       failed = true;
       return;
@@ -92,36 +80,34 @@ bool multiply(const Product& p) {
   return !failed;
 }
 
+// the weight (1) and the bias (2, forward) fp16, the rest fp32
 bool valid_dtypes(int nparam, const char** dtypes) {
-  // inputs fp32 but the weight (1) and bias (2, forward), which may be fp16; the output (last) fp32
   for (int i = 0; i < nparam; ++i)
-    if (!mindbooth::is_float32(dtypes[i]) && !((i == 1 || i == 2) && i < nparam - 1 && is_float16(dtypes[i])))
-      return false;
+    if (!((i == 1 || i == 2) && i < nparam - 1 ? is_float16(dtypes[i]) : mindbooth::is_float32(dtypes[i]))) return false;
   return true;
 }
 
 }  // namespace
 
-// x (M, in) fp32, weight (out, in) fp32 or fp16[, bias (out) fp32 or fp16] -> y (M, out) = x W^T (+ b)
+// x (M, in) fp32, weight (out, in) fp16[, bias (out) fp16] -> y (M, out) = x W^T (+ b)
 MINDBOOTH_KERNEL(DenseForward) {
   if ((nparam != 3 && nparam != 4) || !valid_dtypes(nparam, dtypes) || ndims[0] != 2 || ndims[1] != 2 ||
       shapes[0][1] != shapes[1][1] || (nparam == 4 && (ndims[2] != 1 || shapes[2][0] != shapes[1][0])))
     return 1;
   const bool has_bias = nparam == 4;
-  const Product product{mindbooth::input(params, 0), params[1], is_float16(dtypes[1]),
-                                   has_bias ? params[2] : nullptr, has_bias && is_float16(dtypes[2]),
-                                   shapes[0][0], shapes[0][1], shapes[1][0], false, mindbooth::output(params, nparam - 1)};
+  const Product product{mindbooth::input(params, 0), params[1], has_bias ? params[2] : nullptr, shapes[0][0],
+                        shapes[0][1], shapes[1][0], false, mindbooth::output(params, nparam - 1)};
   if (multiply(product)) return 0;
   std::fprintf(stderr, "MindBooth DenseForward: oneDNN sgemm failed or out of memory\n");
   return 1;
 }
 
-// dy (M, out) fp32, weight (out, in) fp32 or fp16 -> dx (M, in) = dy W: the input gradient (the weight is frozen)
+// dy (M, out) fp32, weight (out, in) fp16 -> dx (M, in) = dy W: the input gradient (the weight is frozen)
 MINDBOOTH_KERNEL(DenseBackwardData) {
   if (nparam != 3 || !valid_dtypes(nparam, dtypes) || ndims[0] != 2 || ndims[1] != 2 || shapes[0][1] != shapes[1][0])
     return 1;
-  const Product product{mindbooth::input(params, 0), params[1], is_float16(dtypes[1]), nullptr, false,
-                                   shapes[0][0], shapes[1][0], shapes[1][1], true, mindbooth::output(params, 2)};
+  const Product product{mindbooth::input(params, 0), params[1], nullptr, shapes[0][0], shapes[1][0], shapes[1][1], true,
+                        mindbooth::output(params, 2)};
   if (multiply(product)) return 0;
   std::fprintf(stderr, "MindBooth DenseBackwardData: oneDNN sgemm failed or out of memory\n");
   return 1;

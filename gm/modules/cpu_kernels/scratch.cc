@@ -33,7 +33,7 @@ Cache& cache() {
 }  // namespace
 
 mindbooth::ScratchFloats::ScratchFloats(int64_t count) {
-  const size_t bytes = (static_cast<size_t>(std::max<int64_t>(count, 1)) * sizeof(float) + 63) / 64 * 64;
+  const size_t bytes = aligned_bytes(std::max<int64_t>(count, 1));
   Cache& c = cache();
   float* outgrown = nullptr;
   {
