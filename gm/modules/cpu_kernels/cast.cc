@@ -9,7 +9,7 @@
 // gradient), so that the fp32 copy exists only while it is used. An ops.depend on the weight instead made MindSpore
 // load the parameter twice (forward and backward) and then copy it before each load's use (TensorMove).
 MINDBOOTH_KERNEL(CastFloat16ToFloat32) {
-  if (nparam != 3 || std::strcmp(dtypes[0], "float16") != 0 || std::strcmp(dtypes[2], "float32") != 0) return 1;
+  if (nparam != 3 || !mindbooth::is_float16(dtypes[0]) || !mindbooth::is_float32(dtypes[2])) return 1;
   mindbooth::float16_to_float32(static_cast<const uint16_t*>(params[0]), mindbooth::element_count(ndims[0], shapes[0]),
                                 static_cast<float*>(params[2]));
   return 0;
@@ -20,7 +20,7 @@ void mindbooth::float16_to_float32(const uint16_t* x, int64_t count, float* y) {
   mindbooth::parallel_for(vectors, [&](int64_t begin, int64_t end, int) {
     float16_to_float32_serial(x + 8 * begin, 8 * (end - begin), y + 8 * begin);
   });
-  for (int64_t i = 8 * vectors; i < count; ++i) y[i] = _cvtsh_ss(x[i]);
+  float16_to_float32_serial(x + 8 * vectors, count - 8 * vectors, y + 8 * vectors);  // the last < 8 values
 }
 
 void mindbooth::float16_to_float32_serial(const uint16_t* x, int64_t count, float* y) {

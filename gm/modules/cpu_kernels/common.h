@@ -28,6 +28,8 @@ inline bool is_float32(const char* dtype) {
   return std::strcmp(dtype, "float32") == 0 || std::strcmp(dtype, "float") == 0;
 }
 
+inline bool is_float16(const char* dtype) { return std::strcmp(dtype, "float16") == 0; }
+
 inline bool all_float32(int nparam, const char** dtypes) {
   for (int i = 0; i < nparam; ++i)
     if (!is_float32(dtypes[i])) return false;

@@ -183,12 +183,13 @@ void run(const PrimitiveDesc& desc, std::initializer_list<dnnl_exec_arg_t> args)
   check(dnnl_primitive_execute(primitive, stream(), static_cast<int>(all.size()), all.data()), "execute");
 }
 
+using mindbooth::is_float16;
 using mindbooth::is_float32;
 
 // x, config and y in fp32; the weight in fp32 or fp16 (a frozen weight as stored: no fp32 copy made before)
 bool valid(int nparam, int* ndims, const char** dtypes) {
   return nparam == 4 && ndims[0] == 4 && ndims[1] == 4 && ndims[3] == 4 && is_float32(dtypes[0]) &&
-         (is_float32(dtypes[1]) || std::strcmp(dtypes[1], "float16") == 0) && is_float32(dtypes[2]) &&
+         (is_float32(dtypes[1]) || is_float16(dtypes[1])) && is_float32(dtypes[2]) &&
          is_float32(dtypes[3]);
 }
 

@@ -21,8 +21,6 @@ namespace {
 constexpr int64_t kMaxBlockColumns = 1024;
 constexpr int64_t kChunkRows = 1024;  // rows per sgemm call: its output chunk gets its bias while in the cache
 
-bool is_float16(const char* dtype) { return std::strcmp(dtype, "float16") == 0; }
-
 const uint16_t* halves(const void* data) { return static_cast<const uint16_t*>(data); }
 
 struct Product {
@@ -83,7 +81,7 @@ bool multiply(const Product& p) {
 // the weight (1) and the bias (2, forward) fp16, the rest fp32
 bool valid_dtypes(int nparam, const char** dtypes) {
   for (int i = 0; i < nparam; ++i)
-    if (!((i == 1 || i == 2) && i < nparam - 1 ? is_float16(dtypes[i]) : mindbooth::is_float32(dtypes[i]))) return false;
+    if (!((i == 1 || i == 2) && i < nparam - 1 ? mindbooth::is_float16(dtypes[i]) : mindbooth::is_float32(dtypes[i]))) return false;
   return true;
 }
 
