@@ -42,7 +42,7 @@ from mindbooth.images import make_grid, save_image_atomic  # noqa: E402
 from mindbooth.optim import AdamW  # noqa: E402
 from mindbooth.pipeline import Text2Image  # noqa: E402
 from mindbooth.progress_log import LossLog  # noqa: E402
-from mindbooth.train_step import (ApplyStep, DreamBoothLoss, DynamicLossScale, GradStep, make_buffers,  # noqa: E402
+from mindbooth.train_step import (ApplyStep, DreamBoothLoss, DynamicLossScale, GradStep, make_buffers, prior_passes,  # noqa: E402
                                   step_conditioning, step_input_shapes, zero_step_inputs)
 from mindbooth.training_state import TrainingState, learning_rate_at  # noqa: E402
 
@@ -76,8 +76,11 @@ def main(argv=None):
         save_path.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(config, save_path / "config.yaml")  # the effective config: YAML + flags
     weights = [w for w in args.weight.split(",") if w]
-    rows_per_item = 2 if with_prior else 1  # a batch item: its instance example, then its class example
-    step_shapes = step_input_shapes(config.model.params, int(train_cfg.per_batch_size) * rows_per_item, int(data_cfg.resolution))
+    # A batch item is its instance example, then its class example; with split_prior_batch each part is its own pass.
+    passes = prior_passes(int(train_cfg.per_batch_size), with_prior, bool(train_cfg.get("split_prior_batch", False)),
+                          float(db.get("prior_loss_weight", 1.0)))
+    rows_per_pass = passes[0][0].stop - passes[0][0].start
+    step_shapes = step_input_shapes(config.model.params, rows_per_pass, int(data_cfg.resolution))
 
     # ---- the step's graphs, compiled by a child that exits before this process builds its model ---------------
     # On CPU the compiler's leftovers would stay on top of the training peak (mindbooth/compile_cache.py).
@@ -103,11 +106,13 @@ def main(argv=None):
                 param.set_data(new_lora_init(param.shape, lora_rng))
     # The text context is fixed (cached embeddings of the instance and class prompts): the frozen cross-attention
     # keys/values of it are computed once, not in every step. Trained text encoders change it at every step.
-    context_projections = None if train_text_encoder else ContextProjections(engine.model.diffusion_model)
+    # One per pass: each keeps the projections of its own rows' text.
+    context_projections = [None if train_text_encoder else ContextProjections(engine.model.diffusion_model) for _ in passes]
+    one_loss_per_pass = len(passes) > 1  # split_prior_batch: each pass is the mean over its rows, weighted by GradStep
     if precompiling:  # the child: compile the step graphs into step_cache and exit
         if not train_text_encoder:  # (its conditioning is token ids, not the cached embeddings step_shapes describes)
-            steps = build_steps(engine, config, lora, dist, with_prior, train_text_encoder)
-            compile_step_graphs(step_cache, steps["grad_step"], steps["apply_step"], zero_step_inputs(step_shapes, context_projections))
+            steps = build_steps(engine, config, lora, dist, with_prior and not one_loss_per_pass, train_text_encoder)
+            compile_step_graphs(step_cache, steps["grad_step"], steps["apply_step"], zero_step_inputs(step_shapes, context_projections[0]))
         return engine
     rank, alpha = int(config.model.params.lora_config.rank), float(config.model.params.lora_config.get("alpha", config.model.params.lora_config.rank))
     text2image = Text2Image(engine)
@@ -159,7 +164,7 @@ def main(argv=None):
         return cache[index]
 
     def make_batch(indices, rngs):
-        """Tensors (latents, noise, sigmas, conditioning) of a micro-batch: all instance examples first, then all
+        """Arrays (latents, noise, sigmas, *conditioning) of a micro-batch: all instance examples first, then all
         class examples; each item's randomness from its own generator."""
         items = []
         for index, rng in zip(indices, rngs):
@@ -171,8 +176,12 @@ def main(argv=None):
             sigmas = loss_fn.sample_sigmas(latents.shape[0], rng)
             items.append((latents, noise, sigmas, *conditioning))
         examples = range(2 if with_prior else 1)  # row 0 of an item: its instance example; row 1: its class example
-        fields = [ms.Tensor(np.stack([item[field][row] for row in examples for item in items])) for field in range(len(items[0]))]
-        return fields[0], fields[1], fields[2], step_conditioning(fields[3:], context_projections)
+        return [np.stack([item[field][row] for row in examples for item in items]) for field in range(len(items[0]))]
+
+    def pass_inputs(fields, rows, projections):
+        """GradStep's (latents, noise, sigmas, conditioning) of the micro-batch's `rows`."""
+        latents, noise, sigmas, *conditioning = (ms.Tensor(field[rows]) for field in fields)
+        return latents, noise, sigmas, step_conditioning(conditioning, projections)
 
     if cache is not None:
         what = "latents" if train_text_encoder else "latents and text embeddings"
@@ -186,12 +195,12 @@ def main(argv=None):
         engine.free_encoders(text_encoders=not train_text_encoder)  # what is no longer needed
 
     # ---- optimizer -------------------------------------------------------------------------------------------
-    steps = build_steps(engine, config, lora, dist, with_prior, train_text_encoder)
+    steps = build_steps(engine, config, lora, dist, with_prior and not one_loss_per_pass, train_text_encoder)
     buffers, optimizer, grad_step, apply_step = steps["buffers"], steps["optimizer"], steps["grad_step"], steps["apply_step"]
     accumulation = int(train_cfg.get("gradient_accumulation_steps", 1))
     loss_scale = DynamicLossScale(enabled=str(train_cfg.get("precision", "fp32")) == "fp16")
     if step_cache is not None and not train_text_encoder:
-        compile_step_graphs(step_cache, grad_step, apply_step, zero_step_inputs(step_shapes, context_projections))  # loaded, not compiled
+        compile_step_graphs(step_cache, grad_step, apply_step, zero_step_inputs(step_shapes, context_projections[0]))  # loaded, not compiled
     state = TrainingState(save_path, engine, optimizer, sampler, data_rng, loss_scale, rank, alpha, int(train_cfg.get("max_num_ckpt", 3)))
     start_step = state.restore() if resuming else 0
     if resuming and dist.is_main:
@@ -209,10 +218,15 @@ def main(argv=None):
         finite, losses = True, np.zeros(3)
         for _ in range(accumulation):
             indices = sampler.next_indices()
-            latents, noise, sigmas, conditioning = make_batch(indices, sampler.sample_generators(int(data_rng.integers(2**63))))
-            outputs = grad_step(latents, noise, sigmas, conditioning, loss_scale.tensor())
-            losses += np.array([float(o.asnumpy()) for o in outputs[:3]]) / accumulation
-            finite = finite and bool(outputs[3].asnumpy())
+            fields = make_batch(indices, sampler.sample_generators(int(data_rng.integers(2**63))))
+            pass_losses = []  # (weighted loss, mean loss of the pass's rows, class loss) per pass
+            for (rows, loss_weight), projections in zip(passes, context_projections):
+                outputs = grad_step(*pass_inputs(fields, rows, projections), loss_scale.tensor(), ms.Tensor(loss_weight, ms.float32))
+                pass_losses.append([float(o.asnumpy()) for o in outputs[:3]])
+                finite = finite and bool(outputs[3].asnumpy())
+            if one_loss_per_pass:  # (instance pass, class pass) -> (loss, loss_instance, loss_class)
+                pass_losses = [[pass_losses[0][0] + pass_losses[1][0], pass_losses[0][1], pass_losses[1][1]]]
+            losses += np.array(pass_losses[0]) / accumulation
         finite = dist.all_true(finite)  # apply or skip together: a rank's own scaled loss may overflow alone
         losses = dist.mean(losses)  # the global batch's loss (local batches are equal-sized)
         if not np.isfinite(losses).all() and not loss_scale.enabled:
@@ -256,7 +270,8 @@ def step_graphs_in_child(args, argv, config, weights, step_shapes, save_path):
         return None
     # Everything the two graphs depend on; the data, prompts, paths, seed and schedule stay on the host.
     key_parts = {"model": OmegaConf.to_container(config.model, resolve=True), "optim": OmegaConf.to_container(config.optim, resolve=True),
-                 "train": {k: train_cfg.get(k) for k in ("precision", "clip_grad", "max_grad_norm", "gradient_accumulation_steps")},
+                 "train": {k: train_cfg.get(k) for k in ("precision", "clip_grad", "max_grad_norm", "gradient_accumulation_steps",
+                                                        "split_prior_batch")},
                  "prior_loss_weight": config.dreambooth.get("prior_loss_weight", 1.0), "inputs": step_shapes,
                  "mode": args.ms_mode, "jit_level": args.jit_level, "device": args.device_target,
                  "weights": [file_identity(w) for w in weights]}

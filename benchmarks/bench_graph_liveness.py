@@ -102,7 +102,7 @@ def peak_live_set(nodes):
 def compile_with_ir_dump(args):
     """The child (its IR folder comes in the environment): compile the gradient step of bench_train_step.py only."""
     grad_step, _, _, inputs, _ = mindspore_grad_step(args)
-    grad_step.compile(*inputs)
+    grad_step.compile(*inputs[0])
 
 
 def main():
@@ -114,7 +114,7 @@ def main():
     p.add_argument("--top", type=int, default=15, help="rows of the table of what is alive at the peak")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
-    args.mode = "graph"
+    args.mode, args.split_prior_batch, args.context_projections = "graph", 0, 1
     if args.child:
         compile_with_ir_dump(args)
         return

@@ -4,11 +4,15 @@
     python benchmarks/bench_train_step.py --framework mindspore --mode pynative --resolution 512
     python benchmarks/bench_train_step.py --framework mindspore --mode graph --resolution 512 --frozen_dtype fp16
     python benchmarks/bench_train_step.py --framework torch --resolution 512          # jemalloc (--allocator)
+    python benchmarks/bench_train_step.py --framework mindspore --mode graph --resolution 1024 --frozen_dtype fp16 --split_prior_batch 1
+    python benchmarks/bench_train_step.py --framework torch --resolution 1024 --gradient_checkpointing 1
 
 Batch: 1 instance + 1 class sample (prior preservation), latents and text embeddings cached (random
 tensors of the cached shapes), LoRA rank 4 on attn to_q/to_k/to_v/to_out.0, AdamW on the LoRA weights,
 gradient clipping at 1.0. MindBooth: GradStep + ApplyStep of mindbooth/train_step.py. Reference:
-diffusers UNet2DConditionModel + peft (as train_dreambooth_lora_sdxl.py), SDPA attention.
+diffusers UNet2DConditionModel + peft (as train_dreambooth_lora_sdxl.py), SDPA attention. `--split_prior_batch 1`
+(both frameworks) runs the instance and the class sample as two forward/backward passes into the same gradients
+(train_dreambooth.py's --split_prior_batch); `--gradient_checkpointing 1` (torch) is diffusers' option of that name.
 Prints one `RESULT {json}` line: in GRAPH mode the gradient step's compile time and the RSS after it, the first
 step (the optimizer step's compile included) apart, median of the later steps, peak
 RSS of the measuring process and its children (wait4), load average. With `--compile_in_child 1` (the default, as
@@ -48,27 +52,32 @@ def mindspore_vector(arrays):
 
 def mindspore_grad_step(args):
     """As the trainer builds them: the full-size engine's LoRA parameters, their gradient buffers, the GradStep in
-    training mode and its inputs (latents, noise, sigmas, conditioning, loss scale). Returns (grad_step, params,
-    buffers, inputs, build seconds)."""
+    training mode and its inputs (latents, noise, sigmas, conditioning, loss scale, loss weight) for each pass of the
+    step (prior_passes: one, or two with --split_prior_batch). Returns (grad_step, params, buffers, passes' inputs,
+    build seconds)."""
     import mindspore as ms
 
     from gm.modules.lora import lora_parameters
     from mindbooth.context_projections import ContextProjections
-    from mindbooth.train_step import DreamBoothLoss, GradStep, make_buffers, step_conditioning
+    from mindbooth.train_step import DreamBoothLoss, GradStep, make_buffers, prior_passes, step_conditioning
 
     engine, build_s = common.build_mindspore_engine(args, train=True)
     params = [p for _, p in sorted(lora_parameters(engine).items())]
     buffers = make_buffers(params)
-    grad_step = GradStep(DreamBoothLoss(engine, 1.0, True), params, buffers)
+    passes = prior_passes(1, True, bool(args.split_prior_batch), 1.0)
+    grad_step = GradStep(DreamBoothLoss(engine, 1.0, len(passes) == 1), params, buffers)
     grad_step.set_train(True)
-    arrays = batch_arrays(args.resolution)
+    arrays = dict(batch_arrays(args.resolution), sigmas=np.array([14.6, 0.03], np.float32), vector=None)
+    arrays["vector"] = mindspore_vector(arrays)
     # As the trainer: the text's frozen cross-attention keys/values once per run (timed apart), unless switched off
     start = time.perf_counter()
-    projections = ContextProjections(engine.model.diffusion_model) if args.context_projections else None
-    conditioning = step_conditioning([ms.Tensor(arrays["crossattn"]), ms.Tensor(mindspore_vector(arrays))], projections)
+    inputs = []
+    for rows, loss_weight in passes:
+        projections = ContextProjections(engine.model.diffusion_model) if args.context_projections else None
+        conditioning = step_conditioning([ms.Tensor(arrays["crossattn"][rows]), ms.Tensor(arrays["vector"][rows])], projections)
+        inputs.append([ms.Tensor(arrays[name][rows]) for name in ("latents", "noise", "sigmas")]
+                      + [conditioning, ms.Tensor(1.0, ms.float32), ms.Tensor(loss_weight, ms.float32)])
     common.progress(stage="context projections", seconds=round(time.perf_counter() - start, 2))
-    inputs = [ms.Tensor(arrays["latents"]), ms.Tensor(arrays["noise"]), ms.Tensor(np.array([14.6, 0.03], np.float32)),
-              conditioning, ms.Tensor(1.0, ms.float32)]
     return grad_step, params, buffers, inputs, build_s
 
 
@@ -91,26 +100,29 @@ def run_mindspore(args):
     grad_step, params, buffers, inputs, build_s = mindspore_grad_step(args)
     apply_step = ApplyStep(buffers, AdamW(params, learning_rate=5e-5), 1, True, 1.0)
     if precompile_folder() is not None:  # the child: compile into the cache and leave
-        compile_step_graphs(step_cache, grad_step, apply_step, inputs)
+        compile_step_graphs(step_cache, grad_step, apply_step, inputs[0])
         sys.exit(0)
     rss_model = common.rss_gib()
     compile_s = None
     if args.mode == "graph":  # compiled apart, so that what the graph's build holds is seen apart from the step's
         start = time.perf_counter()
         if step_cache is not None:  # loads both graphs (the optimizer step's too)
-            compile_step_graphs(step_cache, grad_step, apply_step, inputs)
+            compile_step_graphs(step_cache, grad_step, apply_step, inputs[0])
         else:
-            grad_step.compile(*inputs)
+            grad_step.compile(*inputs[0])
         compile_s = time.perf_counter() - start
         common.progress(stage="compiled", compile_s=round(compile_s, 1))
     if cache_root is not None:
         shutil.rmtree(cache_root, ignore_errors=True)
     rss_compiled = common.rss_gib()
     times, cpu, apply_times = [], [], []
+
+    def gradients():  # the passes' gradients into the buffers; the step's loss
+        return sum(float(grad_step(*pass_inputs)[0].asnumpy()) for pass_inputs in inputs)
+
     for i in range(args.steps):
         start, cpu_start = time.perf_counter(), time.process_time()
-        loss, _, _, finite = grad_step(*inputs)
-        loss = float(loss.asnumpy())
+        loss = gradients()
         apply_start = time.perf_counter()
         apply_step().asnumpy()  # gradient clipping and AdamW
         apply_times.append(round(time.perf_counter() - apply_start, 3))
@@ -118,7 +130,7 @@ def run_mindspore(args):
         cpu.append(time.process_time() - cpu_start)
         common.progress(stage=f"step {i}", seconds=round(times[-1], 2), optimizer_s=apply_times[-1], loss=loss,
                         peak=round(common.peak_rss_gib(), 2))
-    profile = common.profile_op_types(lambda: (grad_step(*inputs)[0].asnumpy(), apply_step())) if args.profile_ops else None
+    profile = common.profile_op_types(lambda: (gradients(), apply_step())) if args.profile_ops else None
     return dict(build_s=build_s, times=times, cpu_times=cpu, rss_after_build_gib=rss_model, loss=loss, profile_ops=profile,
                 optimizer_step_s=apply_times,
                 grad_step_compile_s=compile_s, compiled_in_child=step_cache is not None, child_s=child_s, rss_after_compile_gib=round(rss_compiled, 2),
@@ -137,6 +149,8 @@ def run_torch(args):
     build_s = time.perf_counter() - t0
     common.progress(stage="built", build_s=round(build_s, 1))
     unet.train()
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=5e-5, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
     arrays = batch_arrays(args.resolution)
@@ -146,14 +160,22 @@ def run_torch(args):
     timesteps = torch.tensor([999, 1])
     alphas = torch.cumprod(1 - torch.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2, 0)  # scaled_linear, as SDXL
 
+    def loss_of(rows):  # the mean loss of each part (instance, class) among `rows`, summed
+        a = alphas[timesteps[rows]].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * latents[rows] + (1 - a).sqrt() * noise[rows]
+        pred = unet(noisy, timesteps[rows], hidden[rows], added_cond_kwargs={k: v[rows] for k, v in cond.items()}).sample
+        return sum(F.mse_loss(p, n) for p, n in zip(pred.chunk(pred.shape[0]), noise[rows].chunk(pred.shape[0])))
+
     def step():
-        a = alphas[timesteps].view(-1, 1, 1, 1)
-        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
-        pred = unet(noisy, timesteps, hidden, added_cond_kwargs=cond).sample
-        pred_instance, pred_class = pred.chunk(2)
-        noise_instance, noise_class = noise.chunk(2)
-        loss = F.mse_loss(pred_instance, noise_instance) + 1.0 * F.mse_loss(pred_class, noise_class)
-        loss.backward()
+        if args.split_prior_batch:  # instance, then class: two backward passes adding into .grad
+            loss = 0.0
+            for rows in (slice(0, 1), slice(1, 2)):
+                part = loss_of(rows)
+                part.backward()
+                loss += float(part)
+        else:
+            loss = loss_of(slice(0, 2))
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad()
@@ -183,6 +205,9 @@ def main():
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--compile_in_child", type=int, default=1,
                    help="MindSpore GRAPH: compile the step graphs in a child and load them (train_dreambooth.py's default on CPU)")
+    p.add_argument("--split_prior_batch", type=int, default=0,
+                   help="the instance and the class sample as two forward/backward passes (train_dreambooth.py's --split_prior_batch)")
+    p.add_argument("--gradient_checkpointing", type=int, default=0, help="torch: diffusers' unet.enable_gradient_checkpointing()")
     p.add_argument("--context_projections", type=int, default=1,
                    help="MindSpore: the text's frozen cross-attention keys/values computed once, as train_dreambooth.py does (0: in every step)")
     common.run_benchmark(p.parse_args(), __file__, "train_step", run_mindspore, run_torch)

@@ -43,6 +43,9 @@ TRAIN_FLAGS = {
     "train_data_repeat": ("dreambooth.train_data_repeat", int, "repeats of the instance images per epoch"),
     "per_batch_size": ("train.per_batch_size", int, "instance images per micro-batch and device"),
     "gradient_accumulation_steps": ("train.gradient_accumulation_steps", int, "micro-batches per optimizer step"),
+    "split_prior_batch": ("train.split_prior_batch", str2bool,
+                          "with prior preservation: run a micro-batch's instance and class rows as two passes "
+                          "(the same gradients, the activations of half the rows: what lets 1024 fit in 24 GB on CPU)"),
     "clip_grad": ("train.clip_grad", str2bool, "clip gradients by global norm"),
     "max_grad_norm": ("train.max_grad_norm", float, "global-norm limit when clip_grad"),
     "total_step": ("train.total_step", int, "optimizer steps to train"),

@@ -1,7 +1,9 @@
 """The DreamBooth training step as GRAPH_MODE-compilable Cells.
 
 One optimizer step = `gradient_accumulation_steps` calls of `GradStep` (forward, backward, gradients
-added to buffers) and one call of `ApplyStep` (average, clip, AdamW, clear buffers). Randomness (noise,
+added to buffers) and one call of `ApplyStep` (average, clip, AdamW, clear buffers). With `split_prior_batch`
+each micro-batch is two GradStep calls, its instance rows and then its class rows (prior_passes): the same sum
+of gradients, with the activations of half the rows. Randomness (noise,
 sigmas) comes from the host so runs are reproducible and resumable.
 
 Loss scaling: the loss is multiplied by `loss_scale` once before backward and the gradients divided by it
@@ -52,8 +54,9 @@ class DreamBoothLoss(nn.Cell):
 
 
 class GradStep(nn.Cell):
-    """Forward + backward of one micro-batch; adds loss_scale-unscaled gradients into `buffers`.
-    Returns (loss, loss_instance, loss_class, gradients_finite).
+    """Forward + backward of one micro-batch; adds the gradients of `loss_weight` x its loss into `buffers`
+    (loss_scale-unscaled). Returns (loss_weight x loss, loss_instance, loss_class, gradients_finite).
+    `loss_weight` is 1, or prior_loss_weight for a pass over class rows alone (prior_passes).
 
     The gradients are handled flat (mindbooth.optim.flatten, `buffers` from make_buffers): one launch per
     element-wise op and one all-reduce for all of a LoRA's ~1100 parameters instead of one per parameter.
@@ -69,12 +72,14 @@ class GradStep(nn.Cell):
         self.grad_reducer = grad_reducer if grad_reducer is not None else ops.identity
         self.value_and_grad = ms.value_and_grad(self._scaled_loss, grad_position=None, weights=self.params, has_aux=True)
 
-    def _scaled_loss(self, latents, noise, sigmas, conditioning, loss_scale):
+    def _scaled_loss(self, latents, noise, sigmas, conditioning, loss_scale, loss_weight):
         loss, loss_instance, loss_class = self.loss_net(latents, noise, sigmas, conditioning)
+        loss = loss * loss_weight
         return loss * loss_scale, loss, loss_instance, loss_class
 
-    def construct(self, latents, noise, sigmas, conditioning, loss_scale):
-        (scaled_loss, loss, loss_instance, loss_class), grads = self.value_and_grad(latents, noise, sigmas, conditioning, loss_scale)
+    def construct(self, latents, noise, sigmas, conditioning, loss_scale, loss_weight):
+        (scaled_loss, loss, loss_instance, loss_class), grads = self.value_and_grad(latents, noise, sigmas, conditioning,
+                                                                                    loss_scale, loss_weight)
         grads = self.grad_reducer((flatten(grads),))[0]
         # An overflow shows in the scaled loss or in any gradient; either makes the step unusable.
         finite = ops.logical_and(ops.isfinite(scaled_loss), ops.isfinite(grads).all())
@@ -105,6 +110,17 @@ class ApplyStep(nn.Cell):
         return norm
 
 
+def prior_passes(instance_rows: int, with_prior: bool, split_prior_batch: bool, prior_loss_weight: float) -> list:
+    """The GradStep calls of one micro-batch (instance rows first, then as many class rows) as (rows, loss_weight):
+    all rows at once (DreamBoothLoss with prior preservation weighs the parts), or with `split_prior_batch` the
+    instance rows, then the class rows weighted by prior_loss_weight, each through a loss without prior
+    preservation (the mean over its rows). The gradients add up to the same sum; the activations are half."""
+    rows = instance_rows * (2 if with_prior else 1)
+    if not (with_prior and split_prior_batch):
+        return [(slice(0, rows), 1.0)]
+    return [(slice(0, instance_rows), 1.0), (slice(instance_rows, rows), float(prior_loss_weight))]
+
+
 def step_input_shapes(model_params, rows: int, resolution: int) -> dict:
     """Shapes of GradStep's inputs for `rows` samples at `resolution` with cached text embeddings (frozen text
     encoders), read from the model config: latents, noise, sigmas and the (crossattn, vector) conditioning."""
@@ -119,13 +135,14 @@ def step_input_shapes(model_params, rows: int, resolution: int) -> dict:
 
 def zero_step_inputs(shapes: dict, context_projections=None) -> list:
     """GradStep's inputs of `shapes` (step_input_shapes), as the training loop passes them, all zeros but the
-    loss scale: for compiling the step before any data exists. With `context_projections` (a ContextProjections),
+    loss scale and weight: for compiling the step before any data exists. With `context_projections` (a ContextProjections),
     the conditioning carries the projections of the zero text, as step_conditioning makes it."""
     def zeros(shape):
         return Tensor(np.zeros(shape, np.float32))
 
     conditioning = step_conditioning([zeros(shape) for shape in shapes["conditioning"]], context_projections)
-    return [zeros(shapes["latents"]), zeros(shapes["noise"]), zeros(shapes["sigmas"]), conditioning, Tensor(1.0, ms.float32)]
+    return [zeros(shapes["latents"]), zeros(shapes["noise"]), zeros(shapes["sigmas"]), conditioning, Tensor(1.0, ms.float32),
+            Tensor(1.0, ms.float32)]
 
 
 def step_conditioning(conditioning, context_projections=None):

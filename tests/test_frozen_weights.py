@@ -57,7 +57,7 @@ def _lora_grads(engine, rng):
     inputs = (rng.standard_normal((2, 4, 8, 8)), rng.standard_normal((2, 4, 8, 8)), np.array([14.6, 0.03]),
               rng.standard_normal((2, 77, 96)), rng.standard_normal((2, 1584)))
     latents, noise, sigmas, crossattn, vector = (ms.Tensor(a.astype(np.float32)) for a in inputs)
-    loss, _, _, finite = step(latents, noise, sigmas, (crossattn, vector), ms.Tensor(1.0, ms.float32))
+    loss, _, _, finite = step(latents, noise, sigmas, (crossattn, vector), ms.Tensor(1.0, ms.float32), ms.Tensor(1.0, ms.float32))
     assert bool(finite.asnumpy())
     return float(loss.asnumpy()), np.concatenate([b.asnumpy().ravel() for b in step.buffers])
 
@@ -161,7 +161,7 @@ engine = _engine("float16")
 params = list(lora_parameters(engine).values())
 step = GradStep(DreamBoothLoss(engine, 1.0, True), params, make_buffers(params))
 latents, _, context, vector = _unet_inputs(np.random.default_rng(0))
-step(latents, latents * 0.5, ms.Tensor([3.0, 0.5], ms.float32), ms.mutable((context, vector)), ms.Tensor(1.0, ms.float32))
+step(latents, latents * 0.5, ms.Tensor([3.0, 0.5], ms.float32), ms.mutable((context, vector)), ms.Tensor(1.0, ms.float32), ms.Tensor(1.0, ms.float32))
 """
 
 
