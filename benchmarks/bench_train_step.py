@@ -18,7 +18,8 @@ step (the optimizer step's compile included) apart, median of the later steps, p
 RSS of the measuring process and its children (wait4), load average. With `--compile_in_child 1` (the default, as
 train_dreambooth.py runs on CPU) a child compiles both step graphs first (`child_s`) and the compile time is that of
 loading both. The torch run also counts the step's FLOPs
-(torch.utils.flop_counter, matmul/conv/attention), which is the same network's count for both."""
+(torch.utils.flop_counter, matmul/conv/attention), which is the same network's count for both; `--count_flops 2`
+counts them on the meta device (shapes only: seconds, any resolution) and runs nothing."""
 import shutil
 import sys
 import tempfile
@@ -137,49 +138,73 @@ def run_mindspore(args):
                 lora_params=int(sum(np.prod(p.shape) for p in params)))
 
 
-def run_torch(args):
+def torch_unet_and_loss(args, device="cpu"):
+    """The reference's LoRA UNet (train mode) and `loss_of(rows)`: the mean loss of each part (instance, class)
+    among the batch's `rows`, summed. Returns (unet, loss_of)."""
     import torch
     import torch.nn.functional as F
-    from torch.utils.flop_counter import FlopCounterMode
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    t0 = time.perf_counter()
-    unet = common.diffusers_unet(lora=True, transformer_depth=args.transformer_depth)
-    build_s = time.perf_counter() - t0
-    common.progress(stage="built", build_s=round(build_s, 1))
+    with torch.device(device):
+        unet = common.diffusers_unet(lora=True, transformer_depth=args.transformer_depth)
     unet.train()
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=5e-5, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
-    arrays = batch_arrays(args.resolution)
-    latents, noise = torch.from_numpy(arrays["latents"]), torch.from_numpy(arrays["noise"])
-    hidden, cond = torch.from_numpy(arrays["crossattn"]), {"text_embeds": torch.from_numpy(arrays["pooled"]),
-                                                             "time_ids": torch.from_numpy(arrays["time_ids"])}
-    timesteps = torch.tensor([999, 1])
-    alphas = torch.cumprod(1 - torch.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2, 0)  # scaled_linear, as SDXL
+    tensors = {k: torch.from_numpy(v).to(device) for k, v in batch_arrays(args.resolution).items()}
+    latents, noise, hidden = tensors["latents"], tensors["noise"], tensors["crossattn"]
+    cond = {"text_embeds": tensors["pooled"], "time_ids": tensors["time_ids"]}
+    timesteps = torch.tensor([999, 1], device=device)
+    alphas = torch.cumprod(1 - torch.linspace(0.00085**0.5, 0.012**0.5, 1000, device=device) ** 2, 0)  # scaled_linear, as SDXL
 
-    def loss_of(rows):  # the mean loss of each part (instance, class) among `rows`, summed
+    def loss_of(rows):
         a = alphas[timesteps[rows]].view(-1, 1, 1, 1)
         noisy = a.sqrt() * latents[rows] + (1 - a).sqrt() * noise[rows]
         pred = unet(noisy, timesteps[rows], hidden[rows], added_cond_kwargs={k: v[rows] for k, v in cond.items()}).sample
         return sum(F.mse_loss(p, n) for p, n in zip(pred.chunk(pred.shape[0]), noise[rows].chunk(pred.shape[0])))
 
+    return unet, loss_of
+
+
+def reference_passes(args) -> tuple:
+    """The batch rows of each backward pass (adding into .grad): both, or the instance row, then the class row."""
+    return (slice(0, 1), slice(1, 2)) if args.split_prior_batch else (slice(0, 2),)
+
+
+def count_flops_on_meta(args) -> dict:
+    """The FLOPs (matmul/conv/attention, forward + backward) of the reference's gradient step, counted on the meta
+    device: shapes only, no memory and no time, so at any resolution (`--count_flops 2`)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    _, loss_of = torch_unet_and_loss(args, device="meta")
+    with FlopCounterMode(display=False) as counter:
+        for rows in reference_passes(args):
+            loss_of(rows).backward()
+    return dict(benchmark="train_step_flops", resolution=args.resolution, flops_per_step=counter.get_total_flops(),
+                split_prior_batch=bool(args.split_prior_batch), gradient_checkpointing=bool(args.gradient_checkpointing))
+
+
+def run_torch(args):
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    unet, loss_of = torch_unet_and_loss(args)
+    build_s = time.perf_counter() - t0
+    common.progress(stage="built", build_s=round(build_s, 1))
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=5e-5, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+
     def step():
-        if args.split_prior_batch:  # instance, then class: two backward passes adding into .grad
-            loss = 0.0
-            for rows in (slice(0, 1), slice(1, 2)):
-                part = loss_of(rows)
-                part.backward()
-                loss += float(part)
-        else:
-            loss = loss_of(slice(0, 2))
-            loss.backward()
+        loss = 0.0
+        for rows in reference_passes(args):
+            part = loss_of(rows)
+            part.backward()
+            loss += float(part.detach())
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad()
-        return float(loss)
+        return loss
 
     rss_model = common.rss_gib()
     times, cpu, flops = [], [], None
@@ -210,7 +235,11 @@ def main():
     p.add_argument("--gradient_checkpointing", type=int, default=0, help="torch: diffusers' unet.enable_gradient_checkpointing()")
     p.add_argument("--context_projections", type=int, default=1,
                    help="MindSpore: the text's frozen cross-attention keys/values computed once, as train_dreambooth.py does (0: in every step)")
-    common.run_benchmark(p.parse_args(), __file__, "train_step", run_mindspore, run_torch)
+    args = p.parse_args()
+    if args.count_flops == 2:  # counted on the meta device, nothing run
+        common.emit(count_flops_on_meta(args))
+        return
+    common.run_benchmark(args, __file__, "train_step", run_mindspore, run_torch)
 
 
 if __name__ == "__main__":

@@ -167,7 +167,8 @@ def benchmark_parser(description: str):
     p.add_argument("--mode", choices=["graph", "pynative"], default="graph", help="MindSpore only")
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--steps", type=int, default=3, help="steps in all; the first is the warm-up")
-    p.add_argument("--count_flops", type=int, default=1, help="torch: count FLOPs of one step")
+    p.add_argument("--count_flops", type=int, default=1,
+                   help="torch: count FLOPs of one step (bench_train_step.py: 2 = count on the meta device, run nothing)")
     p.add_argument("--allocator", choices=ALLOCATORS, default=None,
                    help="malloc of the measured process (default: jemalloc for torch, as the reference is best "
                         "run; mimalloc for MindSpore, as train_dreambooth.py runs on CPU)")
