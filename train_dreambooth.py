@@ -95,6 +95,8 @@ def main(argv=None):
         ckpt.load_weights(engine, weights)
     except (ValueError, FileNotFoundError) as error:
         fail(str(error))
+    if bool(train_cfg.get("gradient_checkpointing", False)):  # less memory for one more forward's work
+        engine.model.diffusion_model.enable_gradient_checkpointing()
     lora = lora_parameters(engine)
     if not lora:
         fail("the model config has no lora_config: add model.params.lora_config (rank, alpha) to the training YAML")
@@ -271,7 +273,7 @@ def step_graphs_in_child(args, argv, config, weights, step_shapes, save_path):
     # Everything the two graphs depend on; the data, prompts, paths, seed and schedule stay on the host.
     key_parts = {"model": OmegaConf.to_container(config.model, resolve=True), "optim": OmegaConf.to_container(config.optim, resolve=True),
                  "train": {k: train_cfg.get(k) for k in ("precision", "clip_grad", "max_grad_norm", "gradient_accumulation_steps",
-                                                        "split_prior_batch")},
+                                                        "split_prior_batch", "gradient_checkpointing")},
                  "prior_loss_weight": config.dreambooth.get("prior_loss_weight", 1.0), "inputs": step_shapes,
                  "mode": args.ms_mode, "jit_level": args.jit_level, "device": args.device_target,
                  "weights": [file_identity(w) for w in weights]}

@@ -111,10 +111,12 @@ def main():
     p.add_argument("--transformer_depth", type=int, nargs=3, default=[1, 2, 2],
                    help="transformer blocks per UNet level (default: a reduced full-width UNet; SDXL: 1 2 10)")
     p.add_argument("--frozen_dtype", choices=["fp32", "fp16"], default="fp16")
+    p.add_argument("--split_prior_batch", type=int, default=0, help="one sample per pass (bench_train_step.py's option)")
+    p.add_argument("--gradient_checkpointing", type=int, default=0, help="recompute each UNet block (bench_train_step.py's option)")
     p.add_argument("--top", type=int, default=15, help="rows of the table of what is alive at the peak")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
-    args.mode, args.split_prior_batch, args.context_projections = "graph", 0, 1
+    args.mode, args.context_projections = "graph", 1
     if args.child:
         compile_with_ir_dump(args)
         return

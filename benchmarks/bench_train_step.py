@@ -12,7 +12,8 @@ tensors of the cached shapes), LoRA rank 4 on attn to_q/to_k/to_v/to_out.0, Adam
 gradient clipping at 1.0. MindBooth: GradStep + ApplyStep of mindbooth/train_step.py. Reference:
 diffusers UNet2DConditionModel + peft (as train_dreambooth_lora_sdxl.py), SDPA attention. `--split_prior_batch 1`
 (both frameworks) runs the instance and the class sample as two forward/backward passes into the same gradients
-(train_dreambooth.py's --split_prior_batch); `--gradient_checkpointing 1` (torch) is diffusers' option of that name.
+(train_dreambooth.py's --split_prior_batch); `--gradient_checkpointing 1` (both) keeps only each UNet block's inputs
+and recomputes its forward in the backward (diffusers' option of that name; train_dreambooth.py's).
 Prints one `RESULT {json}` line: in GRAPH mode the gradient step's compile time and the RSS after it, the first
 step (the optimizer step's compile included) apart, median of the later steps, peak
 RSS of the measuring process and its children (wait4), load average. With `--compile_in_child 1` (the default, as
@@ -63,6 +64,8 @@ def mindspore_grad_step(args):
     from mindbooth.train_step import DreamBoothLoss, GradStep, make_buffers, prior_passes, step_conditioning
 
     engine, build_s = common.build_mindspore_engine(args, train=True)
+    if args.gradient_checkpointing:  # as train_dreambooth.py's --gradient_checkpointing
+        engine.model.diffusion_model.enable_gradient_checkpointing()
     params = [p for _, p in sorted(lora_parameters(engine).items())]
     buffers = make_buffers(params)
     passes = prior_passes(1, True, bool(args.split_prior_batch), 1.0)
@@ -232,7 +235,9 @@ def main():
                    help="MindSpore GRAPH: compile the step graphs in a child and load them (train_dreambooth.py's default on CPU)")
     p.add_argument("--split_prior_batch", type=int, default=0,
                    help="the instance and the class sample as two forward/backward passes (train_dreambooth.py's --split_prior_batch)")
-    p.add_argument("--gradient_checkpointing", type=int, default=0, help="torch: diffusers' unet.enable_gradient_checkpointing()")
+    p.add_argument("--gradient_checkpointing", type=int, default=0,
+                   help="recompute each UNet block's forward in the backward: diffusers' unet.enable_gradient_checkpointing(), "
+                        "MindBooth's UNetModel.enable_gradient_checkpointing() (train_dreambooth.py's --gradient_checkpointing)")
     p.add_argument("--context_projections", type=int, default=1,
                    help="MindSpore: the text's frozen cross-attention keys/values computed once, as train_dreambooth.py does (0: in every step)")
     args = p.parse_args()

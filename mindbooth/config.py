@@ -46,6 +46,9 @@ TRAIN_FLAGS = {
     "split_prior_batch": ("train.split_prior_batch", str2bool,
                           "with prior preservation: run a micro-batch's instance and class rows as two passes "
                           "(the same gradients, the activations of half the rows: what lets 1024 fit in 24 GB on CPU)"),
+    "gradient_checkpointing": ("train.gradient_checkpointing", str2bool,
+                               "keep only each UNet block's inputs and recompute its forward in the backward pass "
+                               "(diffusers' option of that name: much less memory, about a third more time)"),
     "clip_grad": ("train.clip_grad", str2bool, "clip gradients by global norm"),
     "max_grad_norm": ("train.max_grad_norm", float, "global-norm limit when clip_grad"),
     "total_step": ("train.total_step", int, "optimizer steps to train"),

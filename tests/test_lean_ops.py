@@ -120,6 +120,7 @@ unet = instantiate_from_config(config)
 for param in unet.get_parameters():
     param.requires_grad = False
 freeze_convolutions(unet)
+checkpointed_blocks = unet.enable_gradient_checkpointing() if sys.argv[2:] == ["checkpointing"] else 0
 p = config.params
 inputs = [np.ones((2, 4, 8, 8), np.float32), np.array([3.0, 917.0], np.float32),
           np.ones((2, 77, p.context_dim), np.float32), np.ones((2, p.adm_in_channels), np.float32)]
@@ -134,6 +135,8 @@ cells = [(name, type(cell).__name__) for name, cell in unet.cells_and_names()]
 counts = {kind: sum(k == kind for _, k in cells) for kind in ("ScaledDotProductAttention", "FusedAttention", "GatedGELU")}
 # SiLUs on feature maps; those on the time/label embedding all see the same input and are rightly merged
 counts["SiLU"] = sum(k == "SiLU" and "emb" not in name for name, k in cells)
+counts["checkpointed_blocks"] = checkpointed_blocks
+counts["BasicTransformerBlock"] = sum(k == "BasicTransformerBlock" for _, k in cells)
 print(json.dumps(counts))
 """
 
@@ -173,22 +176,30 @@ def _kernels_after_the_gradient(path):
     return counts
 
 
+def _compile_tiny_unet_gradient(folder, kernels, *script_args):
+    """Compiles the tiny UNet's GRAPH-mode gradient in a subprocess that dumps its kernel graphs into `folder`.
+    Returns (kernel-graph IR files, their nodes, the script's cell counts)."""
+    folder.mkdir(exist_ok=True)
+    env = dict(os.environ, MS_DEV_SAVE_GRAPHS="1", MS_DEV_DUMP_IR_PASSES="graph_build",
+               MS_DEV_SAVE_GRAPHS_PATH=str(folder / "ir"), PYTHONPATH=str(ROOT),
+               MINDBOOTH_CPU_KERNELS="1" if kernels == "fused" else "0")
+    script = folder / "compile_tiny_unet_gradient.py"  # a file: GRAPH mode reads the Cell's source
+    script.write_text(_COMPILE_TINY_UNET_GRADIENT)
+    run = subprocess.run([sys.executable, str(script), str(TINY_CONFIG), *script_args], env=env, cwd=folder,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    graphs = sorted((folder / "ir").glob("graph_build_*.ir"))
+    assert graphs, "MindSpore wrote no kernel graph"
+    nodes = [node for path in graphs for node in _kernel_graph_nodes(path)]  # the UNet, its backward, the loss
+    return graphs, nodes, json.loads(run.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.parametrize("kernels", ["mindspore", "fused"])
 def test_unet_training_graph_has_no_buffer_holding_kernels_and_keeps_its_recomputations(kernels, tmp_path):
     """The GRAPH-mode gradient of the tiny UNet, as MindSpore compiles it, has none of the kernels that hold a
     buffer per op on CPU (lean_ops): no Transpose, no GeLU, no Add/Sub/Div/RealDiv with a broadcast tensor. With
     MindSpore's own kernels (MINDBOOTH_CPU_KERNELS=0, as on Ascend/GPU) and with the fused CPU kernels."""
-    env = dict(os.environ, MS_DEV_SAVE_GRAPHS="1", MS_DEV_DUMP_IR_PASSES="graph_build",
-               MS_DEV_SAVE_GRAPHS_PATH=str(tmp_path / "ir"), PYTHONPATH=str(ROOT),
-               MINDBOOTH_CPU_KERNELS="1" if kernels == "fused" else "0")
-    script = tmp_path / "compile_tiny_unet_gradient.py"  # a file: GRAPH mode reads the Cell's source
-    script.write_text(_COMPILE_TINY_UNET_GRADIENT)
-    run = subprocess.run([sys.executable, str(script), str(TINY_CONFIG)], env=env, cwd=tmp_path, capture_output=True,
-                         text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-2000:]
-    graphs = sorted((tmp_path / "ir").glob("graph_build_*.ir"))
-    assert graphs, "MindSpore wrote no kernel graph"
-    nodes = [node for path in graphs for node in _kernel_graph_nodes(path)]  # the UNet, its backward, the loss
+    graphs, nodes, cells = _compile_tiny_unet_gradient(tmp_path, kernels)
     ops_seen = {op for op, _, _, _ in nodes}
     assert {"MatMul", "Custom" if kernels == "fused" else "Softmax"} <= ops_seen  # the UNet and its backward
     holding = [(op, shapes, out) for op, shapes, out, _ in nodes
@@ -199,7 +210,6 @@ def test_unet_training_graph_has_no_buffer_holding_kernels_and_keeps_its_recompu
     # recomputation needs only forward tensors, is merged with the forward's (CSE) or runs during the forward, and
     # its result (the attention probabilities, GELU's erf, SiLU's sigmoid) lives until the backward: +1.5 GiB at
     # full size. So each of these kernels is in the graph twice, and once after the gradient exists.
-    cells = json.loads(run.stdout.strip().splitlines()[-1])
     after_gradient = sum((_kernels_after_the_gradient(path) for path in graphs), collections.Counter())
     recomputed = []
     fused_away = {"Erf", "GroupNorm", "GroupNormGrad", "LayerNorm", "LayerNormGrad", "LayerNormGradGrad", "Softmax",
@@ -214,3 +224,58 @@ def test_unet_training_graph_has_no_buffer_holding_kernels_and_keeps_its_recompu
     for kernel, rank, cell in recomputed:
         in_graph = sum(op == kernel and out is not None and len(out) == rank for op, _, out, _ in nodes)
         assert (in_graph, after_gradient[kernel, rank]) == (2 * cells[cell], cells[cell]), (kernel, cells)
+
+
+def _forward_tensors_read_by_the_backward(path):
+    """Counter of op of the forward nodes (before any gradient exists) in a dumped kernel-graph IR file whose output
+    a backward node reads (directly or through Reshape/Depend/TupleGetItem/...): what the forward keeps alive for
+    the backward."""
+    node = re.compile(r"^\s+%(\d+)\([^)]*\) = (?:PrimFunc_)?(\w+)\((.*)$")
+    passing = {"Reshape", "ExpandDims", "Squeeze", "Depend", "TupleGetItem", "MakeTuple", "Load"}
+    lines = path.read_text().splitlines()
+    ops_by_id, backward, readers = {}, set(), collections.defaultdict(list)
+    for index, line in enumerate(lines[:-1]):
+        match = node.match(line)
+        if not match:
+            continue
+        node_id, op = int(match.group(1)), match.group(2)
+        scope = next((l for l in lines[index + 2:index + 8] if "Fullname with scope" in l), "")
+        args = re.split(r" primitive_attrs:| cnode_attrs:| \{instance name", match.group(3))[0]
+        inputs = [int(r) for r in re.findall(r"%(\d+)\b", args)]
+        ops_by_id[node_id] = op
+        if "scope: (Gradients/" in scope or any(i in backward for i in inputs):
+            backward.add(node_id)
+        if op != "UpdateState":
+            for i in inputs[:1] if op == "Depend" else inputs:
+                readers[i].append(node_id)
+
+    def read_by_the_backward(node_id, seen):
+        for reader in readers[node_id]:
+            if reader in backward:
+                return True
+            if ops_by_id[reader] in passing and reader not in seen:
+                seen.add(reader)
+                if read_by_the_backward(reader, seen):
+                    return True
+        return False
+
+    return collections.Counter(op for node_id, op in ops_by_id.items()
+                               if node_id not in backward and op not in passing and read_by_the_backward(node_id, set()))
+
+
+def test_gradient_checkpointing_keeps_no_tensor_inside_a_transformer_block_for_the_backward(tmp_path):
+    """UNetModel.enable_gradient_checkpointing (Cell.recompute on every BasicTransformerBlock), in the compiled
+    gradient with the fused CPU kernels: the backward reruns each block's forward instead of reading its tensors.
+    Without it the forward keeps, per block, q, k and v of both attentions (for the attention's backward), the
+    GEGLU projection and the residual sums (for LayerNorm's backward). The kernels' backward passes are their
+    primitives' own: a Cell bprop would read the forward's tensors even inside a recomputed block."""
+    plain_graphs, _, plain = _compile_tiny_unet_gradient(tmp_path / "plain", "fused")
+    graphs, _, cells = _compile_tiny_unet_gradient(tmp_path / "checkpointed", "fused", "checkpointing")
+    blocks = cells["BasicTransformerBlock"]
+    assert plain["checkpointed_blocks"] == 0 and cells["checkpointed_blocks"] == blocks > 0
+    held_plain = sum((_forward_tensors_read_by_the_backward(path) for path in plain_graphs), collections.Counter())
+    held = sum((_forward_tensors_read_by_the_backward(path) for path in graphs), collections.Counter())
+    assert held_plain["MatMul"] == 6 * blocks and held["MatMul"] == 0, (held_plain, held)
+    # q, k, v twice, the GEGLU projection and two of the three residual sums: what remains is outside the blocks
+    # (ResBlocks, skips, the time embedding) and each block's input
+    assert sum(held_plain.values()) - sum(held.values()) >= 9 * blocks, (held_plain, held)

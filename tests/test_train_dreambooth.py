@@ -142,6 +142,25 @@ def test_split_prior_batch_trains_as_the_joint_batch(workspace, uninterrupted):
         assert difference < 1e-3, (name, difference)
 
 
+def test_gradient_checkpointing_trains_as_without_it(workspace, uninterrupted):
+    """--gradient_checkpointing recomputes each UNet block's forward in the backward pass (what it compiles to:
+    test_lean_ops): the same losses, gradient norms and LoRA as run_a, from one compiled gradient graph."""
+    run = workspace / "run_checkpointed"
+    _train(workspace, run, "--total_step", "2", "--ms_mode", "0", "--gradient_checkpointing", "True")
+    assert OmegaConf.load(run / "config.yaml").train.gradient_checkpointing is True
+    with open(run / "loss.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    with open(workspace / "run_a" / "loss.csv") as handle:
+        plain = list(csv.DictReader(handle))[:2]
+    for column in ("loss", "loss_instance", "loss_class", "grad_norm"):
+        np.testing.assert_allclose([float(r[column]) for r in rows], [float(r[column]) for r in plain], rtol=1e-5, err_msg=column)
+    assert [int(r["compiled_step_graphs"]) for r in rows] == [1, 1]
+    checkpointed, straight = _lora(run / "SDXL-tiny_2_lora.ckpt"), _lora(workspace / "run_a" / "SDXL-tiny_2_lora.ckpt")
+    for name in straight:
+        difference = np.linalg.norm(checkpointed[name] - straight[name]) / max(np.linalg.norm(straight[name]), 1e-12)
+        assert difference < 1e-4, (name, difference)
+
+
 def test_cache_latents_and_fp16_frozen_weights_train_and_free_the_encoders(workspace, uninterrupted):
     engine = _train(workspace, workspace / "run_cached", "--total_step", "2", "--ms_mode", "1", "--cache_latents", "True",
                     "--frozen_weight_dtype", "float16")

@@ -56,17 +56,18 @@ class FusedAttention(nn.Cell):
     def __init__(self, heads: int, scale: float):
         super().__init__()
         self.config = ms.Tensor([heads, scale], ms.float32)
-        self.forward = cpu_kernels.kernel("AttentionForward", cpu_kernels.same_as_first, cpu_kernels.same_as_first)
-        self.backward = cpu_kernels.kernel("AttentionBackward", _three_like_the_inputs, _three_like_the_inputs)
+        backward = cpu_kernels.kernel("AttentionBackward", _three_like_the_inputs, _three_like_the_inputs)
+
+        def attention_bprop(q, k, v, config, out, dout):
+            dq, dk, dv = backward(q, k, v, dout, config)
+            return dq, dk, dv, ops.zeros_like(config)
+
+        self.forward = cpu_kernels.kernel("AttentionForward", cpu_kernels.same_as_first, cpu_kernels.same_as_first,
+                                          bprop=attention_bprop)
 
     def construct(self, q, k, v):
         out = self.forward(q.astype(ms.float32), k.astype(ms.float32), v.astype(ms.float32), self.config)
         return out.astype(q.dtype)
-
-    def bprop(self, q, k, v, out, dout):
-        grads = self.backward(q.astype(ms.float32), k.astype(ms.float32), v.astype(ms.float32),
-                              dout.astype(ms.float32), self.config)
-        return grads[0].astype(q.dtype), grads[1].astype(k.dtype), grads[2].astype(v.dtype)
 
 
 class CrossAttention(nn.Cell):
@@ -134,29 +135,45 @@ def _half_last_axis(x):
 
 class GatedGELU(nn.Cell):
     """value * gelu(gate) over the two halves of the last axis. Its backward keeps only the input and recomputes
-    both halves and gelu(gate) from it (lean_ops' docstring: why the input waits for dout); autodiff would keep the
-    two halves and gelu(gate), half as much again (torch keeps as much). `fused` (default: cpu_kernels.enabled())
-    computes each pass in one CPU kernel."""
+    both halves and gelu(gate) from it; autodiff would keep the two halves and gelu(gate), half as much again (torch
+    keeps as much). `fused` (default: cpu_kernels.enabled()) computes each pass in one CPU kernel, whose backward
+    is the primitive's own, so that Cell.recompute of the enclosing block (gradient checkpointing) recomputes the
+    input too; a Cell bprop reads the forward's. Otherwise HandWrittenGatedGELU."""
 
     def __init__(self, fused=None):
         super().__init__()
-        self.gelu = GELU()
-        self.halves = ops.Split(axis=-1, output_num=2)  # the primitive: ops.split/ops.chunk fail to parse in a bprop
         self.fused = cpu_kernels.enabled() if fused is None else fused
+        self.hand_written = HandWrittenGatedGELU()
         if self.fused:
-            self.forward_kernel = cpu_kernels.kernel("GatedGeluForward", _half_last_axis, cpu_kernels.same_as_first)
-            self.backward_kernel = cpu_kernels.kernel("GatedGeluBackward", cpu_kernels.same_as_first, cpu_kernels.same_as_first)
+            backward_kernel = cpu_kernels.kernel("GatedGeluBackward", cpu_kernels.same_as_first, cpu_kernels.same_as_first)
+
+            def gated_gelu_bprop(x, out, dout):
+                return (backward_kernel(x, dout.astype(x.dtype)),)
+
+            self.forward_kernel = cpu_kernels.kernel("GatedGeluForward", _half_last_axis, cpu_kernels.same_as_first,
+                                                     bprop=gated_gelu_bprop)
 
     def construct(self, x):
         if self.fused and x.dtype == ms.float32:
             return self.forward_kernel(x)
+        return self.hand_written(x)
+
+
+class HandWrittenGatedGELU(nn.Cell):
+    """GatedGELU from MindSpore's ops, with a backward that recomputes from x after dout exists (lean_ops'
+    docstring: why the input waits for dout)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gelu = GELU()
+        self.halves = ops.Split(axis=-1, output_num=2)  # the primitive: ops.split/ops.chunk fail to parse in a bprop
+
+    def construct(self, x):
         value, gate = self.halves(x)
         return value * self.gelu(gate)
 
     def bprop(self, x, out, dout):
         dout = dout.astype(x.dtype)
-        if self.fused and x.dtype == ms.float32:
-            return (self.backward_kernel(x, dout),)
         value, gate = self.halves(ops.depend(x, dout))
         grad_value = dout * self.gelu(gate)
         grad_gate = dout * value * gelu_derivative(gate)

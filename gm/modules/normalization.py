@@ -12,19 +12,21 @@ def _input_and_two_parameters(x, gamma, *rest):
 
 
 class NormKernel(nn.Cell):
-    """forward(x, gamma, beta, config) -> y; backward(x, gamma, dy, config) -> (dx, dgamma, dbeta)."""
+    """forward(x, gamma, beta, config) -> y; backward(x, gamma, dy, config) -> (dx, dgamma, dbeta). The backward is
+    the primitive's own (not a Cell bprop), so that Cell.recompute of an enclosing block recomputes its x too."""
 
     def __init__(self, forward: str, backward: str):
         super().__init__()
-        self.forward = cpu_kernels.kernel(forward, cpu_kernels.same_as_first, cpu_kernels.same_as_first)
-        self.backward = cpu_kernels.kernel(backward, _input_and_two_parameters, _input_and_two_parameters)
+        backward_kernel = cpu_kernels.kernel(backward, _input_and_two_parameters, _input_and_two_parameters)
+
+        def norm_bprop(x, gamma, beta, config, out, dout):
+            dx, dgamma, dbeta = backward_kernel(x, gamma, dout.astype(x.dtype), config)
+            return dx, dgamma, dbeta, ops.zeros_like(config)
+
+        self.forward = cpu_kernels.kernel(forward, cpu_kernels.same_as_first, cpu_kernels.same_as_first, bprop=norm_bprop)
 
     def construct(self, x, gamma, beta, config):
         return self.forward(x, gamma, beta, config)
-
-    def bprop(self, x, gamma, beta, config, out, dout):
-        dx, dgamma, dbeta = self.backward(x, gamma, dout.astype(x.dtype), config)
-        return dx, dgamma, dbeta, ops.zeros_like(config)
 
 
 class GroupNorm(nn.GroupNorm):

@@ -167,7 +167,7 @@ def same_as_first(first, *rest):
     return first
 
 
-def kernel(name: str, out_shape, out_dtype):
+def kernel(name: str, out_shape, out_dtype, bprop=None):
     """The custom primitive running `name` of the library; out_shape/out_dtype map the input shapes/dtypes to the
     output's (a tuple of them for several outputs)."""
-    return ops.Custom(f"{library_path()}:{name}", out_shape=out_shape, out_dtype=out_dtype, func_type="aot")
+    return ops.Custom(f"{library_path()}:{name}", out_shape=out_shape, out_dtype=out_dtype, func_type="aot", bprop=bprop)

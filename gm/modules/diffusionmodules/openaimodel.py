@@ -5,7 +5,7 @@ from typing import List, Sequence, Union
 
 from mindspore import nn, ops
 
-from gm.modules.attention import CrossAttention, SpatialTransformer
+from gm.modules.attention import BasicTransformerBlock, CrossAttention, SpatialTransformer
 from gm.modules.conv import Conv2d
 from gm.modules.lean_ops import NearestUpsample2x, SiLU, add_broadcast
 from gm.modules.diffusionmodules.util import normalization, timestep_embedding, zero_module
@@ -179,6 +179,19 @@ class UNetModel(nn.Cell):
         DreamBooth run, the sampling steps of one image). Run outside a graph, layer by layer; recompute when the
         base weights change (a LoRA merge)."""
         return tuple(projection for attention in self._cross_attentions() for projection in attention.project_context(context))
+
+    def enable_gradient_checkpointing(self) -> int:
+        """Keep only the inputs of every transformer block for the backward pass and recompute the rest of its
+        forward there (Cell.recompute), as diffusers' `enable_gradient_checkpointing`: the activations of one block
+        at a time instead of all of them, for one more forward of the blocks. Complete with the fused CPU kernels,
+        whose backward passes are their primitives' own; the hand-written Cell bprops of the other path
+        (ScaledDotProductAttention, HandWrittenGatedGELU) still read their inputs from the first forward.
+        ResBlocks are left alone: recomputing them saved nothing measurable (their SiLU and convolutions have Cell
+        bprops), and with the im2col convolution they failed to compile. Returns the number of blocks."""
+        blocks = [cell for _, cell in self.cells_and_names() if isinstance(cell, BasicTransformerBlock)]
+        for block in blocks:
+            block.recompute()
+        return len(blocks)
 
     def construct(self, x, timesteps, context=None, y=None):
         """x: (B, C, H, W) noisy latents; timesteps: (B,); context: (B, 77, context_dim), or (that, its
