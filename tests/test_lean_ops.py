@@ -157,23 +157,31 @@ def _kernel_graph_nodes(path):
         yield match.group(1), shapes, outputs[0] if outputs else None, scope
 
 
-def _kernels_after_the_gradient(path):
-    """Counter of (op, output rank) of the nodes in a dumped kernel-graph IR file that run after some gradient (a node
-    in the "Gradients/" scope) exists, i.e. that depend on one, directly or through other nodes (Depend included)."""
+def _kernel_graph_dependencies(path):
+    """(id, op, input ids, output rank, after a gradient?) of every node of a dumped kernel-graph IR file, in its
+    order (nodes are listed after their inputs). A node is after a gradient when it is in the "Gradients/" scope or
+    depends on such a node, directly or through other nodes (Depend included)."""
     node = re.compile(r"^\s+%(\d+)\([^)]*\) = (?:PrimFunc_)?(\w+)\((.*)$")
     lines = path.read_text().splitlines()
-    after_gradient, counts = set(), collections.Counter()
-    for index, line in enumerate(lines[:-1]):  # nodes are listed after their inputs
+    after_gradient = set()
+    for index, line in enumerate(lines[:-1]):
         match = node.match(line)
         if not match:
             continue
+        node_id = int(match.group(1))
         scope = next((l for l in lines[index + 2:index + 8] if "Fullname with scope" in l), "")
         args = re.split(r" primitive_attrs:| cnode_attrs:| \{instance name", match.group(3))[0]
-        if "scope: (Gradients/" in scope or any(int(r) in after_gradient for r in re.findall(r"%(\d+)\b", args)):
-            after_gradient.add(int(match.group(1)))
-            output = re.search(r"-> \(<Tensor\[\w+\], \(([\d, ]*)\)", lines[index + 1])
-            counts[match.group(2), len(output.group(1).split(",")) if output else None] += 1
-    return counts
+        inputs = [int(r) for r in re.findall(r"%(\d+)\b", args)]
+        if "scope: (Gradients/" in scope or any(i in after_gradient for i in inputs):
+            after_gradient.add(node_id)
+        output = re.search(r"-> \(<Tensor\[\w+\], \(([\d, ]*)\)", lines[index + 1])
+        yield node_id, match.group(2), inputs, len(output.group(1).split(",")) if output else None, node_id in after_gradient
+
+
+def _kernels_after_the_gradient(path):
+    """Counter of (op, output rank) of the nodes in a dumped kernel-graph IR file that run after some gradient exists
+    (_kernel_graph_dependencies)."""
+    return collections.Counter((op, rank) for _, op, _, rank, after in _kernel_graph_dependencies(path) if after)
 
 
 def _compile_tiny_unet_gradient(folder, kernels, *script_args):
@@ -230,20 +238,11 @@ def _forward_tensors_read_by_the_backward(path):
     """Counter of op of the forward nodes (before any gradient exists) in a dumped kernel-graph IR file whose output
     a backward node reads (directly or through Reshape/Depend/TupleGetItem/...): what the forward keeps alive for
     the backward."""
-    node = re.compile(r"^\s+%(\d+)\([^)]*\) = (?:PrimFunc_)?(\w+)\((.*)$")
     passing = {"Reshape", "ExpandDims", "Squeeze", "Depend", "TupleGetItem", "MakeTuple", "Load"}
-    lines = path.read_text().splitlines()
     ops_by_id, backward, readers = {}, set(), collections.defaultdict(list)
-    for index, line in enumerate(lines[:-1]):
-        match = node.match(line)
-        if not match:
-            continue
-        node_id, op = int(match.group(1)), match.group(2)
-        scope = next((l for l in lines[index + 2:index + 8] if "Fullname with scope" in l), "")
-        args = re.split(r" primitive_attrs:| cnode_attrs:| \{instance name", match.group(3))[0]
-        inputs = [int(r) for r in re.findall(r"%(\d+)\b", args)]
+    for node_id, op, inputs, _, after_gradient in _kernel_graph_dependencies(path):
         ops_by_id[node_id] = op
-        if "scope: (Gradients/" in scope or any(i in backward for i in inputs):
+        if after_gradient:
             backward.add(node_id)
         if op != "UpdateState":
             for i in inputs[:1] if op == "Depend" else inputs:

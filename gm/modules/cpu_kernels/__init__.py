@@ -169,5 +169,6 @@ def same_as_first(first, *rest):
 
 def kernel(name: str, out_shape, out_dtype, bprop=None):
     """The custom primitive running `name` of the library; out_shape/out_dtype map the input shapes/dtypes to the
-    output's (a tuple of them for several outputs)."""
+    output's (a tuple of them for several outputs). `bprop(*inputs, out, dout)` -> the inputs' gradients: the
+    primitive's own backward, which Cell.recompute of an enclosing cell recomputes from (a Cell bprop would not)."""
     return ops.Custom(f"{library_path()}:{name}", out_shape=out_shape, out_dtype=out_dtype, func_type="aot", bprop=bprop)
