@@ -4,7 +4,7 @@
 
 Compiles (does not run) the gradient step of bench_train_step.py with MindSpore's IR dump on, in a child process,
 then replays the kernel graph in its listed order (which respects every dependency): a node's outputs are allocated
-when it runs and freed after their last reader. Reshape, ExpandDims and the like share their input's memory; the
+when it runs and freed after their last reader, each output of a multi-output kernel on its own. Reshape, ExpandDims and the like share their input's memory; the
 ordering inputs of Depend and UpdateState do not read. Prints the peak of live bytes and what is alive then, by the
 producing op and by forward/backward (a node in the "Gradients/" scope or depending on one). This models the memory
 pool's share of a step; MS_DEV_RUNTIME_CONF=memory_statistics:True on a real run (bench_train_step.py) gives the
@@ -30,23 +30,23 @@ SAME_MEMORY = {"Reshape", "ExpandDims", "Squeeze", "Flatten", "Depend", "Load", 
 ORDERING_ONLY = {"UpdateState"}  # and Depend's second input
 
 
-def output_bytes(signature: str) -> int:
-    """Bytes of a node's outputs, from the `(inputs) -> (outputs)` line under it."""
+def output_sizes(signature: str) -> list:
+    """Bytes of each of a node's outputs, from the `(inputs) -> (outputs)` line under it."""
     outputs = signature.split("->", 1)[1] if "->" in signature else ""
     shapes = TENSOR.findall(outputs)
     for dtype, shape_list in TUPLE.findall(outputs):
         shapes += [(dtype, shape) for shape in re.findall(r"\(([\d, ]*)\)", shape_list)]
-    total = 0
+    sizes = []
     for dtype, shape in shapes:
         count = 1
         for dim in shape.split(","):
             count *= int(dim) if dim.strip() else 1
-        total += count * ITEM_BYTES.get(dtype, 4)
-    return total
+        sizes.append(count * ITEM_BYTES.get(dtype, 4))
+    return sizes
 
 
 def read_kernel_graph(path: Path):
-    """[(id, op, input ids, output bytes, backward?)] in the IR's order."""
+    """[(id, op, input ids, bytes of each output, backward?, TupleGetItem's index or None)] in the IR's order."""
     lines = path.read_text().splitlines()
     nodes, backward = [], set()
     for index, line in enumerate(lines[:-1]):
@@ -56,46 +56,56 @@ def read_kernel_graph(path: Path):
         node_id, op = int(match.group(1)), match.group(2)
         args = re.split(r" primitive_attrs:| cnode_attrs:| \{instance name", match.group(3))[0]
         inputs = [int(i) for i in re.findall(r"%(\d+)\b", args)]
+        item = re.search(r"I64\((\d+)\)", args) if op == "TupleGetItem" else None
         scope = next((l for l in lines[index + 2:index + 8] if "Fullname with scope" in l), "")
         if "scope: (Gradients/" in scope or any(i in backward for i in inputs):
             backward.add(node_id)
-        nodes.append((node_id, op, inputs, output_bytes(lines[index + 1]), node_id in backward))
+        nodes.append((node_id, op, inputs, output_sizes(lines[index + 1]), node_id in backward,
+                      int(item.group(1)) if item else None))
     return nodes
 
 
 def peak_live_set(nodes):
-    """(peak bytes, position of the peak, ids alive then) when each node's outputs live from its run to the run of
-    their last reader."""
-    storage = {}  # id -> ids whose memory it uses
-    for node_id, op, inputs, _, _ in nodes:
-        if op in SAME_MEMORY:
+    """(peak bytes, position of the peak, ids alive then) when each output of a node lives from the node's run to
+    the run of its last reader. The outputs of a multi-output kernel are separate allocations (as in MindSpore's
+    runtime): TupleGetItem reads only the one it takes. Ids alive are (node id, output index)."""
+    storage = {}  # id -> the (id, output index) whose memory it uses
+    for node_id, op, inputs, sizes, _, item in nodes:
+        if op == "TupleGetItem" and item is not None and item < len(storage.get(inputs[0], [])):
+            storage[node_id] = [storage[inputs[0]][item]]
+        elif op in SAME_MEMORY:
             readers = inputs if op == "MakeTuple" else inputs[:1]
-            storage[node_id] = [s for i in readers for s in storage.get(i, [i])]
+            storage[node_id] = [s for i in readers for s in storage.get(i, [(i, 0)])]
         else:
-            storage[node_id] = [node_id]
+            storage[node_id] = [(node_id, k) for k in range(max(1, len(sizes)))]
     last_read = {}
-    for position, (node_id, op, inputs, _, _) in enumerate(nodes):
+    for position, (node_id, op, inputs, _, _, item) in enumerate(nodes):
         if op in ORDERING_ONLY:
             continue
-        for i in inputs[:1] if op == "Depend" else inputs:
-            for s in storage.get(i, [i]):
-                last_read[s] = position
+        if op == "TupleGetItem" and item is not None:  # reads only the output it takes
+            read = storage[node_id]
+        else:
+            read = [s for i in (inputs[:1] if op == "Depend" else inputs) for s in storage.get(i, [(i, 0)])]
+        for s in read:
+            last_read[s] = position
     frees = collections.defaultdict(list)
-    sizes = {}
-    for position, (node_id, op, _, nbytes, _) in enumerate(nodes):
+    sizes_of = {}
+    for position, (node_id, op, _, sizes, _, _) in enumerate(nodes):
         if op not in SAME_MEMORY | ORDERING_ONLY:
-            sizes[node_id] = nbytes
-            frees[last_read.get(node_id, position)].append(node_id)
+            for k, nbytes in enumerate(sizes or [0]):
+                sizes_of[node_id, k] = nbytes
+                frees[last_read.get((node_id, k), position)].append((node_id, k))
     live, current, peak = set(), 0, (0, 0, set())
-    for position, (node_id, _, _, _, _) in enumerate(nodes):
-        if node_id in sizes:
-            live.add(node_id)
-            current += sizes[node_id]
+    for position, (node_id, _, _, sizes, _, _) in enumerate(nodes):
+        for k in range(len(sizes or [0])):
+            if (node_id, k) in sizes_of:
+                live.add((node_id, k))
+                current += sizes_of[node_id, k]
         if current > peak[0]:
             peak = (current, position, set(live))
         for freed in frees[position]:
             live.discard(freed)
-            current -= sizes[freed]
+            current -= sizes_of[freed]
     return peak
 
 
@@ -130,7 +140,8 @@ def main():
             sys.exit("MindSpore wrote no kernel graph")
         nodes = read_kernel_graph(max(graphs, key=lambda g: g.stat().st_size))  # the gradient step's
     peak, position, live = peak_live_set(nodes)
-    by_id = {node_id: (op, nbytes, backward) for node_id, op, _, nbytes, backward in nodes}
+    by_id = {(node_id, k): (op, nbytes, backward) for node_id, op, _, sizes, backward, _ in nodes
+             for k, nbytes in enumerate(sizes or [0])}
     print(f"{len(nodes)} nodes; peak of live tensors {peak / 2**30:.2f} GiB at node {position} "
           f"({nodes[position][1]}); alive then, by producing op:")
     table = collections.Counter()

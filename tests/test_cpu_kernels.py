@@ -15,6 +15,7 @@ from gm.modules import cpu_kernels
 from gm.modules.attention import CrossAttention, FusedAttention, GatedGELU
 from gm.modules.conv import Conv2d, FrozenWeightConv, freeze_convolutions
 from gm.modules.frozen_weights import FrozenDense
+from gm.modules.lora import LoRABranch
 from gm.modules.lean_ops import NearestUpsample2x, SiLU, SwapAxes12
 from gm.modules.normalization import GroupNorm, LayerNorm
 from gm.modules.weight_cast import CastLike
@@ -437,6 +438,35 @@ def test_fused_attention_equals_torch(case, mode):
         return out.transpose(1, 2).reshape(batch, queries, heads * dim_head)
 
     _assert_close(_ours(Attention(heads, dim_head, k, v), q, weights, mode), _torch(reference, q, (k, v), weights))
+
+
+@MODES
+@pytest.mark.parametrize("case", [(300, 40, 24, 4, 4.0), (7, 16, 33, 2, 1.0), (77, 64, 48, 8, 16.0)],
+                         ids=["row-chunks", "one-chunk", "scaled"])
+def test_lora_kernel_equals_torch(case, mode):
+    """The LoRA branch's kernels (lora.cc): scale * (x A^T) B^T and the gradients of x, A and B, as torch computes
+    them. 300 rows go over the threads in chunks whose weight gradients are summed; alpha != rank scales."""
+    rows, in_features, out_features, rank, alpha = case
+    rng = np.random.default_rng(13)
+    branch = LoRABranch(in_features, out_features, rank, alpha)
+    assert branch.fused
+    lora_A = rng.standard_normal((rank, in_features)).astype(np.float32)
+    lora_B = rng.standard_normal((out_features, rank)).astype(np.float32)  # not zero, so every gradient is
+    branch.lora_A.weight.set_data(ms.Tensor(lora_A))
+    branch.lora_B.weight.set_data(ms.Tensor(lora_B))
+    x = rng.standard_normal((rows, in_features)).astype(np.float32)
+    weights = rng.standard_normal((rows, out_features)).astype(np.float32)
+    want = _torch(lambda x, a, b: (x @ a.T) @ b.T * (alpha / rank), x, (lora_A, lora_B), weights)
+    _assert_close(_ours(branch, x, weights, mode), want)
+
+
+def test_lora_branches_with_dropout_or_lower_precision_use_mindspore_ops():
+    """Dropout is not in the kernel, and Cell.to_float(float16) would cast its fp32 inputs: both take the MatMuls."""
+    assert not LoRABranch(16, 16, 4, 4, dropout=0.1).fused
+    branch = LoRABranch(16, 16, 4, 4)
+    branch.to_float(ms.float16)
+    assert not branch.fused
+    assert branch(ms.Tensor(np.ones((3, 16), np.float32))).shape == (3, 16)
 
 
 def test_lower_precision_cells_leave_the_fp32_kernels():

@@ -112,6 +112,7 @@ import mindspore as ms
 import numpy as np
 from omegaconf import OmegaConf
 from gm.modules.conv import freeze_convolutions
+from gm.modules.lora import inject_lora, lora_parameters
 from gm.util import instantiate_from_config
 ms.set_device("CPU")
 ms.set_context(mode=ms.GRAPH_MODE)
@@ -120,7 +121,8 @@ unet = instantiate_from_config(config)
 for param in unet.get_parameters():
     param.requires_grad = False
 freeze_convolutions(unet)
-checkpointed_blocks = unet.enable_gradient_checkpointing() if sys.argv[2:] == ["checkpointing"] else 0
+checkpointed_blocks = unet.enable_gradient_checkpointing() if "checkpointing" in sys.argv[2:] else 0
+lora_layers = inject_lora(unet) if "lora" in sys.argv[2:] else 0  # trained: its weights are differentiated too
 p = config.params
 inputs = [np.ones((2, 4, 8, 8), np.float32), np.array([3.0, 917.0], np.float32),
           np.ones((2, 77, p.context_dim), np.float32), np.ones((2, p.adm_in_channels), np.float32)]
@@ -130,12 +132,18 @@ class Loss(ms.nn.Cell):
         self.unet = unet
     def construct(self, x, t, context, y):
         return (self.unet(x, t, context, y) ** 2).sum()
-ms.ops.GradOperation(get_all=True)(Loss())(*(ms.Tensor(a) for a in inputs))[0].asnumpy()
+if lora_layers:
+    grads = ms.ops.GradOperation(get_all=True, get_by_list=True)(Loss(), ms.ParameterTuple(lora_parameters(unet).values()))
+else:
+    grads = ms.ops.GradOperation(get_all=True)(Loss())
+input_grads = grads(*(ms.Tensor(a) for a in inputs))
+(input_grads[0][0] if lora_layers else input_grads[0]).asnumpy()
 cells = [(name, type(cell).__name__) for name, cell in unet.cells_and_names()]
 counts = {kind: sum(k == kind for _, k in cells) for kind in ("ScaledDotProductAttention", "FusedAttention", "GatedGELU")}
 # SiLUs on feature maps; those on the time/label embedding all see the same input and are rightly merged
 counts["SiLU"] = sum(k == "SiLU" and "emb" not in name for name, k in cells)
 counts["checkpointed_blocks"] = checkpointed_blocks
+counts["lora_layers"] = lora_layers
 counts["BasicTransformerBlock"] = sum(k == "BasicTransformerBlock" for _, k in cells)
 print(json.dumps(counts))
 """
@@ -157,10 +165,16 @@ def _kernel_graph_nodes(path):
         yield match.group(1), shapes, outputs[0] if outputs else None, scope
 
 
+KernelNode = collections.namedtuple("KernelNode", "id op inputs outputs after_gradient kernel item")
+# ops whose output is (part of) their input's memory: a reader of theirs reads that input
+PASSING = {"Reshape", "ExpandDims", "Squeeze", "Depend", "TupleGetItem", "MakeTuple", "Load"}
+
+
 def _kernel_graph_dependencies(path):
-    """(id, op, input ids, output rank, after a gradient?) of every node of a dumped kernel-graph IR file, in its
-    order (nodes are listed after their inputs). A node is after a gradient when it is in the "Gradients/" scope or
-    depends on such a node, directly or through other nodes (Depend included)."""
+    """A KernelNode for every node of a dumped kernel-graph IR file, in its order (nodes are listed after their
+    inputs): its id, op, input ids, output shapes (one per tensor of a tuple), whether it is after a gradient, the
+    custom kernel's name (or None) and TupleGetItem's index (or None). A node is after a gradient when it is in the
+    "Gradients/" scope or depends on such a node, directly or through other nodes (Depend included)."""
     node = re.compile(r"^\s+%(\d+)\([^)]*\) = (?:PrimFunc_)?(\w+)\((.*)$")
     lines = path.read_text().splitlines()
     after_gradient = set()
@@ -174,14 +188,32 @@ def _kernel_graph_dependencies(path):
         inputs = [int(r) for r in re.findall(r"%(\d+)\b", args)]
         if "scope: (Gradients/" in scope or any(i in after_gradient for i in inputs):
             after_gradient.add(node_id)
-        output = re.search(r"-> \(<Tensor\[\w+\], \(([\d, ]*)\)", lines[index + 1])
-        yield node_id, match.group(2), inputs, len(output.group(1).split(",")) if output else None, node_id in after_gradient
+        output = lines[index + 1].split("->", 1)[1] if "->" in lines[index + 1] else ""
+        tensor = re.match(r" \(<Tensor\[\w+\], \(([\d, ]*)\)", output)
+        shapes = [tensor.group(1)] if tensor else re.findall(r"\(([\d, ]*)\)", output.split("TupleShape", 1)[-1])
+        if not tensor and "TupleShape" not in output:
+            shapes = []
+        kernel = re.search(r'func_name: "[^"]*:(\w+)"', line)
+        item = re.search(r"I64\((\d+)\)", args) if match.group(2) == "TupleGetItem" else None
+        yield KernelNode(node_id, match.group(2), inputs, [tuple(int(d) for d in s.split(",") if d.strip()) for s in shapes],
+                         node_id in after_gradient, kernel.group(1) if kernel else None, int(item.group(1)) if item else None)
 
 
 def _kernels_after_the_gradient(path):
-    """Counter of (op, output rank) of the nodes in a dumped kernel-graph IR file that run after some gradient exists
-    (_kernel_graph_dependencies)."""
-    return collections.Counter((op, rank) for _, op, _, rank, after in _kernel_graph_dependencies(path) if after)
+    """Counter of (op, output rank) of the single-output nodes in a dumped kernel-graph IR file that run after some
+    gradient exists (_kernel_graph_dependencies)."""
+    return collections.Counter((node.op, len(node.outputs[0])) for node in _kernel_graph_dependencies(path)
+                               if node.after_gradient and len(node.outputs) == 1)
+
+
+def _readers(nodes):
+    """{id: [ids of the nodes that read its output]}; UpdateState and the ordering input of Depend do not read."""
+    readers = collections.defaultdict(list)
+    for node in nodes:
+        if node.op != "UpdateState":
+            for i in node.inputs[:1] if node.op == "Depend" else node.inputs:
+                readers[i].append(node.id)
+    return readers
 
 
 def _compile_tiny_unet_gradient(folder, kernels, *script_args):
@@ -238,28 +270,21 @@ def _forward_tensors_read_by_the_backward(path):
     """Counter of op of the forward nodes (before any gradient exists) in a dumped kernel-graph IR file whose output
     a backward node reads (directly or through Reshape/Depend/TupleGetItem/...): what the forward keeps alive for
     the backward."""
-    passing = {"Reshape", "ExpandDims", "Squeeze", "Depend", "TupleGetItem", "MakeTuple", "Load"}
-    ops_by_id, backward, readers = {}, set(), collections.defaultdict(list)
-    for node_id, op, inputs, _, after_gradient in _kernel_graph_dependencies(path):
-        ops_by_id[node_id] = op
-        if after_gradient:
-            backward.add(node_id)
-        if op != "UpdateState":
-            for i in inputs[:1] if op == "Depend" else inputs:
-                readers[i].append(node_id)
+    nodes = list(_kernel_graph_dependencies(path))
+    by_id, readers = {node.id: node for node in nodes}, _readers(nodes)
 
     def read_by_the_backward(node_id, seen):
         for reader in readers[node_id]:
-            if reader in backward:
+            if by_id[reader].after_gradient:
                 return True
-            if ops_by_id[reader] in passing and reader not in seen:
+            if by_id[reader].op in PASSING and reader not in seen:
                 seen.add(reader)
                 if read_by_the_backward(reader, seen):
                     return True
         return False
 
-    return collections.Counter(op for node_id, op in ops_by_id.items()
-                               if node_id not in backward and op not in passing and read_by_the_backward(node_id, set()))
+    return collections.Counter(node.op for node in nodes if not node.after_gradient and node.op not in PASSING
+                               and read_by_the_backward(node.id, set()))
 
 
 def test_gradient_checkpointing_keeps_no_tensor_inside_a_transformer_block_for_the_backward(tmp_path):
@@ -278,3 +303,35 @@ def test_gradient_checkpointing_keeps_no_tensor_inside_a_transformer_block_for_t
     # q, k, v twice, the GEGLU projection and two of the three residual sums: what remains is outside the blocks
     # (ResBlocks, skips, the time embedding) and each block's input
     assert sum(held_plain.values()) - sum(held.values()) >= 9 * blocks, (held_plain, held)
+
+
+def test_lora_weight_gradients_run_with_their_layers_backward(tmp_path):
+    """The tiny UNet with LoRA on every attention projection, its LoRA weights differentiated: each gradient that an
+    attention backward writes for the image's tokens (dq, and a self-attention's dk and dv) is read for the last time
+    before the next attention backward runs. Its readers are the projections' input and LoRA gradients, the latter
+    one kernel writing dx, dA and dB (gm/modules/cpu_kernels/lora.cc). As MatMuls, MindSpore ran the LoRA weight
+    gradients at the end of the backward pass and kept every dq, dk and dv alive until then (the peak of the 1024
+    train step). A cross-attention's dk and dv (the text's 77 tokens, not on the image's gradient path) may wait."""
+    graphs, _, cells = _compile_tiny_unet_gradient(tmp_path, "fused", "lora")
+    attention_backwards = lora_backwards = checked = expected = 0
+    for path in graphs:
+        nodes = list(_kernel_graph_dependencies(path))
+        by_id, readers = {node.id: node for node in nodes}, _readers(nodes)
+        position = {node.id: index for index, node in enumerate(nodes)}
+
+        def last_read(node_id):  # the position of the last node reading node_id's output, through PASSING ops
+            return max([position[node_id]] + [last_read(r) if by_id[r].op in PASSING else position[r]
+                                               for r in readers[node_id]])
+
+        backwards = [node for node in nodes if node.kernel == "AttentionBackward"]
+        attention_backwards += len(backwards)
+        lora_backwards += sum(node.kernel == "LoRABackward" for node in nodes)
+        expected += sum(3 if len(set(backward.outputs)) == 1 else 1 for backward in backwards[:-1])
+        for backward, next_backward in zip(backwards, backwards[1:]):
+            for item in (r for r in readers[backward.id] if by_id[r].op == "TupleGetItem"):
+                if backward.outputs[by_id[item].item] == backward.outputs[0]:  # the image's tokens
+                    assert last_read(item) < position[next_backward.id], (path.name, backward.id, by_id[item].item)
+                    checked += 1
+    assert attention_backwards == cells["FusedAttention"] > 1
+    assert lora_backwards == cells["lora_layers"] == 4 * cells["FusedAttention"]
+    assert checked == expected > 0  # dq of every attention, dk and dv of every self-attention (but the last)

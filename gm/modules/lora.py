@@ -12,14 +12,28 @@ import mindspore as ms
 from mindspore import nn, ops
 from mindspore.common.initializer import HeUniform
 
+from gm.modules import cpu_kernels
 from gm.modules.frozen_weights import CastMatMul, CastMatMulBias, FrozenDense
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 DEFAULT_ATTENTIONS = ("attn1", "attn2")
 
 
+def _lora_output_shape(x, lora_A, lora_B, config):
+    return [x[0], lora_B[0]]
+
+
+def _like_x_and_the_weights(x, lora_A, lora_B, *rest):
+    return x, lora_A, lora_B
+
+
 class LoRABranch(nn.Cell):
-    """The low-rank update alone: (alpha / rank) * B A dropout(x), with A (rank x in) and B (out x rank)."""
+    """The low-rank update alone: (alpha / rank) * B A dropout(x), with A (rank x in) and B (out x rank).
+
+    Where the CPU kernels have oneDNN (and without dropout), forward and backward are one kernel each
+    (gm/modules/cpu_kernels/lora.cc), the backward writing dx, dA and dB together: as MatMuls, MindSpore ran the
+    weight gradients at the end of the backward pass, keeping every layer's input and output gradient alive until
+    then. The kernel is the primitive's own bprop, so Cell.recompute of an enclosing block recomputes x for it."""
 
     def __init__(self, in_features: int, out_features: int, rank: int, alpha: float, dropout: float = 0.0):
         super().__init__()
@@ -35,11 +49,29 @@ class LoRABranch(nn.Cell):
         self.lora_A = nn.Dense(in_features, rank, has_bias=False, weight_init=HeUniform(negative_slope=math.sqrt(5)))
         self.lora_B = nn.Dense(rank, out_features, has_bias=False, weight_init="zeros")
         self.merged = False
+        self.fused = cpu_kernels.onednn_enabled() and dropout == 0
+        if self.fused:
+            self.config = ms.Tensor([self.scale], ms.float32)
+            backward = cpu_kernels.kernel("LoRABackward", _like_x_and_the_weights, _like_x_and_the_weights)
+
+            def lora_bprop(x, lora_A, lora_B, config, out, dout):
+                dx, d_lora_A, d_lora_B = backward(x, lora_A, lora_B, dout.astype(x.dtype), config)
+                return dx, d_lora_A, d_lora_B, ops.zeros_like(config)
+
+            self.kernel = cpu_kernels.kernel("LoRAForward", _lora_output_shape, cpu_kernels.same_as_first,
+                                             bprop=lora_bprop)
+
+    def add_flags(self, **flags):
+        if cpu_kernels.lowers_precision(flags):  # the kernels are fp32-only
+            self.fused = False
+        return super().add_flags(**flags)
 
     def construct(self, x):
         return self.low_rank_update(x)
 
     def low_rank_update(self, x_2d):
+        if self.fused and x_2d.dtype == ms.float32 and self.lora_A.weight.dtype == ms.float32:
+            return self.kernel(x_2d, self.lora_A.weight, self.lora_B.weight, self.config)
         update = self.lora_B(self.lora_A(self.lora_dropout(x_2d)))
         # alpha == rank (the default) scales by 1: no pass over the layer's output, forward or backward
         return update if self.scale == 1.0 else update * self.scale

@@ -2,7 +2,8 @@
 slowest, as MindSpore "aot" custom ops: GroupNorm and LayerNorm (forward and backward), GEGLU's gating, the
 fp16 -> fp32 weight cast, the axes-1-2 swap, and, through the oneDNN library MindSpore ships, the stride-1
 convolution (in the layouts oneDNN picks, or for 3x3 Winograd's F(4x4, 3x3) on oneDNN's sgemm), attention
-(oneDNN's sgemm) and the frozen Dense layers' products on their fp16 weights as stored (oneDNN's sgemm).
+(oneDNN's sgemm), the frozen Dense layers' products on their fp16 weights as stored and the LoRA branches, whose
+backward writes the weight gradients with the input gradient (oneDNN's sgemm).
 Measured against torch on the same shapes (benchmarks/bench_op_cores.py): MindSpore's GroupNorm is 50x, LayerNorm
 17x, Erf 6.5x and Cast 1.4x slower, each on one core.
 
@@ -34,7 +35,7 @@ from gm.util import environment
 SOURCE_FOLDER = Path(__file__).resolve().parent
 FAST_MATH_SOURCES = ("gelu.cc", "silu.cc", "attention.cc")  # -ffast-math: erff/expf vectorised through glibc's libmvec
 SOURCES = ("norms.cc", "cast.cc", "transpose.cc", "upsample.cc", "scratch.cc")
-ONEDNN_SOURCES = ("conv.cc", "winograd.cc", "attention.cc", "dense.cc")  # need oneDNN's headers and library
+ONEDNN_SOURCES = ("conv.cc", "winograd.cc", "attention.cc", "dense.cc", "lora.cc")  # need oneDNN's headers and library
 ONEDNN_LIBRARY = "libdnnl.so.3"
 COMPILER_FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-pthread", "-fPIC", "-std=c++20")
 ENV_SWITCH = "MINDBOOTH_CPU_KERNELS"
