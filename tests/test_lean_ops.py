@@ -145,6 +145,7 @@ counts["SiLU"] = sum(k == "SiLU" and "emb" not in name for name, k in cells)
 counts["checkpointed_blocks"] = checkpointed_blocks
 counts["lora_layers"] = lora_layers
 counts["BasicTransformerBlock"] = sum(k == "BasicTransformerBlock" for _, k in cells)
+counts["ResBlock"] = sum(k == "ResBlock" for _, k in cells)
 print(json.dumps(counts))
 """
 
@@ -283,26 +284,35 @@ def _forward_tensors_read_by_the_backward(path):
                     return True
         return False
 
-    return collections.Counter(node.op for node in nodes if not node.after_gradient and node.op not in PASSING
-                               and read_by_the_backward(node.id, set()))
+    return collections.Counter(node.kernel or node.op for node in nodes if not node.after_gradient
+                               and node.op not in PASSING and read_by_the_backward(node.id, set()))
 
 
-def test_gradient_checkpointing_keeps_no_tensor_inside_a_transformer_block_for_the_backward(tmp_path):
-    """UNetModel.enable_gradient_checkpointing (Cell.recompute on every BasicTransformerBlock), in the compiled
-    gradient with the fused CPU kernels: the backward reruns each block's forward instead of reading its tensors.
-    Without it the forward keeps, per block, q, k and v of both attentions (for the attention's backward), the
-    GEGLU projection and the residual sums (for LayerNorm's backward). The kernels' backward passes are their
-    primitives' own: a Cell bprop would read the forward's tensors even inside a recomputed block."""
+def test_gradient_checkpointing_keeps_no_tensor_inside_a_block_for_the_backward(tmp_path):
+    """UNetModel.enable_gradient_checkpointing (Cell.recompute on every BasicTransformerBlock and ResBlock), in the
+    compiled gradient with the fused CPU kernels: the backward reruns each block's forward instead of reading its
+    tensors. Without it the forward keeps, per transformer block, q, k and v of both attentions (for the attention's
+    backward), the GEGLU projection and the residual sums (for LayerNorm's backward), and per ResBlock both
+    GroupNorm outputs (for SiLU's backward) and the sum with the time embedding (for GroupNorm's). The kernels'
+    backward passes are their primitives' own: with a Cell bprop, a block's recomputation reads the first forward's
+    tensors (the norms, attention, GEGLU) or runs during the forward (the convolution, in a ResBlock)."""
     plain_graphs, _, plain = _compile_tiny_unet_gradient(tmp_path / "plain", "fused")
     graphs, _, cells = _compile_tiny_unet_gradient(tmp_path / "checkpointed", "fused", "checkpointing")
-    blocks = cells["BasicTransformerBlock"]
-    assert plain["checkpointed_blocks"] == 0 and cells["checkpointed_blocks"] == blocks > 0
+    blocks, res_blocks = cells["BasicTransformerBlock"], cells["ResBlock"]
+    assert plain["checkpointed_blocks"] == 0 and cells["checkpointed_blocks"] == blocks + res_blocks and blocks > 0
     held_plain = sum((_forward_tensors_read_by_the_backward(path) for path in plain_graphs), collections.Counter())
     held = sum((_forward_tensors_read_by_the_backward(path) for path in graphs), collections.Counter())
     assert held_plain["MatMul"] == 6 * blocks and held["MatMul"] == 0, (held_plain, held)
-    # q, k, v twice, the GEGLU projection and two of the three residual sums: what remains is outside the blocks
-    # (ResBlocks, skips, the time embedding) and each block's input
-    assert sum(held_plain.values()) - sum(held.values()) >= 9 * blocks, (held_plain, held)
+    # the only GroupNorm output left is the UNet's last norm's, outside any block
+    assert held_plain["GroupNormForward"] == 2 * res_blocks + 1 and held["GroupNormForward"] == 1, (held_plain, held)
+    # q, k, v twice, the GEGLU projection and two of the three residual sums per transformer block, two GroupNorm
+    # outputs and a sum per ResBlock: what remains is outside the blocks (skips, the time embedding) and their inputs
+    assert sum(held_plain.values()) - sum(held.values()) >= 9 * blocks + 3 * res_blocks, (held_plain, held)
+    # the recomputations wait for the backward: each block's norms run once in the forward and once after it
+    for kernel in ("LayerNormForward", "GroupNormForward"):
+        before, after = (sum(node.kernel == kernel and node.after_gradient == side for path in graphs
+                             for node in _kernel_graph_dependencies(path)) for side in (False, True))
+        assert after == (3 * blocks if kernel == "LayerNormForward" else 2 * res_blocks), (kernel, before, after)
 
 
 def test_lora_weight_gradients_run_with_their_layers_backward(tmp_path):

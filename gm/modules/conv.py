@@ -42,9 +42,48 @@ def _ceil_div(a: int, b: int) -> int:
 
 
 class FrozenWeightConv(nn.Cell):
+    """The convolution of a frozen weight, stored in fp32 or fp16/bf16 (gm.modules.frozen_weights), which gives only
+    the input gradient. Where the CPU kernels have oneDNN (stride 1, fp32 x, an fp16 or fp32 weight), their
+    convolution, reading an fp16 weight as stored; its backward kernel is the forward primitive's own bprop, which
+    reads only dout and the weight, so that Cell.recompute of an enclosing block (gradient checkpointing) works: with
+    a Cell bprop here, a recomputed ResBlock's recomputation ran during the forward. Otherwise
+    HandWrittenFrozenConv."""
+
+    def __init__(self, kernel_size: int, stride: int, padding: int, fused=None, algorithm: str = "auto"):
+        super().__init__()
+        self.hand_written = HandWrittenFrozenConv(kernel_size, stride, padding, fused, algorithm)
+        if self.hand_written.fused:
+            backward_kernel = self.hand_written.conv_backward_data
+
+            def conv_bprop(x, weight, config, out, dout):
+                return backward_kernel(dout.astype(x.dtype), weight, config), ops.zeros_like(weight), ops.zeros_like(config)
+
+            self.forward_kernel = cpu_kernels.kernel("Conv2dForward", _conv_output_shape(kernel_size, padding),
+                                                     cpu_kernels.same_as_first, bprop=conv_bprop)
+
+    @property
+    def fused(self) -> bool:
+        return self.hand_written.fused
+
+    def computes_in_kernel(self, x) -> bool:
+        return self.hand_written.computes_in_kernel(x)
+
+    def construct(self, x, weight):
+        if self.hand_written.computes_in_kernel(x) and (weight.dtype == ms.float16 or weight.dtype == ms.float32):
+            return self.forward_kernel(x, weight, self.hand_written.config)
+        return self.hand_written(x, weight)
+
+
+def _conv_output_shape(kernel_size: int, padding: int):
+    """out_shape of the stride-1 convolution kernel: each output size follows from the input size."""
+    grow = 2 * padding - kernel_size + 1
+    return lambda x, w, config: [x[0], w[0], x[2] + grow, x[3] + grow]
+
+
+class HandWrittenFrozenConv(nn.Cell):
     """The whole-input (no strips) im2col convolution for a frozen weight, stored in fp32 or fp16/bf16
-    (gm.modules.frozen_weights); where the CPU kernels have oneDNN, their convolution instead, which reads an fp16
-    weight as stored. The cast waits for the input; the custom backward gives only the input gradient,
+    (gm.modules.frozen_weights); where the CPU kernels have oneDNN, their convolution instead (here for a weight
+    cast to fp32, a bf16 one). The cast waits for the input; the custom backward gives only the input gradient,
     fold(W^T dout), recomputed from x's shape and the weight, so neither the columns (k*k times x) nor an fp32 copy
     of the weight is kept for it. W^T is taken inside BatchMatMul (transpose_a): autodiff's explicit Transpose of
     the weight made MindSpore's CPU Transpose kernel hold a buffer of twice the weight's fp32 size for the whole
@@ -59,8 +98,8 @@ class FrozenWeightConv(nn.Cell):
         if self.fused:  # stride 1: each output size follows from the input size and back, for the kernels' shapes
             grow = 2 * padding - kernel_size + 1
             self.config = ms.Tensor([padding, CONVOLUTION_ALGORITHMS[algorithm]], ms.float32)
-            self.conv_forward = cpu_kernels.kernel(
-                "Conv2dForward", lambda x, w, config: [x[0], w[0], x[2] + grow, x[3] + grow], cpu_kernels.same_as_first)
+            self.conv_forward = cpu_kernels.kernel("Conv2dForward", _conv_output_shape(kernel_size, padding),
+                                                   cpu_kernels.same_as_first)
             self.conv_backward_data = cpu_kernels.kernel(
                 "Conv2dBackwardData", lambda dy, w, config: [dy[0], w[1], dy[2] - grow, dy[3] - grow],
                 cpu_kernels.same_as_first)
@@ -183,6 +222,12 @@ class Conv2d(nn.Conv2d):
         if self.frozen_conv is None:
             self.frozen_conv = FrozenWeightConv(self.square_kernel_size, self.square_stride, self.square_padding,
                                                 fused=fused, algorithm=algorithm)
+
+    def supports_recompute(self) -> bool:
+        """Whether Cell.recompute of an enclosing block (gradient checkpointing) works with this convolution:
+        MindSpore's Conv2D, or a frozen weight's CPU kernel, whose backward reads only dout and the weight. With
+        the frozen im2col path, a recomputed ResBlock failed to compile."""
+        return not self.as_matmul or (self.frozen_conv is not None and self.frozen_conv.fused)
 
     def construct(self, x):
         if not self.as_matmul:

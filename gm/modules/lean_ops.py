@@ -146,23 +146,47 @@ def gelu_derivative(x):
     return cdf + x * (ops.exp(-0.5 * x * x) * INV_SQRT_2PI)
 
 
-class SiLU(Fp32KernelPair):
+class SiLU(nn.Cell):
     """x * sigmoid(x), whose backward keeps only x: autodiff of MindSpore's SiLU keeps sigmoid(x) as well (one more
     activation-sized tensor per SiLU until the backward), torch keeps only the input. `fused` (default:
-    cpu_kernels.enabled()): one CPU kernel each way, for fp32 (MindSpore's path is 2 passes forward, 5 backward)."""
+    cpu_kernels.enabled()): one CPU kernel each way, for fp32 (MindSpore's path is 2 passes forward, 5 backward),
+    the backward kernel being the forward primitive's own bprop, so that Cell.recompute of an enclosing block
+    (gradient checkpointing) recomputes x for it; a Cell bprop would read the first forward's. Otherwise
+    HandWrittenSiLU."""
 
     def __init__(self, fused=None):
-        super().__init__("SiluForward", "SiluBackward", fused=fused)
+        super().__init__()
+        self.fused = cpu_kernels.enabled() if fused is None else fused
+        self.hand_written = HandWrittenSiLU()
+        if self.fused:
+            backward_kernel = cpu_kernels.kernel("SiluBackward", cpu_kernels.same_as_first, cpu_kernels.same_as_first)
+
+            def silu_bprop(x, out, dout):
+                return (backward_kernel(x, dout.astype(x.dtype)),)
+
+            self.forward_kernel = cpu_kernels.kernel("SiluForward", cpu_kernels.same_as_first,
+                                                     cpu_kernels.same_as_first, bprop=silu_bprop)
+
+    def add_flags(self, **flags):
+        if cpu_kernels.lowers_precision(flags):
+            self.fused = False
+        return super().add_flags(**flags)
 
     def construct(self, x):
         if self.fused and x.dtype == ms.float32:
-            return self.forward(x)
+            return self.forward_kernel(x)
+        return self.hand_written(x)
+
+
+class HandWrittenSiLU(nn.Cell):
+    """SiLU from MindSpore's ops, with a backward that recomputes sigmoid(x) after dout exists (the module's
+    docstring: why the input waits for dout)."""
+
+    def construct(self, x):
         return ops.silu(x)
 
     def bprop(self, x, out, dout):
         dout = dout.astype(x.dtype)
         x = ops.depend(x, dout)  # see the module's docstring
-        if self.fused and x.dtype == ms.float32:
-            return (self.backward(x, dout),)
         sigmoid = ops.sigmoid(x)
         return (dout * sigmoid * (1.0 + x * (1.0 - sigmoid)),)

@@ -181,14 +181,16 @@ class UNetModel(nn.Cell):
         return tuple(projection for attention in self._cross_attentions() for projection in attention.project_context(context))
 
     def enable_gradient_checkpointing(self) -> int:
-        """Keep only the inputs of every transformer block for the backward pass and recompute the rest of its
-        forward there (Cell.recompute), as diffusers' `enable_gradient_checkpointing`: the activations of one block
-        at a time instead of all of them, for one more forward of the blocks. Complete with the fused CPU kernels,
-        whose backward passes are their primitives' own; the hand-written Cell bprops of the other path
-        (ScaledDotProductAttention, HandWrittenGatedGELU) still read their inputs from the first forward.
-        ResBlocks are left alone: recomputing them saved nothing measurable (their SiLU and convolutions have Cell
-        bprops), and with the im2col convolution they failed to compile. Returns the number of blocks."""
-        blocks = [cell for _, cell in self.cells_and_names() if isinstance(cell, BasicTransformerBlock)]
+        """Keep only the inputs of every transformer block and ResBlock for the backward pass and recompute the rest
+        of its forward there (Cell.recompute), as diffusers' `enable_gradient_checkpointing`: the activations of one
+        block at a time instead of all of them, for one more forward of the blocks. Complete with the fused CPU
+        kernels, whose backward passes are their primitives' own; the hand-written Cell bprops of the other path
+        (ScaledDotProductAttention, HandWrittenGatedGELU, HandWrittenSiLU) still read their inputs from the first
+        forward. A ResBlock is recomputed where its convolutions allow it (Conv2d.supports_recompute). Call after
+        freeze_convolutions. Returns the number of blocks."""
+        blocks = [cell for _, cell in self.cells_and_names() if isinstance(cell, BasicTransformerBlock)
+                  or (isinstance(cell, ResBlock) and all(conv.supports_recompute() for _, conv in cell.cells_and_names()
+                                                         if isinstance(conv, Conv2d)))]
         for block in blocks:
             block.recompute()
         return len(blocks)
