@@ -27,7 +27,9 @@ class DiffusionEngine(nn.Cell):
         **unused_sgm_options,
     ):
         super().__init__()
-        self.model = OpenAIWrapper(instantiate_from_config(network_config))
+        # a frozen base in a low-precision dtype: stored so block by block as the UNet is built (its fp32 peak)
+        weight_dtype = {"weight_dtype": frozen_weight_dtype} if frozen_weight_dtype else {}
+        self.model = OpenAIWrapper(instantiate_from_config(network_config, **weight_dtype))
         self.denoiser = instantiate_from_config(denoiser_config)
         self.conditioner = instantiate_from_config(conditioner_config)
         self.first_stage_model = instantiate_from_config(first_stage_config)

@@ -150,6 +150,17 @@ def _replace_child(parent: nn.Cell, name: str, new: nn.Cell):
         setattr(parent, name, new)
 
 
+def stored_in(net: nn.Cell, dtype: str) -> nn.Cell:
+    """`net` with every parameter stored in `dtype` (a DTYPES key), one at a time: for a part of a frozen base
+    model as soon as it is built (UNetModel's weight_dtype), before store_frozen_weights gives its layers the
+    cast-at-use forms. Returns net."""
+    if dtype not in DTYPES:
+        raise ValueError(f"frozen weight dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    for param in net.get_parameters():
+        param.set_dtype(DTYPES[dtype])
+    return net
+
+
 def store_frozen_weights(net: nn.Cell, dtype="float16") -> int:
     """Store every frozen (requires_grad=False) parameter of `net`'s Dense, Conv2d, GroupNorm and LayerNorm
     layers (and LoRADense base weights) in `dtype`, computing in the input's dtype. Trainable parameters

@@ -7,6 +7,7 @@ from mindspore import nn, ops
 
 from gm.modules.attention import BasicTransformerBlock, CrossAttention, SpatialTransformer
 from gm.modules.conv import Conv2d
+from gm.modules.frozen_weights import stored_in
 from gm.modules.lean_ops import NearestUpsample2x, SiLU, add_broadcast
 from gm.modules.diffusionmodules.util import normalization, timestep_embedding, zero_module
 
@@ -99,13 +100,18 @@ class UNetModel(nn.Cell):
         num_classes: str = None,
         dropout: float = 0.0,
         use_linear_in_transformer: bool = True,
+        weight_dtype: str = None,
         **unused_sgm_options,
     ):
+        """`weight_dtype` ("float16"/"bfloat16"; for a frozen base, DiffusionEngine's frozen_weight_dtype): each block's
+        weights go to that dtype as soon as the block is built, so that building the full-size UNet peaks at its
+        fp16 size plus one block instead of its fp32 size (10.3 GB)."""
         super().__init__()
         if not use_linear_in_transformer:
             raise ValueError("only use_linear_in_transformer: True (SDXL's linear proj_in/proj_out) is implemented")
         if num_classes not in (None, "sequential"):
             raise ValueError(f"num_classes must be 'sequential' (SDXL's vector conditioning) or absent, got {num_classes!r}")
+        store = (lambda block: stored_in(block, weight_dtype)) if weight_dtype else (lambda block: block)
         levels = len(channel_mult)
         num_res_blocks = _per_level(num_res_blocks, levels, "num_res_blocks")
         transformer_depth = _per_level(transformer_depth, levels, "transformer_depth")
@@ -136,7 +142,7 @@ class UNetModel(nn.Cell):
                 channels = mult * model_channels
                 if rate in attention_resolutions:
                     layers.append(transformer(channels, transformer_depth[level]))
-                input_blocks.append(TimestepEmbedSequential(layers))
+                input_blocks.append(store(TimestepEmbedSequential(layers)))
                 skip_channels.append(channels)
             if level != levels - 1:
                 input_blocks.append(TimestepEmbedSequential([Downsample(channels)]))
@@ -144,13 +150,13 @@ class UNetModel(nn.Cell):
                 rate *= 2
         self.input_blocks = nn.CellList(input_blocks)
 
-        self.middle_block = TimestepEmbedSequential(
+        self.middle_block = store(TimestepEmbedSequential(
             [
                 ResBlock(channels, time_embed_dim, channels, dropout),
                 transformer(channels, transformer_depth_middle),
                 ResBlock(channels, time_embed_dim, channels, dropout),
             ]
-        )
+        ))
 
         output_blocks = []
         for level, mult in reversed(list(enumerate(channel_mult))):
@@ -162,10 +168,11 @@ class UNetModel(nn.Cell):
                 if level and i == num_res_blocks[level]:
                     layers.append(Upsample(channels))
                     rate //= 2
-                output_blocks.append(TimestepEmbedSequential(layers))
+                output_blocks.append(store(TimestepEmbedSequential(layers)))
         self.output_blocks = nn.CellList(output_blocks)
 
         self.out = nn.SequentialCell([normalization(channels), SiLU(), zero_module(conv3x3(model_channels, out_channels))])
+        store(self)  # the rest: the embeddings, the first and last layers
         for index, attention in enumerate(self._cross_attentions()):
             attention.context_index = index
 
