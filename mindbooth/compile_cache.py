@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 import mindspore as ms
+from mindspore.common.initializer import Zero
 
 from gm.modules import cpu_kernels
 from gm.util import environment
@@ -112,10 +113,26 @@ def compile_cache(folder):
     return environment(**{_CACHE_ENABLE: "1", _CACHE_PATH: str(folder)})
 
 
+def release_frozen_weights(net) -> int:
+    """Give every frozen (requires_grad=False) parameter of `net` an uninitialised tensor of its shape and dtype
+    instead of its data, which frees it (MindSpore would allocate one only where it is read). Compiling needs the
+    parameters' shapes and dtypes, not their values: the child then compiles beside its LoRA weights only, not
+    beside the whole model (the full-size fp16 UNet: 4.8 GiB). Returns the number released."""
+    released = 0
+    for param in net.get_parameters():
+        if not param.requires_grad:
+            param.set_data(ms.Tensor(shape=param.shape, dtype=param.dtype, init=Zero()))
+            released += 1
+    return released
+
+
 def compile_step_graphs(folder, grad_step, apply_step, inputs):
     """Compile (in the child) or load (in the training process) the gradient step for `inputs`, then the
-    optimizer step, in this order, with the cache in `folder`. The child marks the folder complete."""
+    optimizer step, in this order, with the cache in `folder`. The child, which only compiles, first releases the
+    frozen weights, and marks the folder complete."""
     folder = Path(folder)
+    if precompile_folder() == folder:
+        release_frozen_weights(grad_step)
     with compile_cache(folder):
         grad_step.compile(*inputs)
         apply_step.compile()
