@@ -145,13 +145,7 @@ class GatedGELU(nn.Cell):
         self.fused = cpu_kernels.enabled() if fused is None else fused
         self.hand_written = HandWrittenGatedGELU()
         if self.fused:
-            backward_kernel = cpu_kernels.kernel("GatedGeluBackward", cpu_kernels.same_as_first, cpu_kernels.same_as_first)
-
-            def gated_gelu_bprop(x, out, dout):
-                return (backward_kernel(x, dout.astype(x.dtype)),)
-
-            self.forward_kernel = cpu_kernels.kernel("GatedGeluForward", _half_last_axis, cpu_kernels.same_as_first,
-                                                     bprop=gated_gelu_bprop)
+            self.forward_kernel = cpu_kernels.kernel_with_backward("GatedGeluForward", "GatedGeluBackward", _half_last_axis)
 
     def construct(self, x):
         if self.fused and x.dtype == ms.float32:

@@ -159,13 +159,7 @@ class SiLU(nn.Cell):
         self.fused = cpu_kernels.enabled() if fused is None else fused
         self.hand_written = HandWrittenSiLU()
         if self.fused:
-            backward_kernel = cpu_kernels.kernel("SiluBackward", cpu_kernels.same_as_first, cpu_kernels.same_as_first)
-
-            def silu_bprop(x, out, dout):
-                return (backward_kernel(x, dout.astype(x.dtype)),)
-
-            self.forward_kernel = cpu_kernels.kernel("SiluForward", cpu_kernels.same_as_first,
-                                                     cpu_kernels.same_as_first, bprop=silu_bprop)
+            self.forward_kernel = cpu_kernels.kernel_with_backward("SiluForward", "SiluBackward")
 
     def add_flags(self, **flags):
         if cpu_kernels.lowers_precision(flags):

@@ -173,3 +173,13 @@ def kernel(name: str, out_shape, out_dtype, bprop=None):
     output's (a tuple of them for several outputs). `bprop(*inputs, out, dout)` -> the inputs' gradients: the
     primitive's own backward, which Cell.recompute of an enclosing cell recomputes from (a Cell bprop would not)."""
     return ops.Custom(f"{library_path()}:{name}", out_shape=out_shape, out_dtype=out_dtype, func_type="aot", bprop=bprop)
+
+
+def kernel_with_backward(forward: str, backward: str, forward_shape=same_as_first):
+    """kernel(forward) on one input x, whose bprop is the kernel `backward`(x, dout) -> dx (dx like x)."""
+    backward_kernel = kernel(backward, same_as_first, same_as_first)
+
+    def bprop(x, out, dout):
+        return (backward_kernel(x, dout.astype(x.dtype)),)
+
+    return kernel(forward, forward_shape, same_as_first, bprop=bprop)
