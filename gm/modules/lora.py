@@ -71,7 +71,9 @@ class LoRABranch(nn.Cell):
 
     def low_rank_update(self, x_2d):
         if self.fused and x_2d.dtype == ms.float32 and self.lora_A.weight.dtype == ms.float32:
-            return self.kernel(x_2d, self.lora_A.weight, self.lora_B.weight, self.config)
+            # the kernel takes (rows, in); FusedQKVLoRA passes (batch, tokens, width)
+            update = self.kernel(x_2d.reshape(-1, x_2d.shape[-1]), self.lora_A.weight, self.lora_B.weight, self.config)
+            return update.reshape(x_2d.shape[:-1] + (update.shape[-1],))
         update = self.lora_B(self.lora_A(self.lora_dropout(x_2d)))
         # alpha == rank (the default) scales by 1: no pass over the layer's output, forward or backward
         return update if self.scale == 1.0 else update * self.scale
