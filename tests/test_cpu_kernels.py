@@ -460,6 +460,20 @@ def test_lora_kernel_equals_torch(case, mode):
     _assert_close(_ours(branch, x, weights, mode), want)
 
 
+def test_lora_kernel_takes_any_leading_shape():
+    """FusedQKVLoRA gives its branches (batch, tokens, width): the kernel path computes it as rows, like the MatMuls."""
+    rng = np.random.default_rng(14)
+    fused, plain = LoRABranch(16, 12, 4, 4), LoRABranch(16, 12, 4, 4)
+    plain.fused = False
+    for branch in (fused, plain):
+        branch.lora_A.weight.set_data(ms.Tensor(rng.standard_normal((4, 16)).astype(np.float32)))
+        branch.lora_B.weight.set_data(ms.Tensor(np.linspace(-1, 1, 48, dtype=np.float32).reshape(12, 4)))
+    plain.lora_A.weight.set_data(fused.lora_A.weight.value())
+    x = ms.Tensor(rng.standard_normal((2, 5, 16)).astype(np.float32))
+    got, want = fused(x).asnumpy(), plain(x).asnumpy()
+    assert got.shape == want.shape == (2, 5, 12) and relative_error(got, want) < 1e-6
+
+
 def test_lora_branches_with_dropout_or_lower_precision_use_mindspore_ops():
     """Dropout is not in the kernel, and Cell.to_float(float16) would cast its fp32 inputs: both take the MatMuls."""
     assert not LoRABranch(16, 16, 4, 4, dropout=0.1).fused
