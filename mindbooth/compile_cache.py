@@ -114,14 +114,17 @@ def compile_cache(folder):
 
 
 def release_frozen_weights(net) -> int:
-    """Give every frozen (requires_grad=False) parameter of `net` an uninitialised tensor of its shape and dtype
-    instead of its data, which frees it (MindSpore would allocate one only where it is read). Compiling needs the
-    parameters' shapes and dtypes, not their values: the child then compiles beside its LoRA weights only, not
-    beside the whole model (the full-size fp16 UNet: 4.8 GiB). Returns the number released."""
+    """Give every frozen (requires_grad=False) parameter of `net` the storage of an uninitialised tensor of its shape
+    and dtype, which holds none, instead of its data, which is freed. Compiling needs the parameters' shapes and
+    dtypes, not their values: the child then compiles beside its LoRA weights only, not beside the whole model (the
+    full-size fp16 UNet: 4.8 GiB). Returns the number released.
+
+    By assign_value: set_data (and a new Parameter) would allocate the uninitialised tensor's memory in its place
+    (untouched pages, so RSS fell at first, but once malloc reused freed pages for it nothing was saved)."""
     released = 0
     for param in net.get_parameters():
         if not param.requires_grad:
-            param.set_data(ms.Tensor(shape=param.shape, dtype=param.dtype, init=Zero()))
+            param.assign_value(ms.Tensor(shape=param.shape, dtype=param.dtype, init=Zero()))
             released += 1
     return released
 

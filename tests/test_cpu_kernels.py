@@ -315,7 +315,7 @@ def test_fp16_weights_are_read_as_stored(algorithm):
     weights = rng.standard_normal((2, 16, 12, 12)).astype(np.float32)
     stored = FrozenConvolution(weight, 1, fused=True, algorithm=algorithm)
     calls = []
-    stored.conv.cast_like.construct = lambda *args: calls.append(args)  # any cast would fail the call
+    stored.conv.hand_written.cast_like.construct = lambda *args: calls.append(args)  # any cast would fail the call
     got = _ours(stored, x, weights, ms.PYNATIVE_MODE)
     want = _ours(FrozenConvolution(weight.astype(np.float32), 1, fused=True, algorithm=algorithm), x, weights,
                  ms.PYNATIVE_MODE)
