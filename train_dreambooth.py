@@ -62,6 +62,8 @@ def main(argv=None):
     with_prior = float(db.get("prior_loss_weight", 1.0)) > 0 and bool(db.get("class_data_path"))
     if with_prior and not db.get("class_prompt"):
         fail("--class_prompt is required with --class_data_path (prior preservation)")
+    if train_cfg.get("gradient_checkpointing_res_blocks", False) and not train_cfg.get("gradient_checkpointing", False):
+        fail("--gradient_checkpointing_res_blocks needs --gradient_checkpointing True")
     save_path = Path(args.resume if args.resume not in ("", "True", "true") else train_cfg.save_path)
     resuming = bool(args.resume)
 
@@ -96,7 +98,8 @@ def main(argv=None):
     except (ValueError, FileNotFoundError) as error:
         fail(str(error))
     if bool(train_cfg.get("gradient_checkpointing", False)):  # less memory for one more forward's work
-        engine.model.diffusion_model.enable_gradient_checkpointing()
+        engine.model.diffusion_model.enable_gradient_checkpointing(
+            res_blocks=bool(train_cfg.get("gradient_checkpointing_res_blocks", False)))
     lora = lora_parameters(engine)
     if not lora:
         fail("the model config has no lora_config: add model.params.lora_config (rank, alpha) to the training YAML")
@@ -273,7 +276,8 @@ def step_graphs_in_child(args, argv, config, weights, step_shapes, save_path):
     # Everything the two graphs depend on; the data, prompts, paths, seed and schedule stay on the host.
     key_parts = {"model": OmegaConf.to_container(config.model, resolve=True), "optim": OmegaConf.to_container(config.optim, resolve=True),
                  "train": {k: train_cfg.get(k) for k in ("precision", "clip_grad", "max_grad_norm", "gradient_accumulation_steps",
-                                                        "split_prior_batch", "gradient_checkpointing")},
+                                                        "split_prior_batch", "gradient_checkpointing",
+                                                        "gradient_checkpointing_res_blocks")},
                  "prior_loss_weight": config.dreambooth.get("prior_loss_weight", 1.0), "inputs": step_shapes,
                  "mode": args.ms_mode, "jit_level": args.jit_level, "device": args.device_target,
                  "weights": [file_identity(w) for w in weights]}

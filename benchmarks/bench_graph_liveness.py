@@ -123,6 +123,7 @@ def main():
     p.add_argument("--frozen_dtype", choices=["fp32", "fp16"], default="fp16")
     p.add_argument("--split_prior_batch", type=int, default=0, help="one sample per pass (bench_train_step.py's option)")
     p.add_argument("--gradient_checkpointing", type=int, default=0, help="recompute each UNet block (bench_train_step.py's option)")
+    p.add_argument("--gradient_checkpointing_res_blocks", type=int, default=0, help="bench_train_step.py's option")
     p.add_argument("--top", type=int, default=15, help="rows of the table of what is alive at the peak")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()

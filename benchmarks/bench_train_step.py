@@ -65,7 +65,7 @@ def mindspore_grad_step(args):
 
     engine, build_s = common.build_mindspore_engine(args, train=True)
     if args.gradient_checkpointing:  # as train_dreambooth.py's --gradient_checkpointing
-        engine.model.diffusion_model.enable_gradient_checkpointing()
+        engine.model.diffusion_model.enable_gradient_checkpointing(res_blocks=bool(args.gradient_checkpointing_res_blocks))
     params = [p for _, p in sorted(lora_parameters(engine).items())]
     buffers = make_buffers(params)
     passes = prior_passes(1, True, bool(args.split_prior_batch), 1.0)
@@ -238,6 +238,8 @@ def main():
     p.add_argument("--gradient_checkpointing", type=int, default=0,
                    help="recompute each UNet block's forward in the backward: diffusers' unet.enable_gradient_checkpointing(), "
                         "MindBooth's UNetModel.enable_gradient_checkpointing() (train_dreambooth.py's --gradient_checkpointing)")
+    p.add_argument("--gradient_checkpointing_res_blocks", type=int, default=0,
+                   help="MindSpore, with --gradient_checkpointing: recompute the ResBlocks too (train_dreambooth.py's option)")
     p.add_argument("--context_projections", type=int, default=1,
                    help="MindSpore: the text's frozen cross-attention keys/values computed once, as train_dreambooth.py does (0: in every step)")
     args = p.parse_args()

@@ -121,7 +121,8 @@ unet = instantiate_from_config(config)
 for param in unet.get_parameters():
     param.requires_grad = False
 freeze_convolutions(unet)
-checkpointed_blocks = unet.enable_gradient_checkpointing() if "checkpointing" in sys.argv[2:] else 0
+checkpointed_blocks = (unet.enable_gradient_checkpointing(res_blocks="res_blocks" in sys.argv[2:])
+                       if "checkpointing" in sys.argv[2:] else 0)
 lora_layers = inject_lora(unet) if "lora" in sys.argv[2:] else 0  # trained: its weights are differentiated too
 p = config.params
 inputs = [np.ones((2, 4, 8, 8), np.float32), np.array([3.0, 917.0], np.float32),
@@ -289,22 +290,28 @@ def _forward_tensors_read_by_the_backward(path):
 
 
 def test_gradient_checkpointing_keeps_no_tensor_inside_a_block_for_the_backward(tmp_path):
-    """UNetModel.enable_gradient_checkpointing (Cell.recompute on every BasicTransformerBlock and ResBlock), in the
-    compiled gradient with the fused CPU kernels: the backward reruns each block's forward instead of reading its
-    tensors. Without it the forward keeps, per transformer block, q, k and v of both attentions (for the attention's
-    backward), the GEGLU projection and the residual sums (for LayerNorm's backward), and per ResBlock both
-    GroupNorm outputs (for SiLU's backward) and the sum with the time embedding (for GroupNorm's). The kernels'
-    backward passes are their primitives' own: with a Cell bprop, a block's recomputation reads the first forward's
-    tensors (the norms, attention, GEGLU) or runs during the forward (the convolution, in a ResBlock)."""
+    """UNetModel.enable_gradient_checkpointing (Cell.recompute on every BasicTransformerBlock, and with `res_blocks`
+    every ResBlock), in the compiled gradient with the fused CPU kernels: the backward reruns each block's forward
+    instead of reading its tensors. Without it the forward keeps, per transformer block, q, k and v of both
+    attentions (for the attention's backward), the GEGLU projection and the residual sums (for LayerNorm's
+    backward), and per ResBlock both GroupNorm outputs (for SiLU's backward) and the sum with the time embedding
+    (for GroupNorm's). The kernels' backward passes are their primitives' own: with a Cell bprop, a block's
+    recomputation reads the first forward's tensors (the norms, attention, GEGLU) or runs during the forward (the
+    convolution, in a ResBlock)."""
     plain_graphs, _, plain = _compile_tiny_unet_gradient(tmp_path / "plain", "fused")
-    graphs, _, cells = _compile_tiny_unet_gradient(tmp_path / "checkpointed", "fused", "checkpointing")
+    transformer_graphs, _, transformer = _compile_tiny_unet_gradient(tmp_path / "transformer", "fused", "checkpointing")
+    graphs, _, cells = _compile_tiny_unet_gradient(tmp_path / "checkpointed", "fused", "checkpointing", "res_blocks")
     blocks, res_blocks = cells["BasicTransformerBlock"], cells["ResBlock"]
-    assert plain["checkpointed_blocks"] == 0 and cells["checkpointed_blocks"] == blocks + res_blocks and blocks > 0
+    assert plain["checkpointed_blocks"] == 0 and transformer["checkpointed_blocks"] == blocks > 0
+    assert cells["checkpointed_blocks"] == blocks + res_blocks
     held_plain = sum((_forward_tensors_read_by_the_backward(path) for path in plain_graphs), collections.Counter())
+    held_transformer = sum((_forward_tensors_read_by_the_backward(path) for path in transformer_graphs),
+                           collections.Counter())
     held = sum((_forward_tensors_read_by_the_backward(path) for path in graphs), collections.Counter())
-    assert held_plain["MatMul"] == 6 * blocks and held["MatMul"] == 0, (held_plain, held)
-    # the only GroupNorm output left is the UNet's last norm's, outside any block
-    assert held_plain["GroupNormForward"] == 2 * res_blocks + 1 and held["GroupNormForward"] == 1, (held_plain, held)
+    assert held_plain["MatMul"] == 6 * blocks and held_transformer["MatMul"] == held["MatMul"] == 0, (held_plain, held)
+    # the only GroupNorm output left is the UNet's last norm's, outside any block; the ResBlocks' stay without them
+    assert held_plain["GroupNormForward"] == held_transformer["GroupNormForward"] == 2 * res_blocks + 1, held_transformer
+    assert held["GroupNormForward"] == 1, (held_plain, held)
     # q, k, v twice, the GEGLU projection and two of the three residual sums per transformer block, two GroupNorm
     # outputs and a sum per ResBlock: what remains is outside the blocks (skips, the time embedding) and their inputs
     assert sum(held_plain.values()) - sum(held.values()) >= 9 * blocks + 3 * res_blocks, (held_plain, held)

@@ -142,12 +142,16 @@ def test_split_prior_batch_trains_as_the_joint_batch(workspace, uninterrupted):
         assert difference < 1e-3, (name, difference)
 
 
-def test_gradient_checkpointing_trains_as_without_it(workspace, uninterrupted):
-    """--gradient_checkpointing recomputes each UNet block's forward in the backward pass (what it compiles to:
-    test_lean_ops): the same losses, gradient norms and LoRA as run_a, from one compiled gradient graph."""
-    run = workspace / "run_checkpointed"
-    _train(workspace, run, "--total_step", "2", "--ms_mode", "0", "--gradient_checkpointing", "True")
-    assert OmegaConf.load(run / "config.yaml").train.gradient_checkpointing is True
+@pytest.mark.parametrize("res_blocks", [False, True], ids=["transformer-blocks", "and-res-blocks"])
+def test_gradient_checkpointing_trains_as_without_it(workspace, uninterrupted, res_blocks):
+    """--gradient_checkpointing recomputes each UNet transformer block's forward in the backward pass, with
+    --gradient_checkpointing_res_blocks each ResBlock's too (what they compile to: test_lean_ops): the same losses,
+    gradient norms and LoRA as run_a, from one compiled gradient graph."""
+    run = workspace / f"run_checkpointed_{res_blocks}"
+    _train(workspace, run, "--total_step", "2", "--ms_mode", "0", "--gradient_checkpointing", "True",
+           "--gradient_checkpointing_res_blocks", str(res_blocks))
+    saved = OmegaConf.load(run / "config.yaml").train
+    assert saved.gradient_checkpointing is True and saved.gradient_checkpointing_res_blocks is res_blocks
     with open(run / "loss.csv") as handle:
         rows = list(csv.DictReader(handle))
     with open(workspace / "run_a" / "loss.csv") as handle:
@@ -159,6 +163,14 @@ def test_gradient_checkpointing_trains_as_without_it(workspace, uninterrupted):
     for name in straight:
         difference = np.linalg.norm(checkpointed[name] - straight[name]) / max(np.linalg.norm(straight[name]), 1e-12)
         assert difference < 1e-4, (name, difference)
+
+
+def test_res_blocks_checkpointing_alone_is_refused(workspace):
+    """--gradient_checkpointing_res_blocks only adds to --gradient_checkpointing: alone, a one-line error, no run."""
+    run = workspace / "run_res_blocks_alone"
+    with pytest.raises(SystemExit, match="--gradient_checkpointing_res_blocks needs --gradient_checkpointing True"):
+        _train(workspace, run, "--gradient_checkpointing_res_blocks", "True")
+    assert not run.exists()
 
 
 def test_cache_latents_and_fp16_frozen_weights_train_and_free_the_encoders(workspace, uninterrupted):

@@ -187,17 +187,18 @@ class UNetModel(nn.Cell):
         base weights change (a LoRA merge)."""
         return tuple(projection for attention in self._cross_attentions() for projection in attention.project_context(context))
 
-    def enable_gradient_checkpointing(self) -> int:
-        """Keep only the inputs of every transformer block and ResBlock for the backward pass and recompute the rest
-        of its forward there (Cell.recompute), as diffusers' `enable_gradient_checkpointing`: the activations of one
-        block at a time instead of all of them, for one more forward of the blocks. Complete with the fused CPU
-        kernels, whose backward passes are their primitives' own; the hand-written Cell bprops of the other path
-        (ScaledDotProductAttention, HandWrittenGatedGELU, HandWrittenSiLU) still read their inputs from the first
-        forward. A ResBlock is recomputed where its convolutions allow it (Conv2d.supports_recompute). Call after
-        freeze_convolutions. Returns the number of blocks."""
+    def enable_gradient_checkpointing(self, res_blocks: bool = False) -> int:
+        """Keep only the inputs of every transformer block (and, with `res_blocks`, every ResBlock) for the backward
+        pass and recompute the rest of its forward there (Cell.recompute), as diffusers' `enable_gradient_checkpointing`:
+        the activations of one block at a time instead of all of them, for one more forward of the blocks. Complete
+        with the fused CPU kernels, whose backward passes are their primitives' own; the hand-written Cell bprops of
+        the other path (ScaledDotProductAttention, HandWrittenGatedGELU, HandWrittenSiLU) still read their inputs
+        from the first forward. A ResBlock is recomputed where its convolutions allow it (Conv2d.supports_recompute).
+        ResBlocks are optional because they pay little: at 1024 on CPU, 0.37 GiB less for a step 23 % longer
+        (benchmarks/RESULTS.md section 28). Call after freeze_convolutions. Returns the number of blocks."""
         blocks = [cell for _, cell in self.cells_and_names() if isinstance(cell, BasicTransformerBlock)
-                  or (isinstance(cell, ResBlock) and all(conv.supports_recompute() for _, conv in cell.cells_and_names()
-                                                         if isinstance(conv, Conv2d)))]
+                  or (res_blocks and isinstance(cell, ResBlock)
+                      and all(conv.supports_recompute() for _, conv in cell.cells_and_names() if isinstance(conv, Conv2d)))]
         for block in blocks:
             block.recompute()
         return len(blocks)
