@@ -48,7 +48,7 @@ TRAIN_FLAGS = {
                           "(the same gradients, the activations of half the rows: what lets 1024 fit in 24 GB on CPU)"),
     "gradient_checkpointing": ("train.gradient_checkpointing", str2bool,
                                "keep only each UNet transformer block's inputs and recompute its forward in the backward pass "
-                               "(diffusers' option of that name; transformer blocks; full size at 1024: 8.3 instead of "
+                               "(diffusers' option of that name; full size at 1024: 8.3 instead of "
                                "15.6 GiB, about a tenth more time)"),
     "gradient_checkpointing_res_blocks": ("train.gradient_checkpointing_res_blocks", str2bool,
                                           "with --gradient_checkpointing: recompute the ResBlocks too (full size at "

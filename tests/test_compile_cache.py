@@ -124,7 +124,6 @@ def test_release_frozen_weights_frees_them_and_keeps_what_compiling_reads():
     their size); trainable parameters keep their values."""
     import ctypes
 
-    import numpy as np
     from mindspore import nn
 
     from mindbooth.compile_cache import release_frozen_weights

@@ -150,14 +150,20 @@ def _replace_child(parent: nn.Cell, name: str, new: nn.Cell):
         setattr(parent, name, new)
 
 
+def storage_dtype(dtype: str):
+    """The MindSpore dtype of a frozen weight dtype's name (a DTYPES key), or a ValueError that lists the names."""
+    if dtype not in DTYPES:
+        raise ValueError(f"frozen weight dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
 def stored_in(net: nn.Cell, dtype: str) -> nn.Cell:
     """`net` with every parameter stored in `dtype` (a DTYPES key), one at a time: for a part of a frozen base
     model as soon as it is built (UNetModel's weight_dtype), before store_frozen_weights gives its layers the
     cast-at-use forms. Returns net."""
-    if dtype not in DTYPES:
-        raise ValueError(f"frozen weight dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    dtype = storage_dtype(dtype)
     for param in net.get_parameters():
-        param.set_dtype(DTYPES[dtype])
+        param.set_dtype(dtype)
     return net
 
 
@@ -167,9 +173,7 @@ def store_frozen_weights(net: nn.Cell, dtype="float16") -> int:
     (LoRA) keep their dtype. Call after LoRA injection and freezing. Returns the number of layers changed."""
     from gm.modules.lora import LoRADense  # lora.py imports CastMatMul from here
 
-    if dtype not in DTYPES:
-        raise ValueError(f"frozen weight dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    dtype = DTYPES[dtype]
+    dtype = storage_dtype(dtype)
     # (parent, child name, cell) first, then replace: replacing while iterating cells_and_names is unsafe.
     found = []
     for _, parent in net.cells_and_names():
