@@ -37,6 +37,33 @@ def environment(**values: str):
                 os.environ[name] = value
 
 
+def become(cell, cls):
+    """Make the built `cell` an instance of `cls`, a subclass of its class that changes only how it computes (a
+    low-precision weight cast at use, a backend's kernel). It stays the same object: its parameters, their names and
+    its place in the model do not change, so checkpoints load as before. Returns the cell."""
+    if not issubclass(cls, type(cell)):
+        raise TypeError(f"{cls.__name__} is not a variant of {type(cell).__name__}")
+    cell.__class__ = cls
+    return cell
+
+
+def replace_child(parent, name: str, new):
+    """Put `new` in `parent`'s place `name`: an attribute, or an index of a SequentialCell/CellList."""
+    from mindspore import nn
+
+    if isinstance(parent, (nn.SequentialCell, nn.CellList)):
+        parent[int(name)] = new
+    else:
+        setattr(parent, name, new)
+
+
+def child(parent, name: str):
+    """`parent`'s child `name`: an attribute, or an index of a SequentialCell/CellList."""
+    from mindspore import nn
+
+    return parent[int(name)] if isinstance(parent, (nn.SequentialCell, nn.CellList)) else getattr(parent, name)
+
+
 def default(value, fallback):
     return fallback if value is None else value
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import mindspore as ms
 from mindspore.common.initializer import Zero
 
-from gm.modules import cpu_kernels
+from gm.backends import cpu_kernel_library
 from gm.util import environment
 
 PRECOMPILE_ENV = "MINDBOOTH_PRECOMPILE"  # set in the child: the folder to compile into
@@ -58,9 +58,9 @@ def _source_digest(script) -> str:
 
 def cache_folder(root, script, key_parts) -> Path:
     """root/<hash of key_parts, MindSpore's version, the sources of gm/, mindbooth/ and `script`, and the CPU kernel
-    library the graphs call (gm/modules/cpu_kernels), if any: its file name hashes the kernels' sources>."""
+    library the graphs may call (gm/backends/cpu/kernels), if any: its file name hashes the kernels' sources>."""
     key = json.dumps({"parts": key_parts, "mindspore": ms.__version__, "sources": _source_digest(script),
-                      "cpu_kernels": cpu_kernels.library_path() if cpu_kernels.enabled() else None},
+                      "cpu_kernels": cpu_kernel_library()},
                      sort_keys=True, default=str)
     return Path(root) / hashlib.sha256(key.encode()).hexdigest()[:20]
 

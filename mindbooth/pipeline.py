@@ -42,7 +42,7 @@ class DenoiseCell(nn.Cell):
         self.engine = engine
 
     def construct(self, x, sigma, crossattn, vector, projections):
-        return self.engine.denoise(x, sigma, {"crossattn": (crossattn, projections), "vector": vector})
+        return self.engine.denoise(x, sigma, {"crossattn": crossattn, "vector": vector, "cached_kv": projections})
 
 
 class EmbedCell(nn.Cell):

@@ -37,12 +37,12 @@ class DreamBoothLoss(nn.Cell):
 
     def construct(self, latents, noise, sigmas, conditioning):
         if self.conditioner is None:
-            crossattn, vector = conditioning[0], conditioning[1]
+            cond = {"crossattn": conditioning[0], "vector": conditioning[1]}
             if len(conditioning) > 2:  # the frozen keys/values of crossattn, computed once per run
-                crossattn = (crossattn, conditioning[2:])
+                cond["cached_kv"] = conditioning[2:]
         else:
             vector, crossattn = self.conditioner(*conditioning)
-        cond = {"crossattn": crossattn, "vector": vector}
+            cond = {"crossattn": crossattn, "vector": vector}
         per_sample = self.loss_fn(self.network, self.denoiser, cond, latents, noise, sigmas)
         if self.with_prior_preservation:
             half = per_sample.shape[0] // 2

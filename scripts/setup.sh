@@ -20,5 +20,5 @@ else
   .venv/bin/python -m pip install -q -r requirement.txt
 fi
 # oneDNN's C headers, for the CPU convolution kernel that runs on the libdnnl.so.3 MindSpore ships
-# (gm/modules/cpu_kernels). Headers only: --no-deps skips the onednn runtime the package would pull in.
+# (gm/backends/cpu/kernels). Headers only: --no-deps skips the onednn runtime the package would pull in.
 .venv/bin/python -m pip install -q --no-deps onednn-devel==2026.1.0

@@ -4,8 +4,7 @@ Images are NCHW in [-1, 1]; latents are unscaled (the diffusion engine applies `
 """
 from mindspore import nn
 
-from gm.modules.conv import Conv2d
-from gm.modules.diffusionmodules.model import Decoder, Encoder
+from gm.modules.diffusionmodules.model import Decoder, Encoder, conv
 from gm.modules.distributions import DiagonalGaussianDistribution, gaussian_parameters, gaussian_sample
 
 
@@ -23,8 +22,8 @@ class AutoencoderKL(nn.Cell):
         self.encoder = Encoder(**ddconfig)
         self.decoder = Decoder(**ddconfig)
         z_channels = ddconfig["z_channels"]
-        self.quant_conv = Conv2d(2 * z_channels, 2 * embed_dim, 1)
-        self.post_quant_conv = Conv2d(embed_dim, z_channels, 1)
+        self.quant_conv = conv(2 * z_channels, 2 * embed_dim, 1)
+        self.post_quant_conv = conv(embed_dim, z_channels, 1)
         self.embed_dim = embed_dim
         self.downsample_factor = 2 ** (len(ddconfig["ch_mult"]) - 1)
 

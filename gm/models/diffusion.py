@@ -4,7 +4,7 @@ Parameter names follow the official checkpoint: `model.diffusion_model.*` (UNet)
 `conditioner.embedders.N.*` (text encoders), `first_stage_model.*` (VAE)."""
 from mindspore import nn
 
-from gm.modules.conv import freeze_convolutions
+from gm.backends import apply_backend
 from gm.modules.diffusionmodules.wrappers import OpenAIWrapper
 from gm.modules.frozen_weights import store_frozen_weights
 from gm.modules.lora import freeze_all_but_lora, inject_lora, is_lora_name
@@ -24,8 +24,11 @@ class DiffusionEngine(nn.Cell):
         latents_per_pixel: int = 8,
         lora_config=None,
         frozen_weight_dtype=None,
+        backend: str = "auto",
         **unused_sgm_options,
     ):
+        """`backend`: how the built model computes (gm.backends): `plain` MindSpore, `cpu` (MindBooth's CPU kernels),
+        or `auto` (cpu where MindSpore runs on the CPU and the kernels build)."""
         super().__init__()
         # a frozen base in a low-precision dtype: stored so block by block as the UNet is built (its fp32 peak)
         weight_dtype = {"weight_dtype": frozen_weight_dtype} if frozen_weight_dtype else {}
@@ -52,15 +55,13 @@ class DiffusionEngine(nn.Cell):
         if frozen_weight_dtype:
             store_frozen_weights(self.model, frozen_weight_dtype)
             store_frozen_weights(self.first_stage_model, frozen_weight_dtype)
-            self._name_and_freeze()  # the cast-at-use layers re-register the Parameters under short names
-        # The convolutions stay frozen (LoRA is on attention only): their backward skips the weight gradient.
-        for net in (self.model, self.first_stage_model):
-            freeze_convolutions(net)
+        self.backend = apply_backend(self, backend)
 
     def add_unet_lora(self, rank: int = 4, alpha: float = None, dropout: float = 0.0, **targets) -> int:
         """LoRA on the UNet's attention projections (`lora_config`: rank, alpha, dropout, target_modules, attentions)."""
         added = inject_lora(self.model, rank, alpha, dropout, **targets)
         self._name_and_freeze()
+        self._reapply_backend()
         return added
 
     def add_text_encoder_lora(self, rank: int = 4, alpha: float = None, dropout: float = 0.0) -> int:
@@ -69,7 +70,13 @@ class DiffusionEngine(nn.Cell):
             raise RuntimeError("the text encoders were freed (free_encoders); text-encoder LoRA needs them")
         added = self.conditioner.add_text_encoder_lora(rank, rank if alpha is None else alpha, dropout)
         self._name_and_freeze()
+        self._reapply_backend()
         return added
+
+    def _reapply_backend(self):
+        """New layers (LoRA) compute as the rest of the model: the backend's variants of them too."""
+        if getattr(self, "backend", None) is not None:
+            apply_backend(self, self.backend)
 
     @property
     def has_text_encoder_lora(self) -> bool:

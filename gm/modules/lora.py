@@ -12,28 +12,14 @@ import mindspore as ms
 from mindspore import nn, ops
 from mindspore.common.initializer import HeUniform
 
-from gm.modules import cpu_kernels
-from gm.modules.frozen_weights import CastMatMul, CastMatMulBias, FrozenDense
+from gm.util import child, replace_child
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 DEFAULT_ATTENTIONS = ("attn1", "attn2")
 
 
-def _lora_output_shape(x, lora_A, lora_B, config):
-    return [x[0], lora_B[0]]
-
-
-def _like_x_and_the_weights(x, lora_A, lora_B, *rest):
-    return x, lora_A, lora_B
-
-
 class LoRABranch(nn.Cell):
-    """The low-rank update alone: (alpha / rank) * B A dropout(x), with A (rank x in) and B (out x rank).
-
-    Where the CPU kernels have oneDNN (and without dropout), forward and backward are one kernel each
-    (gm/modules/cpu_kernels/lora.cc), the backward writing dx, dA and dB together: as MatMuls, MindSpore ran the
-    weight gradients at the end of the backward pass, keeping every layer's input and output gradient alive until
-    then. The kernel is the primitive's own bprop, so Cell.recompute of an enclosing block recomputes x for it."""
+    """The low-rank update alone: (alpha / rank) * B A dropout(x), with A (rank x in) and B (out x rank)."""
 
     def __init__(self, in_features: int, out_features: int, rank: int, alpha: float, dropout: float = 0.0):
         super().__init__()
@@ -44,37 +30,18 @@ class LoRABranch(nn.Cell):
             raise ValueError(f"LoRA rank must be in 1..{min(in_features, out_features)} for a {in_features}->{out_features} layer, got {rank}")
         self.rank = rank
         self.scale = alpha / rank
+        self.dropout = dropout
         self.lora_dropout = nn.Dropout(p=dropout)
         # A as peft initialises it (Kaiming-uniform, a=sqrt(5)); B zero.
         self.lora_A = nn.Dense(in_features, rank, has_bias=False, weight_init=HeUniform(negative_slope=math.sqrt(5)))
         self.lora_B = nn.Dense(rank, out_features, has_bias=False, weight_init="zeros")
         self.merged = False
-        self.fused = cpu_kernels.onednn_enabled() and dropout == 0
-        if self.fused:
-            self.config = ms.Tensor([self.scale], ms.float32)
-            backward = cpu_kernels.kernel("LoRABackward", _like_x_and_the_weights, _like_x_and_the_weights)
-
-            def lora_bprop(x, lora_A, lora_B, config, out, dout):
-                dx, d_lora_A, d_lora_B = backward(x, lora_A, lora_B, dout.astype(x.dtype), config)
-                return dx, d_lora_A, d_lora_B, ops.zeros_like(config)
-
-            self.kernel = cpu_kernels.kernel("LoRAForward", _lora_output_shape, cpu_kernels.same_as_first,
-                                             bprop=lora_bprop)
-
-    def add_flags(self, **flags):
-        if cpu_kernels.lowers_precision(flags):  # the kernels are fp32-only
-            self.fused = False
-        return super().add_flags(**flags)
 
     def construct(self, x):
         return self.low_rank_update(x)
 
-    def low_rank_update(self, x_2d):
-        if self.fused and x_2d.dtype == ms.float32 and self.lora_A.weight.dtype == ms.float32:
-            # the kernel takes (rows, in); FusedQKVLoRA passes (batch, tokens, width)
-            update = self.kernel(x_2d.reshape(-1, x_2d.shape[-1]), self.lora_A.weight, self.lora_B.weight, self.config)
-            return update.reshape(x_2d.shape[:-1] + (update.shape[-1],))
-        update = self.lora_B(self.lora_A(self.lora_dropout(x_2d)))
+    def low_rank_update(self, x):
+        update = self.lora_B(self.lora_A(self.lora_dropout(x)))
         # alpha == rank (the default) scales by 1: no pass over the layer's output, forward or backward
         return update if self.scale == 1.0 else update * self.scale
 
@@ -83,7 +50,10 @@ class LoRABranch(nn.Cell):
 
 
 class LoRADense(LoRABranch):
-    """An `nn.Dense` with a LoRA branch: y = W x + b + (alpha / rank) * B A dropout(x)."""
+    """An `nn.Dense` with a LoRA branch: y = W x + b + (alpha / rank) * B A dropout(x). W and b keep their dtype
+    (fp16/bf16 for a frozen base, gm.modules.frozen_weights) and are cast to x's at use."""
+
+    casts_weights_at_use = True  # gm.modules.frozen_weights may store weight/bias in a low-precision dtype
 
     def __init__(self, base, rank: int, alpha: float, dropout: float = 0.0):
         nn.Cell.__init__(self)
@@ -94,20 +64,16 @@ class LoRADense(LoRABranch):
         self._build_lora(in_features, out_features, rank, alpha, dropout)
         self.matmul = ops.MatMul(transpose_b=True)
         self.bias_add = ops.BiasAdd()
-        # weight/bias stored in fp16/bf16 (gm.modules.frozen_weights): cast at use without keeping fp32 copies.
-        self.low_precision_base = isinstance(base, FrozenDense)
-        self.cast_matmul = CastMatMulBias() if base.has_bias else CastMatMul()
+
+    def base_product(self, x_2d):
+        """W x + b on (rows, in) with nn.Dense's ops: a fresh LoRA is bit-identical to no LoRA."""
+        out = self.matmul(x_2d, self.weight.astype(x_2d.dtype))
+        return self.bias_add(out, self.bias.astype(x_2d.dtype)) if self.has_bias else out
 
     def construct(self, x):
-        # The base path computes exactly as nn.Dense does, so a fresh LoRA is bit-identical to no LoRA.
         x_shape = x.shape
         x_2d = x.reshape(-1, x_shape[-1])
-        if self.low_precision_base:
-            out = self.cast_matmul(x_2d, self.weight, self.bias) if self.has_bias else self.cast_matmul(x_2d, self.weight)
-        else:
-            out = self.matmul(x_2d, self.weight.astype(x.dtype))
-            if self.has_bias:
-                out = self.bias_add(out, self.bias.astype(x.dtype))
+        out = self.base_product(x_2d)
         if not self.merged:
             out = out + self.low_rank_update(x_2d)
         return out.reshape(x_shape[:-1] + (out.shape[-1],))
@@ -130,17 +96,6 @@ class LoRADense(LoRABranch):
             raise RuntimeError("LoRA is not merged into this layer")
         self.weight.set_data((self.weight.astype(ms.float32) - self._merge_scale * self.delta_weight()).astype(self.weight.dtype))
         self.merged = False
-
-
-def base_projection(layer: nn.Cell, x):
-    """The frozen part of a Dense layer (nn.Dense, FrozenDense or a LoRADense's base), W x + b, for x of any leading
-    shape: the same MatMul on the weight cast to x's dtype. Called outside a graph (UNetModel.context_projections)
-    it runs op by op, each fp32 copy of a weight freed after its product."""
-    x_2d = x.reshape(-1, x.shape[-1])
-    out = ops.MatMul(transpose_b=True)(x_2d, layer.weight.astype(x.dtype))
-    if layer.has_bias:
-        out = ops.BiasAdd()(out, layer.bias.astype(x.dtype))
-    return out.reshape(x.shape[:-1] + (out.shape[-1],))
 
 
 def with_lora_delta(layer: nn.Cell, base_out, x):
@@ -190,17 +145,6 @@ class FusedQKVLoRA(nn.Cell):
             branch.merged = merged  # what lora_layers() callers see
 
 
-def _child(cell: nn.Cell, name: str):
-    return cell[int(name)] if isinstance(cell, nn.SequentialCell) else getattr(cell, name)
-
-
-def _replace_child(cell: nn.Cell, name: str, new: nn.Cell):
-    if isinstance(cell, nn.SequentialCell):
-        cell[int(name)] = new
-    else:
-        setattr(cell, name, new)
-
-
 def inject_lora(
     net: nn.Cell,
     rank: int = 4,
@@ -220,13 +164,13 @@ def inject_lora(
             *path, last = target.split(".")
             parent = attention
             for part in path:
-                parent = _child(parent, part)
-            layer = _child(parent, last)
+                parent = child(parent, part)
+            layer = child(parent, last)
             if isinstance(layer, LoRADense):
                 raise RuntimeError("LoRA is already injected into this network")
-            if not isinstance(layer, (nn.Dense, FrozenDense)):
+            if not isinstance(layer, nn.Dense):
                 raise TypeError(f"LoRA target '{target}' is a {type(layer).__name__}, not a Dense layer")
-            _replace_child(parent, last, LoRADense(layer, rank, alpha, dropout))
+            replace_child(parent, last, LoRADense(layer, rank, alpha, dropout))
             wrapped += 1
     if not wrapped:
         raise ValueError(f"no attention layers named {list(attentions)} found to put LoRA on")

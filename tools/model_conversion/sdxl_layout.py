@@ -295,18 +295,16 @@ def rule_mindspore_shapes(config_path):
 def model_mindspore_shapes(config_path) -> dict:
     """{MindSpore parameter name: shape} of the model a config builds, with no weight allocated.
 
-    This is what a converted checkpoint must load into, strictly. MindBooth's CPU kernels are switched off
-    meanwhile: they add no parameters, and on a fresh machine their first use compiles them with g++,
-    while creating their 1838 custom ops took a tenth of the build.
+    This is what a converted checkpoint must load into, strictly. Built with the plain backend: a backend adds no
+    parameters, and the CPU backend's kernels would be compiled with g++ on a fresh machine.
     """
     from mindspore.nn.utils import no_init_parameters
 
-    from gm.modules import cpu_kernels
     from gm.util import instantiate_from_config
 
     config = load_config(config_path)
-    with cpu_kernels.switched_off(), no_init_parameters():
-        model = instantiate_from_config(config["model"])
+    with no_init_parameters():
+        model = instantiate_from_config(config["model"], backend="plain")
     return {name: tuple(int(d) for d in p.shape) for name, p in model.parameters_and_names()}
 
 

@@ -6,14 +6,12 @@ though the decoder runs it from the lowest level up.
 """
 from mindspore import nn, ops
 
-from gm.modules.conv import Conv2d
-from gm.modules.diffusionmodules.util import normalization
-from gm.modules.normalization import GroupNorm
+from gm.modules.diffusionmodules.util import conv2d, normalization
 
 VAE_NORM_EPS = 1e-6  # every VAE GroupNorm uses 1e-6 (the UNet's use 1e-5)
 
 
-def Normalize(channels: int) -> GroupNorm:
+def Normalize(channels: int) -> nn.GroupNorm:
     return normalization(channels, eps=VAE_NORM_EPS)
 
 
@@ -22,8 +20,8 @@ def nonlinearity(x):
     return x * ops.sigmoid(x)
 
 
-def conv(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0) -> Conv2d:
-    return Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding)
+def conv(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0) -> nn.Conv2d:
+    return conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding)
 
 
 class ResnetBlock(nn.Cell):
@@ -67,8 +65,7 @@ class AttnBlock(nn.Cell):
         h = self.norm(x)
         b, c, height, width = h.shape
         q, k, v = (layer(h).reshape(b, c, height * width) for layer in (self.q, self.k, self.v))  # (b, c, hw)
-        # The transposes sit in BatchMatMul's flags: an explicit Transpose of the (hw, hw) weights holds twice their
-        # size on MindSpore's CPU backend (gm/modules/lean_ops.py), and they are 1 GiB for a 1024x1024 image.
+        # The transposes sit in BatchMatMul's flags: the (hw, hw) weights are 1 GiB for a 1024x1024 image.
         weights = self.softmax(self.matmul_transposed_a(q, k) * self.scale)  # (b, hw query, hw key)
         h = self.matmul_transposed_b(v, weights).reshape(b, c, height, width)
         return x + self.proj_out(h)

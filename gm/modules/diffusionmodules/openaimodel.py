@@ -6,14 +6,12 @@ from typing import List, Sequence, Union
 from mindspore import nn, ops
 
 from gm.modules.attention import BasicTransformerBlock, CrossAttention, SpatialTransformer
-from gm.modules.conv import Conv2d
 from gm.modules.frozen_weights import stored_in
-from gm.modules.lean_ops import NearestUpsample2x, SiLU, add_broadcast
-from gm.modules.diffusionmodules.util import normalization, timestep_embedding, zero_module
+from gm.modules.diffusionmodules.util import conv2d, normalization, timestep_embedding, zero_module
 
 
-def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> Conv2d:
-    return Conv2d(in_channels, out_channels, 3, stride=stride, padding=1)
+def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
+    return conv2d(in_channels, out_channels, 3, stride=stride, padding=1)
 
 
 class ResBlock(nn.Cell):
@@ -21,18 +19,22 @@ class ResBlock(nn.Cell):
 
     def __init__(self, channels: int, emb_channels: int, out_channels: int, dropout: float = 0.0):
         super().__init__()
-        self.in_layers = nn.SequentialCell([normalization(channels), SiLU(), conv3x3(channels, out_channels)])
-        self.emb_layers = nn.SequentialCell([SiLU(), nn.Dense(emb_channels, out_channels)])
+        self.in_layers = nn.SequentialCell([normalization(channels), nn.SiLU(), conv3x3(channels, out_channels)])
+        self.emb_layers = nn.SequentialCell([nn.SiLU(), nn.Dense(emb_channels, out_channels)])
         self.out_layers = nn.SequentialCell(
-            [normalization(out_channels), SiLU(), nn.Dropout(p=dropout), zero_module(conv3x3(out_channels, out_channels))]
+            [normalization(out_channels), nn.SiLU(), nn.Dropout(p=dropout), zero_module(conv3x3(out_channels, out_channels))]
         )
         self.has_skip_projection = out_channels != channels
         if self.has_skip_projection:
-            self.skip_connection = Conv2d(channels, out_channels, 1)
+            self.skip_connection = conv2d(channels, out_channels, 1)
+
+    def add_embedding(self, h, emb_out):
+        """h (B, C, H, W) plus the projected time embedding emb_out (B, C) at every pixel."""
+        return h + emb_out[:, :, None, None]
 
     def construct(self, x, emb):
         h = self.in_layers(x)
-        h = add_broadcast(h, self.emb_layers(emb)[:, :, None, None])
+        h = self.add_embedding(h, self.emb_layers(emb))
         h = self.out_layers(h)
         skip = self.skip_connection(x) if self.has_skip_projection else x
         return skip + h
@@ -47,6 +49,14 @@ class Downsample(nn.Cell):
         return self.op(x)
 
 
+class NearestUpsample2x(nn.Cell):
+    """(N, C, H, W) -> (N, C, 2H, 2W), each pixel repeated over a 2x2 block."""
+
+    def construct(self, x):
+        height, width = x.shape[-2:]
+        return ops.interpolate(x, size=(height * 2, width * 2), mode="nearest")
+
+
 class Upsample(nn.Cell):
     def __init__(self, channels: int):
         super().__init__()
@@ -58,14 +68,20 @@ class Upsample(nn.Cell):
 
 
 class TimestepEmbedSequential(nn.SequentialCell):
-    """Runs its layers in order, giving each the inputs it needs (time embedding or text context)."""
+    """Runs its layers in order, giving each the inputs it needs (time embedding, or text context and its cached
+    cross-attention keys/values). `kv_start`/`kv_count`: where this block's keys/values are in the UNet's `cached_kv`
+    (set by UNetModel from the block's position)."""
 
-    def construct(self, x, emb, context):
+    kv_start, kv_count = 0, 0
+
+    def construct(self, x, emb, context, cached_kv=None):
+        if cached_kv is not None:
+            cached_kv = cached_kv[self.kv_start:self.kv_start + self.kv_count]
         for layer in self.cell_list:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context)
+                x = layer(x, context, cached_kv)
             else:
                 x = layer(x)
         return x
@@ -100,6 +116,7 @@ class UNetModel(nn.Cell):
         num_classes: str = None,
         dropout: float = 0.0,
         use_linear_in_transformer: bool = True,
+        spatial_transformer_attn_type: str = "vanilla",
         weight_dtype: str = None,
         **unused_sgm_options,
     ):
@@ -122,15 +139,16 @@ class UNetModel(nn.Cell):
         def transformer(channels, depth):
             if channels % num_head_channels:
                 raise ValueError(f"{channels} channels do not divide into heads of num_head_channels={num_head_channels}")
-            return SpatialTransformer(channels, channels // num_head_channels, num_head_channels, depth, context_dim, dropout)
+            return SpatialTransformer(channels, channels // num_head_channels, num_head_channels, depth, context_dim, dropout,
+                                      spatial_transformer_attn_type)
 
         self.time_embed = nn.SequentialCell(
-            [nn.Dense(model_channels, time_embed_dim), SiLU(), nn.Dense(time_embed_dim, time_embed_dim)]
+            [nn.Dense(model_channels, time_embed_dim), nn.SiLU(), nn.Dense(time_embed_dim, time_embed_dim)]
         )
         self.has_label_emb = num_classes == "sequential"
         if self.has_label_emb:
             self.label_emb = nn.SequentialCell(
-                [nn.SequentialCell([nn.Dense(adm_in_channels, time_embed_dim), SiLU(), nn.Dense(time_embed_dim, time_embed_dim)])]
+                [nn.SequentialCell([nn.Dense(adm_in_channels, time_embed_dim), nn.SiLU(), nn.Dense(time_embed_dim, time_embed_dim)])]
             )
 
         input_blocks = [TimestepEmbedSequential([conv3x3(in_channels, model_channels)])]
@@ -171,53 +189,55 @@ class UNetModel(nn.Cell):
                 output_blocks.append(store(TimestepEmbedSequential(layers)))
         self.output_blocks = nn.CellList(output_blocks)
 
-        self.out = nn.SequentialCell([normalization(channels), SiLU(), zero_module(conv3x3(model_channels, out_channels))])
+        self.out = nn.SequentialCell([normalization(channels), nn.SiLU(), zero_module(conv3x3(model_channels, out_channels))])
         store(self)  # the rest: the embeddings, the first and last layers
-        for index, attention in enumerate(self._cross_attentions()):
-            attention.context_index = index
+        kv_start = 0
+        for block in (*self.input_blocks, self.middle_block, *self.output_blocks):
+            block.kv_start = kv_start
+            block.kv_count = 2 * sum(isinstance(cell, CrossAttention) and cell.is_cross for _, cell in block.cells_and_names())
+            kv_start += block.kv_count
 
     def _cross_attentions(self) -> list:
         return [cell for _, cell in self.cells_and_names() if isinstance(cell, CrossAttention) and cell.is_cross]
 
     def context_projections(self, context) -> tuple:
         """(k_0, v_0, k_1, v_1, ...): every cross-attention's frozen to_k/to_v products of the text `context`, without
-        LoRA. Passing (context, these) as the context gives the same output as `context` alone while computing only
-        the LoRA updates of the keys/values: for a text that stays the same over many calls (the prompts of a
-        DreamBooth run, the sampling steps of one image). Run outside a graph, layer by layer; recompute when the
-        base weights change (a LoRA merge)."""
+        LoRA, in the UNet's order: its `cached_kv`. With them the UNet gives the same output while computing only the
+        LoRA updates of the keys/values: for a text that stays the same over many calls (the prompts of a DreamBooth
+        run, the sampling steps of one image). Run outside a graph, layer by layer; recompute when the base weights
+        change (a LoRA merge)."""
         return tuple(projection for attention in self._cross_attentions() for projection in attention.project_context(context))
 
     def enable_gradient_checkpointing(self, res_blocks: bool = False) -> int:
         """Keep only the inputs of every transformer block (and, with `res_blocks`, every ResBlock) for the backward
         pass and recompute the rest of its forward there (Cell.recompute), as diffusers' `enable_gradient_checkpointing`:
-        the activations of one block at a time instead of all of them, for one more forward of the blocks. Complete
-        with the fused CPU kernels, whose backward passes are their primitives' own; the hand-written Cell bprops of
-        the other path (ScaledDotProductAttention, HandWrittenGatedGELU, HandWrittenSiLU) still read their inputs
-        from the first forward. A ResBlock is recomputed where its convolutions allow it (Conv2d.supports_recompute).
-        ResBlocks are optional because they pay little: at 1024 on CPU, 0.37 GiB less for a step 23 % longer
-        (benchmarks/RESULTS.md section 28). Call after freeze_convolutions. Returns the number of blocks."""
+        the activations of one block at a time instead of all of them, for one more forward of the blocks. A ResBlock
+        is recomputed where every layer in it allows it (a backend's layer may define `supports_recompute()`). Returns
+        the number of blocks."""
+        def recomputable(block):
+            return all(getattr(cell, "supports_recompute", lambda: True)() for _, cell in block.cells_and_names())
+
         blocks = [cell for _, cell in self.cells_and_names() if isinstance(cell, BasicTransformerBlock)
-                  or (res_blocks and isinstance(cell, ResBlock)
-                      and all(conv.supports_recompute() for _, conv in cell.cells_and_names() if isinstance(conv, Conv2d)))]
+                  or (res_blocks and isinstance(cell, ResBlock) and recomputable(cell))]
         for block in blocks:
             block.recompute()
         return len(blocks)
 
-    def construct(self, x, timesteps, context=None, y=None):
-        """x: (B, C, H, W) noisy latents; timesteps: (B,); context: (B, 77, context_dim), or (that, its
-        context_projections); y: (B, adm_in_channels)."""
+    def construct(self, x, timesteps, context=None, y=None, cached_kv=None):
+        """x: (B, C, H, W) noisy latents; timesteps: (B,); context: (B, 77, context_dim); y: (B, adm_in_channels);
+        cached_kv: context_projections(context), or None."""
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).astype(x.dtype))
         if self.has_label_emb:
             emb = emb + self.label_emb(y)
         skips = []
         h = x
         for block in self.input_blocks:
-            h = block(h, emb, context)
+            h = block(h, emb, context, cached_kv)
             skips.append(h)
-        h = self.middle_block(h, emb, context)
+        h = self.middle_block(h, emb, context, cached_kv)
         skip_index = len(skips) - 1  # consumed last-in first-out (an index: list.pop does not compile in GRAPH_MODE)
         for block in self.output_blocks:
             h = ops.cat((h, skips[skip_index]), axis=1)
-            h = block(h, emb, context)
+            h = block(h, emb, context, cached_kv)
             skip_index -= 1
         return self.out(h)

@@ -5,7 +5,6 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
 
-from gm.modules.normalization import GroupNorm
 
 
 def timestep_embedding(timesteps, dim: int, max_period: int = 10000):
@@ -28,6 +27,12 @@ def zero_module(module: nn.Cell) -> nn.Cell:
     return module
 
 
-def normalization(channels: int, eps: float = 1e-5) -> GroupNorm:
+def normalization(channels: int, eps: float = 1e-5) -> nn.GroupNorm:
     """GroupNorm with 32 groups, as every SDXL norm layer in the UNet and VAE."""
-    return GroupNorm(32, channels, eps=eps)
+    return nn.GroupNorm(32, channels, eps=eps)
+
+
+def conv2d(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0) -> nn.Conv2d:
+    """A square convolution with a bias and torch's explicit zero padding, as every SDXL convolution."""
+    return nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, pad_mode="pad", padding=padding,
+                     has_bias=True)

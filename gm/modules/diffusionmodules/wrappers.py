@@ -8,4 +8,7 @@ class OpenAIWrapper(nn.Cell):
         self.diffusion_model = diffusion_model
 
     def construct(self, x, t, cond: dict):
-        return self.diffusion_model(x, t, context=cond["crossattn"], y=cond["vector"])
+        """cond: {"crossattn", "vector"}, and "cached_kv" where the text's cross-attention keys/values were computed
+        beforehand (UNetModel.context_projections)."""
+        cached_kv = cond["cached_kv"] if "cached_kv" in cond else None
+        return self.diffusion_model(x, t, context=cond["crossattn"], y=cond["vector"], cached_kv=cached_kv)

@@ -10,8 +10,6 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
 
-from gm.modules.lean_ops import GELU
-from gm.modules.normalization import LayerNorm
 
 LAYER_NORM_EPS = 1e-5  # CLIP and OpenCLIP both use torch's default (MindSpore's default is 1e-7)
 
@@ -27,7 +25,7 @@ def activation(name: str) -> nn.Cell:
     if name == "quick_gelu":
         return QuickGELU()
     if name == "gelu":
-        return GELU()  # exact erf GELU (MindSpore's nn.GELU default is the tanh approximation)
+        return nn.GELU(approximate=False)  # exact erf GELU (MindSpore's default is the tanh approximation)
     raise ValueError(f"act must be 'quick_gelu' or 'gelu', got {name!r}")
 
 
@@ -103,9 +101,9 @@ class CLIPEncoderLayer(nn.Cell):
     def __init__(self, width: int, heads: int, mlp_width: int, act: str):
         super().__init__()
         self.self_attn = CLIPAttention(width, heads)
-        self.layer_norm1 = LayerNorm((width,), epsilon=LAYER_NORM_EPS)
+        self.layer_norm1 = nn.LayerNorm((width,), epsilon=LAYER_NORM_EPS)
         self.mlp = CLIPMLP(width, mlp_width, act)
-        self.layer_norm2 = LayerNorm((width,), epsilon=LAYER_NORM_EPS)
+        self.layer_norm2 = nn.LayerNorm((width,), epsilon=LAYER_NORM_EPS)
 
     def construct(self, x, mask):
         x = x + self.self_attn(self.layer_norm1(x), mask)
@@ -131,7 +129,7 @@ class CLIPTextTransformer(nn.Cell):
         self.num_layers = layers
         self.embeddings = CLIPTextEmbeddings(width, vocab_size, max_length)
         self.encoder = CLIPEncoder(width, layers, heads, mlp_width, act)
-        self.final_layer_norm = LayerNorm((width,), epsilon=LAYER_NORM_EPS)
+        self.final_layer_norm = nn.LayerNorm((width,), epsilon=LAYER_NORM_EPS)
         self.causal_mask = causal_mask(max_length)
 
     def construct(self, input_ids, num_layers: int):

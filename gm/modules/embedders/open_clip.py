@@ -13,7 +13,6 @@ from mindspore import Parameter, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
 from gm.modules.embedders.clip import LAYER_NORM_EPS, activation, causal_mask, causal_self_attention, check_sizes
-from gm.modules.normalization import LayerNorm
 
 
 class MultiheadAttention(nn.Cell):
@@ -49,9 +48,9 @@ class MLP(nn.Cell):
 class ResidualAttentionBlock(nn.Cell):
     def __init__(self, width: int, heads: int, mlp_width: int, act: str):
         super().__init__()
-        self.ln_1 = LayerNorm((width,), epsilon=LAYER_NORM_EPS)
+        self.ln_1 = nn.LayerNorm((width,), epsilon=LAYER_NORM_EPS)
         self.attn = MultiheadAttention(width, heads)
-        self.ln_2 = LayerNorm((width,), epsilon=LAYER_NORM_EPS)
+        self.ln_2 = nn.LayerNorm((width,), epsilon=LAYER_NORM_EPS)
         self.mlp = MLP(width, mlp_width, act)
 
     def construct(self, x, mask):
@@ -80,7 +79,7 @@ class OpenCLIPTextModel(nn.Cell):
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.positional_embedding = Parameter(initializer(Normal(0.01), (max_length, width)), name="positional_embedding")
         self.transformer = Transformer(width, layers, heads, mlp_width, act)
-        self.ln_final = LayerNorm((width,), epsilon=LAYER_NORM_EPS)
+        self.ln_final = nn.LayerNorm((width,), epsilon=LAYER_NORM_EPS)
         self.text_projection = Parameter(initializer(Normal(width**-0.5), (width, projection_dim)), name="text_projection")
         # CLIP's contrastive temperature: unused for text encoding, kept so the checkpoint loads strictly.
         self.logit_scale = Parameter(ms.Tensor(math.log(1 / 0.07), ms.float32), name="logit_scale")

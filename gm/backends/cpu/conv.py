@@ -1,31 +1,22 @@
-"""Conv2d as im2col + MatMul on CPU.
+"""The CPU backend's convolution: a frozen weight's stride-1 convolution by the oneDNN kernel (kernels/conv.cc, 3x3 by
+Winograd's F(4x4, 3x3) where it pays), which reads an fp16 weight as stored; anything else as im2col + MatMul, since
+MindSpore 2.10's CPU Conv2D kernel is far slower than its MatMul on SDXL's shapes. A frozen weight's backward computes
+only the input gradient.
 
-MindSpore 2.10's CPU `Conv2D` kernel runs at about 1 GFLOP/s on SDXL's shapes (14-16 s for one 3x3 conv
-at the latents of a 512x512 image), while its MatMul reaches the machine's BLAS speed. Unfolding the input
-into columns and multiplying by the (out, in*k*k) weight gives the same numbers 64-111x faster
-(benchmarks/bench_conv.py, RESULTS.md section 8). On Ascend/GPU the native kernel is kept.
-
-The columns are k*k times the input, so a large input (the VAE at 1024x1024) is done in strips of output
-rows that keep the columns under `MAX_COLUMNS_BYTES`. A frozen weight (freeze_convolutions; every conv of a
-LoRA run) goes through FrozenWeightConv, whose own backward computes only the input gradient; where the CPU
-kernels have oneDNN (gm/modules/cpu_kernels), its stride-1 convolutions run there instead of im2col, whole at any
-size (the kernel makes no columns). A trainable weight keeps plain autodiff.
+The im2col columns are k*k times the input, so a large input (the VAE at 1024x1024) is done in strips of output rows
+that keep the columns under `MAX_COLUMNS_BYTES`.
 """
 import mindspore as ms
 from mindspore import nn, ops
 
-from gm.modules import cpu_kernels
-from gm.modules.weight_cast import CastLike
+from gm.backends.cpu import kernels
+from gm.backends.cpu.weight_cast import CastLike
+from gm.modules.frozen_weights import FrozenConv2d
 
 MAX_COLUMNS_BYTES = 512 * 2**20
 # The oneDNN kernel's algorithm for 3x3 padding-1 convolutions (gm/modules/cpu_kernels/conv.cc): Winograd's
 # F(4x4, 3x3) where it pays ("auto"), oneDNN's direct convolution, or Winograd wherever it applies.
 CONVOLUTION_ALGORITHMS = {"auto": 0, "direct": 1, "winograd": 2}
-
-
-def matmul_convolution_default() -> bool:
-    """im2col + MatMul where the native kernel is slow: the CPU backend."""
-    return ms.get_context("device_target") == "CPU"
 
 
 def _is_pointwise(kernel_size: int, stride: int, padding: int) -> bool:
@@ -58,8 +49,8 @@ class FrozenWeightConv(nn.Cell):
             def conv_bprop(x, weight, config, out, dout):
                 return backward_kernel(dout.astype(x.dtype), weight, config), ops.zeros_like(weight), ops.zeros_like(config)
 
-            self.forward_kernel = cpu_kernels.kernel("Conv2dForward", _conv_output_shape(kernel_size, padding),
-                                                     cpu_kernels.same_as_first, bprop=conv_bprop)
+            self.forward_kernel = kernels.kernel("Conv2dForward", _conv_output_shape(kernel_size, padding),
+                                                     kernels.same_as_first, bprop=conv_bprop)
 
     @property
     def fused(self) -> bool:
@@ -94,20 +85,15 @@ class HandWrittenFrozenConv(nn.Cell):
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
         self.matmul_transposed_weight = ops.BatchMatMul(transpose_a=True)
         self.cast_like = CastLike()
-        self.fused = (cpu_kernels.onednn_enabled() if fused is None else fused) and stride == 1
+        self.fused = (kernels.has_onednn() if fused is None else fused) and stride == 1
         if self.fused:  # stride 1: each output size follows from the input size and back, for the kernels' shapes
             grow = 2 * padding - kernel_size + 1
             self.config = ms.Tensor([padding, CONVOLUTION_ALGORITHMS[algorithm]], ms.float32)
-            self.conv_forward = cpu_kernels.kernel("Conv2dForward", _conv_output_shape(kernel_size, padding),
-                                                   cpu_kernels.same_as_first)
-            self.conv_backward_data = cpu_kernels.kernel(
+            self.conv_forward = kernels.kernel("Conv2dForward", _conv_output_shape(kernel_size, padding),
+                                                   kernels.same_as_first)
+            self.conv_backward_data = kernels.kernel(
                 "Conv2dBackwardData", lambda dy, w, config: [dy[0], w[1], dy[2] - grow, dy[3] - grow],
-                cpu_kernels.same_as_first)
-
-    def add_flags(self, **flags):
-        if cpu_kernels.lowers_precision(flags):
-            self.fused = False
-        return super().add_flags(**flags)
+                kernels.same_as_first)
 
     def _weight_for(self, weight, like):
         """The weight in like's dtype; but an fp16 weight as stored where the oneDNN kernel computes with fp32
@@ -197,41 +183,37 @@ def conv2d_as_matmul(x, weight, kernel_size: int, stride: int, padding: int, fro
 
 
 class Conv2d(nn.Conv2d):
-    """`nn.Conv2d` (same parameters `weight`/`bias`, same checkpoint layout) computed as im2col + MatMul on CPU.
+    """nn.Conv2d (same parameters and names) by im2col + MatMul, or, once `freeze_weight` is called, by
+    FrozenWeightConv. Square kernels, equal stride and padding on both axes, no dilation or groups: all SDXL uses."""
 
-    Square kernels, equal stride and padding on both axes, no dilation or groups: all SDXL uses.
-    `as_matmul=None` picks by device (CPU: im2col); False keeps MindSpore's Conv2D kernel."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
-                 has_bias: bool = True, as_matmul: bool = None):
-        super().__init__(in_channels, out_channels, kernel_size, stride=stride, pad_mode="pad", padding=padding,
-                         has_bias=has_bias)
-        self.as_matmul = matmul_convolution_default() if as_matmul is None else as_matmul
-        self.square_kernel_size, self.square_stride, self.square_padding = kernel_size, stride, padding
-        self.frozen_conv = None  # a FrozenWeightConv once freeze_weight is called
+    def init_kernels(self):
+        if self.group != 1 or self.dilation != (1, 1) or len(set(self.kernel_size)) != 1 or len(set(self.stride)) != 1:
+            raise ValueError(f"the CPU backend's convolution takes square kernels without groups or dilation, got {self}")
+        self.square_kernel_size, self.square_stride = self.kernel_size[0], self.stride[0]
+        padding = self.padding if isinstance(self.padding, int) else self.padding[0]
+        self.square_padding = padding
+        self.frozen_conv = None
+        if not self.weight.requires_grad:
+            self.freeze_weight()
 
     @property
     def frozen_weight(self) -> bool:
         return self.frozen_conv is not None
 
     def freeze_weight(self, fused=None, algorithm: str = "auto"):
-        """From now on this conv computes no weight gradient (FrozenWeightConv's backward): for a frozen weight,
-        in any storage dtype. Called by freeze_convolutions and gm.modules.frozen_weights, before compiling.
-        `fused`: the oneDNN CPU kernel for stride 1 (default: where available), else im2col; `algorithm`: that
-        kernel's (CONVOLUTION_ALGORITHMS)."""
-        if self.frozen_conv is None:
-            self.frozen_conv = FrozenWeightConv(self.square_kernel_size, self.square_stride, self.square_padding,
-                                                fused=fused, algorithm=algorithm)
+        """From now on this conv computes no weight gradient (FrozenWeightConv's backward), for a frozen weight in
+        any storage dtype. `fused`: the oneDNN kernel for stride 1 (default: where built), else im2col;
+        `algorithm`: that kernel's (CONVOLUTION_ALGORITHMS)."""
+        self.frozen_conv = FrozenWeightConv(self.square_kernel_size, self.square_stride, self.square_padding,
+                                            fused=fused, algorithm=algorithm)
 
     def supports_recompute(self) -> bool:
-        """Whether Cell.recompute of an enclosing block (gradient checkpointing) works with this convolution:
-        MindSpore's Conv2D, or a frozen weight's CPU kernel, whose backward reads only dout and the weight. With
-        the frozen im2col path, a recomputed ResBlock failed to compile."""
-        return not self.as_matmul or (self.frozen_conv is not None and self.frozen_conv.fused)
+        """Whether Cell.recompute of an enclosing block (gradient checkpointing) works with this convolution: a frozen
+        weight's kernel, whose backward reads only dout and the weight. With im2col a recomputed ResBlock failed to
+        compile."""
+        return self.frozen_conv is not None and self.frozen_conv.fused
 
     def construct(self, x):
-        if not self.as_matmul:
-            return super().construct(x)
         out = conv2d_as_matmul(x, self.weight, self.square_kernel_size, self.square_stride, self.square_padding,
                                self.frozen_conv)
         if self.has_bias:
@@ -239,12 +221,5 @@ class Conv2d(nn.Conv2d):
         return out
 
 
-def freeze_convolutions(net: nn.Cell) -> int:
-    """Mark every im2col Conv2d of `net` whose weight does not require a gradient as frozen (freeze_weight).
-    Call after freezing the parameters and before compiling. Returns the number of convolutions marked."""
-    marked = 0
-    for _, cell in net.cells_and_names():
-        if isinstance(cell, Conv2d) and cell.as_matmul and not cell.weight.requires_grad:
-            cell.freeze_weight()
-            marked += 1
-    return marked
+class KernelFrozenConv2d(Conv2d, FrozenConv2d):
+    """The CPU backend's form of a FrozenConv2d (a weight stored in fp16/bf16): Conv2d's, which casts as it needs."""

@@ -1,20 +1,13 @@
-"""Fused fp32 CPU kernels (C++, vectorised, one thread per core) for the ops whose MindSpore 2.10 CPU kernels are
-slowest, as MindSpore "aot" custom ops: GroupNorm and LayerNorm (forward and backward), GEGLU's gating, the
-fp16 -> fp32 weight cast, the axes-1-2 swap, and, through the oneDNN library MindSpore ships, the stride-1
-convolution (in the layouts oneDNN picks, or for 3x3 Winograd's F(4x4, 3x3) on oneDNN's sgemm), attention
-(oneDNN's sgemm), the frozen Dense layers' products on their fp16 weights as stored and the LoRA branches, whose
-backward writes the weight gradients with the input gradient (oneDNN's sgemm).
-Measured against torch on the same shapes (benchmarks/bench_op_cores.py): MindSpore's GroupNorm is 50x, LayerNorm
-17x, Erf 6.5x and Cast 1.4x slower, each on one core.
-
-The convolution and attention kernels need oneDNN's headers (`pip install --no-deps onednn-devel`, done by
-scripts/setup.sh) and MindSpore's libdnnl.so.3; without them, or if they do not build, the library is built without
-them, convolutions stay im2col + BatchMatMul (gm/modules/conv.py) and attention ScaledDotProductAttention.
+"""MindBooth's fused fp32 CPU kernels (C++, vectorised, one thread per core) as MindSpore "aot" custom ops: GroupNorm
+and LayerNorm, GEGLU's gating, SiLU, the fp16 -> fp32 weight cast, the axes-1-2 swap, nearest upsampling, and, through
+the oneDNN library MindSpore ships, the stride-1 convolution (3x3 by Winograd's F(4x4, 3x3) where it pays), attention,
+the frozen Dense layers' products on fp16 weights and the LoRA branches. docs/performance.md ("CPU backend and
+kernels") says why each exists and what it gave.
 
 The library is compiled once per source and machine with the system's g++ (`-march=native`) into a cache folder
-(MINDBOOTH_KERNEL_CACHE, default ~/.cache/mindbooth/cpu_kernels). The kernels are used only where MindSpore runs on
-the CPU; on Ascend/GPU, with MINDBOOTH_CPU_KERNELS=0, or when g++ fails, the layers use MindSpore's own ops and
-compute the same thing.
+(MINDBOOTH_KERNEL_CACHE, default ~/.cache/mindbooth/cpu_kernels). The oneDNN kernels need oneDNN's headers
+(`pip install --no-deps onednn-devel`, done by scripts/setup.sh) and MindSpore's libdnnl.so.3; without them the library
+is built without those kernels, and the backend uses MindSpore-op forms of those layers.
 """
 import functools
 import hashlib
@@ -30,7 +23,6 @@ from pathlib import Path
 import mindspore as ms
 from mindspore import ops
 
-from gm.util import environment
 
 SOURCE_FOLDER = Path(__file__).resolve().parent
 FAST_MATH_SOURCES = ("gelu.cc", "silu.cc", "attention.cc")  # -ffast-math: erff/expf vectorised through glibc's libmvec
@@ -38,7 +30,6 @@ SOURCES = ("norms.cc", "cast.cc", "transpose.cc", "upsample.cc", "scratch.cc")
 ONEDNN_SOURCES = ("conv.cc", "winograd.cc", "attention.cc", "dense.cc", "lora.cc")  # need oneDNN's headers and library
 ONEDNN_LIBRARY = "libdnnl.so.3"
 COMPILER_FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-pthread", "-fPIC", "-std=c++20")
-ENV_SWITCH = "MINDBOOTH_CPU_KERNELS"
 
 logger = logging.getLogger(__name__)
 
@@ -130,11 +121,8 @@ def library_path():
     return _library()[0]
 
 
-def enabled() -> bool:
-    """Whether layers built now use the fused kernels: MindSpore targets the CPU, MINDBOOTH_CPU_KERNELS is not 0,
-    and the library builds."""
-    if os.environ.get(ENV_SWITCH, "1") == "0" or ms.get_context("device_target") != "CPU":
-        return False
+def available() -> bool:
+    """Whether the kernel library builds here (and MindSpore would load it)."""
     path = library_path()
     allowed = os.environ.get("MS_CUSTOM_AOT_WHITE_LIST")  # MindSpore refuses custom-op libraries outside it
     if path is not None and allowed and not Path(path).resolve().is_relative_to(Path(allowed).resolve()):
@@ -144,23 +132,9 @@ def enabled() -> bool:
     return path is not None
 
 
-def switched_off():
-    """Layers built inside the block use MindSpore's own ops (as with MINDBOOTH_CPU_KERNELS=0), and nothing is
-    compiled: for building a model only to read its parameters' names and shapes, which the kernels do not change."""
-    return environment(**{ENV_SWITCH: "0"})
-
-
-def onednn_enabled() -> bool:
-    """Whether layers built now use the kernels that run on oneDNN (the stride-1 convolution, attention): enabled(),
-    and the library was built with them."""
-    return enabled() and _library()[1]
-
-
-def lowers_precision(flags: dict) -> bool:
-    """Whether Cell flags are Cell.to_float(float16/bfloat16)'s: MindSpore then casts the inputs of every op in the
-    cell to that dtype, the fp32-only kernels' too (PyNative; a Python-side dtype check does not see it), so a
-    layer with an fp32 kernel takes its MindSpore path."""
-    return bool(flags.get("fp16") or flags.get("bf16"))
+def has_onednn() -> bool:
+    """Whether the library was built with the kernels that run on oneDNN (convolution, attention, Dense, LoRA)."""
+    return available() and _library()[1]
 
 
 def same_as_first(first, *rest):
