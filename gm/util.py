@@ -44,6 +44,8 @@ def become(cell, cls):
     if not issubclass(cls, type(cell)):
         raise TypeError(f"{cls.__name__} is not a variant of {type(cell).__name__}")
     cell.__class__ = cls
+    # What nn.Cell.__init__ reads from the class: PyNative calls a custom bprop only where has_bprop says so.
+    object.__setattr__(cell, "has_bprop", hasattr(cell, "bprop"))
     return cell
 
 

@@ -10,6 +10,8 @@ SHARED = ROOT.parent / "shared"
 KEYS = SHARED / "reference" / "sdxl_keys" / "mindone" / "model_conversion"
 TINY_CONFIG = ROOT / "configs" / "inference" / "sd_xl_tiny.yaml"
 BASE_CONFIG = ROOT / "configs" / "inference" / "sd_xl_base.yaml"
+# The two ways a built model computes (gm.backends): parity tests run in both.
+BACKENDS = ("plain", "cpu")
 
 
 @pytest.fixture(autouse=True, scope="session")

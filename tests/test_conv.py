@@ -1,13 +1,15 @@
-"""gm.modules.conv.Conv2d (im2col + MatMul on CPU) equals MindSpore's native Conv2D: output, input gradient and
-weight gradient, for SDXL's kernel/stride/padding combinations, with and without strips, in both modes, and
-with the weight stored in fp16."""
+"""The CPU backend's convolution (gm/backends/cpu/conv.py: im2col + MatMul, a frozen weight's own backward, the oneDNN
+kernel) equals MindSpore's nn.Conv2d: output, input gradient and weight gradient, for SDXL's kernel/stride/padding
+combinations, with and without strips, in both modes, and with the weight stored in fp16."""
 import mindspore as ms
 import numpy as np
 import pytest
 from mindspore import nn, ops
 
-import gm.modules.conv as conv_module
-from gm.modules.conv import Conv2d, freeze_convolutions
+import gm.backends.cpu.conv as conv_module
+from gm.backends.cpu import apply as apply_cpu_backend
+from gm.backends.cpu.conv import Conv2d
+from gm.modules.diffusionmodules.util import conv2d
 from gm.modules.frozen_weights import FrozenConv2d, store_frozen_weights
 from gradients import Gradients
 from test_unet import relative_error
@@ -33,10 +35,16 @@ def _output_and_grads(net, x):
     return [t.asnumpy() for t in (net(x), grad_x, grad_weight, grad_bias)]
 
 
+def _in_cpu_backend(*convs):
+    """The convs (plain nn.Conv2d, frozen or stored in fp16 as set beforehand) given their CPU backend form."""
+    return apply_cpu_backend(nn.SequentialCell(list(convs)))
+
+
 def _pair(case, rng):
     in_channels, out_channels, kernel, stride, padding, _, _ = case
-    matmul = Conv2d(in_channels, out_channels, kernel, stride=stride, padding=padding, as_matmul=True)
-    native = Conv2d(in_channels, out_channels, kernel, stride=stride, padding=padding, as_matmul=False)
+    matmul = conv2d(in_channels, out_channels, kernel, stride=stride, padding=padding)
+    native = conv2d(in_channels, out_channels, kernel, stride=stride, padding=padding)
+    assert _in_cpu_backend(matmul) == 1 and isinstance(matmul, Conv2d) and not matmul.frozen_weight
     weight = rng.standard_normal(matmul.weight.shape).astype(np.float32)
     bias = rng.standard_normal(matmul.bias.shape).astype(np.float32)
     for net in (matmul, native):
@@ -68,23 +76,22 @@ def test_matmul_conv_equals_native_conv(case, max_columns_bytes, mode, monkeypat
 @pytest.mark.parametrize("mode", [ms.PYNATIVE_MODE, ms.GRAPH_MODE], ids=["pynative", "graph"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"k{c[2]}s{c[3]}p{c[4]}")
 def test_frozen_weight_takes_its_own_backward_and_equals_autodiff(case, mode, storage):
-    """A frozen weight, fp32 (freeze_convolutions) or stored in fp16 (store_frozen_weights): FrozenWeightConv's
-    own backward (fold of W^T dout) gives the input gradient autodiff gives the trainable fp32 conv."""
+    """A frozen weight, fp32 or stored in fp16 (store_frozen_weights): FrozenWeightConv's own backward (the kernel,
+    or a fold of W^T dout) gives the input gradient autodiff gives the trainable fp32 conv."""
     in_channels, out_channels, kernel, stride, padding, height, width = case
     rng = np.random.default_rng(1)
-    reference, stored = (Conv2d(in_channels, out_channels, kernel, stride=stride, padding=padding, as_matmul=True)
-                         for _ in range(2))
+    reference, stored = (conv2d(in_channels, out_channels, kernel, stride=stride, padding=padding) for _ in range(2))
     weight = rng.standard_normal(reference.weight.shape).astype(np.float16).astype(np.float32)  # fp16-exact
     bias = np.linspace(-1, 1, out_channels).astype(np.float16).astype(np.float32)
     for net in (reference, stored):
         net.weight.set_data(ms.Tensor(weight))
         net.bias.set_data(ms.Tensor(bias))
         net.bias.requires_grad = net.weight.requires_grad = False
+    reference.weight.requires_grad = True  # `reference` keeps the autodiff route
     if storage == "float16":
         assert store_frozen_weights(nn.SequentialCell([stored]), "float16") == 1
-    else:
-        assert freeze_convolutions(nn.SequentialCell([stored])) == 1  # `reference` keeps the autodiff route
-    assert stored.frozen_weight and stored.weight.dtype == getattr(ms, storage)
+    assert _in_cpu_backend(stored, reference) == 2
+    assert stored.frozen_weight and not reference.frozen_weight and stored.weight.dtype == getattr(ms, storage)
     x = ms.Tensor(rng.standard_normal((2, in_channels, height, width)).astype(np.float32))
     ms.set_context(mode=mode)
     try:
@@ -102,15 +109,17 @@ def test_fused_frozen_conv_is_never_cut_into_strips(storage, monkeypatch):
     whole (no unfold at all) and gives what the strips give."""
     monkeypatch.setattr(conv_module, "MAX_COLUMNS_BYTES", 1500)
     rng = np.random.default_rng(2)
-    strips, whole = (Conv2d(8, 16, 3, padding=1, as_matmul=True) for _ in range(2))
+    strips, whole = (conv2d(8, 16, 3, padding=1) for _ in range(2))
     weight = rng.standard_normal(strips.weight.shape).astype(np.float16).astype(np.float32)
     bias = np.linspace(-1, 1, 16).astype(np.float16).astype(np.float32)
     for net in (strips, whole):
         net.weight.set_data(ms.Tensor(weight))
         net.bias.set_data(ms.Tensor(bias))
         net.bias.requires_grad = net.weight.requires_grad = False
-    holder = nn.SequentialCell([whole])
-    assert (store_frozen_weights(holder, "float16") if storage == "float16" else freeze_convolutions(holder)) == 1
+    strips.weight.requires_grad = True
+    if storage == "float16":
+        assert store_frozen_weights(nn.SequentialCell([whole]), "float16") == 1
+    _in_cpu_backend(whole, strips)
     assert whole.frozen_conv.fused
     x = ms.Tensor(rng.standard_normal((2, 8, 12, 10)).astype(np.float32))
     unfolded = []
@@ -123,13 +132,17 @@ def test_fused_frozen_conv_is_never_cut_into_strips(storage, monkeypatch):
     assert relative_error(got, want) < 1e-5
 
 
-def test_native_conv_keeps_the_frozen_conv_route():
-    """Ascend/GPU (as_matmul False): fp16 storage goes through FrozenConv2d as before."""
-    holder = nn.SequentialCell([Conv2d(4, 8, 3, padding=1, as_matmul=False)])
-    holder[0].weight.requires_grad = holder[0].bias.requires_grad = False
+def test_plain_conv_stored_in_fp16_casts_at_use():
+    """The plain backend (Ascend/GPU): fp16 storage makes a FrozenConv2d, whose output equals the fp32 conv's."""
+    rng = np.random.default_rng(3)
+    fp32, fp16 = conv2d(4, 8, 3, padding=1), conv2d(4, 8, 3, padding=1)
+    weight = rng.standard_normal(fp32.weight.shape).astype(np.float16).astype(np.float32)
+    for net in (fp32, fp16):
+        net.weight.set_data(ms.Tensor(weight))
+        net.bias.set_data(ms.Tensor(np.zeros(8, np.float32)))
+    fp16.weight.requires_grad = fp16.bias.requires_grad = False
+    holder = nn.SequentialCell([fp16])
     store_frozen_weights(holder, "float16")
-    assert isinstance(holder[0], FrozenConv2d)
-
-
-def test_cpu_default_is_matmul():
-    assert Conv2d(4, 8, 3, padding=1).as_matmul
+    assert isinstance(holder[0], FrozenConv2d) and holder[0].weight.dtype == ms.float16
+    x = ms.Tensor(rng.standard_normal((1, 4, 6, 6)).astype(np.float32))
+    assert relative_error(holder[0](x).asnumpy(), fp32(x).asnumpy()) < 1e-6

@@ -6,9 +6,10 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import ROOT
-from gm.modules.conv import Conv2d
+from gm.backends.cpu.conv import Conv2d
+from gm.backends.cpu.lora import KernelLoRADense
 from gm.modules.frozen_weights import FrozenDense, store_frozen_weights
-from gm.modules.lora import inject_lora, lora_layers, lora_parameters
+from gm.modules.lora import lora_layers, lora_parameters
 from gm.util import instantiate_from_config
 from mindbooth.tiny_model import random_weights
 from mindbooth.train_step import DreamBoothLoss, GradStep, make_buffers
@@ -89,9 +90,9 @@ def test_names_kept_frozen_bytes_halved_lora_stays_fp32(engines):
     assert all(p.dtype == ms.float32 for p in fp16.conditioner.get_parameters())  # text encoders are left alone
     unet = fp16.model.diffusion_model
     convs = [c for _, c in unet.cells_and_names() if isinstance(c, Conv2d)]
-    assert convs and all(c.frozen_weight for c in convs)  # im2col on CPU, cast at use
+    assert convs and all(c.frozen_weight for c in convs)  # the CPU backend's, cast at use
     assert any(isinstance(c, FrozenDense) for _, c in unet.cells_and_names())
-    assert all(layer.low_precision_base for layer in lora_layers(fp16))
+    assert all(layer.weight.dtype == ms.float16 for layer in lora_layers(fp16))
 
 
 def test_fp16_stored_unet_equals_fp32_unet(engines):
@@ -135,17 +136,19 @@ def test_fp16_stored_lora_gradients_equal_fp32_in_pynative(engines):
 
 
 def test_lora_injected_after_storing_fp16_uses_the_cast_path():
-    """Inference: the base model is built (fp16-stored) first, a LoRA file injects LoRA later."""
+    """Inference: the base model is built (fp16-stored) first, a LoRA file injects LoRA later: the new layers get the
+    CPU backend's form too."""
     engine = _engine("float16", lora=False)
-    assert inject_lora(engine.model, rank=2) > 0
+    assert engine.add_unet_lora(rank=2) > 0
     layer = lora_layers(engine)[0]
-    assert layer.low_precision_base and layer.weight.dtype == ms.float16 and layer.lora_A.weight.dtype == ms.float32
+    assert isinstance(layer, KernelLoRADense)
+    assert layer.weight.dtype == ms.float16 and layer.lora_A.weight.dtype == ms.float32
 
 
 def test_unet_stores_each_block_in_the_frozen_dtype_as_it_is_built(monkeypatch):
     """UNetModel(weight_dtype=...) (what an engine with frozen_weight_dtype builds): every parameter is fp16 when the
     constructor returns, and each block was stored so before the next one was built, so the whole UNet never
-    exists in fp32 (full size: a build peak of 5.9 GiB instead of 10.4, benchmarks/RESULTS.md section 27)."""
+    exists in fp32 (docs/performance.md, "Frozen weights in fp16")."""
     import gm.modules.diffusionmodules.openaimodel as openaimodel
 
     config = OmegaConf.load(TRAIN_CONFIG).model.params.network_config

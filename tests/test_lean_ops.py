@@ -1,5 +1,6 @@
-"""gm/modules/lean_ops.py and the attention built on it equal torch autograd: outputs and every input gradient,
-in PyNative and GRAPH mode (their backward passes are written by hand)."""
+"""The CPU backend's lean ops (gm/backends/cpu/lean_ops.py) and the attention built on them equal torch autograd:
+outputs and every input gradient, in PyNative and GRAPH mode (their backward passes are written by hand); the CPU
+backend's compiled training graph holds no buffer-holding kernel and recomputes where it should."""
 import collections
 import json
 import os
@@ -15,8 +16,8 @@ from mindspore import nn
 
 from conftest import ROOT, TINY_CONFIG
 from gradients import Gradients
-from gm.modules.attention import ScaledDotProductAttention
-from gm.modules.lean_ops import GELU, add_broadcast, softmax_backward, swap_axes
+from gm.backends.cpu.attention import ScaledDotProductAttention
+from gm.backends.cpu.lean_ops import LeanGELU, add_broadcast, softmax_backward, swap_axes
 from test_unet import relative_error
 
 MODES = pytest.mark.parametrize("mode", [ms.PYNATIVE_MODE, ms.GRAPH_MODE], ids=["pynative", "graph"])
@@ -64,7 +65,7 @@ def test_gelu_equals_torch_exact_gelu(mode):
     x = (rng.standard_normal((3, 5, 64)) * 3).astype(np.float32)  # reaches both tails
     weights = rng.standard_normal(x.shape).astype(np.float32)
     want = _torch(lambda t: torch.nn.functional.gelu(t, approximate="none"), [x], weights)
-    _assert_close(_ours(GELU(), [x], weights, mode), want, 1e-6)
+    _assert_close(_ours(LeanGELU(), [x], weights, mode), want, 1e-6)
 
 
 @MODES
@@ -111,7 +112,7 @@ import sys
 import mindspore as ms
 import numpy as np
 from omegaconf import OmegaConf
-from gm.modules.conv import freeze_convolutions
+from gm.backends import apply_backend
 from gm.modules.lora import inject_lora, lora_parameters
 from gm.util import instantiate_from_config
 ms.set_device("CPU")
@@ -120,10 +121,10 @@ config = OmegaConf.load(sys.argv[1]).model.params.network_config
 unet = instantiate_from_config(config)
 for param in unet.get_parameters():
     param.requires_grad = False
-freeze_convolutions(unet)
+lora_layers = inject_lora(unet) if "lora" in sys.argv[2:] else 0  # trained: its weights are differentiated too
+apply_backend(unet, "cpu")
 checkpointed_blocks = (unet.enable_gradient_checkpointing(res_blocks="res_blocks" in sys.argv[2:])
                        if "checkpointing" in sys.argv[2:] else 0)
-lora_layers = inject_lora(unet) if "lora" in sys.argv[2:] else 0  # trained: its weights are differentiated too
 p = config.params
 inputs = [np.ones((2, 4, 8, 8), np.float32), np.array([3.0, 917.0], np.float32),
           np.ones((2, 77, p.context_dim), np.float32), np.ones((2, p.adm_in_channels), np.float32)]
@@ -140,13 +141,13 @@ else:
 input_grads = grads(*(ms.Tensor(a) for a in inputs))
 (input_grads[0][0] if lora_layers else input_grads[0]).asnumpy()
 cells = [(name, type(cell).__name__) for name, cell in unet.cells_and_names()]
-counts = {kind: sum(k == kind for _, k in cells) for kind in ("ScaledDotProductAttention", "FusedAttention", "GatedGELU")}
+counts = {kind: sum(k == kind for _, k in cells) for kind in ("LeanAttention", "FusedAttention", "KernelGatedGELU")}
 # SiLUs on feature maps; those on the time/label embedding all see the same input and are rightly merged
-counts["SiLU"] = sum(k == "SiLU" and "emb" not in name for name, k in cells)
+counts["SiLU"] = sum(k == "KernelSiLU" and "emb" not in name for name, k in cells)
 counts["checkpointed_blocks"] = checkpointed_blocks
 counts["lora_layers"] = lora_layers
 counts["BasicTransformerBlock"] = sum(k == "BasicTransformerBlock" for _, k in cells)
-counts["ResBlock"] = sum(k == "ResBlock" for _, k in cells)
+counts["ResBlock"] = sum(k == "LeanResBlock" for _, k in cells)
 print(json.dumps(counts))
 """
 
@@ -218,13 +219,12 @@ def _readers(nodes):
     return readers
 
 
-def _compile_tiny_unet_gradient(folder, kernels, *script_args):
-    """Compiles the tiny UNet's GRAPH-mode gradient in a subprocess that dumps its kernel graphs into `folder`.
-    Returns (kernel-graph IR files, their nodes, the script's cell counts)."""
+def _compile_tiny_unet_gradient(folder, *script_args):
+    """Compiles the tiny UNet's GRAPH-mode gradient in the CPU backend in a subprocess that dumps its kernel graphs
+    into `folder`. Returns (kernel-graph IR files, their nodes, the script's cell counts)."""
     folder.mkdir(exist_ok=True)
     env = dict(os.environ, MS_DEV_SAVE_GRAPHS="1", MS_DEV_DUMP_IR_PASSES="graph_build",
-               MS_DEV_SAVE_GRAPHS_PATH=str(folder / "ir"), PYTHONPATH=str(ROOT),
-               MINDBOOTH_CPU_KERNELS="1" if kernels == "fused" else "0")
+               MS_DEV_SAVE_GRAPHS_PATH=str(folder / "ir"), PYTHONPATH=str(ROOT))
     script = folder / "compile_tiny_unet_gradient.py"  # a file: GRAPH mode reads the Cell's source
     script.write_text(_COMPILE_TINY_UNET_GRADIENT)
     run = subprocess.run([sys.executable, str(script), str(TINY_CONFIG), *script_args], env=env, cwd=folder,
@@ -236,36 +236,21 @@ def _compile_tiny_unet_gradient(folder, kernels, *script_args):
     return graphs, nodes, json.loads(run.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("kernels", ["mindspore", "fused"])
-def test_unet_training_graph_has_no_buffer_holding_kernels_and_keeps_its_recomputations(kernels, tmp_path):
-    """The GRAPH-mode gradient of the tiny UNet, as MindSpore compiles it, has none of the kernels that hold a
-    buffer per op on CPU (lean_ops): no Transpose, no GeLU, no Add/Sub/Div/RealDiv with a broadcast tensor. With
-    MindSpore's own kernels (MINDBOOTH_CPU_KERNELS=0, as on Ascend/GPU) and with the fused CPU kernels."""
-    graphs, nodes, cells = _compile_tiny_unet_gradient(tmp_path, kernels)
+def test_unet_training_graph_has_no_buffer_holding_kernels(tmp_path):
+    """The GRAPH-mode gradient of the tiny UNet in the CPU backend, as MindSpore compiles it, has none of the kernels
+    that hold a buffer per op on CPU (lean_ops): no Transpose, no GeLU, no Add/Sub/Div/RealDiv with a broadcast
+    tensor; attention, GEGLU's gating, SiLU, upsampling and every norm, both ways, are the backend's kernels."""
+    graphs, nodes, cells = _compile_tiny_unet_gradient(tmp_path)
     ops_seen = {op for op, _, _, _ in nodes}
-    assert {"MatMul", "Custom" if kernels == "fused" else "Softmax"} <= ops_seen  # the UNet and its backward
+    assert {"MatMul", "Custom"} <= ops_seen  # the UNet and its backward
     holding = [(op, shapes, out) for op, shapes, out, _ in nodes
                if op in ("Transpose", "GeLU", "GeLUGrad")
                or (op in ("Add", "Sub", "Div", "RealDiv") and out and any(s and s != out for s in shapes))]
     assert not holding, holding[:5]
-    # The hand-written backward passes recompute from an input that waits for dout (ops.depend). Without that, the
-    # recomputation needs only forward tensors, is merged with the forward's (CSE) or runs during the forward, and
-    # its result (the attention probabilities, GELU's erf, SiLU's sigmoid) lives until the backward: +1.5 GiB at
-    # full size. So each of these kernels is in the graph twice, and once after the gradient exists.
-    after_gradient = sum((_kernels_after_the_gradient(path) for path in graphs), collections.Counter())
-    recomputed = []
     fused_away = {"Erf", "GroupNorm", "GroupNormGrad", "LayerNorm", "LayerNormGrad", "LayerNormGradGrad", "Softmax",
                   "Sigmoid", "ResizeNearestNeighborV2", "ResizeNearestNeighborV2Grad"}
-    if kernels == "fused":  # attention, GEGLU's gating, SiLU, upsampling and every norm, both ways, are custom kernels
-        assert cells["FusedAttention"] and not cells["ScaledDotProductAttention"] and cells["GatedGELU"], cells
-        assert "Custom" in ops_seen and not ops_seen & fused_away, ops_seen & fused_away
-    else:
-        assert cells["ScaledDotProductAttention"] and cells["GatedGELU"] and cells["SiLU"], cells
-        assert {"Erf", "LayerNorm", "GroupNorm", "Softmax"} <= ops_seen
-        recomputed += [("Sigmoid", 4, "SiLU"), ("Erf", 3, "GatedGELU"), ("Softmax", 4, "ScaledDotProductAttention")]
-    for kernel, rank, cell in recomputed:
-        in_graph = sum(op == kernel and out is not None and len(out) == rank for op, _, out, _ in nodes)
-        assert (in_graph, after_gradient[kernel, rank]) == (2 * cells[cell], cells[cell]), (kernel, cells)
+    assert cells["FusedAttention"] and not cells["LeanAttention"] and cells["KernelGatedGELU"], cells
+    assert not ops_seen & fused_away, ops_seen & fused_away
 
 
 def _forward_tensors_read_by_the_backward(path):
@@ -298,9 +283,9 @@ def test_gradient_checkpointing_keeps_no_tensor_inside_a_block_for_the_backward(
     (for GroupNorm's). The kernels' backward passes are their primitives' own: with a Cell bprop, a block's
     recomputation reads the first forward's tensors (the norms, attention, GEGLU) or runs during the forward (the
     convolution, in a ResBlock)."""
-    plain_graphs, _, plain = _compile_tiny_unet_gradient(tmp_path / "plain", "fused")
-    transformer_graphs, _, transformer = _compile_tiny_unet_gradient(tmp_path / "transformer", "fused", "checkpointing")
-    graphs, _, cells = _compile_tiny_unet_gradient(tmp_path / "checkpointed", "fused", "checkpointing", "res_blocks")
+    plain_graphs, _, plain = _compile_tiny_unet_gradient(tmp_path / "plain")
+    transformer_graphs, _, transformer = _compile_tiny_unet_gradient(tmp_path / "transformer", "checkpointing")
+    graphs, _, cells = _compile_tiny_unet_gradient(tmp_path / "checkpointed", "checkpointing", "res_blocks")
     blocks, res_blocks = cells["BasicTransformerBlock"], cells["ResBlock"]
     assert plain["checkpointed_blocks"] == 0 and transformer["checkpointed_blocks"] == blocks > 0
     assert cells["checkpointed_blocks"] == blocks + res_blocks
@@ -326,10 +311,10 @@ def test_lora_weight_gradients_run_with_their_layers_backward(tmp_path):
     """The tiny UNet with LoRA on every attention projection, its LoRA weights differentiated: each gradient that an
     attention backward writes for the image's tokens (dq, and a self-attention's dk and dv) is read for the last time
     before the next attention backward runs. Its readers are the projections' input and LoRA gradients, the latter
-    one kernel writing dx, dA and dB (gm/modules/cpu_kernels/lora.cc). As MatMuls, MindSpore ran the LoRA weight
+    one kernel writing dx, dA and dB (gm/backends/cpu/kernels/lora.cc). As MatMuls, MindSpore ran the LoRA weight
     gradients at the end of the backward pass and kept every dq, dk and dv alive until then (the peak of the 1024
     train step). A cross-attention's dk and dv (the text's 77 tokens, not on the image's gradient path) may wait."""
-    graphs, _, cells = _compile_tiny_unet_gradient(tmp_path, "fused", "lora")
+    graphs, _, cells = _compile_tiny_unet_gradient(tmp_path, "lora")
     attention_backwards = lora_backwards = checked = expected = 0
     for path in graphs:
         nodes = list(_kernel_graph_dependencies(path))

@@ -6,7 +6,8 @@ import pytest
 from mindspore import nn, ops
 from mindspore.nn.utils import no_init_parameters
 
-from conftest import BASE_CONFIG, ROOT, SHARED, TINY_CONFIG
+from conftest import BACKENDS, BASE_CONFIG, ROOT, SHARED, TINY_CONFIG
+from gm.backends import apply_backend
 from gm.modules.attention import CrossAttention
 from gm.modules.frozen_weights import store_frozen_weights
 from gm.modules.lora import freeze_all_but_lora, inject_lora, lora_layers, lora_parameters, set_lora_merged
@@ -84,18 +85,19 @@ def test_lora_identity_merge_and_trainable_set():
 
 
 class _UNetSum(nn.Cell):
-    """sum(UNet(x, t, context, y)), the context either the text or (text, its context_projections)."""
+    """sum(UNet(x, t, context, y, cached_kv)), cached_kv None or the text's context_projections."""
 
     def __init__(self, unet):
         super().__init__()
         self.unet = unet
 
-    def construct(self, x, t, context, y):
-        return self.unet(x, t, context, y).sum()
+    def construct(self, x, t, context, y, cached_kv=None):
+        return self.unet(x, t, context, y, cached_kv).sum()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("frozen_dtype", [None, "fp16"])
-def test_context_projections_give_the_same_output_and_lora_gradients(frozen_dtype):
+def test_context_projections_give_the_same_output_and_lora_gradients(frozen_dtype, backend):
     # (PyNative; in GRAPH mode the trainer's steps use them: test_train_dreambooth's graph == PyNative losses)
     rng = np.random.default_rng(0)
     holder = _Holder(build_unet(TINY_CONFIG))
@@ -105,23 +107,24 @@ def test_context_projections_give_the_same_output_and_lora_gradients(frozen_dtyp
     freeze_all_but_lora(holder)
     if frozen_dtype:
         store_frozen_weights(holder, frozen_dtype)
+    apply_backend(holder, backend)
     for layer in lora_layers(holder):  # a LoRA that matters, on to_k/to_v of the cross-attentions too
         layer.lora_B.weight.set_data(ms.Tensor(rng.standard_normal(layer.lora_B.weight.shape).astype(np.float32) * 0.1))
     x, t, text, y = (ms.Tensor(value) for value in _tiny_inputs(rng).values())
     projections = unet.context_projections(text)
     cross_attentions = [cell for _, cell in unet.cells_and_names() if isinstance(cell, CrossAttention) and cell.is_cross]
-    assert len(projections) == 2 * len(cross_attentions) and sorted(a.context_index for a in cross_attentions) == list(range(len(cross_attentions)))
+    assert len(projections) == 2 * len(cross_attentions)
 
     loss_and_grads = ms.value_and_grad(_UNetSum(unet), None, holder.trainable_params())
     plain, plain_grads = loss_and_grads(x, t, text, y)
-    cached, cached_grads = loss_and_grads(x, t, (text, ms.mutable(projections)), y)
+    cached, cached_grads = loss_and_grads(x, t, text, y, ms.mutable(projections))
     # The same products in the same order: equal to the bit, in the value and in every LoRA gradient
     assert float(cached.asnumpy()) == float(plain.asnumpy())
     for ours, reference in zip(cached_grads, plain_grads, strict=True):
         np.testing.assert_array_equal(ours.asnumpy(), reference.asnumpy())
     assert max(float(np.abs(g.asnumpy()).max()) for g in plain_grads) > 0
     # ... and the projections passed in are what the cross-attentions use
-    zeroed, _ = loss_and_grads(x, t, (text, ms.mutable(tuple(ops.zeros_like(p) for p in projections))), y)
+    zeroed, _ = loss_and_grads(x, t, text, y, ms.mutable(tuple(ops.zeros_like(p) for p in projections)))
     assert abs(float(zeroed.asnumpy()) - float(plain.asnumpy())) > 1e-3 * abs(float(plain.asnumpy()))
 
 

@@ -7,8 +7,8 @@ from mindspore import nn
 from mindspore.nn.utils import no_init_parameters
 from omegaconf import OmegaConf
 
-from conftest import BASE_CONFIG, KEYS, TINY_CONFIG, read_key_yaml
-from gm.modules.conv import freeze_convolutions
+from conftest import BACKENDS, BASE_CONFIG, KEYS, TINY_CONFIG, read_key_yaml
+from gm.backends import apply_backend
 from gradients import Gradients
 from gm.modules.diffusionmodules.wrappers import OpenAIWrapper
 from gm.util import instantiate_from_config, load_params
@@ -89,12 +89,17 @@ def relative_error(ours, reference):
     return float(np.abs(ours - reference).max() / np.abs(reference).max())
 
 
-@pytest.fixture(scope="module")
-def tiny_pair():
+@pytest.fixture(scope="module", params=BACKENDS)
+def tiny_pair(request):
+    """(our tiny UNet, frozen as in a LoRA run, in the backend of the parameter; inputs; diffusers' output; diffusers'
+    UNet)."""
     config = OmegaConf.load(TINY_CONFIG)
     reference = tiny_diffusers_unet(config)
     unet = build_unet(TINY_CONFIG)
     load_diffusers_unet_into_ours(reference, unet)
+    for param in unet.get_parameters():
+        param.requires_grad = False
+    assert apply_backend(unet, request.param) == request.param
     rng = np.random.default_rng(0)
     p = config.model.params.network_config.params
     inputs = dict(
@@ -165,12 +170,10 @@ class _WeightedOutput(nn.Cell):
 
 
 def test_tiny_unet_input_gradients_match_diffusers(tiny_pair):
-    """Through the whole frozen UNet (as in a LoRA run), the hand-written backward passes of the frozen convolutions,
-    the attention and GELU give torch autograd's gradients for the latents, the text context and the vector."""
+    """Through the whole frozen UNet (as in a LoRA run; in the CPU backend with the frozen convolutions', the
+    attention's and GELU's own backward passes) the gradients for the latents, the text context and the vector are
+    torch autograd's."""
     unet, inputs, _, reference = tiny_pair
-    for param in unet.get_parameters():
-        param.requires_grad = False
-    assert freeze_convolutions(unet) > 0
     weights = np.random.default_rng(5).standard_normal(run_ours(unet, inputs).shape).astype(np.float32)
     ms.set_context(mode=ms.GRAPH_MODE)
     try:
