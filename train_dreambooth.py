@@ -304,6 +304,9 @@ def build_steps(engine, config, lora, dist, with_prior, train_text_encoder) -> d
     precision = str(train_cfg.get("precision", "fp32"))
     if precision not in ("fp32", "fp16"):
         fail(f"train.precision must be fp32 or fp16, got {precision!r}")
+    if precision == "fp16" and engine.backend == "cpu":
+        fail("train.precision fp16 is for Ascend/GPU: the CPU backend's kernels compute in fp32 "
+             "(set model.params.backend: plain to compute in fp16 on the CPU)")
     if precision == "fp16":  # UNet computes in fp16; LoRA weights and AdamW stay fp32; the loss scale guards overflow
         engine.model.to_float(ms.float16)
     return {"buffers": buffers, "optimizer": optimizer, "grad_step": grad_step, "apply_step": apply_step}

@@ -64,6 +64,9 @@ TRAIN_FLAGS = {
     "text_encoder_lr": ("optim.text_encoder_learning_rate", float, "learning rate of the text-encoder LoRA (default: --learning_rate)"),
     "frozen_weight_dtype": ("model.params.frozen_weight_dtype", str,
                             "store the frozen UNet/VAE weights as float16 or bfloat16 (half their memory; compute stays fp32)"),
+    "backend": ("model.params.backend", str,
+                "how the model computes: auto (cpu where MindSpore runs on the CPU and the kernels build), plain "
+                "(MindSpore's ops, any device) or cpu (MindBooth's CPU kernels)"),
     "cache_latents": ("data.cache_latents", str2bool,
                       "encode images (and prompts, unless training the text encoders) once, then free the encoders"),
     "seed": ("train.seed", int, "random seed"),

@@ -138,27 +138,22 @@ def test_a_config_that_is_not_yaml_is_a_one_line_error(tmp_path):
     assert "\n" not in str(e.value)
 
 
-def test_model_shapes_are_read_with_the_cpu_kernels_off(monkeypatch, tiny_expected):
-    """The converter's expectation is built without MindBooth's CPU kernels (on a fresh machine, asking for them
-    compiles them): the same names and shapes as the model built with them, and the switch is put back."""
-    from gm.modules import cpu_kernels
+def test_model_shapes_are_read_with_the_plain_backend(monkeypatch, tiny_expected):
+    """The converter's expectation is built with the plain backend (on a fresh machine, the CPU backend compiles its
+    kernels): the same names and shapes as the model built with the CPU backend."""
+    from gm.backends.cpu import kernels
 
-    if not cpu_kernels.enabled():
+    if not kernels.available():
         pytest.skip("the CPU kernels do not build here")
     with no_init_parameters():
-        model = instantiate_from_config(load_config(TINY_CONFIG)["model"])
+        model = instantiate_from_config(load_config(TINY_CONFIG)["model"], backend="cpu")
     with_kernels = {name: tuple(int(d) for d in p.shape) for name, p in model.parameters_and_names()}
-    monkeypatch.delenv(cpu_kernels.ENV_SWITCH, raising=False)
 
     def asked():
         raise AssertionError("the kernel library was asked for while reading the model's shapes")
 
-    monkeypatch.setattr(cpu_kernels, "library_path", asked)
+    monkeypatch.setattr(kernels, "library_path", asked)
     assert model_mindspore_shapes(TINY_CONFIG) == with_kernels == tiny_expected
-    assert cpu_kernels.ENV_SWITCH not in os.environ
-    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "1")
-    model_mindspore_shapes(TINY_CONFIG)
-    assert os.environ[cpu_kernels.ENV_SWITCH] == "1"
 
 
 @pytest.mark.parametrize("keys,what", [("torch_key_base.yaml", "SDXL base layout"),
