@@ -9,7 +9,8 @@ import mindspore as ms
 import numpy as np
 import pytest
 import torch
-from conftest import KEYS, TINY_CONFIG, read_key_yaml
+from conftest import BACKENDS, KEYS, TINY_CONFIG, read_key_yaml
+from gm.backends import apply_backend
 from mindspore import nn
 from omegaconf import OmegaConf
 
@@ -57,8 +58,10 @@ def hand_made_ids(pad: int, lengths=(1, 9, 40)):
     return ids
 
 
-@pytest.fixture(scope="module")
-def models():
+@pytest.fixture(scope="module", params=BACKENDS)
+def models(request):
+    """Our tiny conditioner (frozen, in the backend of the parameter) and transformers' CLIP-L and bigG with the same
+    random weights."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     emb_cfgs = OmegaConf.load(TINY_CONFIG).model.params.conditioner_config
@@ -82,6 +85,10 @@ def models():
     official.update(dt.open_clip_to_official({k: v.numpy() for k, v in hf_g.state_dict().items()}))
     renamed = official_to_mindspore_names({k: v.shape for k, v in official.items()})
     load_params(Holder(conditioner), {renamed[k]: v for k, v in official.items()}, strict=True)
+    for param in conditioner.get_parameters():
+        param.requires_grad = False
+    assert apply_backend(conditioner, request.param) == request.param
+    conditioner.backend = request.param
     return conditioner, hf_l, hf_g, p_l
 
 
@@ -283,6 +290,9 @@ def test_text_encoder_lora_matches_peft(models):
     with_lora = instantiate_from_config(emb_cfgs)
     load_params(with_lora, dict(conditioner.parameters_and_names()), strict=True)
     added = with_lora.add_text_encoder_lora(rank, alpha)
+    for param in with_lora.get_parameters():
+        param.requires_grad = ".lora_" in param.name
+    apply_backend(with_lora, conditioner.backend)
     holder = Holder(with_lora)
     for name, param in holder.parameters_and_names():
         param.name = name

@@ -8,7 +8,8 @@ from mindspore import nn
 from mindspore.nn.utils import no_init_parameters
 from omegaconf import OmegaConf
 
-from conftest import BASE_CONFIG, KEYS, TINY_CONFIG, read_key_yaml
+from conftest import BACKENDS, BASE_CONFIG, KEYS, TINY_CONFIG, read_key_yaml
+from gm.backends import apply_backend
 from gm.models.autoencoder import AutoencoderKLInferenceWrapper
 from gm.modules.distributions import DiagonalGaussianDistribution
 from gm.util import instantiate_from_config, load_params
@@ -55,9 +56,10 @@ def key_lines(path):
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    """diffusers AutoencoderKL with the tiny config's sizes and random weights, and ours loaded from it."""
+@pytest.fixture(scope="module", params=BACKENDS)
+def tiny(request):
+    """diffusers AutoencoderKL with the tiny config's sizes and random weights, and ours loaded from it (frozen, in
+    the backend of the parameter)."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
@@ -74,6 +76,9 @@ def tiny():
     renamed = official_to_mindspore_names({name: value.shape for name, value in official.items()})
     ours = instantiate_from_config(vae_config(TINY_CONFIG))
     load_params(Parent(ours), {renamed[name]: value for name, value in official.items()}, strict=True)
+    for param in ours.get_parameters():
+        param.requires_grad = False
+    assert apply_backend(ours, request.param) == request.param
     ours.set_train(False)
     return reference, ours
 
