@@ -1,5 +1,5 @@
-"""Benchmark: MindBooth's CPU attention kernels (gm.modules.attention.FusedAttention: the flash forward and the
-blocked backward of gm/modules/cpu_kernels/attention.cc) against torch's scaled_dot_product_attention.
+"""Benchmark: MindBooth's CPU attention kernels (gm.backends.cpu.attention.FusedAttention: the flash forward and the
+blocked backward of gm/backends/cpu/kernels/attention.cc) against torch's scaled_dot_product_attention.
 
     python benchmarks/bench_attention.py
     python benchmarks/bench_attention.py --repeats 5
@@ -31,17 +31,24 @@ def mindbooth_attention(q, k, v, dout, heads):
     import mindspore as ms
     from mindspore import nn, ops
 
-    from gm.modules.attention import FusedAttention
+    from gm.backends.cpu.attention import FusedAttention
+    from gm.modules.attention import VanillaAttention
+    from gm.util import become
+
+    def fused_attention():
+        attention = become(VanillaAttention(heads, DIM_HEAD**-0.5), FusedAttention)
+        attention.init_kernels()
+        return attention
 
     class WithGradients(nn.Cell):
         def __init__(self):
             super().__init__()
-            self.attention = FusedAttention(heads, DIM_HEAD**-0.5)
+            self.attention = fused_attention()
 
         def construct(self, q, k, v, dout):
             return ops.GradOperation(get_all=True, sens_param=True)(self.attention)(q, k, v, dout)
 
-    attention, with_gradients = FusedAttention(heads, DIM_HEAD**-0.5), WithGradients()
+    attention, with_gradients = fused_attention(), WithGradients()
     tensors = [ms.Tensor(a) for a in (q, k, v, dout)]
     return (lambda: attention(*tensors[:3]).asnumpy(),
             lambda: [g.asnumpy() for g in with_gradients(*tensors)])

@@ -1,5 +1,5 @@
-"""Benchmark: MindBooth's CPU convolution (gm.modules.conv.Conv2d with a frozen weight: the kernel of
-gm/modules/cpu_kernels where it is built, with its default algorithm (Winograd F(4x4, 3x3) where it pays) and
+"""Benchmark: MindBooth's CPU convolution (gm.backends.cpu.conv.Conv2d with a frozen weight: the kernel of
+gm/backends/cpu/kernels where it is built, with its default algorithm (Winograd F(4x4, 3x3) where it pays) and
 with oneDNN's direct convolution, and im2col + MatMul) against MindSpore's own Conv2D kernel and against torch's
 conv2d.
 
@@ -30,13 +30,15 @@ def mindspore_conv(impl, x_np, weight_np):
     import mindspore as ms
     from mindspore import nn
 
-    from gm.modules.conv import Conv2d
+    from gm.backends.cpu.conv import Conv2d
+    from gm.util import become
 
     channels = weight_np.shape[0]
-    conv = Conv2d(channels, channels, 3, padding=1, has_bias=False, as_matmul=impl != "mindspore_conv2d")
+    conv = nn.Conv2d(channels, channels, 3, pad_mode="pad", padding=1, has_bias=False)
     conv.weight.set_data(ms.Tensor(weight_np))
     conv.weight.requires_grad = False
-    if impl != "mindspore_conv2d":  # what freeze_convolutions does in training: input gradient only
+    if impl != "mindspore_conv2d":  # the CPU backend's form of a frozen conv: input gradient only
+        become(conv, Conv2d).init_kernels()
         conv.freeze_weight(fused=False if impl == "mindbooth_im2col" else None,
                            algorithm="direct" if impl == "mindbooth_direct" else "auto")
 

@@ -1,4 +1,4 @@
-"""Benchmark: memory that MindSpore's CPU kernels hold per op in GRAPH mode, and the replacements in gm/modules/lean_ops.py.
+"""Benchmark: memory that MindSpore's CPU kernels hold per op in GRAPH mode, and the replacements in gm/backends/cpu/lean_ops.py.
 
     python benchmarks/bench_kernel_buffers.py                 # every case, each in its own process
     python benchmarks/bench_kernel_buffers.py --cases gelu gelu_lean --train
@@ -26,7 +26,7 @@ def _cases():
     """name -> fn(x, row, column), the op chained; module-level defs because GRAPH mode cannot parse lambdas."""
     from mindspore import nn, ops
 
-    from gm.modules.lean_ops import GELU, add_broadcast, softmax_backward, swap_axes
+    from gm.backends.cpu.lean_ops import LeanGELU, add_broadcast, softmax_backward, swap_axes
 
     class LeanSoftmax(nn.Cell):  # ops.softmax forward, lean_ops.softmax_backward backward
         def construct(self, x):
@@ -35,7 +35,7 @@ def _cases():
         def bprop(self, x, out, dout):
             return (softmax_backward(out, dout),)
 
-    gelu, lean_softmax = GELU(), LeanSoftmax()
+    gelu, lean_softmax = LeanGELU(), LeanSoftmax()
 
     def mul_scalar(x, row, column):
         return x * 0.5

@@ -77,11 +77,11 @@ def cases():
     def matmul(x, w):
         return matmul_transposed_b(x, w)
 
-    # MindBooth's fused CPU kernels (gm/modules/cpu_kernels), forward, on the same shapes
+    # MindBooth's fused CPU kernels (gm/backends/cpu/kernels), forward, on the same shapes
     from mindspore import mint
 
-    from gm.modules import cpu_kernels
-    from gm.modules.lean_ops import SQRT_HALF
+    from gm.backends.cpu import kernels as cpu_kernels
+    from gm.backends.cpu.lean_ops import SQRT_HALF
 
     group_norm_config, layer_norm_config = ms.Tensor([32, 1e-5], ms.float32), ms.Tensor([1e-5], ms.float32)
     same = cpu_kernels.same_as_first
@@ -93,7 +93,7 @@ def cases():
     halves = ops.Split(axis=-1, output_num=2)
 
     def cast_fused(w):
-        return cast_kernel(w, w)  # the second input only orders the cast (gm/modules/weight_cast.py)
+        return cast_kernel(w, w)  # the second input only orders the cast (gm/backends/cpu/weight_cast.py)
 
     def group_norm_fused(x, gamma, beta):
         return group_norm_kernel(x, gamma, beta, group_norm_config)
@@ -101,7 +101,7 @@ def cases():
     def layer_norm_fused(x, gamma, beta):
         return layer_norm_kernel(x, gamma, beta, layer_norm_config)
 
-    def gated_gelu(x):  # GatedGELU's MindSpore ops (lean_ops.GELU's forward)
+    def gated_gelu(x):  # GatedGELU's MindSpore ops (lean_ops.LeanGELU's forward)
         value, gate = halves(x)
         return value * (0.5 * gate * (1.0 + ops.erf(gate * SQRT_HALF)))
 

@@ -14,7 +14,7 @@ from gm.backends.cpu.weight_cast import CastLike
 from gm.modules.frozen_weights import FrozenConv2d
 
 MAX_COLUMNS_BYTES = 512 * 2**20
-# The oneDNN kernel's algorithm for 3x3 padding-1 convolutions (gm/modules/cpu_kernels/conv.cc): Winograd's
+# The oneDNN kernel's algorithm for 3x3 padding-1 convolutions (kernels/conv.cc): Winograd's
 # F(4x4, 3x3) where it pays ("auto"), oneDNN's direct convolution, or Winograd wherever it applies.
 CONVOLUTION_ALGORITHMS = {"auto": 0, "direct": 1, "winograd": 2}
 
@@ -78,7 +78,7 @@ class HandWrittenFrozenConv(nn.Cell):
     fold(W^T dout), recomputed from x's shape and the weight, so neither the columns (k*k times x) nor an fp32 copy
     of the weight is kept for it. W^T is taken inside BatchMatMul (transpose_a): autodiff's explicit Transpose of
     the weight made MindSpore's CPU Transpose kernel hold a buffer of twice the weight's fp32 size for the whole
-    run, per conv (gm/modules/lean_ops.py has the measurements)."""
+    run, per conv (lean_ops)."""
 
     def __init__(self, kernel_size: int, stride: int, padding: int, fused=None, algorithm: str = "auto"):
         super().__init__()
@@ -133,8 +133,8 @@ class HandWrittenFrozenConv(nn.Cell):
 
 def per_sample(weight_2d, batch: int):
     """(batch, out, in*k*k): the weight once per sample, for BatchMatMul, which does not broadcast its batch axis on
-    CPU. By Concat: MindSpore's CPU BroadcastTo (what ops.matmul uses to broadcast) is about 14x slower than Concat at
-    these sizes (benchmarks/bench_op_cores.py)."""
+    CPU. By Concat: MindSpore's CPU BroadcastTo (what ops.matmul uses to broadcast) is much slower than Concat at
+    these sizes."""
     weight_3d = weight_2d.expand_dims(0)
     return weight_3d if batch == 1 else ops.cat((weight_3d,) * batch)
 
@@ -160,7 +160,7 @@ def conv2d_as_matmul(x, weight, kernel_size: int, stride: int, padding: int, fro
     columns_bytes = batch * in_channels * kernel_size**2 * out_height * out_width * 4
     if frozen_conv is not None and frozen_conv.computes_in_kernel(x):
         # No columns, so no strips: at 1024x1024 the strips of the UNet's widest 3x3 convs (e.g. 960 -> 320
-        # channels at 128x128) took 9 s of the sampling step in pad, unfold and BatchMatMul.
+        # channels at 128x128) cost the sampling step seconds in pad, unfold and BatchMatMul.
         return frozen_conv(x, weight)
     if columns_bytes <= MAX_COLUMNS_BYTES or _is_pointwise(kernel_size, stride, padding):
         if frozen_conv is not None:

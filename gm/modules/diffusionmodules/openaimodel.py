@@ -122,7 +122,7 @@ class UNetModel(nn.Cell):
     ):
         """`weight_dtype` ("float16"/"bfloat16"; for a frozen base, DiffusionEngine's frozen_weight_dtype): each block's
         weights go to that dtype as soon as the block is built, so that building the full-size UNet peaks at its
-        fp16 size plus one block instead of its fp32 size (10.3 GB)."""
+        fp16 size plus one block instead of its fp32 size."""
         super().__init__()
         if not use_linear_in_transformer:
             raise ValueError("only use_linear_in_transformer: True (SDXL's linear proj_in/proj_out) is implemented")

@@ -1,7 +1,7 @@
 // Stride-1 2-D convolution, forward and input gradient, fp32, through oneDNN: the copy MindSpore itself ships
 // (mindspore/lib/libdnnl.so.3), driven with the layouts oneDNN picks (format "any": blocked or channels-last)
 // instead of the plain NCHW that MindSpore's Conv2D and our im2col + BatchMatMul work in. On the UNet's 3x3
-// convolutions at a 512 image this is 1.5-2x faster than im2col + BatchMatMul (benchmarks/bench_conv.py).
+// convolutions this is faster than im2col + BatchMatMul (docs/performance.md, "Convolution kernel (oneDNN, Winograd)").
 // The plain tensors are reordered into and out of oneDNN's layouts per call; the weight too (a frozen weight,
 // in fp32 or as stored in fp16, which is converted first).
 // Threads: oneDNN's threadpool interface over mindbooth::parallel_for (threads per call, none left spinning).

@@ -1,6 +1,6 @@
 // The frozen Dense layer's product, y = x W^T (+ b), and its input gradient, dx = dy W, on oneDNN's sgemm, with the
 // weight (and bias) read as stored in fp16. Before, every product of an fp16 weight was a cast kernel writing the fp32
-// copy of the whole weight to memory (SDXL's UNet: about 9 GB per step) and a MatMul reading it back, then a BiasAdd
+// copy of the whole weight to memory and a MatMul reading it back, then a BiasAdd
 // pass over the output. Here the weight is converted a block of output columns at a time into a per-thread buffer
 // that the sgemm reads while it is still in the cache, and the bias is added to each chunk of rows as it is written.
 // The column blocks go over the threads, each product on one thread (oneDNN's sgemm held to it, as in winograd.cc).
@@ -15,9 +15,8 @@
 
 namespace {
 
-// Blocks of at most 1024 columns (the UNet's: 1024 x 1280 floats, 5 MB, in the last-level cache): the sgemm packs
-// x again for every block, and with 256-column blocks the deep products (2560 or 5120 -> 640 or 1280) ran up to 9 %
-// slower than MindSpore's cast + MatMul; with 1024 they ran as fast or faster (benchmarks/RESULTS.md section 24).
+// Blocks of at most 1024 columns, which stay in the last-level cache: the sgemm packs x again for every block, so
+// narrower blocks made the deep products slower (docs/performance.md, "Frozen weights in fp16").
 constexpr int64_t kMaxBlockColumns = 1024;
 constexpr int64_t kChunkRows = 1024;  // rows per sgemm call: its output chunk gets its bias while in the cache
 

@@ -1,6 +1,6 @@
 // GEGLU's gating, value * gelu(gate) with exact (erf) GELU, forward and backward, fp32, parallel over rows.
-// Built with -ffast-math so that erff/expf vectorise through glibc's libmvec (MindSpore 2.10's CPU Erf runs
-// 6.5x slower than torch's, on one core). One pass over the projection replaces the split, erf and products.
+// Built with -ffast-math so that erff/expf vectorise through glibc's libmvec (MindSpore 2.10's CPU Erf is slow
+// and runs on one core). One pass over the projection replaces the split, erf and products.
 #include <cmath>
 
 #include "common.h"

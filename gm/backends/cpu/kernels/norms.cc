@@ -1,6 +1,6 @@
 // GroupNorm and LayerNorm, forward and backward, fp32, parallel over groups / rows.
-// MindSpore 2.10's CPU GroupNorm runs 50x and LayerNorm 17x slower than torch's, on one core
-// (benchmarks/bench_op_cores.py). The backward kernels recompute the statistics from x, so only x is kept.
+// MindSpore 2.10's CPU GroupNorm and LayerNorm are far slower than torch's and run on one core
+// (docs/performance.md, "CPU backend and kernels"). The backward kernels recompute the statistics from x, so only x is kept.
 // Statistics are summed in double: one pass gives mean and variance without cancellation at these sizes.
 #include <cmath>
 #include <vector>

@@ -3,8 +3,8 @@
 // A released buffer is kept, up to kMaxCachedBytes in all; a request takes the smallest kept buffer that is large
 // enough. A request larger than every kept buffer allocates a new one and frees the largest kept buffer it outgrew,
 // so that growing sizes (a network's convolutions widen level by level) replace buffers instead of piling them up.
-// What is kept stays resident: at most the largest call's scratch (SDXL's UNet: about 0.6 GB, the 2560 -> 1280
-// Winograd convolution's transformed filters and chunks).
+// What is kept stays resident: at most the largest call's scratch (in SDXL's UNet, the widest Winograd
+// convolution's transformed filters and chunks).
 #include <mutex>
 
 #include "common.h"

@@ -1,7 +1,7 @@
 // Axes 1 and 2 swapped, (A, M, N, K...) -> (A, N, M, K...), fp32, into a contiguous output: the attention heads'
 // split and merge, and a feature map's (C, pixels) <-> (pixels, C). MindSpore's CPU Transpose holds a buffer of 2x
 // its output per op for the graph's life; mint.transpose gives a view whose copy into contiguous memory happens
-// between kernels and ran 5x slower than Transpose.
+// between kernels and ran slower than Transpose.
 #include "common.h"
 
 using mindbooth::input;

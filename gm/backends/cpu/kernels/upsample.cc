@@ -1,6 +1,6 @@
 // Nearest-neighbour 2x upsampling of (N, C, H, W) fp32 and its input gradient (the sum over each 2x2 block).
-// MindSpore's CPU ResizeNearestNeighborV2Grad took 78 ms per call on the full-size UNet's 64x64x640 maps,
-// a memory-bound pass that takes a few ms.
+// MindSpore's CPU ResizeNearestNeighborV2Grad is far slower than this memory-bound pass
+// (docs/performance.md, "CPU backend and kernels").
 #include "common.h"
 
 using mindbooth::input;
