@@ -18,7 +18,8 @@ from gm.modules.lora import inject_lora, is_lora_name, lora_layers, lora_paramet
 from gm.util import instantiate_from_config, load_params
 from mindbooth.checkpoint import save_lora
 from mindbooth.tiny_model import random_weights
-from test_text_encoders import models, token_sets  # noqa: F401  (models: a module-scoped fixture)
+from gm.backends import resolve_backend
+from test_text_encoders import build_models, token_sets
 from test_unet import (
     _diffusers_forward_with_emb, _Holder, build_unet, load_diffusers_unet_into_ours, relative_error, run_ours,
     tiny_diffusers_unet,
@@ -390,7 +391,12 @@ def _encode_transformers(hf_l, hf_g, ids, layer_idx):
 
 
 @pytest.fixture(scope="module")
-def text(tiny, models):  # noqa: F811
+def models():
+    return build_models("cpu" if resolve_backend("auto") == "cpu" else "plain")  # as the trainer builds it here
+
+
+@pytest.fixture(scope="module")
+def text(tiny, models):
     """The tiny engine built with `lora_config: {text_encoder: True}`: UNet and UNet LoRA from `tiny`, text encoders
     on the weights of the transformers models of test_text_encoders, random text-encoder LoRA; saved as the trainer
     saves a LoRA (save_lora), with the text encoders' outputs with and without the LoRA."""

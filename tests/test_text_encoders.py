@@ -58,10 +58,8 @@ def hand_made_ids(pad: int, lengths=(1, 9, 40)):
     return ids
 
 
-@pytest.fixture(scope="module", params=BACKENDS)
-def models(request):
-    """Our tiny conditioner (frozen, in the backend of the parameter) and transformers' CLIP-L and bigG with the same
-    random weights."""
+def build_models(backend):
+    """Our tiny conditioner (frozen, in `backend`) and transformers' CLIP-L and bigG with the same random weights."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     emb_cfgs = OmegaConf.load(TINY_CONFIG).model.params.conditioner_config
@@ -87,9 +85,14 @@ def models(request):
     load_params(Holder(conditioner), {renamed[k]: v for k, v in official.items()}, strict=True)
     for param in conditioner.get_parameters():
         param.requires_grad = False
-    assert apply_backend(conditioner, request.param) == request.param
-    conditioner.backend = request.param
+    assert apply_backend(conditioner, backend) == backend
+    conditioner.backend = backend
     return conditioner, hf_l, hf_g, p_l
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def models(request):
+    return build_models(request.param)
 
 
 def token_sets(conditioner):
