@@ -35,7 +35,6 @@ from mindbooth.class_images import missing_class_image_names, sample_class_image
 from mindbooth.compile_cache import (cache_folder, compile_in_child, compile_step_graphs, file_identity,  # noqa: E402
                                      is_entry_point, precompile_folder, user_cache_enabled)
 from mindbooth.config import load_training_config, training_parser  # noqa: E402
-from mindbooth.validation import UsageError, check_training_run, model_error, prior_preservation  # noqa: E402
 from mindbooth.context_projections import ContextProjections  # noqa: E402
 from mindbooth.data import BatchSampler, DreamBoothDataset, collate  # noqa: E402
 from mindbooth.distributed import Distributed  # noqa: E402
@@ -46,6 +45,7 @@ from mindbooth.progress_log import LossLog  # noqa: E402
 from mindbooth.train_step import (ApplyStep, DreamBoothLoss, DynamicLossScale, GradStep, make_buffers, prior_passes,  # noqa: E402
                                   step_conditioning, step_input_shapes, zero_step_inputs)
 from mindbooth.training_state import TrainingState, learning_rate_at  # noqa: E402
+from mindbooth.validation import UsageError, check_training_run, model_error, prior_preservation  # noqa: E402
 
 
 def fail(message: str):
@@ -73,7 +73,8 @@ def main(argv=None):
     precompiling = precompile_folder() is not None  # this process is compile_in_child's child
     if dist.is_main and not precompiling:
         save_path.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(save_path)  # a killed run's half-written files
+        # what a run killed while saving left (its temporary files), in the run's folders and the class folder
+        remove_stale_temporaries(save_path, save_path / "state", *([db.class_data_path] if with_prior else []))
         OmegaConf.save(config, save_path / "config.yaml")  # the effective config: YAML + flags
     # A batch item is its instance example, then its class example; with split_prior_batch each part is its own pass.
     passes = prior_passes(int(train_cfg.per_batch_size), with_prior, bool(train_cfg.get("split_prior_batch", False)),
@@ -296,7 +297,8 @@ def build_steps(engine, config, lora, dist, with_prior, train_text_encoder) -> d
     grad_step = GradStep(loss_net, params, buffers, dist.grad_reducer(buffers))
     apply_step = ApplyStep(buffers, optimizer, int(train_cfg.get("gradient_accumulation_steps", 1)),
                            bool(train_cfg.get("clip_grad", False)), float(train_cfg.get("max_grad_norm", 1.0)))
-    if str(train_cfg.get("precision", "fp32")) == "fp16":  # UNet computes in fp16; LoRA weights and AdamW stay fp32; the loss scale guards overflow
+    # precision fp16: the UNet computes in fp16; LoRA weights and AdamW stay fp32; the loss scale guards overflow
+    if str(train_cfg.get("precision", "fp32")) == "fp16":
         engine.model.to_float(ms.float16)
     return {"buffers": buffers, "optimizer": optimizer, "grad_step": grad_step, "apply_step": apply_step}
 

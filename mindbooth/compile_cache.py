@@ -84,9 +84,9 @@ def compile_in_child(folder, script, argv) -> bool:
     ends, and what a killed run's child left is removed here. Returns whether the graphs are there. A child that
     stops at a bad input (a line `error: ...`) ends this process with that line: it would fail the same way."""
     folder = Path(folder)
+    remove_stale_partials(folder.parent)
     if is_complete(folder):
         return True
-    remove_stale_partials(folder.parent)
     partial = folder.with_name(f"{folder.name}{_PARTIAL}{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     sys.stdout.flush()

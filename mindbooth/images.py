@@ -76,17 +76,18 @@ def atomic_write(path, write_fn):
         raise
 
 
-def remove_stale_temporaries(folder) -> int:
-    """Remove atomic_write's temporary files in `folder` (and its subfolders) whose writing process is gone: what a
-    run killed while saving leaves. Returns how many were removed."""
+def remove_stale_temporaries(*folders) -> int:
+    """Remove atomic_write's temporary files directly in `folders` whose writing process is gone: what a run
+    killed while saving leaves. Returns how many were removed."""
     from mindbooth.processes import pid_suffix, process_alive
 
     removed = 0
-    for path in Path(folder).rglob(f".*{TEMPORARY_MARK}*"):
-        pid = pid_suffix(path.name, TEMPORARY_MARK)
-        if path.is_file() and pid is not None and not process_alive(pid):
-            path.unlink(missing_ok=True)
-            removed += 1
+    for folder in folders:
+        for path in Path(folder).glob(f".*{TEMPORARY_MARK}*"):
+            pid = pid_suffix(path.name, TEMPORARY_MARK)
+            if path.is_file() and pid is not None and not process_alive(pid):
+                path.unlink(missing_ok=True)
+                removed += 1
     return removed
 
 

@@ -635,5 +635,5 @@ def test_temporary_files_of_killed_writers_are_removed_and_live_ones_kept(tmp_pa
     live = tmp_path / f".loss.png.tmp.{os.getpid()}.q9w3.png"
     for path in (*stale, live):
         path.write_bytes(b"")
-    assert remove_stale_temporaries(tmp_path) == 2
+    assert remove_stale_temporaries(tmp_path, tmp_path / "state", tmp_path / "not_there") == 2
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [live.name, "loss.png", "state"]
