@@ -21,7 +21,7 @@ from mindbooth.config import add_allocator_flag
 from mindbooth.images import load_rgb, make_grid
 from mindbooth.pipeline import SAMPLERS
 from mindbooth.sampling_model import load_sampling_model, size_multiple, split_weights
-from mindbooth.validation import UsageError, bounded_int, finite_float, load_yaml_config
+from mindbooth.validation import UsageError, bounded_int, finite_float, load_yaml_config, prompt_token_notes
 
 # MindONE's table (sgm's SD_XL_BASE_RATIOS plus 1.0_768 / 1.0_512): ratio -> (width, height)
 SD_XL_BASE_RATIOS = {
@@ -238,6 +238,9 @@ def validate(args, multiple: int, factor: int):
     if num_images < 1:
         raise UsageError("--num_images must be at least 1")
     prompts = read_prompts(args.prompt)
+    named = {f"--prompt{f' (line {i + 1})' if len(prompts) > 1 else ''}": prompt for i, prompt in enumerate(prompts)}
+    for note in prompt_token_notes({**named, "--negative_prompt": args.negative_prompt}):
+        print(note)
     init_image = None
     if args.task == "img2img":
         if not args.img:

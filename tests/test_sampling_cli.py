@@ -226,3 +226,10 @@ def test_text_encoder_lora_file_loads_and_scales(cli, weights, lora_image, base_
     assert np.array_equal(zero, base_image)
     again = read(cli(tmp_path / "unet_only", *sampler, weight=f"{weights['base']},{weights['lora']}")[0])
     assert np.array_equal(again, lora_image)  # swapping back zeroes the text-encoder LoRA
+
+
+def test_a_prompt_longer_than_the_text_encoders_read_is_noted(tmp_path, capsys):
+    args = sampling_cli.sampling_parser().parse_args(["--prompt", "red " * 100, "--width", "64", "--height", "64",
+                                                      "--save_path", str(tmp_path / "out")])
+    sampling_cli.validate(args, 32, 8)
+    assert "note: --prompt is 25 token(s) longer than the 77 the text encoders read" in capsys.readouterr().out
