@@ -8,7 +8,7 @@ Data parallel over N processes (per_batch_size is per process; gradients are ave
     msrun --worker_num=N --local_worker_num=N --master_port=8118 --log_dir=logs --join=True train_dreambooth.py ... --is_parallel True
     mpirun -n N python train_dreambooth.py ... --is_parallel True
 
-Phases: arguments and config -> runtime -> model -> class images -> data -> optimizer -> training loop -> save.
+Phases: arguments, config and every input checked -> runtime -> model -> class images -> data -> optimizer -> training loop -> save.
 """
 import math
 import sys
