@@ -287,8 +287,9 @@ def check_training_run(args, config, weights) -> tuple:
     db = config.dreambooth
     check_image_folder(db.instance_data_path, "--instance_data_path", must_have_images=True)
     if prior_preservation(config):
-        check_image_folder(db.class_data_path, "--class_data_path", must_have_images=False)
-        check_writable_folder(db.class_data_path, "--class_data_path")
+        class_images = check_image_folder(db.class_data_path, "--class_data_path", must_have_images=False)
+        if len(class_images) < int(db.get("num_class_images", 0)):  # the missing ones will be sampled there
+            check_writable_folder(db.class_data_path, "--class_data_path")
     for note in prompt_token_notes({"--instance_prompt": db.instance_prompt, "--class_prompt": db.get("class_prompt") or ""}):
         print(note)
     return folder, resuming
