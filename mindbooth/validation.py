@@ -290,6 +290,9 @@ def check_training_run(args, config, weights) -> tuple:
         class_images = check_image_folder(db.class_data_path, "--class_data_path", must_have_images=False)
         if len(class_images) < int(db.get("num_class_images", 0)):  # the missing ones will be sampled there
             check_writable_folder(db.class_data_path, "--class_data_path")
+        elif not class_images:
+            raise UsageError(f"--class_data_path {db.class_data_path} holds no images and --num_class_images is 0: "
+                             "ask for class images to be sampled, or give --prior_loss_weight 0 (no prior preservation)")
     for note in prompt_token_notes({"--instance_prompt": db.instance_prompt, "--class_prompt": db.get("class_prompt") or ""}):
         print(note)
     return folder, resuming
