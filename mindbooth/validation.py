@@ -1,6 +1,7 @@
 """Checks of every input before any work: a bad config, flag, folder, image or weight file is one line
 (`UsageError`, which the scripts print as `error: ...`) within seconds, before a model is built, a graph is
-compiled or anything is written. Nothing here imports MindSpore's model code or writes a file."""
+compiled or anything is written. Nothing here builds a model or leaves a file (a folder's writability is tried with
+an empty folder, removed at once)."""
 import math
 import os
 import tempfile
