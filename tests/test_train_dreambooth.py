@@ -572,6 +572,7 @@ def test_resume_checks_the_run_and_its_settings_before_it_writes(workspace, tmp_
     (["--instance_data_path", "{tmp}/missing"], "--instance_data_path {tmp}/missing: no such folder"),
     (["--instance_data_path", "{tmp}/empty"], "--instance_data_path {tmp}/empty holds no images"),
     (["--instance_data_path", "{tmp}/broken"], "cannot read image {tmp}/broken/x.png"),
+    (["--class_data_path", "{tmp}/empty", "--num_class_images", "0"], "holds no images and --num_class_images is 0"),
     (["--weight", "{tmp}/missing.ckpt"], "weight file not found: {tmp}/missing.ckpt"),
     (["--weight", "{tmp}/a_file"], "cannot read weights from {tmp}/a_file"),
     (["--config", "{tmp}/missing.yaml"], "--config {tmp}/missing.yaml: no such file"),
