@@ -8,7 +8,7 @@ Data parallel over N processes (per_batch_size is per process; gradients are ave
     msrun --worker_num=N --local_worker_num=N --master_port=8118 --log_dir=logs --join=True train_dreambooth.py ... --is_parallel True
     mpirun -n N python train_dreambooth.py ... --is_parallel True
 
-Phases: arguments and config -> runtime -> model -> class images -> data -> optimizer -> training loop -> save.
+Phases: arguments, config and every input checked -> runtime -> model -> class images -> data -> optimizer -> training loop -> save.
 """
 import math
 import sys
@@ -38,13 +38,14 @@ from mindbooth.config import load_training_config, training_parser  # noqa: E402
 from mindbooth.context_projections import ContextProjections  # noqa: E402
 from mindbooth.data import BatchSampler, DreamBoothDataset, collate  # noqa: E402
 from mindbooth.distributed import Distributed  # noqa: E402
-from mindbooth.images import make_grid, save_image_atomic  # noqa: E402
+from mindbooth.images import make_grid, remove_stale_temporaries, save_image_atomic  # noqa: E402
 from mindbooth.optim import AdamW  # noqa: E402
 from mindbooth.pipeline import Text2Image  # noqa: E402
 from mindbooth.progress_log import LossLog  # noqa: E402
 from mindbooth.train_step import (ApplyStep, DreamBoothLoss, DynamicLossScale, GradStep, make_buffers, prior_passes,  # noqa: E402
                                   step_conditioning, step_input_shapes, zero_step_inputs)
 from mindbooth.training_state import TrainingState, learning_rate_at  # noqa: E402
+from mindbooth.validation import UsageError, check_training_run, model_error, prior_preservation  # noqa: E402
 
 
 def fail(message: str):
@@ -52,20 +53,16 @@ def fail(message: str):
 
 
 def main(argv=None):
-    # ---- arguments and config -------------------------------------------------------------------------------
+    # ---- arguments, config and every input, checked before any work (mindbooth/validation.py) -----------------
     args = training_parser().parse_args(argv)
-    config = load_training_config(args)
+    weights = [w for w in args.weight.split(",") if w]
+    try:
+        config = load_training_config(args)
+        save_path, resuming = check_training_run(args, config, weights)
+    except UsageError as error:
+        fail(str(error))
     db, data_cfg, optim_cfg, train_cfg = config.dreambooth, config.data, config.optim, config.train
-    for key in ("instance_data_path", "instance_prompt"):
-        if not db.get(key):
-            fail(f"--{key} is required (or set dreambooth.{key} in {args.config})")
-    with_prior = float(db.get("prior_loss_weight", 1.0)) > 0 and bool(db.get("class_data_path"))
-    if with_prior and not db.get("class_prompt"):
-        fail("--class_prompt is required with --class_data_path (prior preservation)")
-    if train_cfg.get("gradient_checkpointing_res_blocks", False) and not train_cfg.get("gradient_checkpointing", False):
-        fail("--gradient_checkpointing_res_blocks needs --gradient_checkpointing True")
-    save_path = Path(args.resume if args.resume not in ("", "True", "true") else train_cfg.save_path)
-    resuming = bool(args.resume)
+    with_prior = prior_preservation(config)
 
     # ---- runtime ---------------------------------------------------------------------------------------------
     ms.set_context(mode=ms.GRAPH_MODE if args.ms_mode == 0 else ms.PYNATIVE_MODE, jit_config={"jit_level": args.jit_level})
@@ -76,8 +73,9 @@ def main(argv=None):
     precompiling = precompile_folder() is not None  # this process is compile_in_child's child
     if dist.is_main and not precompiling:
         save_path.mkdir(parents=True, exist_ok=True)
+        # what a run killed while saving left (its temporary files), in the run's folders and the class folder
+        remove_stale_temporaries(save_path, save_path / "state", *([db.class_data_path] if with_prior else []))
         OmegaConf.save(config, save_path / "config.yaml")  # the effective config: YAML + flags
-    weights = [w for w in args.weight.split(",") if w]
     # A batch item is its instance example, then its class example; with split_prior_batch each part is its own pass.
     passes = prior_passes(int(train_cfg.per_batch_size), with_prior, bool(train_cfg.get("split_prior_batch", False)),
                           float(db.get("prior_loss_weight", 1.0)))
@@ -91,8 +89,8 @@ def main(argv=None):
     # ---- model -----------------------------------------------------------------------------------------------
     try:
         engine = instantiate_from_config(config.model)
-    except ValueError as error:  # e.g. a LoRA rank larger than a layer, an unknown frozen_weight_dtype
-        fail(f"{args.config}: {error}")
+    except ValueError as error:  # e.g. a LoRA rank larger than a layer
+        fail(model_error(error, args.config))
     try:
         ckpt.load_weights(engine, weights)
     except (ValueError, FileNotFoundError) as error:
@@ -101,8 +99,6 @@ def main(argv=None):
         engine.model.diffusion_model.enable_gradient_checkpointing(
             res_blocks=bool(train_cfg.get("gradient_checkpointing_res_blocks", False)))
     lora = lora_parameters(engine)
-    if not lora:
-        fail("the model config has no lora_config: add model.params.lora_config (rank, alpha) to the training YAML")
     train_text_encoder = engine.has_text_encoder_lora  # lora_config.text_encoder / --train_text_encoder
     lora_rng = np.random.default_rng(seed)  # identical initial LoRA on every rank
     if len(weights) < 2:
@@ -301,13 +297,11 @@ def build_steps(engine, config, lora, dist, with_prior, train_text_encoder) -> d
     grad_step = GradStep(loss_net, params, buffers, dist.grad_reducer(buffers))
     apply_step = ApplyStep(buffers, optimizer, int(train_cfg.get("gradient_accumulation_steps", 1)),
                            bool(train_cfg.get("clip_grad", False)), float(train_cfg.get("max_grad_norm", 1.0)))
-    precision = str(train_cfg.get("precision", "fp32"))
-    if precision not in ("fp32", "fp16"):
-        fail(f"train.precision must be fp32 or fp16, got {precision!r}")
-    if precision == "fp16" and engine.backend == "cpu":
-        fail("train.precision fp16 is for Ascend/GPU: the CPU backend's kernels compute in fp32 "
-             "(set model.params.backend: plain to compute in fp16 on the CPU)")
-    if precision == "fp16":  # UNet computes in fp16; LoRA weights and AdamW stay fp32; the loss scale guards overflow
+    # precision fp16: the UNet computes in fp16; LoRA weights and AdamW stay fp32; the loss scale guards overflow
+    if str(train_cfg.get("precision", "fp32")) == "fp16":
+        if engine.backend == "cpu":
+            fail("train.precision fp16 is for Ascend/GPU: the CPU backend's kernels compute in fp32 "
+                 "(set --backend plain to compute in fp16 on the CPU)")
         engine.model.to_float(ms.float16)
     return {"buffers": buffers, "optimizer": optimizer, "grad_step": grad_step, "apply_step": apply_step}
 

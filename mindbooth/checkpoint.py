@@ -57,16 +57,29 @@ def _iter_tensors(path, names):
         yield from iter_arrays(path, names)
 
 
-def load_weights(engine, paths, lora_dropout: float = 0.0):
-    """Load `paths` in order: the first is the base model (every non-LoRA parameter must be there),
-    the rest are LoRA checkpoints (LoRA is injected on first use with the file's rank and alpha)."""
+def check_weight_files(paths) -> list:
+    """From the files' indexes only, before a model is built: `paths` are readable weight files, the first a base
+    model, the rest LoRA. Returns the names in the first."""
     paths = [p for p in paths if p]
     if not paths:
         raise ValueError("no weights given: pass --weight path/to/base.ckpt[,path/to/lora.ckpt]")
     names = _tensor_names(paths[0])
+    if not any(not is_lora_name(k) and k not in LORA_METADATA for k in names):
+        if any(is_lora_name(k) for k in names):
+            raise ValueError(f"{paths[0]} holds only LoRA weights; give the base model first: --weight base.ckpt,{paths[0]}")
+        raise ValueError(f"{paths[0]} holds no weights")
+    for path in paths[1:]:
+        if not any(is_lora_name(k) for k in _tensor_names(path)):
+            raise ValueError(f"{path} holds no LoRA weights (names with .lora_A./.lora_B.); give the base model first")
+    return names
+
+
+def load_weights(engine, paths, lora_dropout: float = 0.0):
+    """Load `paths` in order: the first is the base model (every non-LoRA parameter must be there),
+    the rest are LoRA checkpoints (LoRA is injected on first use with the file's rank and alpha)."""
+    paths = [p for p in paths if p]
+    names = check_weight_files(paths)
     base_names = [k for k in names if not is_lora_name(k) and k not in LORA_METADATA]
-    if not base_names and any(is_lora_name(k) for k in names):
-        raise ValueError(f"{paths[0]} holds only LoRA weights; give the base model first: --weight base.ckpt,{paths[0]}")
     own = dict(engine.parameters_and_names())
     own_base = {n for n in own if not is_lora_name(n)}
     missing = sorted(own_base - set(base_names))
@@ -87,8 +100,6 @@ def load_weights(engine, paths, lora_dropout: float = 0.0):
     for path in paths[1:]:
         params = read_checkpoint(path)
         lora = {k: v for k, v in params.items() if is_lora_name(k)}
-        if not lora:
-            raise ValueError(f"{path} holds no LoRA weights (names with .lora_A./.lora_B.); give the base model first")
         load_lora(engine, lora, params, path, lora_dropout)
 
 

@@ -30,9 +30,11 @@ from mindspore.common.initializer import Zero
 
 from gm.backends import cpu_kernel_library
 from gm.util import environment
+from mindbooth.processes import death_signal_setter, pid_suffix, process_alive
 
 PRECOMPILE_ENV = "MINDBOOTH_PRECOMPILE"  # set in the child: the folder to compile into
 _COMPLETE = "complete.json"  # written once the child compiled both graphs
+_PARTIAL = ".partial-"  # <hash>.partial-<pid of the training process>: the child's folder until it is complete
 _ROOT = Path(__file__).resolve().parents[1]
 _CACHE_ENABLE, _CACHE_PATH = "MS_COMPILER_CACHE_ENABLE", "MS_COMPILER_CACHE_PATH"  # MindSpore's switches
 
@@ -78,19 +80,25 @@ def is_complete(folder) -> bool:
 def compile_in_child(folder, script, argv) -> bool:
     """Make sure `folder` holds the compiled step graphs: run `script argv` as a child with PRECOMPILE_ENV set,
     unless an earlier run left them. The child writes into a private folder renamed into place on success, so
-    an interrupted child leaves nothing that could be loaded. Returns whether the graphs are there."""
+    an interrupted child leaves nothing that could be loaded; it is killed when this process ends, however it
+    ends, and what a killed run's child left is removed here. Returns whether the graphs are there. A child that
+    stops at a bad input (a line `error: ...`) ends this process with that line: it would fail the same way."""
     folder = Path(folder)
+    remove_stale_partials(folder.parent)
     if is_complete(folder):
         return True
-    partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
+    partial = folder.with_name(f"{folder.name}{_PARTIAL}{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     sys.stdout.flush()
     sys.stderr.flush()
     result = subprocess.run([sys.executable, str(script), *argv], env={**os.environ, PRECOMPILE_ENV: str(partial)},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace")
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace",
+                            preexec_fn=death_signal_setter())
     if result.returncode != 0 or not is_complete(partial):
         shutil.rmtree(partial, ignore_errors=True)
         last_line = (result.stderr.strip().splitlines() or ["no message"])[-1]
+        if last_line.startswith("error: "):
+            raise SystemExit(last_line)
         print(f"note: the train step could not be compiled in a child process (exit code {result.returncode}: {last_line}); "
               "compiling it in this process", file=sys.stderr)
         return False
@@ -99,6 +107,20 @@ def compile_in_child(folder, script, argv) -> bool:
     except OSError:  # another run put the same graphs there first
         shutil.rmtree(partial, ignore_errors=True)
     return is_complete(folder)
+
+
+def remove_stale_partials(root) -> int:
+    """Remove the `<hash>.partial-<pid>` folders in `root` whose process is gone (a run killed during its child's
+    compile). Returns how many were removed."""
+    removed = 0
+    if not Path(root).is_dir():
+        return removed
+    for path in Path(root).glob(f"*{_PARTIAL}*"):
+        pid = pid_suffix(path.name, _PARTIAL)
+        if pid is not None and not process_alive(pid):
+            shutil.rmtree(path, ignore_errors=True)
+            removed += 1
+    return removed
 
 
 def user_cache_enabled() -> bool:

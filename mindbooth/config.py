@@ -98,8 +98,15 @@ def training_parser() -> argparse.ArgumentParser:
     return parser
 
 
+TRAINING_SECTIONS = ("model", "dreambooth", "data", "optim", "train")
+
+
 def load_training_config(args):
-    config = OmegaConf.load(args.config)
+    """The training YAML (`--config`) with the flags that were given written over it; a missing or unreadable
+    YAML is a UsageError (mindbooth/validation.py)."""
+    from mindbooth.validation import load_yaml_config
+
+    config = load_yaml_config(args.config, "--config", TRAINING_SECTIONS)
     for flag, (path, _, _) in TRAIN_FLAGS.items():
         value = getattr(args, flag)
         if value is not None:

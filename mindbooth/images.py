@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+TEMPORARY_MARK = ".tmp."  # atomic_write's temporary files: .<name>.tmp.<pid>.<random><suffix>
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 
 
@@ -58,8 +59,10 @@ def atomic_write(path, write_fn):
     """Write through a temporary file in the same folder, then rename: no half-written file is ever visible."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # The temporary name keeps the suffix: some writers (ms.save_checkpoint) append one otherwise.
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp.", suffix=path.suffix)
+    # The temporary name keeps the suffix: some writers (ms.save_checkpoint) append one otherwise; it holds this
+    # process's id, so that a later run can tell a killed writer's leftover (remove_stale_temporaries).
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{TEMPORARY_MARK}{os.getpid()}.",
+                                         suffix=path.suffix)
     os.close(handle)
     try:
         write_fn(temporary)
@@ -71,6 +74,21 @@ def atomic_write(path, write_fn):
         if os.path.exists(temporary):
             os.remove(temporary)
         raise
+
+
+def remove_stale_temporaries(*folders) -> int:
+    """Remove atomic_write's temporary files directly in `folders` whose writing process is gone: what a run
+    killed while saving leaves. Returns how many were removed."""
+    from mindbooth.processes import pid_suffix, process_alive
+
+    removed = 0
+    for folder in folders:
+        for path in Path(folder).glob(f".*{TEMPORARY_MARK}*"):
+            pid = pid_suffix(path.name, TEMPORARY_MARK)
+            if path.is_file() and pid is not None and not process_alive(pid):
+                path.unlink(missing_ok=True)
+                removed += 1
+    return removed
 
 
 def save_image_atomic(image: Image.Image, path, overwrite: bool = False):

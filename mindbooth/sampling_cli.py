@@ -13,7 +13,6 @@ from pathlib import Path
 
 import mindspore as ms
 import numpy as np
-from omegaconf import OmegaConf
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from tqdm import tqdm
@@ -22,6 +21,7 @@ from mindbooth.config import add_allocator_flag
 from mindbooth.images import load_rgb, make_grid
 from mindbooth.pipeline import SAMPLERS
 from mindbooth.sampling_model import load_sampling_model, size_multiple, split_weights
+from mindbooth.validation import UsageError, bounded_int, finite_float, load_yaml_config, prompt_token_notes
 
 # MindONE's table (sgm's SD_XL_BASE_RATIOS plus 1.0_768 / 1.0_512): ratio -> (width, height)
 SD_XL_BASE_RATIOS = {
@@ -69,10 +69,6 @@ def sampling_parser() -> argparse.ArgumentParser:
     add("--jit_level", default="O0", choices=["O0", "O1", "O2"], help="GRAPH_MODE optimisation level")
     add_allocator_flag(add)
     return parser
-
-
-class UsageError(ValueError):
-    """Bad input: reported as one line."""
 
 
 def read_prompts(value: str) -> list:
@@ -231,6 +227,10 @@ def validate(args, multiple: int, factor: int):
     """Everything that can be checked before the (slow) model load. Returns the prompts, size and inputs."""
     if args.sampler not in SAMPLERS:
         raise UsageError(f"unknown sampler {args.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    finite_float(args.guidance_scale, "--guidance_scale")
+    finite_float(args.lora_scale, "--lora_scale")
+    finite_float(args.strength, "--strength")
+    bounded_int(args.seed, "--seed", 0, 2**32 - 1)
     for flag in ("sample_step", "num_cols"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag} must be at least 1")
@@ -238,6 +238,9 @@ def validate(args, multiple: int, factor: int):
     if num_images < 1:
         raise UsageError("--num_images must be at least 1")
     prompts = read_prompts(args.prompt)
+    named = {f"--prompt{f' (line {i + 1})' if len(prompts) > 1 else ''}": prompt for i, prompt in enumerate(prompts)}
+    for note in prompt_token_notes({**named, "--negative_prompt": args.negative_prompt}):
+        print(note)
     init_image = None
     if args.task == "img2img":
         if not args.img:
@@ -264,9 +267,7 @@ _loaded = {"model": None, "runtime": None}  # the last model, reused by in-proce
 def generate_and_save(args):
     """Validate, load (or reuse) the model, sample every prompt, save images and a grid. Returns the paths."""
     config_path = Path(args.config)
-    if not config_path.is_file():
-        raise UsageError(f"model config not found: {config_path}")
-    config = OmegaConf.load(config_path)
+    config = load_yaml_config(config_path, "--config")
     prompts, num_images, width, height, init_image, init_latent = validate(
         args, size_multiple(config), int(config.model.params.get("latents_per_pixel", 8)))
     weights = split_weights(args.weight)

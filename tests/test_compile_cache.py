@@ -3,8 +3,10 @@ the same training, bit for bit, as compiling it in the training process; a later
 without a child; a child that fails leaves nothing a run could load."""
 import csv
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,19 +14,23 @@ import pytest
 
 from conftest import ROOT
 from mindbooth.checkpoint import read_checkpoint
-from mindbooth.compile_cache import cache_folder, compile_in_child, is_complete
+from mindbooth.compile_cache import PRECOMPILE_ENV, cache_folder, compile_in_child, is_complete
 from tiny_workspace import make_workspace
 
 SCRIPT = ROOT / "train_dreambooth.py"
 
 
+def _command(workspace, save_path, *extra):
+    """The command line of train_dreambooth.py as a user runs it (the entry point: the only case where the cache is used)."""
+    return [sys.executable, str(SCRIPT), "--config", str(workspace / "train.yaml"), "--weight", str(workspace / "tiny.ckpt"),
+            "--instance_data_path", str(workspace / "subject"), "--instance_prompt", "a photo of sks toy",
+            "--class_data_path", str(workspace / "class"), "--class_prompt", "a photo of toy", "--num_class_images", "2",
+            "--device_target", "CPU", "--ms_mode", "0", "--save_path", str(save_path), "--save_ckpt_interval", "1", *extra]
+
+
 def _train(workspace, save_path, *extra):
-    """train_dreambooth.py as a user runs it (the entry point: the only case where the cache is used)."""
-    command = [sys.executable, str(SCRIPT), "--config", str(workspace / "train.yaml"), "--weight", str(workspace / "tiny.ckpt"),
-               "--instance_data_path", str(workspace / "subject"), "--instance_prompt", "a photo of sks toy",
-               "--class_data_path", str(workspace / "class"), "--class_prompt", "a photo of toy", "--num_class_images", "2",
-               "--device_target", "CPU", "--ms_mode", "0", "--save_path", str(save_path), "--save_ckpt_interval", "1", *extra]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    """Run `_command` to its end; it must succeed."""
+    run = subprocess.run(_command(workspace, save_path, *extra), capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-4000:]
     return run
 
@@ -39,10 +45,14 @@ def _cache_files(save_path):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def workspace(tmp_path_factory):
+    return make_workspace(tmp_path_factory.mktemp("compile_cache"))
+
+
+@pytest.fixture(scope="module")
+def runs(workspace):
     """Run a: 2 steps with the step compiled in a child, then resumed to 3 steps (same graphs: loaded, no child).
     Run b: 3 steps compiled in the training process."""
-    workspace = make_workspace(tmp_path_factory.mktemp("compile_cache"))
     run_a, run_b = workspace / "run_a", workspace / "run_b"
     _train(workspace, run_a, "--total_step", "2")
     files_after_first = _cache_files(run_a)
@@ -83,15 +93,73 @@ def test_the_child_leaves_both_graphs_and_a_resumed_run_loads_them_without_a_chi
 
 
 def test_a_failed_child_leaves_no_folder_and_says_why(tmp_path, capsys):
+    """A child that stops at a bad input ends the run with its own line (no note, no second try in this process,
+    which would fail the same way); a child that fails otherwise leaves the compile to this process, with a note."""
     script = tmp_path / "fails.py"
     script.write_text("import sys\nsys.exit('error: --weight not found')\n")
     folder = cache_folder(tmp_path / "cache", script, {"inputs": [1, 2]})
-    assert compile_in_child(folder, script, []) is False
+    with pytest.raises(SystemExit, match="^error: --weight not found$"):
+        compile_in_child(folder, script, [])
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
-    assert "error: --weight not found" in capsys.readouterr().err
+    assert capsys.readouterr().err == ""
+    script.write_text("raise RuntimeError('compiler crashed')\n")
+    assert compile_in_child(folder, script, []) is False and not folder.exists()
+    assert "note: the train step could not be compiled in a child process" in capsys.readouterr().err
     # a child that exits cleanly without compiling both graphs is no better
     script.write_text("pass\n")
     assert compile_in_child(folder, script, []) is False and not folder.exists()
+
+
+def test_folders_of_dead_runs_children_are_removed_and_live_ones_kept(tmp_path):
+    from mindbooth.compile_cache import remove_stale_partials
+
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead, alive = tmp_path / f"0123abcd.partial-{int(ended.stdout)}", tmp_path / f"0123abcd.partial-{os.getpid()}"
+    for folder in (dead, alive, tmp_path / "0123abcd"):
+        (folder / "graphs").mkdir(parents=True)
+    assert remove_stale_partials(tmp_path) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["0123abcd", alive.name])
+
+
+def _processes_with(variable: str, prefix: str) -> list:
+    """Live (not zombie) processes whose environment has `variable` set to a value starting with `prefix`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, ValueError, IndexError):
+            continue
+        if state != "Z" and any(e.startswith(f"{variable}={prefix}".encode()) for e in environ):
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_killed_trainer_takes_its_compile_child_along_and_the_next_run_cleans_up(workspace):
+    """kill -9 of the trainer while its child compiles: 5 s later no process of the run is left; the next run
+    removes what the child left, trains, and leaves no .partial-* folder."""
+    run = workspace / "run_killed"
+    trainer = subprocess.Popen(_command(workspace, run, "--total_step", "1"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline, child_seen = time.time() + 300, None
+        while time.time() < deadline and trainer.poll() is None:
+            children = _processes_with(PRECOMPILE_ENV, str(run))
+            child_seen = child_seen or (time.time() if children else None)
+            partials = list((run / "compile_cache").glob("*.partial-*")) if (run / "compile_cache").is_dir() else []
+            if children and (partials or time.time() - child_seen > 15):  # compiling
+                break
+            time.sleep(0.2)
+        assert child_seen and trainer.poll() is None, "the trainer's compile child was not seen"
+        os.kill(trainer.pid, signal.SIGKILL)
+        trainer.wait()
+        time.sleep(5)
+        assert _processes_with(PRECOMPILE_ENV, str(run)) == []
+    finally:
+        if trainer.poll() is None:
+            trainer.kill()
+    _train(workspace, run, "--total_step", "1")
+    assert len(_rows(run)) == 1 and not list((run / "compile_cache").glob("*.partial-*"))
 
 
 def test_the_folder_name_changes_with_what_shapes_the_graph(tmp_path):

@@ -60,6 +60,11 @@ def sparse_safetensors(path, shapes, code="F16"):
     return path
 
 
+def partials(out) -> list:
+    """The temporary files a conversion to `out` is writing (or left)."""
+    return sorted(out.parent.glob(f".{out.name}.partial-*"))
+
+
 def error_of(fn, *args, **kwargs) -> str:
     with pytest.raises(ConversionError) as e:
         fn(*args, **kwargs)
@@ -297,7 +302,7 @@ def test_output_name_appears_only_when_complete(tmp_path, tiny_file, tiny_expect
     original = CkptWriter.write
 
     def write(self, name, dtype, data):
-        seen.append((out.exists(), out.with_name(out.name + ".partial").exists()))
+        seen.append((out.exists(), len(partials(out)) == 1))
         if len(seen) == 100:
             raise KeyboardInterrupt  # as Ctrl-C in the middle
         original(self, name, dtype, data)
@@ -307,6 +312,35 @@ def test_output_name_appears_only_when_complete(tmp_path, tiny_file, tiny_expect
         conversion.official_to_mindspore(tiny_file, out, tiny_expected, progress=False)
     assert seen == [(False, True)] * 100  # mid-run, where a kill could land: only the .partial file
     assert list(tmp_path.iterdir()) == []
+
+
+def test_two_conversions_to_one_output_never_share_a_file(tmp_path, tiny_file, tiny_expected, monkeypatch):
+    """A second conversion to the same output, run while the first writes: each writes a file of its own; the one
+    that finishes first gets the name, the other fails saying so, and the output is whole."""
+    out, reference = tmp_path / "out.ckpt", tmp_path / "reference.ckpt"
+    conversion.official_to_mindspore(tiny_file, reference, tiny_expected, progress=False)
+    original, calls = CkptWriter.write, []
+
+    def write(self, name, dtype, data):
+        calls.append(name)
+        if len(calls) == 50:  # the first is half-way: the second runs from start to end
+            monkeypatch.setattr(CkptWriter, "write", original)
+            conversion.official_to_mindspore(tiny_file, out, tiny_expected, progress=False)
+        original(self, name, dtype, data)
+
+    monkeypatch.setattr(CkptWriter, "write", write)
+    message = error_of(conversion.official_to_mindspore, tiny_file, out, tiny_expected, progress=False)
+    assert "output exists" in message and "another process wrote it meanwhile" in message
+    assert out.read_bytes() == reference.read_bytes() and not partials(out)
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, tiny_file, tiny_expected):
+    for out in ("/proc/mindbooth/out.ckpt", "/proc/out.ckpt"):
+        assert "cannot be written" in error_of(conversion.official_to_mindspore, tiny_file, out, tiny_expected, progress=False)
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")
+    assert "is not a folder" in error_of(conversion.official_to_mindspore, tiny_file, blocked / "out.ckpt", tiny_expected,
+                                         progress=False)
 
 
 def test_the_disk_starts_writing_while_the_output_is_written(tmp_path, tiny_file, tiny_expected, monkeypatch):
@@ -330,8 +364,9 @@ def test_the_disk_starts_writing_while_the_output_is_written(tmp_path, tiny_file
     monkeypatch.setattr(CkptWriter, "write", write)
     out = tmp_path / "out.ckpt"
     conversion.official_to_mindspore(tiny_file, out, tiny_expected, progress=False)
-    partial = os.path.realpath(out.with_name(out.name + ".partial"))
-    assert len(calls) > 1 and set(calls) == {(partial, conversion.SYNC_FILE_RANGE_WRITE)}
+    (written, flags), = set(calls)  # one file: the temporary one, which is gone now
+    assert len(calls) > 1 and flags == conversion.SYNC_FILE_RANGE_WRITE
+    assert os.path.basename(written).startswith(f".{out.name}.partial-") and not partials(out)
     finished = len(calls)
     time.sleep(0.05)
     assert len(calls) == finished and len(CkptReader(out).tensors) == len(tiny_expected)
@@ -567,13 +602,13 @@ def test_a_late_mismatch_leaves_no_output(tmp_path, tiny_file, tiny_expected, ta
     seen = []
 
     def model_names():
-        seen.append(dst.with_name(dst.name + ".partial").stat().st_size)  # called once everything is written
+        seen.append(partials(dst)[0].stat().st_size)  # called once everything is written
         return other
 
     assert error_of(fn, src, dst, model_names, progress=False) == up_front
     assert wrong in up_front and "wrong shape" in up_front
     assert seen and seen[0] > 0.9 * src.stat().st_size
-    assert not dst.exists() and not dst.with_name(dst.name + ".partial").exists()
+    assert not dst.exists() and not partials(dst)
 
 
 def test_a_file_of_another_kind_is_refused_before_writing(tmp_path, tiny_expected):

@@ -313,7 +313,33 @@ def test_merged_checkpoint_equals_base_plus_lora_at_inference(tiny):
     ms.save_checkpoint([e for e in entries if e["name"] != missing], str(tiny.folder / "partial_base.ckpt"))
     with pytest.raises(ConversionError, match=f"no weight '{missing}'"):
         merge(tiny.folder / "partial_base.ckpt", tiny.lora_ckpt, tiny.folder / "never.ckpt")
-    assert not (tiny.folder / "never.ckpt").exists() and not list(tiny.folder.glob("*.partial"))
+    assert not (tiny.folder / "never.ckpt").exists() and not list(tiny.folder.glob(".*.partial-*"))
+
+
+def test_a_scale_that_is_not_finite_is_refused_before_reading(tmp_path, capsys):
+    from tools.lora_conversion.merge_lora import main as merge_main
+
+    for scale in ("nan", "inf"):
+        assert merge_main(["--base_ckpt", str(tmp_path / "base.ckpt"), "--lora_ckpt", str(tmp_path / "lora.ckpt"),
+                           "--output", str(tmp_path / "out.ckpt"), "--scale", scale]) == 2
+        assert capsys.readouterr().err.strip() == f"error: --scale must be a finite number, got {scale}"
+    assert not list(tmp_path.iterdir())
+
+
+def test_convert_lora_checks_the_lora_against_the_model_of_config(tmp_path):
+    """With --config, a LoRA layer whose B A does not fit the model's weight (here one input feature too many) is
+    refused before anything is written; without it the file is converted as it is."""
+    from tools.model_conversion.sdxl_layout import rule_mindspore_shapes
+
+    name, (out, inputs) = next((n, s) for n, s in rule_mindspore_shapes(TINY_CONFIG).items() if n.endswith("attn1.to_q.weight"))
+    layer = name[:-len(".weight")]
+    src = tmp_path / "lora.ckpt"
+    _save_mindbooth({f"{layer}.lora_A.weight": np.zeros((RANK, inputs + 1), np.float32),
+                     f"{layer}.lora_B.weight": np.zeros((out, RANK), np.float32)}, src)
+    with pytest.raises(ConversionError, match=f"base weight '{name}' has shape"):
+        convert("ms_to_kohya", src, tmp_path / "out.safetensors", config=str(TINY_CONFIG))
+    assert not (tmp_path / "out.safetensors").exists()
+    convert("ms_to_kohya", src, tmp_path / "out.safetensors")
 
 
 # ---------------------------------------------------------------- 4. full-size names

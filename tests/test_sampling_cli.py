@@ -182,16 +182,25 @@ def test_size_table_and_safe_names():
     (["--width", "72"], "--width 72 must be a positive multiple of 32"),
     (["--prompt", "{tmp}/empty.txt"], "has no prompts"),
     (["--weight", "{lora}"], "holds only LoRA weights; give the base model first"),
+    (["--guidance_scale", "nan"], "--guidance_scale must be a finite number, got nan"),
+    (["--lora_scale", "nan"], "--lora_scale must be a finite number, got nan"),
+    (["--seed", "-1"], "--seed must be at least 0, got -1"),
+    (["--config", "{tmp}/missing.yaml"], "--config {tmp}/missing.yaml: no such file"),
+    (["--config", "{tmp}/bad.yaml"], "is not valid YAML"),
+    (["--config", "{tmp}/empty.txt"], "holds no settings"),
+    (["--config", "{tmp}/scalar.yaml"], "holds no settings"),
 ])
 def test_bad_input_is_one_line(cli, weights, tmp_path, extra, message):
     (tmp_path / "not_an_image.png").write_text("hello")
     np.save(tmp_path / "wrong.npy", np.zeros((1, 4, 16, 16), np.float32))
     (tmp_path / "empty.txt").write_text("\n \n")
+    (tmp_path / "bad.yaml").write_text("model: [unclosed\n")
+    (tmp_path / "scalar.yaml").write_text("42\n")
     extra = [e.format(tmp=tmp_path, lora=weights["lora"]) for e in extra]
     with pytest.raises(SystemExit) as error:
         cli(tmp_path / "out", *extra)
     text = str(error.value.code)
-    assert text.startswith("error: ") and message in text and "\n" not in text
+    assert text.startswith("error: ") and message.format(tmp=tmp_path) in text and "\n" not in text
     assert not (tmp_path / "out").exists()
 
 
@@ -217,3 +226,10 @@ def test_text_encoder_lora_file_loads_and_scales(cli, weights, lora_image, base_
     assert np.array_equal(zero, base_image)
     again = read(cli(tmp_path / "unet_only", *sampler, weight=f"{weights['base']},{weights['lora']}")[0])
     assert np.array_equal(again, lora_image)  # swapping back zeroes the text-encoder LoRA
+
+
+def test_a_prompt_longer_than_the_text_encoders_read_is_noted(tmp_path, capsys):
+    args = sampling_cli.sampling_parser().parse_args(["--prompt", "red " * 100, "--width", "64", "--height", "64",
+                                                      "--save_path", str(tmp_path / "out")])
+    sampling_cli.validate(args, 32, 8)
+    assert "note: --prompt is 25 token(s) longer than the 77 the text encoders read" in capsys.readouterr().out

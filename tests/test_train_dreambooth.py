@@ -4,6 +4,7 @@ resume == uninterrupted, GRAPH == PyNative."""
 import csv
 import hashlib
 import os
+from pathlib import Path
 
 import mindspore as ms
 import numpy as np
@@ -468,3 +469,194 @@ def test_train_text_encoder_run_saves_and_reloads_text_lora(workspace):
              "target_size_as_tuple": [[32, 32]]}
     for key, value in engine.conditioner.encode(batch).items():
         np.testing.assert_allclose(reloaded.conditioner.encode(batch)[key].asnumpy(), value.asnumpy(), rtol=1e-6, atol=1e-6)
+
+
+# ---- runs on disk: a run reads and deletes only inside its own folder ------------------------------------------
+
+def _state_on_disk(run, monkeypatch, max_num_ckpt=2):
+    """A TrainingState of `run` whose LoRA and optimizer files are a few bytes (what pruning and finding states
+    read are the paths, not the weights): no model."""
+    from types import SimpleNamespace
+
+    from mindbooth import training_state
+    from mindbooth.data import BatchSampler
+    from mindbooth.train_step import DynamicLossScale
+
+    def write(path, data):
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+    monkeypatch.setattr(training_state, "save_lora", lambda engine, path, rank, alpha: write(path, b"lora"))
+    monkeypatch.setattr(training_state, "save_checkpoint_atomic", lambda params, path: write(path, b"adam"))
+    return training_state.TrainingState(run, None, SimpleNamespace(state=dict), BatchSampler(3, 1, 0), np.random.default_rng(0),
+                                        DynamicLossScale(False), 4, 4.0, max_num_ckpt)
+
+
+def test_a_copied_run_prunes_only_its_own_checkpoints(tmp_path, monkeypatch):
+    """cp -a RUN COPY, then COPY trains on: pruning old checkpoints (max_num_ckpt) deletes COPY's files, never RUN's,
+    also for a state written before paths were stored relative to the run (absolute paths into RUN)."""
+    import json
+    import shutil
+
+    run, copy = tmp_path / "run", tmp_path / "copy"
+    for step in (2, 4):
+        _state_on_disk(run, monkeypatch).save(step, "SDXL-tiny")
+    record = json.loads((run / "state" / "step_2.json").read_text())  # the old format: absolute paths
+    record.update(lora=str((run / record["lora"]).absolute()), optimizer=str((run / record["optimizer"]).absolute()))
+    (run / "state" / "step_2.json").write_text(json.dumps(record))
+    shutil.copytree(run, copy, symlinks=True)
+    original = sorted(p.relative_to(run) for p in run.rglob("*"))
+    _state_on_disk(copy, monkeypatch).save(6, "SDXL-tiny")
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == original
+    assert not (copy / "SDXL-tiny_2_lora.ckpt").exists() and not (copy / "state" / "step_2_optimizer.ckpt").exists()
+    assert (copy / "SDXL-tiny_6_lora.ckpt").is_file() and (copy / "SDXL-tiny_4_lora.ckpt").is_file()
+
+
+def test_a_moved_run_with_a_relative_save_path_resumes_from_elsewhere(tmp_path, monkeypatch):
+    """A run saved under a relative --save_path, then moved, is found complete from another working directory."""
+    from mindbooth.training_state import complete_states
+
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path)
+    _state_on_disk(Path("runs/a"), monkeypatch).save(2, "SDXL-tiny")
+    (tmp_path / "runs" / "a").rename(tmp_path / "moved")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert [step for step, _, _ in complete_states(tmp_path / "moved")] == [2]
+    assert _state_on_disk(tmp_path / "moved", monkeypatch).latest_lora_path() == tmp_path / "moved" / "SDXL-tiny_2_lora.ckpt"
+
+
+def _effective_config(workspace, save_path):
+    """The config.yaml a run of `_train(workspace, save_path)` saves."""
+    from mindbooth.config import load_training_config, training_parser
+
+    args = training_parser().parse_args(["--config", str(workspace / "train.yaml"), "--instance_data_path", str(workspace / "subject"),
+                                         "--instance_prompt", "a photo of sks toy", "--class_data_path", str(workspace / "class"),
+                                         "--class_prompt", "a photo of toy", "--num_class_images", "3", "--save_path", str(save_path),
+                                         "--save_ckpt_interval", "2"])
+    return load_training_config(args)
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Building a model or compiling the step fails the test: bad input must be refused before either."""
+    import train_dreambooth
+
+    def refuse(*_, **__):
+        raise AssertionError("a model was built or compiled before the input was checked")
+
+    monkeypatch.setattr(train_dreambooth, "instantiate_from_config", refuse)
+    monkeypatch.setattr(train_dreambooth, "step_graphs_in_child", refuse)
+
+
+def _one_line_error(workspace, save_path, *extra) -> str:
+    with pytest.raises(SystemExit) as error:
+        _train(workspace, save_path, *extra)
+    text = str(error.value.code)
+    assert text.startswith("error: ") and "\n" not in text, text
+    return text
+
+
+def test_resume_checks_the_run_and_its_settings_before_it_writes(workspace, tmp_path, monkeypatch, no_model):
+    """--resume refuses a folder that is not a run and flags that change what the run trains (naming each),
+    before it writes anything: the run's config.yaml stays as it was, no folder is created."""
+    run = tmp_path / "run"
+    run.mkdir()
+    OmegaConf.save(_effective_config(workspace, run), run / "config.yaml")
+    saved = (run / "config.yaml").read_bytes()
+    assert "nothing to resume" in _one_line_error(workspace, run, "--resume", str(run))  # no training state yet
+    _state_on_disk(run, monkeypatch).save(2, "SDXL-tiny")
+    message = _one_line_error(workspace, run, "--resume", str(run), "--lora_rank", "8", "--learning_rate", "0.5")
+    assert "--lora_rank is 8, the run has 4" in message and "--learning_rate is 0.5, the run has 0.001" in message
+    assert (run / "config.yaml").read_bytes() == saved
+    monkeypatch.chdir(tmp_path)
+    assert "no such folder" in _one_line_error(workspace, tmp_path / "Falsy", "--resume", "Falsy")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--learning_rate", "nan"], "--learning_rate must be a finite number, got nan"),
+    (["--lora_alpha", "inf"], "--lora_alpha must be a finite number, got inf"),
+    (["--prior_loss_weight", "-1"], "--prior_loss_weight must be at least 0, got -1"),
+    (["--per_batch_size", "0"], "--per_batch_size must be at least 1, got 0"),
+    (["--save_ckpt_interval", "0"], "--save_ckpt_interval must be at least 1, got 0"),
+    (["--log_interval", "0"], "--log_interval must be at least 1, got 0"),
+    (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be at least 1, got 0"),
+    (["--total_step", "0"], "--total_step must be at least 1, got 0"),
+    (["--total_step", "-5"], "--total_step must be at least 1, got -5"),
+    (["--resolution", "0"], "--resolution must be at least 1, got 0"),
+    (["--resolution", "63"], "--resolution must be a multiple of 32 for this model, got 63"),
+    (["--seed", "-1"], "--seed must be at least 0, got -1"),
+    (["--lora_rank", "0"], "--lora_rank must be at least 1, got 0"),
+    (["--backend", "gpu"], "--backend must be one of auto, plain, cpu, got 'gpu'"),
+    (["--save_path", "{tmp}/a_file"], "exists and is not a folder"),
+    (["--save_path", "/proc/mindbooth/run"], "cannot be written"),
+    (["--instance_data_path", "{tmp}/missing"], "--instance_data_path {tmp}/missing: no such folder"),
+    (["--instance_data_path", "{tmp}/empty"], "--instance_data_path {tmp}/empty holds no images"),
+    (["--instance_data_path", "{tmp}/broken"], "cannot read image {tmp}/broken/x.png"),
+    (["--class_data_path", "{tmp}/empty", "--num_class_images", "0"], "holds no images and --num_class_images is 0"),
+    (["--weight", "{tmp}/missing.ckpt"], "weight file not found: {tmp}/missing.ckpt"),
+    (["--weight", "{tmp}/a_file"], "cannot read weights from {tmp}/a_file"),
+    (["--config", "{tmp}/missing.yaml"], "--config {tmp}/missing.yaml: no such file"),
+    (["--config", "{tmp}/bad.yaml"], "is not valid YAML"),
+    (["--config", "{tmp}/empty.yaml"], "holds no settings"),
+    (["--config", "{tmp}/scalar.yaml"], "holds no settings"),
+])
+def test_bad_input_is_one_line_before_any_work(workspace, tmp_path, monkeypatch, no_model, extra, message):
+    """Each bad input: one line naming what to fix, before a model is built or anything written (the working
+    directory too: MindSpore's analyze_fail.ir came from compiling a bad shape)."""
+    (tmp_path / "a_file").write_text("not a folder, not weights")
+    for folder in ("empty", "broken"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "broken" / "x.png").write_bytes(b"not a png")
+    (tmp_path / "bad.yaml").write_text("model: [unclosed\n")
+    (tmp_path / "empty.yaml").write_text("")
+    (tmp_path / "scalar.yaml").write_text("42\n")
+    inputs = sorted(tmp_path.iterdir())
+    monkeypatch.chdir(tmp_path)
+    text = _one_line_error(workspace, tmp_path / "run", *[e.format(tmp=tmp_path) for e in extra])
+    assert message.format(tmp=tmp_path) in text
+    assert sorted(tmp_path.iterdir()) == inputs
+
+
+def test_skipped_files_and_long_prompts_are_noted(tmp_path, capsys):
+    """Files of a type not read (.gif) are named, and a prompt longer than the text encoders read says how many
+    tokens it loses."""
+    from mindbooth.validation import check_image_folder, prompt_token_notes
+
+    tmp_path.joinpath("subject").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "subject" / "a.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "subject" / "b.gif")
+    assert [p.name for p in check_image_folder(tmp_path / "subject", "--instance_data_path", True)] == ["a.png"]
+    note = capsys.readouterr().out
+    assert "1 file(s) skipped" in note and "b.gif" in note
+    notes = prompt_token_notes({"--instance_prompt": "red " * 100, "--class_prompt": "a photo of toy"})
+    assert len(notes) == 1 and "--instance_prompt" in notes[0] and "last 25 token(s) are dropped" in notes[0]  # 100 + BOS + EOS - 77
+
+
+def test_a_lora_rank_too_large_for_a_layer_names_the_flag():
+    from mindbooth.validation import model_error
+
+    message = model_error(ValueError("LoRA rank must be in 1..32 for a 32->64 layer, got 40"), "train.yaml")
+    assert message.startswith("--lora_rank: LoRA rank must be in 1..32")
+
+
+def test_temporary_files_of_killed_writers_are_removed_and_live_ones_kept(tmp_path):
+    """atomic_write's temporary file carries its process id: a run killed while saving leaves it (a 0-byte
+    .loss.png.tmp.* was seen), and the next run removes it, but never one that a live process is writing."""
+    import subprocess
+    import sys
+
+    from mindbooth.images import atomic_write, remove_stale_temporaries
+
+    seen = []
+    atomic_write(tmp_path / "loss.png", lambda temporary: seen.append(Path(temporary).name) or Path(temporary).write_text("x"))
+    assert seen[0].startswith(f".loss.png.tmp.{os.getpid()}.") and seen[0].endswith(".png")
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout)
+    (tmp_path / "state").mkdir()
+    stale = [tmp_path / f".loss.png.tmp.{dead}.k2j4.png", tmp_path / "state" / f".step_2.json.tmp.{dead}.a8x1.json"]
+    live = tmp_path / f".loss.png.tmp.{os.getpid()}.q9w3.png"
+    for path in (*stale, live):
+        path.write_bytes(b"")
+    assert remove_stale_temporaries(tmp_path, tmp_path / "state", tmp_path / "not_there") == 2
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [live.name, "loss.png", "state"]

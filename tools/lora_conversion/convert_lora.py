@@ -98,6 +98,14 @@ def layers_per_block(config) -> int:
         raise ConversionError(f"{config} has no model.params.network_config.params.num_res_blocks") from None
 
 
+def check_against_model(layers: dict, config):
+    """Every LoRA layer has its weight in the model `config` builds, and its B A fits that weight's shape."""
+    from tools.model_conversion.sdxl_layout import model_mindspore_shapes, rule_mindspore_shapes
+
+    shapes = rule_mindspore_shapes(config) or model_mindspore_shapes(config)
+    lf.check_targets(layers, shapes, f"the model of {config}")
+
+
 def convert(task, src, dst, config=None, base_model="", instance_prompt="", dtype="fp32", overwrite=False,
             drop_text_encoder=False, uniform_rank=False, fold_alpha=False) -> dict:
     """Run one conversion; returns a summary (format read, layers, rank, alpha, ...)."""
@@ -109,14 +117,18 @@ def convert(task, src, dst, config=None, base_model="", instance_prompt="", dtyp
     state, header = read_state(src)
     if task == "to_ms":
         layers, info = lf.read_layers(state, header, blocks, drop_text_encoder)
+    else:
+        tensors, metadata = lf.export_lora(state, TASKS[task], blocks, base_model, instance_prompt, fold_alpha,
+                                           drop_text_encoder)
+        layers, info = lf.read_layers(state, None, blocks, drop_text_encoder)
+    if config is not None:  # before anything is written
+        check_against_model(layers, config)
+    if task == "to_ms":
         out = lf.to_mindbooth(layers, uniform_rank)
         write_ckpt(out, dst, overwrite)
         rank, alpha = int(out["lora_rank"]), float(out["lora_alpha"])
     else:
-        tensors, metadata = lf.export_lora(state, TASKS[task], blocks, base_model, instance_prompt, fold_alpha,
-                                           drop_text_encoder)
         write_safetensors(tensors, metadata, dst, overwrite, dtype)
-        layers, info = lf.read_layers(state, None, blocks, drop_text_encoder)
         rank, alpha = metadata["lora_rank"], metadata["lora_alpha"]
     text_layers = sum(te.is_text_encoder_layer(name) for name in layers)
     return {**info, "layers": len(layers), "text_encoder_layers": text_layers, "rank": rank, "alpha": alpha,

@@ -494,6 +494,20 @@ def merge_targets(layers: dict) -> dict:
     return targets
 
 
+def check_targets(layers: dict, shapes: dict, source: str) -> dict:
+    """merge_targets(layers), each checked to be a weight of `shapes` ({name: shape}, of the model or base file
+    `source`) that the layer's B A fits: a one-line error naming the first that is not."""
+    targets = merge_targets(layers)
+    missing = [n for n in targets if n not in shapes]
+    if missing:
+        raise ConversionError(f"{source} has no weight '{missing[0]}' for LoRA layer "
+                              f"({len(missing)} of {len(targets)} missing); is it the base model of this LoRA?")
+    for name, entries in targets.items():
+        for layer, block in entries:
+            merge_rows(layers[layer], block, shapes[name], name)
+    return targets
+
+
 def merge_rows(layer: LoraLayer, block, shape, weight: str) -> slice:
     """The rows of the base weight (of `shape`) that take the layer's B A: all of them, or row block `block` of a
     fused q|k|v weight; a one-line error if B A does not fit there."""

@@ -11,6 +11,7 @@ UNet part only. The output is written tensor by tensor (one tensor and its delta
 a temporary file that is renamed at the end; each merged weight keeps its dtype (the sum is computed in fp32).
 """
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -33,6 +34,8 @@ def merge(base_ckpt, lora, output, scale=1.0, overwrite=False, config=None, drop
     from tools.model_conversion.conversion import atomic_output
 
     start = time.time()
+    if not math.isfinite(scale):
+        raise ConversionError(f"--scale must be a finite number, got {scale}")
     if not Path(base_ckpt).is_file():
         raise ConversionError(f"base checkpoint not found: {base_ckpt}")
     if is_safetensors(base_ckpt):
@@ -40,22 +43,16 @@ def merge(base_ckpt, lora, output, scale=1.0, overwrite=False, config=None, drop
                               f"(tools/model_conversion/convert_weight.py --task pt_to_ms)")
     state, header = read_state(lora)
     layers, _ = lf.read_layers(state, header, layers_per_block(config), drop_text_encoder)
-    targets = lf.merge_targets(layers)
     with CkptReader(base_ckpt) as base:
         lora_in_base = [n for n in base.tensors if n.endswith((".lora_A.weight", ".lora_B.weight"))]
         if lora_in_base:
             raise ConversionError(f"{base_ckpt} already holds LoRA weights (e.g. '{lora_in_base[0]}'); "
                                   f"merge into a plain base checkpoint")
-        missing = [n for n in targets if n not in base.tensors]
-        if missing:
-            raise ConversionError(f"{base_ckpt} has no weight '{missing[0]}' for LoRA layer "
-                                  f"({len(missing)} of {len(targets)} missing); is it the base model of this LoRA?")
-        for name, entries in targets.items():  # check every fit before writing anything
-            t = base.tensors[name]
-            for layer, block in entries:
-                lf.merge_rows(layers[layer], block, t.shape, name)
-            if t.dtype not in FLOATS:
-                raise ConversionError(f"{base_ckpt}: '{name}' is {t.dtype}, not floating point")
+        # every fit is checked before anything is written
+        targets = lf.check_targets(layers, {n: t.shape for n, t in base.tensors.items()}, str(base_ckpt))
+        for name in targets:
+            if base.tensors[name].dtype not in FLOATS:
+                raise ConversionError(f"{base_ckpt}: '{name}' is {base.tensors[name].dtype}, not floating point")
         with atomic_output(output, overwrite, inputs=[base_ckpt]) as f:
             writer = CkptWriter(f)
             for name, t in base.tensors.items():

@@ -2,8 +2,9 @@
 
 Every conversion maps by name and checks the whole key set and every shape against `expected`,
 the {MindSpore name: shape} of the model the checkpoint is for (see `sdxl_layout`). It streams one
-tensor at a time into `<output>.partial` and renames that to the output at the very end, so an
-interrupted run never leaves a file that looks complete.
+tensor at a time into a temporary file of its own (`.<output>.partial-<pid>.<random>`) and gives it the output's
+name at the very end, so an interrupted run never leaves a file that looks complete, and two runs writing the same
+output never write into one file.
 
 `expected` is either that dict, checked before anything is written, or a function that returns it
 (for a config not built of SDXL base's own modules, the command line builds the model in another process, about
@@ -14,6 +15,7 @@ writing, before the output appears: a mismatch still leaves no output.
 import ctypes
 import functools
 import os
+import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -113,8 +115,11 @@ def _check_float(name, code, source):
         raise ConversionError(f"{source}: '{name}' is {code}; SDXL weights are floating point")
 
 
-def check_output(path, overwrite: bool, inputs=()):
-    """Fail early (before any work) when the output may not be written."""
+def check_output(path, overwrite: bool, inputs=(), probe: bool = True):
+    """Fail early (before any work) when the output may not be written; with `probe`, also when its folder cannot
+    be made or written (tried with an empty folder, removed at once)."""
+    from mindbooth.validation import UsageError, check_writable_folder
+
     path = Path(path)
     if path.is_dir():
         raise ConversionError(f"output is a directory: {path}")
@@ -123,6 +128,11 @@ def check_output(path, overwrite: bool, inputs=()):
     for src in inputs:
         if path.exists() and os.path.samefile(src, path):
             raise ConversionError(f"output {path} is the input file")
+    if probe:
+        try:
+            check_writable_folder(path.absolute().parent, "output folder")
+        except UsageError as error:
+            raise ConversionError(str(error)) from None
 
 
 WRITE_BEHIND_SECONDS = 0.25
@@ -167,22 +177,52 @@ def write_behind(fd: int):
 @contextmanager
 def atomic_output(path, overwrite: bool, inputs=(), verify=None):
     """Yield a binary file that becomes `path` only if the block finishes (and `verify()`, if given, returns),
-    written to disk (fsync) before it is renamed into place."""
+    written to disk (fsync) before it is given the name. The file has a name of its own until then, so two
+    conversions to one output never write into one file; without `overwrite` the name is taken only if it is
+    free, and the file under the name is checked to be this one."""
     path = Path(path)
     check_output(path, overwrite, inputs)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
+    handle, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.partial-{os.getpid()}.")
     try:
-        with open(partial, "wb") as f, write_behind(f.fileno()):
+        with open(handle, "wb") as f, write_behind(f.fileno()):
             yield f
             if verify is not None:
                 verify()
             f.flush()
             os.fsync(f.fileno())
+            os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp's 0600 -> a normal file
+            ours = os.fstat(f.fileno())
+        _publish(partial, path, overwrite)
+        published = os.stat(path)
+        if (published.st_dev, published.st_ino) != (ours.st_dev, ours.st_ino):
+            raise ConversionError(f"{path} was replaced by another process while this conversion finished; run it again")
+    finally:
+        Path(partial).unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def _publish(partial, path: Path, overwrite: bool):
+    """Give the finished file `partial` the name `path`: replacing a file there only with `overwrite`."""
+    if overwrite:
         os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
+        return
+    try:
+        try:
+            os.link(partial, path)  # fails if the name is taken (another conversion finished first)
+        except FileExistsError:
+            raise
+        except OSError:  # a file system without hard links: take the name exclusively, then fill it
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            os.replace(partial, path)
+    except FileExistsError:
+        raise ConversionError(f"output exists: {path} (another process wrote it meanwhile; "
+                              "pass --overwrite to replace it)") from None
 
 
 def _progress(total, desc, enabled):
@@ -241,7 +281,7 @@ def _numel(shape):
 def official_to_mindspore(src, dst, expected, dtype="fp32", overwrite=False, progress=True, check_only=False):
     """Official single-file `.safetensors` -> MindSpore `.ckpt` with the names of `expected` (a dict, or a
     function returning it: see the module's docstring). `check_only`: validate everything, write nothing."""
-    check_output(dst, overwrite or check_only, [src])
+    check_output(dst, overwrite or check_only, [src], probe=not check_only)
     if _sniff(src) == "ckpt":
         raise ConversionError(f"not a safetensors file: {src} (it looks like a MindSpore .ckpt: use --task ms_to_pt)")
     with SafetensorsReader(src) as reader:
@@ -260,7 +300,7 @@ def official_to_mindspore(src, dst, expected, dtype="fp32", overwrite=False, pro
 def diffusers_to_mindspore(folder, dst, expected: dict, dtype="fp32", overwrite=False, progress=True, variant=None,
                            check_only=False):
     """diffusers SDXL base pipeline folder -> MindSpore `.ckpt` (via the official names)."""
-    check_output(dst, overwrite or check_only)
+    check_output(dst, overwrite or check_only, probe=not check_only)
     want = official_expectation(_resolve(expected))
     with DiffusersFolder(folder, variant) as pipe:
         check_keys(pipe.shapes(), {n: s for n, (_, s) in want.items()}, str(folder), "official")
@@ -275,7 +315,7 @@ def diffusers_to_mindspore(folder, dst, expected: dict, dtype="fp32", overwrite=
 def mindspore_to_official(src, dst, expected, dtype="fp32", overwrite=False, progress=True, check_only=False):
     """MindSpore `.ckpt` -> official single-file `.safetensors` (laid out as the safetensors library does).
     `expected`: a dict, or a function returning it (see the module's docstring)."""
-    check_output(dst, overwrite or check_only, [src])
+    check_output(dst, overwrite or check_only, [src], probe=not check_only)
     if _sniff(src) == "safetensors":
         raise ConversionError(f"not a MindSpore checkpoint: {src} (it is a safetensors file: use --task pt_to_ms)")
     with CkptReader(src) as reader:

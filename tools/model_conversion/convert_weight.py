@@ -98,7 +98,7 @@ def main(argv=None) -> int:
                                                                                          args.weight_safetensors)
         if not Path(src).exists():
             raise ConversionError(f"input not found: {src}")
-        conversion.check_output(dst, args.overwrite or args.check)  # before the model is built
+        conversion.check_output(dst, args.overwrite or args.check, probe=not args.check)  # before the model is built
         common = dict(dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress, check_only=args.check)
         with expected_shapes(args.config) as expected:
             if task == "pt_to_ms":
