@@ -18,6 +18,7 @@ from gm.modules.lora import inject_lora, is_lora_name, lora_layers, lora_paramet
 from gm.util import instantiate_from_config, load_params
 from mindbooth.checkpoint import save_lora
 from mindbooth.tiny_model import random_weights
+from mindbooth.tensor_dtypes import ConversionError
 from test_text_encoders import models, token_sets  # noqa: F401  (models: a module-scoped fixture)
 from test_unet import (
     _diffusers_forward_with_emb, _Holder, build_unet, load_diffusers_unet_into_ours, relative_error, run_ours,
@@ -28,7 +29,6 @@ from tools.lora_conversion import text_encoder_names as te_names
 from tools.lora_conversion.convert_lora import convert, main as convert_main, read_state, write_safetensors
 from tools.lora_conversion.merge_lora import merge
 from tools.model_conversion.diffusers_unet import diffusers_name_to_official
-from tools.model_conversion.dtypes import ConversionError
 
 LORA_KEYS = SHARED / "reference" / "sdxl_keys" / "mindone" / "lora_conversion"
 RANK, ALPHA = 4, 8.0

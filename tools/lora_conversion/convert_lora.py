@@ -23,9 +23,9 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
+from mindbooth.tensor_dtypes import CHOICES, FLOATS, ConversionError, cast  # noqa: E402
 from tools.lora_conversion import lora_formats as lf  # noqa: E402
 from tools.lora_conversion import text_encoder_names as te  # noqa: E402
-from tools.model_conversion.dtypes import CHOICES, FLOATS, ConversionError, cast  # noqa: E402
 
 TASKS = {"ms_to_diffusers": "diffusers", "ms_to_kohya": "kohya", "to_ms": "mindbooth"}
 
@@ -46,7 +46,7 @@ def is_safetensors(path) -> bool:
 
 def read_state(path):
     """{name: fp32 array} and the safetensors header metadata ({} for a .ckpt) of a LoRA file."""
-    from tools.model_conversion.ckpt_stream import CkptReader
+    from mindbooth.ckpt_stream import CkptReader
     from tools.model_conversion.safetensors_stream import SafetensorsReader
 
     path = Path(path)
@@ -62,7 +62,7 @@ def read_state(path):
 
 def write_ckpt(state: dict, path, overwrite=False):
     """A MindSpore .ckpt (as ms.save_checkpoint writes it), fp32, written atomically."""
-    from tools.model_conversion.ckpt_stream import CkptWriter
+    from mindbooth.ckpt_stream import CkptWriter
     from tools.model_conversion.conversion import atomic_output
 
     with atomic_output(path, overwrite) as f:

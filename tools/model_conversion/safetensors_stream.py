@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tools.model_conversion.ckpt_stream import copy_range
-from tools.model_conversion.dtypes import DTYPES, ConversionError, itemsize, storage_dtype
+from mindbooth.ckpt_stream import copy_range
+from mindbooth.tensor_dtypes import DTYPES, ConversionError, itemsize, storage_dtype
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 # The library writes tensors by element type (this order, highest first), then by name.
