@@ -16,16 +16,8 @@ from omegaconf import OmegaConf
 from gm.modules.lora import is_lora_name, lora_layers, lora_parameters
 from gm.util import instantiate_from_config
 from mindbooth import checkpoint
+from mindbooth.file_identity import file_identity
 from mindbooth.pipeline import Text2Image
-
-
-def file_identity(path) -> tuple:
-    """(resolved path, size, mtime): a rewritten file is a different file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weight file not found: {path}")
-    stat = path.stat()
-    return str(path.resolve()), stat.st_size, stat.st_mtime_ns
 
 
 def split_weights(weights) -> list:
