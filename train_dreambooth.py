@@ -55,7 +55,10 @@ def fail(message: str):
 def main(argv=None):
     # ---- arguments and config -------------------------------------------------------------------------------
     args = training_parser().parse_args(argv)
-    config = load_training_config(args)
+    try:
+        config = load_training_config(args)
+    except (ValueError, FileNotFoundError) as error:  # a missing config or base, a cycle of bases
+        fail(str(error))
     db, data_cfg, optim_cfg, train_cfg = config.dreambooth, config.data, config.optim, config.train
     for key in ("instance_data_path", "instance_prompt"):
         if not db.get(key):

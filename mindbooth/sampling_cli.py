@@ -13,12 +13,11 @@ from pathlib import Path
 
 import mindspore as ms
 import numpy as np
-from omegaconf import OmegaConf
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from tqdm import tqdm
 
-from mindbooth.config import add_allocator_flag
+from mindbooth.config import add_allocator_flag, load_config
 from mindbooth.images import load_rgb, make_grid
 from mindbooth.pipeline import SAMPLERS
 from mindbooth.sampling_model import load_sampling_model, size_multiple, split_weights
@@ -266,7 +265,7 @@ def generate_and_save(args):
     config_path = Path(args.config)
     if not config_path.is_file():
         raise UsageError(f"model config not found: {config_path}")
-    config = OmegaConf.load(config_path)
+    config = load_config(config_path)
     prompts, num_images, width, height, init_image, init_latent = validate(
         args, size_multiple(config), int(config.model.params.get("latents_per_pixel", 8)))
     weights = split_weights(args.weight)

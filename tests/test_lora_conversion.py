@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 import torch
 from mindspore.nn.utils import no_init_parameters
-from omegaconf import OmegaConf
 from safetensors import safe_open
 
 from conftest import BASE_CONFIG, SHARED, TINY_CONFIG
 from gm.modules.lora import inject_lora, is_lora_name, lora_layers, lora_parameters
 from gm.util import instantiate_from_config, load_params
 from mindbooth.checkpoint import save_lora
-from mindbooth.tiny_model import random_weights
+from mindbooth.config import load_config
 from mindbooth.tensor_dtypes import ConversionError
+from mindbooth.tiny_model import random_weights
 from test_text_encoders import models, token_sets  # noqa: F401  (models: a module-scoped fixture)
 from test_unet import (
     _diffusers_forward_with_emb, _Holder, build_unet, load_diffusers_unet_into_ours, relative_error, run_ours,
@@ -55,7 +55,7 @@ def tiny(tmp_path_factory):
     """The tiny diffusers UNet and ours on the same weights, ours with a rank-4 alpha-8 LoRA (random A and B)
     saved as a MindBooth checkpoint, and the outputs with and without the LoRA."""
     folder = tmp_path_factory.mktemp("lora")
-    reference = tiny_diffusers_unet(OmegaConf.load(TINY_CONFIG))
+    reference = tiny_diffusers_unet(load_config(TINY_CONFIG))
     holder = _Holder(build_unet(TINY_CONFIG))
     unet = holder.model.diffusion_model
     load_diffusers_unet_into_ours(reference, unet)
@@ -395,7 +395,7 @@ def text(tiny, models):  # noqa: F811
     on the weights of the transformers models of test_text_encoders, random text-encoder LoRA; saved as the trainer
     saves a LoRA (save_lora), with the text encoders' outputs with and without the LoRA."""
     conditioner, hf_l, hf_g, p_l = models
-    config = OmegaConf.load(TINY_CONFIG).model
+    config = load_config(TINY_CONFIG).model
     config.params.lora_config = {"rank": RANK, "alpha": ALPHA, "text_encoder": True}
     engine = instantiate_from_config(config)
     weights = random_weights(engine, seed=3)  # the VAE; everything else is overwritten below
@@ -568,7 +568,7 @@ def test_merged_text_encoder_lora_equals_the_lora_model(text, tiny):
         if name not in targets:
             np.testing.assert_array_equal(merged[name], value)
 
-    plain = instantiate_from_config(OmegaConf.load(TINY_CONFIG).model)
+    plain = instantiate_from_config(load_config(TINY_CONFIG).model)
     load_params(plain, merged, strict=True)
     for ours, with_lora in zip(_encode(plain.conditioner, text.ids), text.lora_out):
         assert relative_error(ours, with_lora) < 1e-5

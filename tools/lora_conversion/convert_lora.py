@@ -88,12 +88,16 @@ def layers_per_block(config) -> int:
     """ResBlocks per UNet level (`num_res_blocks`) of the model config; the block numbering depends on it."""
     if config is None:
         return lf.SDXL_LAYERS_PER_BLOCK
-    from omegaconf import OmegaConf
+    from mindbooth.config import load_config
 
     if not Path(config).is_file():
         raise ConversionError(f"model config not found: {config}")
     try:
-        return int(OmegaConf.load(config).model.params.network_config.params.num_res_blocks)
+        loaded = load_config(config)
+    except (FileNotFoundError, ValueError) as error:  # a missing base, a cycle of bases
+        raise ConversionError(str(error)) from None
+    try:
+        return int(loaded.model.params.network_config.params.num_res_blocks)
     except Exception:
         raise ConversionError(f"{config} has no model.params.network_config.params.num_res_blocks") from None
 
