@@ -4,7 +4,6 @@ All generations share one model config and base file, so the CLI reuses the load
 compiles once: the first run loads a LoRA (the UNet is compiled with its LoRA layers), later base-only
 runs zero the LoRA branch. That a zeroed LoRA is the untouched base is checked on the denoiser itself."""
 import importlib.util
-import os
 
 import mindspore as ms
 import numpy as np
