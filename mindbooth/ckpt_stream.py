@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mindbooth.tensor_dtypes import DTYPES, FROM_MINDSPORE, ConversionError, itemsize, storage_dtype
+from mindbooth.tensor_dtypes import DTYPES, FROM_MINDSPORE, ConversionError, cast, itemsize, storage_dtype
 
 SLICE_BYTES = 512 * 1024 * 1024  # MindSpore's SLICE_SIZE: tensors above it span several entries
 CRC_MARK = b"crc_num"
@@ -312,8 +312,6 @@ def iter_arrays(path, names=None):
     """Yield (name, numpy array) from a `.ckpt` one tensor at a time, in file order: a loader that
     holds one tensor beside the model (`mindspore.load_checkpoint` holds about twice the file).
     bf16 tensors come as float32 (exact), since numpy has no bf16. `names`: only these."""
-    from mindbooth.tensor_dtypes import cast
-
     wanted = None if names is None else set(names)
     with CkptReader(path) as reader:
         for name, t in reader.tensors.items():
