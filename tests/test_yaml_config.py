@@ -49,3 +49,11 @@ def test_a_cycle_of_bases_is_a_one_line_error(tmp_path):
     with pytest.raises(ValueError, match="^config bases form a cycle: .*a.yaml -> .*b.yaml -> .*a.yaml$") as error:
         load_config(tmp_path / "a.yaml")
     assert "\n" not in str(error.value)
+
+
+def test_the_trainer_reports_a_missing_base_in_one_line(tmp_path):
+    import train_dreambooth
+
+    (tmp_path / "device.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(SystemExit, match=r"^error: .*device\.yaml names base .*nowhere\.yaml, which is not a file$"):
+        train_dreambooth.main(["--config", str(tmp_path / "device.yaml"), "--device_target", "CPU"])
