@@ -25,19 +25,19 @@ setup_distributed_environment()  # before MindSpore is imported: mpirun's variab
 import mindspore as ms  # noqa: E402
 import numpy as np  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
-from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from gm.modules.lora import lora_parameters, new_lora_init  # noqa: E402
 from gm.util import instantiate_from_config  # noqa: E402
 from mindbooth import checkpoint as ckpt  # noqa: E402
 from mindbooth.class_images import missing_class_image_names, sample_class_images  # noqa: E402
-from mindbooth.compile_cache import (cache_folder, compile_in_child, compile_step_graphs, file_identity,  # noqa: E402
+from mindbooth.compile_cache import (cache_folder, compile_in_child, compile_step_graphs,  # noqa: E402
                                      is_entry_point, precompile_folder, user_cache_enabled)
 from mindbooth.config import load_training_config, training_parser  # noqa: E402
 from mindbooth.context_projections import ContextProjections  # noqa: E402
 from mindbooth.data import BatchSampler, DreamBoothDataset, collate  # noqa: E402
 from mindbooth.distributed import Distributed  # noqa: E402
+from mindbooth.file_identity import file_identity  # noqa: E402
 from mindbooth.images import make_grid, remove_stale_temporaries, save_image_atomic  # noqa: E402
 from mindbooth.optim import AdamW  # noqa: E402
 from mindbooth.pipeline import Text2Image  # noqa: E402

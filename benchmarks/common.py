@@ -327,12 +327,11 @@ def build_mindspore_engine(args, train: bool):
 
 
 def mindbooth_engine(train: bool, frozen_dtype: str = "fp32", transformer_depth=SDXL_TRANSFORMER_DEPTH):
-    from omegaconf import OmegaConf
-
     from gm.util import instantiate_from_config
+    from mindbooth.config import load_config
 
-    config = OmegaConf.load(TRAIN_CONFIG if train else INFERENCE_CONFIG).model
-    tiny = OmegaConf.load(TINY_CONFIG).model.params
+    config = load_config(TRAIN_CONFIG if train else INFERENCE_CONFIG).model
+    tiny = load_config(TINY_CONFIG).model.params
     config.params.conditioner_config = tiny.conditioner_config
     config.params.first_stage_config = tiny.first_stage_config
     if frozen_dtype != "fp32":

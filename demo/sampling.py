@@ -22,6 +22,7 @@ import streamlit as st  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from mindbooth import sampling_model  # noqa: E402
+from mindbooth.file_identity import file_identity  # noqa: E402
 from mindbooth.pipeline import SAMPLERS  # noqa: E402
 from mindbooth.sampling_cli import SD_XL_BASE_RATIOS, safe_stem, save_png  # noqa: E402
 
@@ -52,7 +53,7 @@ def load_base_model(config: str, base_identity: tuple, ms_mode: int, device_targ
 
 
 def model_with_lora(config, base, loras, lora_scale, ms_mode, device_target):
-    key = (str(Path(config).resolve()), sampling_model.file_identity(base), ms_mode, device_target)
+    key = (str(Path(config).resolve()), file_identity(base), ms_mode, device_target)
     model = load_base_model(*key)
     try:
         model.set_lora(loras, lora_scale)

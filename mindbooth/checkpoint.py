@@ -8,7 +8,7 @@ import numpy as np
 from gm.modules.lora import is_lora_name, lora_parameters
 from gm.util import load_params
 from mindbooth.images import atomic_write
-from tools.model_conversion.ckpt_stream import CkptReader, iter_arrays
+from mindbooth.ckpt_stream import CkptReader, iter_arrays
 
 LORA_METADATA = ("lora_rank", "lora_alpha")
 

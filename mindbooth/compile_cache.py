@@ -67,12 +67,6 @@ def cache_folder(root, script, key_parts) -> Path:
     return Path(root) / hashlib.sha256(key.encode()).hexdigest()[:20]
 
 
-def file_identity(path) -> dict:
-    """What identifies a weight file for the key: its path, size and modification time."""
-    stat = os.stat(path)
-    return {"path": os.path.realpath(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-
-
 def is_complete(folder) -> bool:
     return (Path(folder) / _COMPLETE).is_file()
 

@@ -1,8 +1,9 @@
 """Training configuration: the YAML holds everything; a command-line flag, when given, overrides it."""
 import argparse
 import sys
+from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 ALLOCATORS = ("mimalloc", "system")  # --allocator (mindbooth/allocator.py)
 
@@ -96,6 +97,27 @@ def training_parser() -> argparse.ArgumentParser:
     for flag, (_, kind, help_text) in TRAIN_FLAGS.items():
         parser.add_argument(f"--{flag}", type=kind, default=None, help=help_text)
     return parser
+
+
+def load_config(path):
+    """A training or inference YAML. A top-level `base: <path relative to this file>` names a YAML this one
+    overrides: the base is loaded (with its own base, if any) and this file's entries are merged over it.
+    The result has no `base` key. A missing file or base, or a cycle of bases, is a one-line error."""
+    return _load_over_bases(Path(path), ())
+
+
+def _load_over_bases(path: Path, chain: tuple):
+    if not path.is_file():
+        raise FileNotFoundError(f"config not found: {path}" if not chain else f"{chain[-1]} names base {path}, which is not a file")
+    if path.resolve() in (p.resolve() for p in chain):
+        raise ValueError(f"config bases form a cycle: {' -> '.join(str(p) for p in (*chain, path))}")
+    config = OmegaConf.load(path)
+    base = config.pop("base", None) if isinstance(config, DictConfig) else None
+    if base is None:
+        return config
+    if not isinstance(base, str):
+        raise ValueError(f"{path}: `base` must be the path of a YAML file, got {base!r}")
+    return OmegaConf.merge(_load_over_bases(path.parent / base, (*chain, path)), config)
 
 
 TRAINING_SECTIONS = ("model", "dreambooth", "data", "optim", "train")

@@ -11,21 +11,13 @@ from pathlib import Path
 
 import mindspore as ms
 import numpy as np
-from omegaconf import OmegaConf
 
 from gm.modules.lora import is_lora_name, lora_layers, lora_parameters
 from gm.util import instantiate_from_config
 from mindbooth import checkpoint
+from mindbooth.config import load_config
+from mindbooth.file_identity import file_identity
 from mindbooth.pipeline import Text2Image
-
-
-def file_identity(path) -> tuple:
-    """(resolved path, size, mtime): a rewritten file is a different file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weight file not found: {path}")
-    stat = path.stat()
-    return str(path.resolve()), stat.st_size, stat.st_mtime_ns
 
 
 def split_weights(weights) -> list:
@@ -52,7 +44,7 @@ class SamplingModel:
         config_path = Path(config_path)
         if not config_path.is_file():
             raise FileNotFoundError(f"model config not found: {config_path}")
-        self.config = OmegaConf.load(config_path)
+        self.config = load_config(config_path)
         if "model" not in self.config:
             raise ValueError(f"{config_path} has no 'model' section; use configs/inference/*.yaml or a training config")
         self.engine = instantiate_from_config(self.config.model)

@@ -5,7 +5,6 @@ import json
 import math
 from pathlib import Path
 
-import mindspore as ms
 import numpy as np
 
 from gm.modules.lora import lora_parameters

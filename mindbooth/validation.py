@@ -20,17 +20,21 @@ class UsageError(ValueError):
 
 
 def load_yaml_config(path, flag: str = "--config", sections=("model",)) -> DictConfig:
-    """The YAML mapping at `path`, which must hold `sections`; a missing, unreadable, empty or scalar file is a
-    UsageError naming `flag`."""
+    """The YAML mapping at `path` (merged over its `base`, mindbooth.config.load_config), which must hold `sections`;
+    a missing, unreadable, empty or scalar file, or a bad base, is a UsageError naming `flag`."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{flag} {path}: no such file" if not path.exists() else f"{flag} {path} is not a file")
+    from mindbooth.config import load_config
+
     try:
         if not isinstance(yaml.safe_load(path.read_text(encoding="utf-8")), dict):  # empty, a scalar or a list
             raise UsageError(f"{flag} {path} holds no settings: expected a YAML mapping with {', '.join(sections)}")
-        config = OmegaConf.load(path)
+        config = load_config(path)  # with the YAML it names as its `base`, if any
     except UsageError:
         raise
+    except (FileNotFoundError, ValueError) as error:  # a missing base, a cycle of bases
+        raise UsageError(f"{flag} {path}: {error}") from None
     except Exception as error:  # noqa: BLE001 - YAML syntax, encoding, ...: one line naming the file
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise UsageError(f"{flag} {path} is not valid YAML: {first_line}") from None

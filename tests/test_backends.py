@@ -4,11 +4,10 @@ import ast
 import subprocess
 import sys
 
-import mindspore as ms
 import pytest
-from omegaconf import OmegaConf
 
 from conftest import ROOT, TINY_CONFIG
+from mindbooth.config import load_config
 from gm.backends import apply_backend, resolve_backend
 from gm.backends.cpu import kernels
 from gm.util import instantiate_from_config
@@ -33,13 +32,13 @@ def test_plain_model_asks_nothing_of_the_cpu_kernels(monkeypatch):
         raise AssertionError("the CPU kernel library was asked for by a plain build")
 
     monkeypatch.setattr(kernels, "library_path", asked)
-    engine = instantiate_from_config(OmegaConf.load(TINY_CONFIG).model, backend="plain")
+    engine = instantiate_from_config(load_config(TINY_CONFIG).model, backend="plain")
     assert engine.backend == "plain"
     assert not [type(c).__name__ for _, c in engine.cells_and_names() if type(c).__module__.startswith("gm.backends")]
 
 
 def test_cpu_backend_keeps_names_and_is_idempotent():
-    engine = instantiate_from_config(OmegaConf.load(TINY_CONFIG).model, backend="plain")
+    engine = instantiate_from_config(load_config(TINY_CONFIG).model, backend="plain")
     names = [name for name, _ in engine.parameters_and_names()]
     if not kernels.available():
         pytest.skip("the CPU kernels do not build here")
@@ -52,7 +51,7 @@ def test_cpu_backend_keeps_names_and_is_idempotent():
 
 
 def test_flash_attention_off_ascend_is_one_clear_error():
-    config = OmegaConf.load(TINY_CONFIG).model.params.network_config
+    config = load_config(TINY_CONFIG).model.params.network_config
     config.params.spatial_transformer_attn_type = "flash-attention"
     with pytest.raises(ValueError, match="^spatial_transformer_attn_type 'flash-attention' needs MindSpore's "
                                          "flash-attention op, which runs on Ascend only; use 'vanilla' on CPU$"):

@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 
 from gm.modules.embedders.modules import ConcatTimestepEmbedderND
 from gm.util import instantiate_from_config
+from mindbooth.config import load_config
 
 SIZE_KEYS = ("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple")
 BATCH = {
@@ -26,7 +27,7 @@ class Holder(nn.Cell):
 
 
 def conditioner_config(path):
-    return OmegaConf.load(path).model.params.conditioner_config
+    return load_config(path).model.params.conditioner_config
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,7 @@ def diffusers_size_embedding(values):
 
 
 def test_output_shapes_fit_the_unet(tiny):
-    unet = OmegaConf.load(TINY_CONFIG).model.params.network_config.params
+    unet = load_config(TINY_CONFIG).model.params.network_config.params
     out = tiny.encode(BATCH)
     assert out["crossattn"].shape == (2, 77, unet.context_dim) == (2, 77, 96)
     assert out["vector"].shape == (2, unet.adm_in_channels) == (2, 1584)

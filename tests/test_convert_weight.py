@@ -20,9 +20,9 @@ from mindspore.train.checkpoint_pb2 import Checkpoint
 
 from conftest import BASE_CONFIG, KEYS, ROOT, TINY_CONFIG, read_key_yaml
 from gm.util import instantiate_from_config, load_params
+from mindbooth.ckpt_stream import CkptReader, CkptWriter, copy_range, entry_prefix, iter_arrays
+from mindbooth.tensor_dtypes import ConversionError, cast
 from tools.model_conversion import conversion
-from tools.model_conversion.ckpt_stream import CkptReader, CkptWriter, copy_range, entry_prefix, iter_arrays
-from tools.model_conversion.dtypes import ConversionError, cast
 from tools.model_conversion.keymap import mindspore_to_official_name
 from tools.model_conversion.make_random_sdxl import write_random
 from tools.model_conversion.safetensors_stream import SafetensorsReader, TensorInfo, header_bytes, write_order

@@ -3,7 +3,6 @@ model's UNet output and LoRA gradients in PyNative and GRAPH mode."""
 import mindspore as ms
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
 
 from conftest import ROOT
 from gm.backends.cpu.conv import Conv2d
@@ -11,6 +10,7 @@ from gm.backends.cpu.lora import KernelLoRADense
 from gm.modules.frozen_weights import FrozenDense, store_frozen_weights
 from gm.modules.lora import lora_layers, lora_parameters
 from gm.util import instantiate_from_config
+from mindbooth.config import load_config
 from mindbooth.tiny_model import random_weights
 from mindbooth.train_step import DreamBoothLoss, GradStep, make_buffers
 from test_unet import relative_error
@@ -19,7 +19,7 @@ TRAIN_CONFIG = ROOT / "configs" / "training" / "sd_xl_tiny_dreambooth_lora_cpu.y
 
 
 def _engine(frozen_weight_dtype=None, lora=True):
-    config = OmegaConf.load(TRAIN_CONFIG).model
+    config = load_config(TRAIN_CONFIG).model
     config.params.network_config.params.num_res_blocks = 1  # a third of the graph: GRAPH compiles fit the budget
     config.params.network_config.params.transformer_depth = [1, 1, 1]
     if not lora:
@@ -151,7 +151,7 @@ def test_unet_stores_each_block_in_the_frozen_dtype_as_it_is_built(monkeypatch):
     exists in fp32 (docs/performance.md, "Frozen weights in fp16")."""
     import gm.modules.diffusionmodules.openaimodel as openaimodel
 
-    config = OmegaConf.load(TRAIN_CONFIG).model.params.network_config
+    config = load_config(TRAIN_CONFIG).model.params.network_config
     fp32_bytes_when_stored = []
     stored_in = openaimodel.stored_in
 

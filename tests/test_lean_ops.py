@@ -111,13 +111,13 @@ import json
 import sys
 import mindspore as ms
 import numpy as np
-from omegaconf import OmegaConf
 from gm.backends import apply_backend
 from gm.modules.lora import inject_lora, lora_parameters
 from gm.util import instantiate_from_config
+from mindbooth.config import load_config
 ms.set_device("CPU")
 ms.set_context(mode=ms.GRAPH_MODE)
-config = OmegaConf.load(sys.argv[1]).model.params.network_config
+config = load_config(sys.argv[1]).model.params.network_config
 unet = instantiate_from_config(config)
 for param in unet.get_parameters():
     param.requires_grad = False

@@ -6,7 +6,7 @@ import pytest
 from mindspore import nn, ops
 from mindspore.nn.utils import no_init_parameters
 
-from conftest import BACKENDS, BASE_CONFIG, ROOT, SHARED, TINY_CONFIG
+from conftest import BACKENDS, BASE_CONFIG, SHARED, TINY_CONFIG
 from gm.backends import apply_backend
 from gm.modules.attention import CrossAttention
 from gm.modules.frozen_weights import store_frozen_weights

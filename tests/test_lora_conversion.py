@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 import torch
 from mindspore.nn.utils import no_init_parameters
-from omegaconf import OmegaConf
 from safetensors import safe_open
 
 from conftest import BASE_CONFIG, SHARED, TINY_CONFIG
 from gm.modules.lora import inject_lora, is_lora_name, lora_layers, lora_parameters
 from gm.util import instantiate_from_config, load_params
 from mindbooth.checkpoint import save_lora
+from mindbooth.config import load_config
+from mindbooth.tensor_dtypes import ConversionError
 from mindbooth.tiny_model import random_weights
 from gm.backends import resolve_backend
 from test_text_encoders import build_models, token_sets
@@ -29,7 +30,6 @@ from tools.lora_conversion import text_encoder_names as te_names
 from tools.lora_conversion.convert_lora import convert, main as convert_main, read_state, write_safetensors
 from tools.lora_conversion.merge_lora import merge
 from tools.model_conversion.diffusers_unet import diffusers_name_to_official
-from tools.model_conversion.dtypes import ConversionError
 
 LORA_KEYS = SHARED / "reference" / "sdxl_keys" / "mindone" / "lora_conversion"
 RANK, ALPHA = 4, 8.0
@@ -56,7 +56,7 @@ def tiny(tmp_path_factory):
     """The tiny diffusers UNet and ours on the same weights, ours with a rank-4 alpha-8 LoRA (random A and B)
     saved as a MindBooth checkpoint, and the outputs with and without the LoRA."""
     folder = tmp_path_factory.mktemp("lora")
-    reference = tiny_diffusers_unet(OmegaConf.load(TINY_CONFIG))
+    reference = tiny_diffusers_unet(load_config(TINY_CONFIG))
     holder = _Holder(build_unet(TINY_CONFIG))
     unet = holder.model.diffusion_model
     load_diffusers_unet_into_ours(reference, unet)
@@ -427,7 +427,7 @@ def text(tiny, models):
     on the weights of the transformers models of test_text_encoders, random text-encoder LoRA; saved as the trainer
     saves a LoRA (save_lora), with the text encoders' outputs with and without the LoRA."""
     conditioner, hf_l, hf_g, p_l = models
-    config = OmegaConf.load(TINY_CONFIG).model
+    config = load_config(TINY_CONFIG).model
     config.params.lora_config = {"rank": RANK, "alpha": ALPHA, "text_encoder": True}
     engine = instantiate_from_config(config)
     weights = random_weights(engine, seed=3)  # the VAE; everything else is overwritten below
@@ -600,7 +600,7 @@ def test_merged_text_encoder_lora_equals_the_lora_model(text, tiny):
         if name not in targets:
             np.testing.assert_array_equal(merged[name], value)
 
-    plain = instantiate_from_config(OmegaConf.load(TINY_CONFIG).model)
+    plain = instantiate_from_config(load_config(TINY_CONFIG).model)
     load_params(plain, merged, strict=True)
     for ours, with_lora in zip(_encode(plain.conditioner, text.ids), text.lora_out):
         assert relative_error(ours, with_lora) < 1e-5

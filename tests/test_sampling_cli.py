@@ -4,12 +4,10 @@ All generations share one model config and base file, so the CLI reuses the load
 compiles once: the first run loads a LoRA (the UNet is compiled with its LoRA layers), later base-only
 runs zero the LoRA branch. That a zeroed LoRA is the untouched base is checked on the denoiser itself."""
 import importlib.util
-import os
 
 import mindspore as ms
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import ROOT, TINY_CONFIG
@@ -17,6 +15,7 @@ from gm.modules.lora import inject_lora, lora_parameters
 from gm.util import instantiate_from_config
 from mindbooth import sampling_cli
 from mindbooth.checkpoint import read_checkpoint, save_checkpoint_atomic, save_lora
+from mindbooth.config import load_config
 from mindbooth.images import to_uint8
 from mindbooth.sampling_model import SamplingModel
 from mindbooth.tiny_model import random_weights
@@ -35,7 +34,7 @@ def _load_cli():
 def weights(tmp_path_factory):
     """A random tiny base, and two LoRA files: B and 2B (same A, rank 4, alpha 4)."""
     folder = tmp_path_factory.mktemp("weights")
-    engine = instantiate_from_config(OmegaConf.load(TINY_CONFIG).model)
+    engine = instantiate_from_config(load_config(TINY_CONFIG).model)
     base = folder / "tiny.ckpt"
     save_checkpoint_atomic(random_weights(engine, seed=3), base)
     inject_lora(engine.model, rank=4, alpha=4)
@@ -207,7 +206,7 @@ def test_bad_input_is_one_line(cli, weights, tmp_path, extra, message):
 def test_text_encoder_lora_file_loads_and_scales(cli, weights, lora_image, base_image, tmp_path):
     """A --train_text_encoder LoRA (the UNet part of `lora` plus text-encoder LoRA) loads into the same cached
     model: the text part changes the image; --lora_scale 0 is still the base."""
-    engine = instantiate_from_config(OmegaConf.load(TINY_CONFIG).model)
+    engine = instantiate_from_config(load_config(TINY_CONFIG).model)
     engine.add_unet_lora(rank=4, alpha=4)
     engine.add_text_encoder_lora(rank=4, alpha=4)
     file_lora = {k: v.asnumpy() for k, v in read_checkpoint(weights["lora"]).items() if ".lora_" in k}

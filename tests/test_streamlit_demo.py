@@ -15,7 +15,6 @@ import mindspore as ms
 import numpy as np
 import pytest
 import streamlit as st
-from omegaconf import OmegaConf
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
@@ -23,6 +22,7 @@ from conftest import ROOT, TINY_CONFIG
 from gm.util import instantiate_from_config
 from mindbooth import sampling_model
 from mindbooth.checkpoint import save_checkpoint_atomic
+from mindbooth.config import load_config
 from mindbooth.tiny_model import random_weights
 
 PAGE = ROOT / "demo" / "sampling.py"
@@ -31,7 +31,7 @@ PAGE = ROOT / "demo" / "sampling.py"
 @pytest.fixture(scope="module")
 def base_weight(tmp_path_factory):
     path = tmp_path_factory.mktemp("weights") / "tiny.ckpt"
-    save_checkpoint_atomic(random_weights(instantiate_from_config(OmegaConf.load(TINY_CONFIG).model), seed=1), path)
+    save_checkpoint_atomic(random_weights(instantiate_from_config(load_config(TINY_CONFIG).model), seed=1), path)
     yield path
     ms.set_context(mode=ms.PYNATIVE_MODE)  # the page compiled in GRAPH_MODE
 

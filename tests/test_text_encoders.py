@@ -15,6 +15,7 @@ from mindspore import nn
 from omegaconf import OmegaConf
 
 from gm.util import instantiate_from_config, load_params
+from mindbooth.config import load_config
 from tools.model_conversion import diffusers_text as dt
 from tools.model_conversion.keymap import official_to_mindspore_names
 
@@ -62,7 +63,7 @@ def build_models(backend):
     """Our tiny conditioner (frozen, in `backend`) and transformers' CLIP-L and bigG with the same random weights."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    emb_cfgs = OmegaConf.load(TINY_CONFIG).model.params.conditioner_config
+    emb_cfgs = load_config(TINY_CONFIG).model.params.conditioner_config
     conditioner = instantiate_from_config(emb_cfgs)
     p_l, p_g = (OmegaConf.to_container(emb_cfgs.params.emb_models[i].params) for i in (0, 1))
 
@@ -135,7 +136,7 @@ def standalone(target, params, conditioner, index):
 
 def test_other_output_layers_match_transformers(models):
     conditioner, hf_l, hf_g, _ = models
-    cfgs = OmegaConf.load(TINY_CONFIG).model.params.conditioner_config.params.emb_models
+    cfgs = load_config(TINY_CONFIG).model.params.conditioner_config.params.emb_models
     p_l, p_g = (OmegaConf.to_container(cfgs[i].params) for i in (0, 1))
     ids_l, ids_g = next(token_sets(conditioner))
     with torch.no_grad():
@@ -289,7 +290,7 @@ def test_text_encoder_lora_matches_peft(models):
 
     conditioner, hf_l, hf_g, p_l = models
     rank, alpha = 4, 8.0
-    emb_cfgs = OmegaConf.load(TINY_CONFIG).model.params.conditioner_config
+    emb_cfgs = load_config(TINY_CONFIG).model.params.conditioner_config
     with_lora = instantiate_from_config(emb_cfgs)
     load_params(with_lora, dict(conditioner.parameters_and_names()), strict=True)
     added = with_lora.add_text_encoder_lora(rank, alpha)

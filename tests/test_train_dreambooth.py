@@ -15,6 +15,7 @@ from PIL import Image
 from gm.modules.lora import lora_parameters
 from gm.util import instantiate_from_config
 from mindbooth.checkpoint import load_weights, read_checkpoint
+from mindbooth.config import load_config
 from mindbooth.data import DreamBoothDataset, collate
 from mindbooth.optim import AdamW
 from mindbooth.train_step import ApplyStep, DreamBoothLoss, GradStep, buffered_gradients, make_buffers, prior_passes
@@ -87,7 +88,7 @@ def test_run_writes_lora_log_plot_sample_and_changes_only_lora(workspace, uninte
     for name in ("loss.png", "sample_final.png", "config.yaml", "SDXL-tiny_2_lora.ckpt", "SDXL-tiny_4_lora.ckpt",
                  "validation_step000002.png", "validation_step000004.png"):
         assert (run / name).is_file(), name
-    assert OmegaConf.load(run / "config.yaml").dreambooth.num_class_images == 3  # the flag is in the saved config
+    assert load_config(run / "config.yaml").dreambooth.num_class_images == 3  # the flag is in the saved config
     lora = _lora(run / "SDXL-tiny_4_lora.ckpt")
     assert set(k for k in lora if ".lora_" in k) == set(lora_parameters(engine))
     assert lora["lora_rank"] == 4
@@ -171,7 +172,7 @@ def test_gradient_checkpointing_trains_as_without_it(workspace, uninterrupted, r
     run = workspace / f"run_checkpointed_{res_blocks}"
     _train(workspace, run, "--total_step", "2", "--ms_mode", "0", "--gradient_checkpointing", "True",
            "--gradient_checkpointing_res_blocks", str(res_blocks))
-    saved = OmegaConf.load(run / "config.yaml").train
+    saved = load_config(run / "config.yaml").train
     assert saved.gradient_checkpointing is True and saved.gradient_checkpointing_res_blocks is res_blocks
     with open(run / "loss.csv") as handle:
         rows = list(csv.DictReader(handle))
@@ -207,7 +208,7 @@ def test_cache_latents_and_fp16_frozen_weights_train_and_free_the_encoders(works
 # ---- units ---------------------------------------------------------------------------------------------------
 
 def _tiny_engine_with_weights(workspace, backend="auto"):
-    engine = instantiate_from_config(OmegaConf.load(workspace / "train.yaml").model, backend=backend)
+    engine = instantiate_from_config(load_config(workspace / "train.yaml").model, backend=backend)
     load_weights(engine, [str(workspace / "tiny.ckpt")])
     rng = np.random.default_rng(5)
     for name, param in lora_parameters(engine).items():
@@ -384,7 +385,7 @@ def test_fp16_precision_follows_fp32_under_a_loss_scale(workspace):
 # ---- --train_text_encoder ------------------------------------------------------------------------------------
 
 def _text_encoder_engine(workspace):
-    config = OmegaConf.load(workspace / "train.yaml")
+    config = load_config(workspace / "train.yaml")
     config.model.params.lora_config.text_encoder = True
     engine = instantiate_from_config(config.model)
     load_weights(engine, [str(workspace / "tiny.ckpt")])
@@ -446,7 +447,7 @@ def test_train_text_encoder_run_saves_and_reloads_text_lora(workspace):
                     "--text_encoder_lr", "5e-4", "--cache_latents", "True")
     run = workspace / "run_text"
     assert all(np.isfinite(_losses(run))) and len(_losses(run)) == 2
-    assert OmegaConf.load(run / "config.yaml").optim.text_encoder_learning_rate == 5e-4
+    assert load_config(run / "config.yaml").optim.text_encoder_learning_rate == 5e-4
     with open(run / "loss.csv") as handle:  # token ids and sizes are step inputs, not graph constants
         assert [int(row["compiled_step_graphs"]) for row in csv.DictReader(handle)] == [1, 1]
     assert engine.conditioner is not None and not hasattr(engine.first_stage_model, "encoder")  # only the VAE encoder freed
@@ -460,7 +461,7 @@ def test_train_text_encoder_run_saves_and_reloads_text_lora(workspace):
             np.testing.assert_array_equal(param.asnumpy(), base[name].asnumpy(), err_msg=name)
 
     # An inference model (no lora_config) given base + this file gets both LoRAs: same text embeddings, same UNet LoRA.
-    config = OmegaConf.load(workspace / "train.yaml")
+    config = load_config(workspace / "train.yaml")
     del config.model.params["lora_config"]
     reloaded = instantiate_from_config(config.model)
     load_weights(reloaded, [str(workspace / "tiny.ckpt"), str(run / "SDXL-tiny_2_lora.ckpt")])

@@ -13,6 +13,7 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import BACKENDS, TINY_CONFIG
+from mindbooth.config import load_config
 from gm.modules.diffusionmodules.discretizer import LegacyDDPMDiscretization
 from gm.util import instantiate_from_config, load_params
 from mindbooth.pipeline import Text2Image
@@ -110,7 +111,7 @@ def setup():
     under official names (for our engines). Built once for both backends."""
     from diffusers import StableDiffusionXLPipeline
 
-    config = OmegaConf.load(TINY_CONFIG)
+    config = load_config(TINY_CONFIG)
     unet = tiny_diffusers_unet(config)
     vae = diffusers_vae(config)
     hf_l, hf_g = diffusers_text_encoders(config)

@@ -5,13 +5,13 @@ import pytest
 import torch
 from mindspore import nn
 from mindspore.nn.utils import no_init_parameters
-from omegaconf import OmegaConf
 
 from conftest import BACKENDS, BASE_CONFIG, KEYS, TINY_CONFIG, read_key_yaml
 from gm.backends import apply_backend
 from gradients import Gradients
 from gm.modules.diffusionmodules.wrappers import OpenAIWrapper
 from gm.util import instantiate_from_config, load_params
+from mindbooth.config import load_config
 from tools.model_conversion.diffusers_unet import unet_from_official, unet_to_official
 from tools.model_conversion.keymap import official_to_mindspore_names
 
@@ -25,7 +25,7 @@ class _Holder(nn.Cell):
 
 
 def build_unet(config_path):
-    return instantiate_from_config(OmegaConf.load(config_path).model.params.network_config)
+    return instantiate_from_config(load_config(config_path).model.params.network_config)
 
 
 def test_full_size_unet_names_and_shapes_equal_the_official_checkpoint():
@@ -93,7 +93,7 @@ def relative_error(ours, reference):
 def tiny_pair(request):
     """(our tiny UNet, frozen as in a LoRA run, in the backend of the parameter; inputs; diffusers' output; diffusers'
     UNet)."""
-    config = OmegaConf.load(TINY_CONFIG)
+    config = load_config(TINY_CONFIG)
     reference = tiny_diffusers_unet(config)
     unet = build_unet(TINY_CONFIG)
     load_diffusers_unet_into_ours(reference, unet)

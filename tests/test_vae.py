@@ -6,13 +6,13 @@ import pytest
 import torch
 from mindspore import nn
 from mindspore.nn.utils import no_init_parameters
-from omegaconf import OmegaConf
 
 from conftest import BACKENDS, BASE_CONFIG, KEYS, TINY_CONFIG, read_key_yaml
 from gm.backends import apply_backend
 from gm.models.autoencoder import AutoencoderKLInferenceWrapper
 from gm.modules.distributions import DiagonalGaussianDistribution
 from gm.util import instantiate_from_config, load_params
+from mindbooth.config import load_config
 from tools.model_conversion.diffusers_vae import vae_from_official, vae_to_official
 from tools.model_conversion.keymap import official_to_mindspore_names
 
@@ -45,7 +45,7 @@ class Call(nn.Cell):
 
 
 def vae_config(path):
-    return OmegaConf.load(path).model.params.first_stage_config
+    return load_config(path).model.params.first_stage_config
 
 
 def rel_err(a, b):
@@ -109,7 +109,7 @@ def test_tiny_vae_matches_diffusers(tiny):
     out = ours.decode(ms.Tensor(latent)).asnumpy()
     assert out.shape == (2, 3, 64, 64)
     assert rel_err(out, decoded) < 1e-4
-    assert ours.downsample_factor == 8 == OmegaConf.load(TINY_CONFIG).model.params.latents_per_pixel
+    assert ours.downsample_factor == 8 == load_config(TINY_CONFIG).model.params.latents_per_pixel
 
 
 def standardized_noise_is_standard_normal(z, mean, std):

@@ -6,6 +6,7 @@ from omegaconf import OmegaConf
 from conftest import ROOT
 from gm.util import instantiate_from_config
 from mindbooth.checkpoint import save_checkpoint_atomic
+from mindbooth.config import load_config
 from mindbooth.tiny_model import random_weights
 from mindbooth.toy_subject import write_toy_images
 
@@ -14,7 +15,7 @@ TRAIN_CONFIG = ROOT / "configs" / "training" / "sd_xl_tiny_dreambooth_lora_cpu.y
 
 def make_workspace(root):
     """Writes root/train.yaml, root/tiny.ckpt and root/subject/*.png; returns root."""
-    config = OmegaConf.load(TRAIN_CONFIG)
+    config = load_config(TRAIN_CONFIG)
     config.model.params.network_config.params.num_res_blocks = 1
     config.model.params.network_config.params.transformer_depth = [1, 1, 1]
     config.dreambooth.class_sampling.num_steps = 2

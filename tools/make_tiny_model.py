@@ -11,10 +11,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mindspore as ms  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 
 from gm.util import instantiate_from_config  # noqa: E402
 from mindbooth.checkpoint import save_checkpoint_atomic  # noqa: E402
+from mindbooth.config import load_config  # noqa: E402
 from mindbooth.tiny_model import random_weights  # noqa: E402
 from mindbooth.toy_subject import write_toy_images  # noqa: E402
 
@@ -32,7 +32,7 @@ def main():
     if Path(args.weight_ms).exists() and not args.overwrite:
         print(f"{args.weight_ms} exists; keeping it (use --overwrite to rebuild)")
     else:
-        engine = instantiate_from_config(OmegaConf.load(args.config).model)
+        engine = instantiate_from_config(load_config(args.config).model)
         save_checkpoint_atomic(random_weights(engine, args.seed), args.weight_ms)
         print(f"wrote {args.weight_ms}")
     if args.subject_dir:

@@ -5,7 +5,7 @@ MindSpore's fp16/bf16 kernels are slow or missing). SDXL's released weights are 
 nothing. Parameter names (`weight`, `bias`, `gamma`, `beta`) and objects stay the same, so checkpoints load as before.
 """
 import mindspore as ms
-from mindspore import nn, ops
+from mindspore import nn
 
 from gm.util import become
 

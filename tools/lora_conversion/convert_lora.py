@@ -23,9 +23,9 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
+from mindbooth.tensor_dtypes import CHOICES, FLOATS, ConversionError, cast  # noqa: E402
 from tools.lora_conversion import lora_formats as lf  # noqa: E402
 from tools.lora_conversion import text_encoder_names as te  # noqa: E402
-from tools.model_conversion.dtypes import CHOICES, FLOATS, ConversionError, cast  # noqa: E402
 
 TASKS = {"ms_to_diffusers": "diffusers", "ms_to_kohya": "kohya", "to_ms": "mindbooth"}
 
@@ -46,7 +46,7 @@ def is_safetensors(path) -> bool:
 
 def read_state(path):
     """{name: fp32 array} and the safetensors header metadata ({} for a .ckpt) of a LoRA file."""
-    from tools.model_conversion.ckpt_stream import CkptReader
+    from mindbooth.ckpt_stream import CkptReader
     from tools.model_conversion.safetensors_stream import SafetensorsReader
 
     path = Path(path)
@@ -62,7 +62,7 @@ def read_state(path):
 
 def write_ckpt(state: dict, path, overwrite=False):
     """A MindSpore .ckpt (as ms.save_checkpoint writes it), fp32, written atomically."""
-    from tools.model_conversion.ckpt_stream import CkptWriter
+    from mindbooth.ckpt_stream import CkptWriter
     from tools.model_conversion.conversion import atomic_output
 
     with atomic_output(path, overwrite) as f:
@@ -88,12 +88,16 @@ def layers_per_block(config) -> int:
     """ResBlocks per UNet level (`num_res_blocks`) of the model config; the block numbering depends on it."""
     if config is None:
         return lf.SDXL_LAYERS_PER_BLOCK
-    from omegaconf import OmegaConf
+    from mindbooth.config import load_config
 
     if not Path(config).is_file():
         raise ConversionError(f"model config not found: {config}")
     try:
-        return int(OmegaConf.load(config).model.params.network_config.params.num_res_blocks)
+        loaded = load_config(config)
+    except (FileNotFoundError, ValueError) as error:  # a missing base, a cycle of bases
+        raise ConversionError(str(error)) from None
+    try:
+        return int(loaded.model.params.network_config.params.num_res_blocks)
     except Exception:
         raise ConversionError(f"{config} has no model.params.network_config.params.num_res_blocks") from None
 

@@ -30,9 +30,9 @@ from typing import NamedTuple
 
 import numpy as np
 
+from mindbooth.tensor_dtypes import ConversionError
 from tools.lora_conversion import text_encoder_names as te
 from tools.model_conversion.diffusers_unet import diffusers_name_to_official, official_name_to_diffusers
-from tools.model_conversion.dtypes import ConversionError
 
 MINDBOOTH_PREFIX = "model.diffusion_model."
 KOHYA_PREFIX = "lora_unet_"

@@ -22,15 +22,15 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
+from mindbooth.tensor_dtypes import FLOATS, ConversionError, cast  # noqa: E402
 from tools.lora_conversion import lora_formats as lf  # noqa: E402
 from tools.lora_conversion.convert_lora import is_safetensors, layers_per_block, read_state  # noqa: E402
-from tools.model_conversion.dtypes import FLOATS, ConversionError, cast  # noqa: E402
 
 
 def merge(base_ckpt, lora, output, scale=1.0, overwrite=False, config=None, drop_text_encoder=False) -> dict:
     """Write `output` = base with the LoRA merged in; returns {"merged": layers, "weights": base weights changed,
     "tensors": written, "seconds"}."""
-    from tools.model_conversion.ckpt_stream import CkptReader, CkptWriter
+    from mindbooth.ckpt_stream import CkptReader, CkptWriter
     from tools.model_conversion.conversion import atomic_output
 
     start = time.time()

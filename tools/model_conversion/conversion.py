@@ -21,9 +21,9 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from tools.model_conversion.ckpt_stream import CkptReader, CkptWriter
+from mindbooth.ckpt_stream import CkptReader, CkptWriter
+from mindbooth.tensor_dtypes import CHOICES, FLOATS, ConversionError, cast, itemsize
 from tools.model_conversion.diffusers_folder import DiffusersFolder, materialize
-from tools.model_conversion.dtypes import CHOICES, FLOATS, ConversionError, cast, itemsize
 from tools.model_conversion.keymap import mindspore_to_official_name, official_to_mindspore_names
 from tools.model_conversion.safetensors_stream import SafetensorsReader, TensorInfo, write_safetensors
 from tools.model_conversion.sdxl_layout import detect

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tools.model_conversion.dtypes import CHOICES, ConversionError  # noqa: E402
+from mindbooth.tensor_dtypes import CHOICES, ConversionError  # noqa: E402
 
 TASKS = {"pt_to_ms": "pt_to_ms", "st_to_ms": "pt_to_ms", "ms_to_pt": "ms_to_pt", "ms_to_st": "ms_to_pt"}
 DEFAULT_CONFIG = ROOT / "configs" / "inference" / "sd_xl_base.yaml"

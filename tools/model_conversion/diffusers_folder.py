@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tools.model_conversion.dtypes import FLOATS, ConversionError, cast, storage_dtype
+from mindbooth.tensor_dtypes import FLOATS, ConversionError, cast, storage_dtype
 from tools.model_conversion.safetensors_stream import SafetensorsReader
 
 # component folder -> stem of its weights file

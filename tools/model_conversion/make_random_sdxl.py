@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from mindbooth.tensor_dtypes import CHOICES, storage_dtype  # noqa: E402
 from tools.model_conversion.conversion import atomic_output  # noqa: E402
-from tools.model_conversion.dtypes import CHOICES, storage_dtype  # noqa: E402
 from tools.model_conversion.safetensors_stream import TensorInfo, write_safetensors  # noqa: E402
 from tools.model_conversion.sdxl_layout import load_config, official_shapes  # noqa: E402
 

@@ -10,15 +10,14 @@ The writer lays out a file byte for byte as the `safetensors` library does (it i
 against it), so official -> ckpt -> official round trips are bit-identical.
 """
 import json
-import os
 import struct
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 
-from tools.model_conversion.ckpt_stream import copy_range
-from tools.model_conversion.dtypes import DTYPES, ConversionError, itemsize, storage_dtype
+from mindbooth.ckpt_stream import TensorFile, copy_range
+from mindbooth.tensor_dtypes import DTYPES, ConversionError, itemsize, storage_dtype
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 # The library writes tensors by element type (this order, highest first), then by name.
@@ -38,15 +37,12 @@ class TensorInfo:
         return int(np.prod(self.shape, dtype=np.int64)) * itemsize(self.dtype)
 
 
-class SafetensorsReader:
+class SafetensorsReader(TensorFile):
     """Index of a safetensors file; `read(name)` loads one tensor (bf16 as uint16 bits)."""
 
     def __init__(self, path):
-        self.path = str(path)
-        if not os.path.isfile(self.path):
-            raise ConversionError(f"input not found: {self.path}")
-        size = os.path.getsize(self.path)
-        self._file = open(self.path, "rb")
+        super().__init__(path)
+        size = self.size
         head = self._file.read(8)
         if len(head) < 8:
             self.close()
@@ -65,7 +61,6 @@ class SafetensorsReader:
             raise ConversionError(f"not a safetensors file: {self.path} (the {n}-byte header is not a JSON object)")
         self.metadata = header.pop("__metadata__", None)
         data_start, data_size = 8 + n, size - 8 - n
-        self.tensors = OrderedDict()
         spans = []
         for name, entry in header.items():
             try:
@@ -97,9 +92,6 @@ class SafetensorsReader:
             self.close()
             raise ConversionError(f"corrupt safetensors file: {self.path} (tensor data ranges overlap or leave gaps)")
 
-    def shapes(self) -> dict:
-        return {name: info.shape for name, info in self.tensors.items()}
-
     def in_file_order(self):
         """Tensors in the order their data lies in the file (sequential reads)."""
         return sorted(self.tensors.values(), key=lambda t: t.offset)
@@ -112,18 +104,6 @@ class SafetensorsReader:
         if got != info.nbytes:
             raise ConversionError(f"truncated file: {self.path} (reading '{name}' got {got} of {info.nbytes} bytes)")
         return out.view(storage_dtype(info.dtype)).reshape(info.shape)
-
-    def fileno(self) -> int:
-        return self._file.fileno()
-
-    def close(self):
-        self._file.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def write_order(infos):

@@ -233,10 +233,13 @@ def official_shapes(model_params) -> "OrderedDict[str, tuple]":
     return out
 
 
-def load_config(path):
+def load_config(path) -> dict:
+    """A model YAML (through mindbooth's loader, so a `base:` include is merged) as plain dicts and lists."""
     from omegaconf import OmegaConf
 
-    return OmegaConf.to_container(OmegaConf.load(str(path)), resolve=True)
+    from mindbooth.config import load_config as load_yaml
+
+    return OmegaConf.to_container(load_yaml(path), resolve=True)
 
 
 # The `target`s of SDXL base's model config, in config order (configs/inference/sd_xl_base.yaml; the tiny

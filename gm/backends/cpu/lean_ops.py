@@ -7,7 +7,6 @@ The backward passes below recompute what they need from their input, and that in
 (ops.depend): otherwise GRAPH mode merges the recomputation with the forward's (common-subexpression elimination) or
 runs it during the forward, and its results stay alive until the backward, which is what recomputing avoids.
 """
-import mindspore as ms
 from mindspore import mint, nn, ops
 
 

@@ -12,19 +12,10 @@ class ConversionError(ValueError):
 
 # safetensors code -> (numpy storage dtype, MindSpore .ckpt `tensor_type`)
 DTYPES = {
-    "BOOL": (np.bool_, "Bool"),
-    "U8": (np.uint8, "UInt8"),
-    "I8": (np.int8, "Int8"),
-    "I16": (np.int16, "Int16"),
-    "U16": (np.uint16, "UInt16"),
-    "F16": (np.float16, "Float16"),
-    "BF16": (np.uint16, "BFloat16"),
-    "I32": (np.int32, "Int32"),
-    "U32": (np.uint32, "UInt32"),
-    "F32": (np.float32, "Float32"),
-    "F64": (np.float64, "Float64"),
-    "I64": (np.int64, "Int64"),
-    "U64": (np.uint64, "UInt64"),
+    "BOOL": (np.bool_, "Bool"), "U8": (np.uint8, "UInt8"), "I8": (np.int8, "Int8"), "I16": (np.int16, "Int16"),
+    "U16": (np.uint16, "UInt16"), "F16": (np.float16, "Float16"), "BF16": (np.uint16, "BFloat16"),
+    "I32": (np.int32, "Int32"), "U32": (np.uint32, "UInt32"), "F32": (np.float32, "Float32"),
+    "F64": (np.float64, "Float64"), "I64": (np.int64, "Int64"), "U64": (np.uint64, "UInt64"),
 }
 FROM_MINDSPORE = {ms: code for code, (_, ms) in DTYPES.items()}
 FLOATS = ("F16", "BF16", "F32", "F64")

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tools.model_conversion.dtypes import DTYPES, FROM_MINDSPORE, ConversionError, itemsize, storage_dtype
+from mindbooth.tensor_dtypes import DTYPES, FROM_MINDSPORE, ConversionError, cast, itemsize, storage_dtype
 
 SLICE_BYTES = 512 * 1024 * 1024  # MindSpore's SLICE_SIZE: tensors above it span several entries
 CRC_MARK = b"crc_num"
@@ -170,8 +170,9 @@ class _Cursor:
             yield key >> 3, key & 7
 
 
-class CkptReader:
-    """Index of a `.ckpt` (names, dtypes, shapes, where the bytes are); `read(name)` loads one tensor."""
+class TensorFile:
+    """A weight file open for reading one tensor at a time (`.ckpt` here, `.safetensors` in the conversion tools):
+    its `tensors` index (name -> entry with a `shape`), and use as a context manager that closes the file."""
 
     def __init__(self, path):
         self.path = str(path)
@@ -179,6 +180,29 @@ class CkptReader:
             raise ConversionError(f"input not found: {self.path}")
         self.size = os.path.getsize(self.path)
         self._file = open(self.path, "rb")
+        self.tensors = OrderedDict()
+
+    def shapes(self) -> dict:
+        return {name: t.shape for name, t in self.tensors.items()}
+
+    def fileno(self) -> int:
+        return self._file.fileno()
+
+    def close(self):
+        self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class CkptReader(TensorFile):
+    """Index of a `.ckpt` (names, dtypes, shapes, where the bytes are); `read(name)` loads one tensor."""
+
+    def __init__(self, path):
+        super().__init__(path)
         self.has_crc = False
         try:
             self.tensors = self._index()
@@ -258,9 +282,6 @@ class CkptReader:
             raise ConversionError(f"not a MindSpore checkpoint: {self.path} (incomplete entry ending at byte {cur.end})")
         return tag, ms_type, dims, content
 
-    def shapes(self) -> dict:
-        return {name: t.shape for name, t in self.tensors.items()}
-
     def read(self, name) -> np.ndarray:
         t = self.tensors[name]
         out = np.empty(t.nbytes, dtype=np.uint8)
@@ -271,9 +292,6 @@ class CkptReader:
                 raise ConversionError(f"truncated checkpoint: {self.path} (reading '{name}')")
             at += length
         return out.view(storage_dtype(t.dtype)).reshape(t.shape)
-
-    def fileno(self) -> int:
-        return self._file.fileno()
 
     def verify_crc(self) -> bool:
         """Check a `crc_num` trailer, if there is one (reads the whole file). False when absent."""
@@ -289,22 +307,11 @@ class CkptReader:
             raise ConversionError(f"corrupt checkpoint: {self.path} (CRC32 {crc} does not match the stored {stored})")
         return True
 
-    def close(self):
-        self._file.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
 
 def iter_arrays(path, names=None):
     """Yield (name, numpy array) from a `.ckpt` one tensor at a time, in file order: a loader that
     holds one tensor beside the model (`mindspore.load_checkpoint` holds about twice the file).
     bf16 tensors come as float32 (exact), since numpy has no bf16. `names`: only these."""
-    from tools.model_conversion.dtypes import cast
-
     wanted = None if names is None else set(names)
     with CkptReader(path) as reader:
         for name, t in reader.tensors.items():
