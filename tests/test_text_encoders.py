@@ -59,13 +59,12 @@ def hand_made_ids(pad: int, lengths=(1, 9, 40)):
     return ids
 
 
-def build_models(backend):
-    """Our tiny conditioner (frozen, in `backend`) and transformers' CLIP-L and bigG with the same random weights."""
+def transformers_text_encoders(conditioner_config):
+    """transformers' CLIP-L and bigG (with projection) of the conditioner config's sizes, random weights; and the
+    CLIP-L embedder's params."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    emb_cfgs = load_config(TINY_CONFIG).model.params.conditioner_config
-    conditioner = instantiate_from_config(emb_cfgs)
-    p_l, p_g = (OmegaConf.to_container(emb_cfgs.params.emb_models[i].params) for i in (0, 1))
+    p_l, p_g = (OmegaConf.to_container(conditioner_config.params.emb_models[i].params) for i in (0, 1))
 
     def hf_config(p, **extra):
         # eos_token_id 49407 (not the legacy 2): transformers pools at the first EOT. bigG pads with 0, so the
@@ -78,6 +77,14 @@ def build_models(backend):
     torch.manual_seed(0)
     hf_l = randomize(CLIPTextModel(hf_config(p_l)))
     hf_g = randomize(CLIPTextModelWithProjection(hf_config(p_g, projection_dim=p_g["projection_dim"])))
+    return hf_l, hf_g, p_l
+
+
+def build_models(backend):
+    """Our tiny conditioner (frozen, in `backend`) and transformers' CLIP-L and bigG with the same random weights."""
+    emb_cfgs = load_config(TINY_CONFIG).model.params.conditioner_config
+    conditioner = instantiate_from_config(emb_cfgs)
+    hf_l, hf_g, p_l = transformers_text_encoders(emb_cfgs)
 
     official = {}
     official.update(dt.clip_l_to_official({k: v.numpy() for k, v in hf_l.state_dict().items()}))

@@ -10,14 +10,13 @@ import math
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from conftest import BACKENDS, TINY_CONFIG
 from mindbooth.config import load_config
 from gm.modules.diffusionmodules.discretizer import LegacyDDPMDiscretization
 from gm.util import instantiate_from_config, load_params
 from mindbooth.pipeline import Text2Image
-from test_text_encoders import BOS, EOT, randomize
+from test_text_encoders import transformers_text_encoders
 from test_unet import tiny_diffusers_unet
 from tools.model_conversion import diffusers_text as dt
 from tools.model_conversion.diffusers_unet import unet_to_official
@@ -54,20 +53,7 @@ def diffusers_vae(config):
 
 def diffusers_text_encoders(config):
     """transformers' CLIP-L and bigG (with projection) with the tiny config's sizes (as tests/test_text_encoders.py)."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    emb = config.model.params.conditioner_config.params.emb_models
-    p_l, p_g = (OmegaConf.to_container(emb[i].params) for i in (0, 1))
-
-    def hf_config(p, **extra):
-        return CLIPTextConfig(vocab_size=49408, hidden_size=p["width"], intermediate_size=p["mlp_width"],
-                              num_hidden_layers=p["layers"], num_attention_heads=p["heads"],
-                              max_position_embeddings=77, hidden_act=p["act"], layer_norm_eps=1e-5,
-                              bos_token_id=BOS, eos_token_id=EOT, pad_token_id=1, attn_implementation="eager", **extra)
-
-    torch.manual_seed(0)
-    hf_l = randomize(CLIPTextModel(hf_config(p_l)))
-    hf_g = randomize(CLIPTextModelWithProjection(hf_config(p_g, projection_dim=p_g["projection_dim"])))
+    hf_l, hf_g, _ = transformers_text_encoders(config.model.params.conditioner_config)
     return hf_l, hf_g
 
 
