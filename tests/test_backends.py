@@ -1,6 +1,5 @@
 """gm.backends: which backend a model gets, the plain model needs nothing of the CPU backend (it trains and samples with
 that package unimportable), and the attention types of spatial_transformer_attn_type."""
-import ast
 import subprocess
 import sys
 
@@ -59,25 +58,6 @@ def test_flash_attention_off_ascend_is_one_clear_error():
     config.params.spatial_transformer_attn_type = "xformers"
     with pytest.raises(ValueError, match="spatial_transformer_attn_type must be one of"):
         instantiate_from_config(config)
-
-
-def _imports(path):
-    tree = ast.parse(path.read_text())
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module:
-            yield node.module
-        elif isinstance(node, ast.Import):
-            yield from (alias.name for alias in node.names)
-
-
-def test_gm_outside_the_backends_does_not_import_them():
-    """Only gm/backends/__init__.py (which asks for the CPU package lazily) and the engine's apply_backend call reach
-    the backends: no plain module imports the CPU package."""
-    for path in (ROOT / "gm").rglob("*.py"):
-        if "backends" in path.relative_to(ROOT / "gm").parts:
-            continue
-        for module in _imports(path):
-            assert not module.startswith("gm.backends.cpu"), (path, module)
 
 
 _WITHOUT_THE_CPU_BACKEND = """
