@@ -1,8 +1,7 @@
 """mimalloc in place of glibc's malloc for MindSpore on CPU.
 
-MindSpore's CPU runtime allocates through malloc. With mimalloc preloaded, on this project's 2-core machine, the
-full-size SDXL train step compiled about 30 % faster and peaked 0.6 GiB lower (same step time), and the tiny
-model's main job ran its steps 19 % faster (benchmarks/RESULTS.md section 12). A preloaded allocator must be in
+MindSpore's CPU runtime allocates through malloc; with mimalloc preloaded it compiles faster and peaks lower
+(docs/performance.md, "mimalloc"). A preloaded allocator must be in
 place before the process starts, so `preload_mimalloc` re-executes the running script once, with LD_PRELOAD set,
 before MindSpore is imported. `--allocator` is declared in mindbooth/config.py (add_allocator_flag).
 mimalloc comes from PyPI (`cmeel-mimalloc`, in requirement.txt); without it everything runs on glibc's malloc.
@@ -33,9 +32,8 @@ def preload_env(allocator: str, env=None) -> dict:
     preload = [p for p in env.get("LD_PRELOAD", "").split(":") if p and "libmimalloc" not in p]
     if library:
         preload.insert(0, library)
-        # mimalloc returns memory left free for 1 s (its default) to the OS; the next step then page-faults it back
-        # in (2.2 s of system CPU time in a reduced-UNet step). 10 s keeps what a step frees and soon takes again:
-        # that step 24.9 -> 23.5 s at the same peak RSS; never returning it grew the peak by 25 % (RESULTS.md 17).
+        # mimalloc returns memory left free for 1 s (its default) to the OS, and the next step page-faults it back
+        # in; 10 s keeps what a step frees and soon takes again, while never returning it grows the peak.
         env.setdefault("MIMALLOC_PURGE_DELAY", "10000")
     if preload:
         env["LD_PRELOAD"] = ":".join(preload)

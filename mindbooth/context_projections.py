@@ -2,7 +2,7 @@
 
 The text of a DreamBooth run (instance and class prompts) and of one sampling call does not change between steps,
 and neither do the frozen to_k/to_v weights: their products (UNetModel.context_projections) would otherwise be
-recomputed, and their weights cast from fp16, in every step (140 products, ~0.7 s of a full-size 512 train step)."""
+recomputed, and their weights cast from fp16, in every step."""
 import mindspore as ms
 import numpy as np
 

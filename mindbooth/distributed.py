@@ -5,8 +5,8 @@ process itself. Under mpirun, MindSpore's own init reads OpenMPI's variables on 
 needs the dynamic-cluster ones, so `setup_distributed_environment` derives them from OpenMPI's before
 MindSpore is imported, and rank 0 starts the scheduler process that msrun would have started.
 
-Failure ends the job in bounded time: both launchers kill every rank when one exits with an error (measured:
-mpirun within seconds, msrun within about 35 s, waiting for its scheduler); cluster set-up gives up after
+Failure ends the job in bounded time: both launchers kill every rank when one exits with an error (msrun after
+its scheduler's timeout); cluster set-up gives up after
 MS_TOPO_TIMEOUT seconds; the scheduler started here leaves with the workers, or SCHEDULER_GRACE_S after rank 0."""
 import hashlib
 import os
@@ -145,7 +145,7 @@ class Distributed:
 
     def grad_reducer(self, params):
         """Mean of gradients over ranks. Explicit: the parallel context's gradients_mean does nothing in a
-        hand-written value_and_grad step (measured on this MindSpore)."""
+        hand-written value_and_grad step."""
         if self.world_size == 1:
             return None
         from mindspore import nn

@@ -46,7 +46,7 @@ class AdamW(nn.Cell):
 
     The update runs once over all parameters laid end to end (`flatten`), moments stored flat (`adamw_m`,
     `adamw_v`): a LoRA has ~1100 small parameters, and a dozen element-wise launches per parameter cost more
-    than the arithmetic (0.4 s of launches per step at full size). The new values are then sliced back into
+    than the arithmetic. The new values are then sliced back into
     the parameters. `grads`: the gradients flat in the parameters' order, or a tuple of them."""
 
     def __init__(self, params, learning_rate=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2, lr_scales=None):
