@@ -46,14 +46,13 @@ TRAIN_FLAGS = {
     "gradient_accumulation_steps": ("train.gradient_accumulation_steps", int, "micro-batches per optimizer step"),
     "split_prior_batch": ("train.split_prior_batch", str2bool,
                           "with prior preservation: run a micro-batch's instance and class rows as two passes "
-                          "(the same gradients, the activations of half the rows: what lets 1024 fit in 24 GB on CPU)"),
+                          "(the same gradients with the activations of half the rows)"),
     "gradient_checkpointing": ("train.gradient_checkpointing", str2bool,
                                "keep only each UNet transformer block's inputs and recompute its forward in the backward pass "
-                               "(diffusers' option of that name; full size at 1024: 8.3 instead of "
-                               "15.6 GiB, about a tenth more time)"),
+                               "(diffusers' option of that name: less memory, more time)"),
     "gradient_checkpointing_res_blocks": ("train.gradient_checkpointing_res_blocks", str2bool,
-                                          "with --gradient_checkpointing: recompute the ResBlocks too (full size at "
-                                          "1024: 0.37 GiB less, the step 23 %% longer)"),
+                                          "with --gradient_checkpointing: recompute the ResBlocks too (a little less "
+                                          "memory, a longer step)"),
     "clip_grad": ("train.clip_grad", str2bool, "clip gradients by global norm"),
     "max_grad_norm": ("train.max_grad_norm", float, "global-norm limit when clip_grad"),
     "total_step": ("train.total_step", int, "optimizer steps to train"),
