@@ -13,7 +13,6 @@ Phases: arguments, config and every input checked -> runtime -> model -> class i
 import math
 import sys
 import time
-from pathlib import Path
 
 from mindbooth.allocator import preload_mimalloc
 from mindbooth.distributed import setup_distributed_environment
@@ -31,19 +30,18 @@ from gm.modules.lora import lora_parameters, new_lora_init  # noqa: E402
 from gm.util import instantiate_from_config  # noqa: E402
 from mindbooth import checkpoint as ckpt  # noqa: E402
 from mindbooth.class_images import missing_class_image_names, sample_class_images  # noqa: E402
-from mindbooth.compile_cache import (cache_folder, compile_in_child, compile_step_graphs,  # noqa: E402
-                                     is_entry_point, precompile_folder, user_cache_enabled)
+from mindbooth.compile_cache import precompile_folder  # noqa: E402
 from mindbooth.config import load_training_config, training_parser  # noqa: E402
 from mindbooth.context_projections import ContextProjections  # noqa: E402
 from mindbooth.data import BatchSampler, DreamBoothDataset, collate  # noqa: E402
 from mindbooth.distributed import Distributed  # noqa: E402
-from mindbooth.file_identity import file_identity  # noqa: E402
 from mindbooth.images import make_grid, remove_stale_temporaries, save_image_atomic  # noqa: E402
 from mindbooth.optim import AdamW  # noqa: E402
 from mindbooth.pipeline import Text2Image  # noqa: E402
 from mindbooth.progress_log import LossLog  # noqa: E402
+from mindbooth.step_graphs import step_graphs_in_child, use_step_graphs  # noqa: E402
 from mindbooth.train_step import (ApplyStep, DreamBoothLoss, DynamicLossScale, GradStep, make_buffers, prior_passes,  # noqa: E402
-                                  step_conditioning, step_input_shapes, zero_step_inputs)
+                                  step_conditioning, step_input_shapes)
 from mindbooth.training_state import TrainingState, learning_rate_at  # noqa: E402
 from mindbooth.validation import UsageError, check_training_run, model_error, prior_preservation  # noqa: E402
 
@@ -84,7 +82,7 @@ def main(argv=None):
 
     # ---- the step's graphs, compiled by a child that exits before this process builds its model ---------------
     # On CPU the compiler's leftovers would stay on top of the training peak (mindbooth/compile_cache.py).
-    step_cache = precompile_folder() if precompiling else step_graphs_in_child(args, argv, config, weights, step_shapes, save_path)
+    step_cache = precompile_folder() if precompiling else step_graphs_in_child(args, argv, config, weights, step_shapes, save_path, __file__)
 
     # ---- model -----------------------------------------------------------------------------------------------
     try:
@@ -113,7 +111,7 @@ def main(argv=None):
     if precompiling:  # the child: compile the step graphs into step_cache and exit
         if not train_text_encoder:  # (its conditioning is token ids, not the cached embeddings step_shapes describes)
             steps = build_steps(engine, config, lora, dist, with_prior and not one_loss_per_pass, train_text_encoder)
-            compile_step_graphs(step_cache, steps["grad_step"], steps["apply_step"], zero_step_inputs(step_shapes, context_projections[0]))
+            use_step_graphs(step_cache, steps["grad_step"], steps["apply_step"], step_shapes, context_projections[0])
         return engine
     rank, alpha = int(config.model.params.lora_config.rank), float(config.model.params.lora_config.get("alpha", config.model.params.lora_config.rank))
     text2image = Text2Image(engine)
@@ -201,7 +199,7 @@ def main(argv=None):
     accumulation = int(train_cfg.get("gradient_accumulation_steps", 1))
     loss_scale = DynamicLossScale(enabled=str(train_cfg.get("precision", "fp32")) == "fp16")
     if step_cache is not None and not train_text_encoder:
-        compile_step_graphs(step_cache, grad_step, apply_step, zero_step_inputs(step_shapes, context_projections[0]))  # loaded, not compiled
+        use_step_graphs(step_cache, grad_step, apply_step, step_shapes, context_projections[0])  # loaded, not compiled
     state = TrainingState(save_path, engine, optimizer, sampler, data_rng, loss_scale, rank, alpha, int(train_cfg.get("max_num_ckpt", 3)))
     start_step = state.restore() if resuming else 0
     if resuming and dist.is_main:
@@ -257,28 +255,6 @@ def main(argv=None):
         write_grid(text2image, [sample_prompt], save_path / "sample_final.png", train_cfg, resolution, seed)
         print(f"done: LoRA in {state.latest_lora_path()}, loss plot {save_path / 'loss.png'}, sample {save_path / 'sample_final.png'}")
     return engine
-
-
-def step_graphs_in_child(args, argv, config, weights, step_shapes, save_path):
-    """The cache folder of the step graphs, compiled there by a child process unless an earlier run did; None
-    where the child is not used: off (--compile_in_child False), not CPU GRAPH mode, data parallel, trained text
-    encoders (their step takes token ids), a missing weight file (the model phase says so), MindSpore's cache
-    switched on by the user, or this script imported rather than run."""
-    train_cfg = config.train
-    if (not bool(train_cfg.get("compile_in_child", True)) or args.device_target != "CPU" or args.ms_mode != 0 or args.is_parallel
-            or OmegaConf.select(config, "model.params.lora_config.text_encoder", default=False) or user_cache_enabled()
-            or not weights or not all(Path(w).is_file() for w in weights) or not is_entry_point(__file__)):
-        return None
-    # Everything the two graphs depend on; the data, prompts, paths, seed and schedule stay on the host.
-    key_parts = {"model": OmegaConf.to_container(config.model, resolve=True), "optim": OmegaConf.to_container(config.optim, resolve=True),
-                 "train": {k: train_cfg.get(k) for k in ("precision", "clip_grad", "max_grad_norm", "gradient_accumulation_steps",
-                                                        "split_prior_batch", "gradient_checkpointing",
-                                                        "gradient_checkpointing_res_blocks")},
-                 "prior_loss_weight": config.dreambooth.get("prior_loss_weight", 1.0), "inputs": step_shapes,
-                 "mode": args.ms_mode, "jit_level": args.jit_level, "device": args.device_target,
-                 "weights": [file_identity(w) for w in weights]}
-    folder = cache_folder(save_path / "compile_cache", __file__, key_parts)
-    return folder if compile_in_child(folder, __file__, sys.argv[1:] if argv is None else argv) else None
 
 
 def build_steps(engine, config, lora, dist, with_prior, train_text_encoder) -> dict:

@@ -1,21 +1,15 @@
-"""The training step's graphs compiled in a short-lived child process, then loaded from MindSpore's compile cache.
+"""Graphs compiled in a short-lived child process, then loaded from MindSpore's compile cache.
 
-Why: on MindSpore 2.10's CPU backend, compiling a GRAPH_MODE graph leaves about 180 KiB per op of the graph in the
-process's heap. A later compile reuses it; the step's tensors do not, so it stays on top of the training peak
-(about 5 GiB for the full SDXL gradient step). A process that loads the same graph from the compile cache holds
-about 27 KiB per op (benchmarks/RESULTS.md section 13). So a child (the same script, with `PRECOMPILE_ENV` naming
-the folder) builds the model, compiles the gradient and optimizer steps into the cache and exits, which gives its
-memory back; the training process then loads both graphs.
+Why: on MindSpore's CPU backend the compiler leaves memory in the process that compiles, on top of the training
+peak; a process that loads the graph from the cache holds far less (docs/performance.md, "Compile in a child
+process and compile cache"). So a child (the same script, `PRECOMPILE_ENV` naming the folder) compiles into the
+cache and exits, and the parent loads. mindbooth/step_graphs.py uses this for the training step.
 
 MindSpore picks a cached graph by the order graphs are compiled in and checks only a hash of the entry script and
-the files it imports, not the network, its config or the input shapes. Hence:
-- the folder is named by a hash of everything that shapes the graphs (`key_parts`: the model config, the optimizer
-  and step settings, the weight files, the input shapes, mode and device) plus MindSpore's version and this
-  project's sources (the folder holds graphs only, no weights: ~10 MB for the tiny model);
-- only the two step graphs are compiled with the cache switched on, in the same order in both processes, and
-  not at all when the user switched the cache on for the whole process (`user_cache_enabled`);
-- the cache is used only when the running script is the entry point (`sys.argv[0]`), as in the child: under any
-  other entry point (pytest) MindSpore's hash would differ and it would compile again.
+the files it imports, not the network, its config or the input shapes. Hence: the folder is named by a hash of
+everything that shapes the graphs (`cache_folder`); only those graphs are compiled with the cache switched on, in
+the same order in both processes, and not at all when the user switched the cache on (`user_cache_enabled`); and
+the cache is used only when the running script is the entry point (`is_entry_point`), as it is in the child.
 """
 import hashlib
 import json
@@ -132,11 +126,10 @@ def compile_cache(folder):
 def release_frozen_weights(net) -> int:
     """Give every frozen (requires_grad=False) parameter of `net` the storage of an uninitialised tensor of its shape
     and dtype, which holds none, instead of its data, which is freed. Compiling needs the parameters' shapes and
-    dtypes, not their values: the child then compiles beside its LoRA weights only, not beside the whole model (the
-    full-size fp16 UNet: 4.8 GiB). Returns the number released.
+    dtypes, not their values: the child then compiles beside its LoRA weights only, not beside the whole model.
+    Returns the number released.
 
-    By assign_value: set_data (and a new Parameter) would allocate the uninitialised tensor's memory in its place
-    (untouched pages, so RSS fell at first, but once malloc reused freed pages for it nothing was saved)."""
+    By assign_value: set_data (and a new Parameter) would allocate the uninitialised tensor's memory in its place."""
     released = 0
     for param in net.get_parameters():
         if not param.requires_grad:
