@@ -33,7 +33,7 @@ from mindbooth.class_images import missing_class_image_names, sample_class_image
 from mindbooth.compile_cache import precompile_folder  # noqa: E402
 from mindbooth.config import load_training_config, training_parser  # noqa: E402
 from mindbooth.context_projections import ContextProjections  # noqa: E402
-from mindbooth.data import BatchSampler, DreamBoothDataset, collate  # noqa: E402
+from mindbooth.data import DreamBoothDataset  # noqa: E402
 from mindbooth.distributed import Distributed  # noqa: E402
 from mindbooth.images import make_grid, remove_stale_temporaries, save_image_atomic  # noqa: E402
 from mindbooth.optim import AdamW  # noqa: E402
@@ -41,7 +41,8 @@ from mindbooth.pipeline import Text2Image  # noqa: E402
 from mindbooth.progress_log import LossLog  # noqa: E402
 from mindbooth.step_graphs import step_graphs_in_child, use_step_graphs  # noqa: E402
 from mindbooth.train_step import (ApplyStep, DreamBoothLoss, DynamicLossScale, GradStep, make_buffers, prior_passes,  # noqa: E402
-                                  step_conditioning, step_input_shapes)
+                                  step_input_shapes)
+from mindbooth.training_data import TrainingData, pass_inputs  # noqa: E402
 from mindbooth.training_state import TrainingState, learning_rate_at  # noqa: E402
 from mindbooth.validation import UsageError, check_training_run, model_error, prior_preservation  # noqa: E402
 
@@ -134,58 +135,11 @@ def main(argv=None):
                                     bool(data_cfg.get("random_flip", False)))
     except (ValueError, FileNotFoundError) as error:
         fail(str(error))
-    batch_size = int(train_cfg.per_batch_size)
-    sampler = BatchSampler(len(dataset), batch_size, seed, dist.rank, dist.world_size)
-    # The same on every rank: one key per micro-batch; each sample's crops, flips, VAE and diffusion noise come
-    # from a generator of (key, position in the global batch), so N ranks x batch B train as 1 rank x batch N*B.
-    data_rng = np.random.default_rng([seed, 1])
-    loss_fn = engine.loss_fn
-    cache = {} if data_cfg.get("cache_latents", False) else None
+    data = TrainingData(dataset, engine, int(train_cfg.per_batch_size), seed, dist.rank, dist.world_size, with_prior,
+                        train_text_encoder, bool(data_cfg.get("cache_latents", False)))
     validation_prompts = list(train_cfg.get("validation_prompts", []) or [db.instance_prompt])
-
-    def encode_examples(index, rng):
-        """Item `index` -> VAE moments of its instance (and class) example, and their conditioning: the
-        (crossattn, vector) embeddings, or, when the text encoders train, the conditioner's inputs (token ids, sizes)."""
-        batch = collate([dataset.examples(index, rng)])
-        moments = engine.first_stage_model.encode_moments(ms.Tensor(batch["pixels"])).asnumpy()
-        text_and_sizes = {k: v for k, v in batch.items() if k != "pixels"}
-        if train_text_encoder:
-            return moments, tuple(t.asnumpy() for t in engine.conditioner.tokenize(text_and_sizes))
-        cond = engine.conditioner.encode(text_and_sizes)
-        return moments, (cond["crossattn"].asnumpy(), cond["vector"].asnumpy())
-
-    def encode_item(index, rng):
-        if cache is None:
-            return encode_examples(index, rng)
-        index %= dataset.num_distinct
-        if index not in cache:  # cached crops are fixed per item, alike on every rank
-            cache[index] = encode_examples(index, np.random.default_rng([seed, 2, index]))
-        return cache[index]
-
-    def make_batch(indices, rngs):
-        """Arrays (latents, noise, sigmas, *conditioning) of a micro-batch: all instance examples first, then all
-        class examples; each item's randomness from its own generator."""
-        items = []
-        for index, rng in zip(indices, rngs):
-            moments, conditioning = encode_item(index, rng)
-            mean, logvar = np.split(moments, 2, axis=1)
-            std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
-            latents = ((mean + std * rng.standard_normal(mean.shape).astype(np.float32)) * engine.scale_factor).astype(np.float32)
-            noise = loss_fn.sample_noise(latents.shape, rng)
-            sigmas = loss_fn.sample_sigmas(latents.shape[0], rng)
-            items.append((latents, noise, sigmas, *conditioning))
-        examples = range(2 if with_prior else 1)  # row 0 of an item: its instance example; row 1: its class example
-        return [np.stack([item[field][row] for row in examples for item in items]) for field in range(len(items[0]))]
-
-    def pass_inputs(fields, rows, projections):
-        """GradStep's (latents, noise, sigmas, conditioning) of the micro-batch's `rows`."""
-        latents, noise, sigmas, *conditioning = (ms.Tensor(field[rows]) for field in fields)
-        return latents, noise, sigmas, step_conditioning(conditioning, projections)
-
-    if cache is not None:
-        what = "latents" if train_text_encoder else "latents and text embeddings"
-        for index in tqdm(range(dataset.num_distinct), desc=f"caching {what}", disable=not dist.is_main):
-            encode_item(index, None)
+    if data.cache is not None:
+        data.encode_all(show_progress=dist.is_main)
         if not train_text_encoder:  # trained text encoders change the embeddings: they stay and run every step
             sample_prompt = train_cfg.get("final_sample_prompt") or db.instance_prompt
             guidance = float(train_cfg.get("validation_sampling", {}).get("guidance_scale", 5.0))
@@ -200,7 +154,7 @@ def main(argv=None):
     loss_scale = DynamicLossScale(enabled=str(train_cfg.get("precision", "fp32")) == "fp16")
     if step_cache is not None and not train_text_encoder:
         use_step_graphs(step_cache, grad_step, apply_step, step_shapes, context_projections[0])  # loaded, not compiled
-    state = TrainingState(save_path, engine, optimizer, sampler, data_rng, loss_scale, rank, alpha, int(train_cfg.get("max_num_ckpt", 3)))
+    state = TrainingState(save_path, engine, optimizer, data.sampler, data.rng, loss_scale, rank, alpha, int(train_cfg.get("max_num_ckpt", 3)))
     start_step = state.restore() if resuming else 0
     if resuming and dist.is_main:
         print(f"resuming {save_path} from step {start_step}")
@@ -216,8 +170,7 @@ def main(argv=None):
         optimizer.learning_rate.set_data(ms.Tensor(lr, ms.float32))
         finite, losses = True, np.zeros(3)
         for _ in range(accumulation):
-            indices = sampler.next_indices()
-            fields = make_batch(indices, sampler.sample_generators(int(data_rng.integers(2**63))))
+            fields = data.next_batch()
             pass_losses = []  # (weighted loss, mean loss of the pass's rows, class loss) per pass
             for (rows, loss_weight), projections in zip(passes, context_projections):
                 outputs = grad_step(*pass_inputs(fields, rows, projections), loss_scale.tensor(), ms.Tensor(loss_weight, ms.float32))
