@@ -541,13 +541,13 @@ def _effective_config(workspace, save_path):
 @pytest.fixture
 def no_model(monkeypatch):
     """Building a model or compiling the step fails the test: bad input must be refused before either."""
-    import train_dreambooth
+    from mindbooth import step_graphs, training
 
     def refuse(*_, **__):
         raise AssertionError("a model was built or compiled before the input was checked")
 
-    monkeypatch.setattr(train_dreambooth, "instantiate_from_config", refuse)
-    monkeypatch.setattr(train_dreambooth, "step_graphs_in_child", refuse)
+    monkeypatch.setattr(training, "instantiate_from_config", refuse)
+    monkeypatch.setattr(step_graphs, "step_graphs_in_child", refuse)
 
 
 def _one_line_error(workspace, save_path, *extra) -> str:
