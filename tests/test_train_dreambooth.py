@@ -4,6 +4,8 @@ resume == uninterrupted, GRAPH == PyNative."""
 import csv
 import hashlib
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import mindspore as ms
@@ -19,6 +21,7 @@ from mindbooth.config import load_config
 from mindbooth.data import DreamBoothDataset, collate
 from mindbooth.optim import AdamW
 from mindbooth.train_step import ApplyStep, DreamBoothLoss, GradStep, buffered_gradients, make_buffers, prior_passes
+from conftest import ROOT
 from tiny_workspace import make_workspace
 
 ONE = ms.Tensor(1.0, ms.float32)  # a GradStep loss scale or loss weight of 1
@@ -661,3 +664,16 @@ def test_temporary_files_of_killed_writers_are_removed_and_live_ones_kept(tmp_pa
         path.write_bytes(b"")
     assert remove_stale_temporaries(tmp_path, tmp_path / "state", tmp_path / "not_there") == 2
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [live.name, "loss.png", "state"]
+
+
+def test_importing_the_trainer_imports_no_mindspore_and_changes_nothing():
+    """Under mpirun's variables, with flags on which the script's __main__ sets MindSpore's cluster variables and
+    starts a scheduler, importing train_dreambooth does neither and imports no MindSpore: that is __main__'s work."""
+    code = ("import os, sys; before = dict(os.environ); "
+            "sys.argv[1:] = ['--is_parallel', 'True', '--device_target', 'CPU', '--allocator', 'mimalloc']; "
+            "import train_dreambooth; print(sorted(m for m in sys.modules if m.split('.')[0] == 'mindspore'), dict(os.environ) == before)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MS_", "OMPI_"))}
+    env.update(OMPI_COMM_WORLD_RANK="0", OMPI_COMM_WORLD_SIZE="2")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["[]", "True"]
