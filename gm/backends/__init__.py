@@ -53,5 +53,4 @@ def apply_backend(model, name: str = "auto") -> str:
 def cpu_kernel_library():
     """The path of the CPU backend's kernel library where MindSpore targets the CPU and it builds, else None: what a
     compiled graph of the cpu backend calls (its file name hashes the kernels' sources)."""
-    cpu = _cpu_backend() if ms.get_context("device_target") == "CPU" else None
-    return cpu.kernels.library_path() if cpu is not None and cpu.available() else None
+    return _cpu_backend().kernels.library_path() if resolve_backend("auto") == "cpu" else None
