@@ -27,7 +27,8 @@ from tools.model_conversion.keymap import mindspore_to_official_name
 from tools.model_conversion.make_random_sdxl import write_random
 from tools.model_conversion.safetensors_stream import SafetensorsReader, TensorInfo, header_bytes, write_order
 from tools.model_conversion.convert_weight import expected_shapes
-from tools.model_conversion.sdxl_layout import (SDXL_TARGETS, config_targets, detect, load_config, model_mindspore_shapes,
+from tools.model_conversion.file_layout import SDXL, detect
+from tools.model_conversion.sdxl_layout import (SDXL_TARGETS, config_targets, load_config, model_mindspore_shapes,
                                                  official_shapes, rule_mindspore_shapes)
 
 CLI = ROOT / "tools" / "model_conversion" / "convert_weight.py"
@@ -161,7 +162,7 @@ def test_model_shapes_are_read_with_the_plain_backend(monkeypatch, tiny_expected
     assert model_mindspore_shapes(TINY_CONFIG) == with_kernels == tiny_expected
 
 
-@pytest.mark.parametrize("keys,what", [("torch_key_base.yaml", "SDXL base layout"),
+@pytest.mark.parametrize("keys,what", [("torch_key_base.yaml", "SDXL base 1.0"),
                                        ("torch_key_refiner.yaml", "SDXL refiner"),
                                        ("torch_key_base_lcm.yaml", "LCM"),
                                        ("mindspore_key_base.yaml", "MindSpore parameter names")])
@@ -615,6 +616,6 @@ def test_a_file_of_another_kind_is_refused_before_writing(tmp_path, tiny_expecte
     src = sparse_safetensors(tmp_path / "lora.safetensors", {"unet.down.lora_up.weight": (4, 4)})
     called = []
     message = error_of(conversion.official_to_mindspore, src, tmp_path / "out.ckpt",
-                       lambda: called.append(1) or tiny_expected, progress=False)
+                       lambda: called.append(1) or tiny_expected, progress=False, family=SDXL)
     assert message == f"{src} looks like a LoRA file, not a full model, not SDXL base 1.0"
     assert not called and sorted(p.name for p in tmp_path.iterdir()) == ["lora.safetensors"]

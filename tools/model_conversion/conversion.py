@@ -1,6 +1,8 @@
-"""SDXL base weights: official `.safetensors` (or a diffusers folder) <-> MindSpore `.ckpt`.
+"""Model weights (SDXL base, SSD-1B, SD 1.x, SD 2.x): official `.safetensors` (or a diffusers folder) <->
+MindSpore `.ckpt`.
 
-Every conversion maps by name and checks the whole key set and every shape against `expected`,
+Every conversion maps by name (official file names <-> the model's sgm names: `file_layout`; sgm <-> MindSpore
+names: `keymap`) and checks the whole key set and every shape against `expected`,
 the {MindSpore name: shape} of the model the checkpoint is for (see `sdxl_layout`). It streams one
 tensor at a time into a temporary file of its own (`.<output>.partial-<pid>.<random>`) and gives it the output's
 name at the very end, so an interrupted run never leaves a file that looks complete, and two runs writing the same
@@ -9,7 +11,8 @@ output never write into one file.
 `expected` is either that dict, checked before anything is written, or a function that returns it
 (for a config not built of SDXL base's own modules, the command line builds the model in another process, about
 5 s, while the tensors are written).
-Then a file that is not SDXL base-shaped at all is refused at once, and the exact check runs after
+Then a file that is not of a supported family, or not of `family` (the config's, where the rules give it), is
+refused at once, and the exact check runs after
 writing, before the output appears: a mismatch still leaves no output.
 """
 import ctypes
@@ -24,9 +27,9 @@ from pathlib import Path
 from mindbooth.ckpt_stream import CkptReader, CkptWriter
 from mindbooth.tensor_dtypes import CHOICES, FLOATS, ConversionError, cast, itemsize
 from tools.model_conversion.diffusers_folder import DiffusersFolder, materialize
+from tools.model_conversion.file_layout import FAMILIES, detect, file_names, model_name, select
 from tools.model_conversion.keymap import mindspore_to_official_name, official_to_mindspore_names
 from tools.model_conversion.safetensors_stream import SafetensorsReader, TensorInfo, write_safetensors
-from tools.model_conversion.sdxl_layout import detect
 
 FIRST = 5  # how many names an error lists
 
@@ -37,14 +40,29 @@ def _first(names):
 
 
 def official_expectation(expected: dict) -> dict:
-    """{MindSpore name: shape} -> {official name: (MindSpore name, shape)}."""
+    """{MindSpore name: shape} -> {official file name: (MindSpore name, shape)}."""
     out = {}
     for ms_name, shape in expected.items():
         official = mindspore_to_official_name(ms_name)
         if official in out:
             raise ConversionError(f"model parameters '{out[official][0]}' and '{ms_name}' map to the same name")
         out[official] = (ms_name, tuple(shape))
-    return out
+    in_file = file_names(out)
+    return {in_file[name]: entry for name, entry in out.items()}
+
+
+def file_to_mindspore_names(found: dict) -> dict:
+    """{official file name: shape} -> {file name: MindSpore name} (file -> sgm -> MindSpore names)."""
+    sgm = {name: model_name(name) for name in found}
+    renamed = official_to_mindspore_names({sgm[name]: shape for name, shape in found.items()})
+    return {name: renamed[sgm[name]] for name in found}
+
+
+def _wrong_family(source, kind, model_kind):
+    """The error for a file of one supported family given to the model of another, or None."""
+    if kind in FAMILIES and model_kind in FAMILIES and kind != model_kind:
+        return ConversionError(f"{source} looks like {kind}, not {model_kind}: pass --config {FAMILIES[kind]}")
+    return None
 
 
 def check_keys(found: dict, expected: dict, source: str, layout: str):
@@ -57,26 +75,39 @@ def check_keys(found: dict, expected: dict, source: str, layout: str):
     wrong = [n for n in expected if n in found and tuple(found[n]) != tuple(expected[n])]
     if not (missing or unexpected or wrong):
         return
-    kind = _kind(found, layout)
-    what = "" if kind == "SDXL base layout" else f"{source} looks like {kind}, not SDXL base 1.0: "
+    kind, model_kind = _kind(found, layout), _kind(expected, layout)
+    family_error = _wrong_family(source, kind, model_kind)
+    if family_error:
+        raise family_error
+    what = "" if kind == model_kind else f"{source} looks like {kind}, not {model_kind}: "
     if missing or unexpected:
         problem = (f"{len(missing)} {layout} keys missing (first: {_first(missing) or '-'}), "
                    f"{len(unexpected)} unexpected (first: {_first(unexpected) or '-'})")
     else:
         problem = f"{len(wrong)} tensors have the wrong shape (first: " + ", ".join(
             f"{n} is {tuple(found[n])}, expected {tuple(expected[n])}" for n in wrong[:FIRST]) + ")"
-    raise ConversionError((what or f"{source} does not match SDXL base 1.0: ") + problem)
+    raise ConversionError((what or f"{source} does not match {model_kind}: ") + problem)
 
 
 def _kind(found: dict, layout: str) -> str:
-    return detect(found if layout == "official" else {mindspore_to_official_name(n): s for n, s in found.items()})
+    """What `detect` says of a key set given in official file names or in MindSpore names."""
+    if layout == "official":
+        return detect(found)
+    sgm = {mindspore_to_official_name(n): s for n, s in found.items()}
+    in_file = file_names(sgm)
+    return detect({in_file[n]: s for n, s in sgm.items()})
 
 
-def check_layout(found: dict, source: str, layout: str):
-    """Before the model's exact names and shapes are known: refuse at once a file that is not SDXL base-shaped."""
+def check_layout(found: dict, source: str, layout: str, family=None):
+    """Before the model's exact names and shapes are known: refuse at once a file that is no supported model, or
+    one of another family than `family` (the config's, when known)."""
     kind = _kind(found, layout)
-    if kind != "SDXL base layout":
-        raise ConversionError(f"{source} looks like {kind}, not SDXL base 1.0")
+    if kind not in FAMILIES:
+        raise ConversionError(f"{source} looks like {kind}, not " + (family or "a supported model (" + ", ".join(
+            FAMILIES) + ")"))
+    family_error = _wrong_family(source, kind, family)
+    if family_error:
+        raise family_error
 
 
 def check_official(found: dict, mindspore_names: dict, expected: dict, source: str):
@@ -112,7 +143,7 @@ def _target_dtype(dtype: str, source_code: str) -> str:
 
 def _check_float(name, code, source):
     if code not in FLOATS:
-        raise ConversionError(f"{source}: '{name}' is {code}; SDXL weights are floating point")
+        raise ConversionError(f"{source}: '{name}' is {code}; model weights are floating point")
 
 
 def check_output(path, overwrite: bool, inputs=(), probe: bool = True):
@@ -278,61 +309,72 @@ def _numel(shape):
     return n
 
 
-def official_to_mindspore(src, dst, expected, dtype="fp32", overwrite=False, progress=True, check_only=False):
+def official_to_mindspore(src, dst, expected, dtype="fp32", overwrite=False, progress=True, check_only=False,
+                          family=None):
     """Official single-file `.safetensors` -> MindSpore `.ckpt` with the names of `expected` (a dict, or a
-    function returning it: see the module's docstring). `check_only`: validate everything, write nothing."""
+    function returning it: see the module's docstring). `check_only`: validate everything, write nothing.
+    Tensors no model parameter takes (EMA, DDPM buffers, ...: `file_layout.select`) are skipped; the summary's
+    `note` says which."""
     check_output(dst, overwrite or check_only, [src], probe=not check_only)
     if _sniff(src) == "ckpt":
         raise ConversionError(f"not a safetensors file: {src} (it looks like a MindSpore .ckpt: use --task ms_to_pt)")
     with SafetensorsReader(src) as reader:
-        found = reader.shapes()
-        names = official_to_mindspore_names(found)
+        found, note = select(reader.shapes())
+        names = file_to_mindspore_names(found)
         verify = _check_now_or_before_publishing(
-            expected, check_only, lambda: check_layout(found, str(src), "official"),
+            expected, check_only, lambda: check_layout(found, str(src), "official", family),
             lambda model: check_official(found, names, model, str(src)))
-        for t in reader.tensors.values():
+        kept = [t for t in reader.in_file_order() if t.name in found]  # sequential reads
+        for t in kept:
             _check_float(t.name, t.dtype, src)
         entries = [(names[t.name], t.dtype, t.shape, lambda n=t.name, c=t.dtype: (reader.read(n), c),
-                    (reader.fileno(), t.offset)) for t in reader.in_file_order()]  # sequential reads
-        return _stream_to_ckpt(entries, dst, dtype, overwrite, progress, "pt_to_ms", [src], check_only, verify)
+                    (reader.fileno(), t.offset)) for t in kept]
+        summary = _stream_to_ckpt(entries, dst, dtype, overwrite, progress, "pt_to_ms", [src], check_only, verify)
+        return dict(summary, note=note)
 
 
 def diffusers_to_mindspore(folder, dst, expected: dict, dtype="fp32", overwrite=False, progress=True, variant=None,
                            check_only=False):
-    """diffusers SDXL base pipeline folder -> MindSpore `.ckpt` (via the official names)."""
+    """diffusers pipeline folder -> MindSpore `.ckpt` (via the official file names, checked as a single file is)."""
     check_output(dst, overwrite or check_only, probe=not check_only)
-    want = official_expectation(_resolve(expected))
+    model = _resolve(expected)
     with DiffusersFolder(folder, variant) as pipe:
-        check_keys(pipe.shapes(), {n: s for n, (_, s) in want.items()}, str(folder), "official")
+        found = pipe.shapes()
+        names = file_to_mindspore_names(found)
+        check_official(found, names, model, str(folder))
         keep = pipe.source_dtype() if dtype == "keep" else None
         entries = []
         for name, value in pipe.state.items():
             code = keep or "F32"
-            entries.append((want[name][0], code, want[name][1], lambda v=value: materialize(v), None))
-        return _stream_to_ckpt(entries, dst, dtype, overwrite, progress, "diffusers_to_ms", [], check_only)
+            entries.append((names[name], code, found[name], lambda v=value: materialize(v), None))
+        summary = _stream_to_ckpt(entries, dst, dtype, overwrite, progress, "diffusers_to_ms", [], check_only)
+        return dict(summary, note="")
 
 
-def mindspore_to_official(src, dst, expected, dtype="fp32", overwrite=False, progress=True, check_only=False):
-    """MindSpore `.ckpt` -> official single-file `.safetensors` (laid out as the safetensors library does).
-    `expected`: a dict, or a function returning it (see the module's docstring)."""
+def mindspore_to_official(src, dst, expected, dtype="fp32", overwrite=False, progress=True, check_only=False,
+                          family=None):
+    """MindSpore `.ckpt` -> official single-file `.safetensors` (laid out as the safetensors library does), in the
+    names the family's released files use. `expected`: a dict, or a function returning it (see the module's
+    docstring)."""
     check_output(dst, overwrite or check_only, [src], probe=not check_only)
     if _sniff(src) == "safetensors":
         raise ConversionError(f"not a MindSpore checkpoint: {src} (it is a safetensors file: use --task pt_to_ms)")
     with CkptReader(src) as reader:
         found = reader.shapes()
         verify = _check_now_or_before_publishing(
-            expected, check_only, lambda: check_layout(found, str(src), "MindSpore"),
+            expected, check_only, lambda: check_layout(found, str(src), "MindSpore", family),
             lambda model: check_keys(found, {n: tuple(s) for n, s in model.items()}, str(src), "MindSpore"))
         infos, sources = [], {}
+        in_file = file_names(mindspore_to_official_name(n) for n in reader.tensors)
         for t in reader.tensors.values():
             _check_float(t.name, t.dtype, src)
-            official = mindspore_to_official_name(t.name)
+            official = in_file[mindspore_to_official_name(t.name)]
             infos.append(TensorInfo(official, _target_dtype(dtype, t.dtype), t.shape))
             sources[official] = t
         start, total = time.time(), sum(i.nbytes for i in infos)
         if check_only:
             return {"tensors": len(infos), "bytes": total, "seconds": 0.0, "written": False,
-                    "names": [i.name for i in infos]}
+                    "names": [i.name for i in infos], "note": ""}
         targets = {i.name: i.dtype for i in infos}
 
         def fetch(name):
@@ -345,4 +387,4 @@ def mindspore_to_official(src, dst, expected, dtype="fp32", overwrite=False, pro
 
         with atomic_output(dst, overwrite, [src], verify) as f, _progress(total, "ms_to_pt", progress) as bar:
             write_safetensors(f, infos, fetch, progress=bar, where=where)
-        return {"tensors": len(infos), "bytes": total, "seconds": time.time() - start, "written": True}
+        return {"tensors": len(infos), "bytes": total, "seconds": time.time() - start, "written": True, "note": ""}

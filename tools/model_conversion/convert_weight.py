@@ -1,10 +1,12 @@
-"""Convert SDXL base weights between the official `.safetensors` and MindBooth's MindSpore `.ckpt`.
+"""Convert model weights (SDXL base, SSD-1B, SD 1.x, SD 2.x) between the official `.safetensors` and MindBooth's
+MindSpore `.ckpt`.
 
     python tools/model_conversion/convert_weight.py --task pt_to_ms \
         --weight_safetensors sd_xl_base_1.0.safetensors --weight_ms checkpoints/sd_xl_base_1.0_ms.ckpt
     python tools/model_conversion/convert_weight.py --task ms_to_pt \
         --weight_ms checkpoints/sd_xl_base_1.0_ms.ckpt --weight_safetensors sd_xl_base_1.0_back.safetensors
 
+`--config` picks the model (default SDXL base); a file of another family is refused with the config to pass.
 `--weight_safetensors` may also be a diffusers pipeline folder (pt_to_ms only). The names and shapes the
 checkpoint must have are those of the model that `--config` builds: derived from the config's numbers for SDXL
 base's modules, read from the model (built in a child process) for any other. See weight_convertion.md.
@@ -75,7 +77,7 @@ def parse_args(argv=None):
                    help="pt_to_ms: safetensors (or diffusers folder) -> .ckpt; ms_to_pt: .ckpt -> safetensors")
     p.add_argument("--weight_safetensors", required=True,
                    help="official single-file .safetensors (input of pt_to_ms, output of ms_to_pt), "
-                        "or a diffusers SDXL pipeline folder (pt_to_ms)")
+                        "or a diffusers pipeline folder (pt_to_ms)")
     p.add_argument("--weight_ms", required=True, help="MindSpore .ckpt (output of pt_to_ms, input of ms_to_pt)")
     p.add_argument("--dtype", default="fp32", choices=list(CHOICES),
                    help="element type written (default fp32; 'keep' keeps the input's)")
@@ -92,6 +94,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     task = TASKS[args.task]
     from tools.model_conversion import conversion
+    from tools.model_conversion.file_layout import config_family
 
     try:
         src, dst = (args.weight_safetensors, args.weight_ms) if task == "pt_to_ms" else (args.weight_ms,
@@ -101,13 +104,14 @@ def main(argv=None) -> int:
         conversion.check_output(dst, args.overwrite or args.check, probe=not args.check)  # before the model is built
         common = dict(dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress, check_only=args.check)
         with expected_shapes(args.config) as expected:
+            family = config_family(args.config)  # known from the config's numbers: a wrong file is refused at once
             if task == "pt_to_ms":
                 if Path(src).is_dir():
                     summary = conversion.diffusers_to_mindspore(src, dst, expected, variant=args.variant, **common)
                 else:
-                    summary = conversion.official_to_mindspore(src, dst, expected, **common)
+                    summary = conversion.official_to_mindspore(src, dst, expected, family=family, **common)
             else:
-                summary = conversion.mindspore_to_official(src, dst, expected, **common)
+                summary = conversion.mindspore_to_official(src, dst, expected, family=family, **common)
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -115,6 +119,8 @@ def main(argv=None) -> int:
         print("interrupted: no output written", file=sys.stderr)
         return 130
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    if summary.get("note"):
+        print(f"note: {summary['note']}")
     if not summary["written"]:
         print(f"ok: {src} matches the model of {args.config}: {summary['tensors']} tensors; "
               f"{task} would write {summary['bytes'] / 2**30:.2f} GiB ({args.dtype}) to {dst}")

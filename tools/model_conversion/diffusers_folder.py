@@ -1,5 +1,8 @@
-"""A diffusers SDXL pipeline folder (`unet/`, `text_encoder/`, `text_encoder_2/`, `vae/`) seen as one
-official-layout state dict whose tensors are read only when used.
+"""A diffusers pipeline folder (`unet/`, `text_encoder/`, `vae/`, and `text_encoder_2/` for SDXL and SSD-1B) seen
+as one state dict in the names of the family's official single file, whose tensors are read only when used.
+
+`text_encoder/` is CLIP ViT-L (SD 1.x, SDXL, SSD-1B) or, without a `text_encoder_2/`, OpenCLIP ViT-H (SD 2.x); its
+config.json tells them apart by the activation: OpenAI's CLIP uses quick_gelu, OpenCLIP's towers gelu.
 
 The per-component name maps (`diffusers_unet`, `diffusers_text`, `diffusers_vae`) work on
 {name: array} dicts. They get `LazyTensor`s here: renames and reshapes stay lazy, and only what a
@@ -12,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from mindbooth.tensor_dtypes import FLOATS, ConversionError, cast, storage_dtype
+from tools.model_conversion.file_layout import file_names
 from tools.model_conversion.safetensors_stream import SafetensorsReader
 
 # component folder -> stem of its weights file
@@ -21,15 +25,28 @@ COMPONENTS = {
     "text_encoder_2": "model",
     "vae": "diffusion_pytorch_model",
 }
+OPTIONAL = ("text_encoder_2",)
 
 
-def _component_maps():
+def _hidden_act(component: Path) -> str:
+    try:
+        return json.loads((component / "config.json").read_text()).get("hidden_act", "?")
+    except (OSError, ValueError):
+        raise ConversionError(f"no readable config.json in {component}") from None
+
+
+def _component_maps(folder: Path) -> dict:
+    """{component folder: its diffusers -> official (sgm names) map} for the components the folder has."""
     from tools.model_conversion.diffusers_text import clip_l_to_official, open_clip_to_official
     from tools.model_conversion.diffusers_unet import unet_to_official
     from tools.model_conversion.diffusers_vae import vae_to_official
 
-    return {"unet": unet_to_official, "text_encoder": clip_l_to_official,
-            "text_encoder_2": open_clip_to_official, "vae": vae_to_official}
+    maps = {"unet": unet_to_official, "text_encoder": clip_l_to_official, "vae": vae_to_official}
+    if (folder / "text_encoder_2").is_dir():
+        maps["text_encoder_2"] = open_clip_to_official
+    elif _hidden_act(folder / "text_encoder") == "gelu":  # SD 2.x: OpenCLIP ViT-H is embedder 0
+        maps["text_encoder"] = lambda state: open_clip_to_official(state, prefix="conditioner.embedders.0.model.")
+    return maps
 
 
 class LazyTensor:
@@ -102,20 +119,22 @@ def pipeline_class(folder) -> str:
 
 
 class DiffusersFolder:
-    """{official name: LazyTensor or array} for a whole diffusers SDXL base pipeline folder."""
+    """{official file name: LazyTensor or array} for a whole diffusers pipeline folder."""
 
     def __init__(self, folder, variant=None):
         self.folder = Path(folder)
-        missing = [c for c in COMPONENTS if not (self.folder / c).is_dir()]
+        missing = [c for c in COMPONENTS if c not in OPTIONAL and not (self.folder / c).is_dir()]
         if missing:
             kind = pipeline_class(self.folder)
             kind = f" (its model_index.json says {kind})" if kind != "?" else ""
-            raise ConversionError(f"{self.folder} is not an SDXL base diffusers folder{kind}: "
+            raise ConversionError(f"{self.folder} is not a diffusers pipeline folder{kind}: "
                                   f"no {', '.join(c + '/' for c in missing)}")
-        self.readers, self.state = [], {}
-        maps = _component_maps()
+        self.readers, sgm = [], {}
         try:
+            maps = _component_maps(self.folder)
             for component, stem in COMPONENTS.items():
+                if component not in maps:
+                    continue
                 lazy = {}
                 for path in _weight_files(self.folder / component, stem, variant):
                     reader = SafetensorsReader(path)
@@ -125,10 +144,12 @@ class DiffusersFolder:
                     mapped = maps[component](lazy)
                 except (KeyError, ValueError) as e:
                     raise ConversionError(f"{self.folder / component}: {e.args[0] if e.args else e}") from None
-                self.state.update(mapped)
+                sgm.update(mapped)
         except BaseException:
             self.close()
             raise
+        in_file = file_names(sgm)
+        self.state = {in_file[name]: value for name, value in sgm.items()}
 
     def shapes(self) -> dict:
         return {name: tuple(np.shape(v) if not isinstance(v, LazyTensor) else v.shape) for name, v in self.state.items()}

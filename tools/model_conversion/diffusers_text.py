@@ -1,11 +1,12 @@
-"""SDXL text-encoder weights: transformers (diffusers' `text_encoder`, `text_encoder_2`) <-> official names.
+"""Text-encoder weights: transformers (diffusers' `text_encoder`, `text_encoder_2`) <-> official (sgm) names.
 
 All functions map {name: numpy array} -> {name: numpy array}.
-- CLIP ViT-L: transformers `text_model.X` <-> `conditioner.embedders.0.transformer.text_model.X`.
-- OpenCLIP bigG: transformers CLIPTextModelWithProjection <-> open_clip names under
-  `conditioner.embedders.1.model.`; q/k/v projections are fused into `in_proj_*` (rows q, k, v),
-  `text_projection.weight` (out, in) is stored transposed as `text_projection` (in, out), and
-  `logit_scale` (CLIP's temperature, not part of a text model) is added/dropped.
+- CLIP ViT-L (SD 1.x, SDXL): transformers `text_model.X` <-> `conditioner.embedders.0.transformer.text_model.X`.
+- OpenCLIP (SDXL's bigG under `conditioner.embedders.1.model.`, SD 2.x's ViT-H under
+  `conditioner.embedders.0.model.`: the `prefix` argument): transformers CLIPTextModel[WithProjection] <-> open_clip
+  names; q/k/v projections are fused into `in_proj_*` (rows q, k, v), `text_projection.weight` (out, in) is
+  stored transposed as `text_projection` (in, out), and with it `logit_scale` (CLIP's temperature, not part of
+  a text model) is added/dropped. SD 2.x's text encoder has no projection: neither is written.
 The `*_from_official` functions read only the names under their own prefix, so a whole SDXL
 checkpoint may be passed, and return the names of diffusers' files (`text_model.…`).
 transformers' `position_ids` buffers are skipped.
@@ -82,15 +83,15 @@ def open_clip_official_name(name: str) -> str:
             return f"transformer.resblocks.{layer}.attn.in_proj_{kind}"
         if module in _LAYER_RENAMES:
             return f"transformer.resblocks.{layer}.{_LAYER_RENAMES[module]}.{kind}"
-    raise KeyError(f"'{name}' is not an OpenCLIP-bigG text model name (expected transformers' CLIPTextModelWithProjection names)")
+    raise KeyError(f"'{name}' is not an OpenCLIP text model name (expected transformers' CLIPTextModel names)")
 
 
-def open_clip_to_official(state: dict) -> dict:
+def open_clip_to_official(state: dict, prefix=OPEN_CLIP_PREFIX) -> dict:
     out, fused = {}, {}
     for name, value in state.items():
         if _skip(name):
             continue
-        target = OPEN_CLIP_PREFIX + open_clip_official_name(name)
+        target = prefix + open_clip_official_name(name)
         if target.endswith(("in_proj_weight", "in_proj_bias")):
             which = name.split("self_attn.")[1][0]  # 'q', 'k' or 'v'
             fused.setdefault(target, {})[which] = value
@@ -102,20 +103,21 @@ def open_clip_to_official(state: dict) -> dict:
         if set(parts) != set(_QKV):
             raise KeyError(f"'{target}' needs q, k and v projections; got only {sorted(parts)}")
         out[target] = np.concatenate([np.asarray(parts[p]) for p in _QKV], axis=0)
-    # the model's dtype, read from metadata only (values may be lazily loaded arrays)
-    dtype = next((v.dtype for v in out.values() if hasattr(v, "dtype")), np.float32)
-    out[OPEN_CLIP_PREFIX + "logit_scale"] = np.array(LOGIT_SCALE, dtype=dtype)
+    if "text_projection.weight" in state:
+        # the model's dtype, read from metadata only (values may be lazily loaded arrays)
+        dtype = next((v.dtype for v in out.values() if hasattr(v, "dtype")), np.float32)
+        out[prefix + "logit_scale"] = np.array(LOGIT_SCALE, dtype=dtype)
     return out
 
 
-def open_clip_from_official(state: dict) -> dict:
+def open_clip_from_official(state: dict, prefix=OPEN_CLIP_PREFIX) -> dict:
     reverse_top = {v: k for k, v in _TOP_RENAMES.items()}
     reverse_layer = {v: k for k, v in _LAYER_RENAMES.items()}
     out = {}
     for full_name, value in state.items():
-        if not full_name.startswith(OPEN_CLIP_PREFIX):
+        if not full_name.startswith(prefix):
             continue
-        name = full_name[len(OPEN_CLIP_PREFIX):]
+        name = full_name[len(prefix):]
         if name == "logit_scale":
             continue
         if name in reverse_top:
@@ -130,5 +132,5 @@ def open_clip_from_official(state: dict) -> dict:
             layer, module, kind = match.groups()
             out[f"text_model.encoder.layers.{layer}.{reverse_layer[module]}.{kind}"] = value
         else:
-            raise KeyError(f"'{full_name}' is not an OpenCLIP-bigG text model name")
+            raise KeyError(f"'{full_name}' is not an OpenCLIP text model name")
     return out

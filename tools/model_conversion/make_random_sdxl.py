@@ -1,4 +1,4 @@
-"""Write an official-layout SDXL `.safetensors` filled with random finite values (for tests and benchmarks).
+"""Write an official-layout `.safetensors` (SDXL, or any supported model by --config) filled with random finite values (for tests and benchmarks).
 
     # full size (6.9 GB in fp16) from a key list `name:(d0, d1, ...)` such as MindONE's torch_key_base.yaml
     python tools/model_conversion/make_random_sdxl.py --keys ../shared/reference/sdxl_keys/mindone/model_conversion/torch_key_base.yaml --out /tmp/sdxl_random.safetensors
@@ -22,7 +22,8 @@ if str(ROOT) not in sys.path:
 from mindbooth.tensor_dtypes import CHOICES, storage_dtype  # noqa: E402
 from tools.model_conversion.conversion import atomic_output  # noqa: E402
 from tools.model_conversion.safetensors_stream import TensorInfo, write_safetensors  # noqa: E402
-from tools.model_conversion.sdxl_layout import load_config, official_shapes  # noqa: E402
+from tools.model_conversion.file_layout import official_file_shapes  # noqa: E402
+from tools.model_conversion.sdxl_layout import load_config  # noqa: E402
 
 
 def read_key_list(path) -> dict:
@@ -69,7 +70,7 @@ def main(argv=None):
     if args.keys:
         shapes = read_key_list(args.keys)
     else:
-        shapes = official_shapes(load_config(args.config)["model"]["params"])
+        shapes = official_file_shapes(load_config(args.config)["model"]["params"])
     size = write_random(args.out, shapes, args.dtype, args.seed, args.overwrite)
     print(f"wrote {args.out}: {len(shapes)} tensors, {size / 2**30:.2f} GiB")
 

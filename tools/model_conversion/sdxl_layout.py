@@ -1,10 +1,11 @@
-"""What an SDXL base checkpoint in the official ("original") layout contains, and what a file is
-when it is not one.
+"""What a checkpoint of a supported model (SDXL base, SSD-1B, SD 1.x, SD 2.x) in the official sgm layout contains.
 
 `official_shapes(model_params)` derives every official parameter name and shape from the
-architecture numbers of a model config (the `model.params` of `configs/inference/sd_xl_*.yaml`),
+architecture numbers of a model config (the `model.params` of `configs/inference/*.yaml`),
 by the same rules Stability's sgm code uses to build the model. For `sd_xl_base.yaml` it gives the
-2514 entries of `sd_xl_base_1.0.safetensors`; for the tiny config, the same names with small shapes.
+2514 entries of `sd_xl_base_1.0.safetensors`; for a tiny config, the same names with small shapes.
+The names are those the MindSpore model uses (its text encoders under `conditioner.embedders.N`); SD 1.x/2.x
+files name their text encoder `cond_stage_model.*`, which `file_layout` maps.
 
 `model_mindspore_shapes(config)` reads the names and shapes from the MindSpore model itself
 (built without allocating weights): the set the converted checkpoint must load into.
@@ -12,9 +13,6 @@ by the same rules Stability's sgm code uses to build the model. For `sd_xl_base.
 `rule_mindspore_shapes(config)` is that set derived by the rules, in MindSpore names, without MindSpore: for a
 config built of SDXL base's own modules (`SDXL_TARGETS`), where the tests hold it equal to the model's (the
 tiny and the full-size config); None for any other config.
-
-`detect(shapes)` names the model family of a key set (SD 1.x, SD 2.x, SDXL refiner, ...) so that
-a wrong input gets an error that says what it is.
 """
 from collections import OrderedDict
 
@@ -54,9 +52,9 @@ def _unet_resblock(out, p, ch_in, ch_out, emb):
         _conv(out, p + ".skip_connection", ch_out, ch_in, 1)
 
 
-def _unet_transformer(out, p, ch, depth, context_dim):
+def _unet_transformer(out, p, ch, depth, context_dim, linear):
     _norm(out, p + ".norm", ch)
-    _linear(out, p + ".proj_in", ch, ch)  # SDXL: use_linear_in_transformer
+    _proj(out, p + ".proj_in", ch, linear)
     for d in range(depth):
         b = f"{p}.transformer_blocks.{d}"
         for attn, kv_dim in (("attn1", ch), ("attn2", context_dim)):
@@ -68,21 +66,41 @@ def _unet_transformer(out, p, ch, depth, context_dim):
         _linear(out, f"{b}.ff.net.2", ch, 4 * ch)
         for i in (1, 2, 3):
             _norm(out, f"{b}.norm{i}", ch)
-    _linear(out, p + ".proj_out", ch, ch)
+    _proj(out, p + ".proj_out", ch, linear)
 
 
-def _as_depths(value, n):
-    return list(value) if isinstance(value, (list, tuple)) else [value] * n
+def _proj(out, prefix, ch, linear):
+    """SD 2.x/SDXL project in and out of a transformer with a Linear, SD 1.x with a 1x1 conv."""
+    if linear:
+        _linear(out, prefix, ch, ch)
+    else:
+        _conv(out, prefix, ch, ch, 1)
+
+
+def _level_depths(value, levels, blocks, what):
+    """Transformer depth per level and block: one int for all, or one entry per level that is an int (every block
+    of the level) or a list with one int per block (SSD-1B)."""
+    per_level = list(value) if isinstance(value, (list, tuple)) else [value] * levels
+    if len(per_level) != levels:
+        raise ValueError(f"{what} has {len(per_level)} levels, channel_mult {levels}")
+    out = [list(d) if isinstance(d, (list, tuple)) else [d] * blocks for d in per_level]
+    if any(len(d) != blocks for d in out):
+        raise ValueError(f"{what} needs {blocks} depths per level")
+    return out
 
 
 def unet_shapes(p, prefix=UNET):
-    """sgm `UNetModel` (SDXL flavour: linear proj_in/out, sequential label embedding)."""
-    if not p.get("use_linear_in_transformer", True):
-        raise NotImplementedError("convolutional proj_in/proj_out are not SDXL's")
+    """sgm `UNetModel`: SD 1.x (1x1 conv proj_in/out, no label embedding), SD 2.x, SDXL (sequential label
+    embedding) and SSD-1B (per-block depths, `transformer_depth_middle: 0`: the middle block is one ResBlock)."""
+    if p.get("num_classes") not in (None, "sequential"):
+        raise NotImplementedError("class-conditional UNets are none of the supported families")
     out = OrderedDict()
     mc, mult, nres = p["model_channels"], list(p["channel_mult"]), p["num_res_blocks"]
-    depth = _as_depths(p.get("transformer_depth", 1), len(mult))
+    depth_in = _level_depths(p.get("transformer_depth", 1), len(mult), nres, "transformer_depth")
+    depth_out = _level_depths(p.get("transformer_depth_output", p.get("transformer_depth", 1)), len(mult), nres + 1,
+                              "transformer_depth_output")
     attn_res, ctx, emb = list(p["attention_resolutions"]), p["context_dim"], 4 * p["model_channels"]
+    linear = p.get("use_linear_in_transformer", False)
     pre = prefix
     _linear(out, pre + "time_embed.0", emb, mc)
     _linear(out, pre + "time_embed.2", emb, emb)
@@ -92,11 +110,11 @@ def unet_shapes(p, prefix=UNET):
     _conv(out, pre + "input_blocks.0.0", mc, p["in_channels"], 3)
     chans, ch, ds, block = [mc], mc, 1, 1
     for level, m in enumerate(mult):
-        for _ in range(nres):
+        for i in range(nres):
             _unet_resblock(out, f"{pre}input_blocks.{block}.0", ch, m * mc, emb)
             ch = m * mc
-            if ds in attn_res:
-                _unet_transformer(out, f"{pre}input_blocks.{block}.1", ch, depth[level], ctx)
+            if ds in attn_res and depth_in[level][i]:
+                _unet_transformer(out, f"{pre}input_blocks.{block}.1", ch, depth_in[level][i], ctx, linear)
             chans.append(ch)
             block += 1
         if level != len(mult) - 1:
@@ -105,16 +123,18 @@ def unet_shapes(p, prefix=UNET):
             block, ds = block + 1, ds * 2
     _unet_resblock(out, pre + "middle_block.0", ch, ch, emb)
     middle_depth = p.get("transformer_depth_middle")
-    _unet_transformer(out, pre + "middle_block.1", ch, depth[-1] if middle_depth is None else middle_depth, ctx)
-    _unet_resblock(out, pre + "middle_block.2", ch, ch, emb)
+    middle_depth = depth_in[-1][-1] if middle_depth is None else middle_depth
+    if middle_depth:  # 0: the middle block is one ResBlock (SSD-1B)
+        _unet_transformer(out, pre + "middle_block.1", ch, middle_depth, ctx, linear)
+        _unet_resblock(out, pre + "middle_block.2", ch, ch, emb)
     block = 0
     for level, m in reversed(list(enumerate(mult))):
         for i in range(nres + 1):
             b = f"{pre}output_blocks.{block}"
             _unet_resblock(out, b + ".0", ch + chans.pop(), m * mc, emb)
             ch, sub = m * mc, 1
-            if ds in attn_res:
-                _unet_transformer(out, b + ".1", ch, depth[level], ctx)
+            if ds in attn_res and depth_out[level][i]:
+                _unet_transformer(out, b + ".1", ch, depth_out[level][i], ctx, linear)
                 sub = 2
             if level and i == nres:
                 _conv(out, f"{b}.{sub}.conv", ch, ch, 3)
@@ -143,13 +163,15 @@ def clip_l_shapes(p, prefix=CLIP_L):
     return out
 
 
-def clip_g_shapes(p, prefix=CLIP_G):
-    """OpenCLIP text tower names (fused attention in_proj), as the official file stores embedder 1."""
+def open_clip_shapes(p, prefix=CLIP_G):
+    """OpenCLIP text tower names (fused attention in_proj): SDXL's bigG (embedder 1), SD 2.x's ViT-H (embedder 0).
+    `text_projection` and `logit_scale` only where the embedder has a `projection_dim` (SDXL's pooled output)."""
     out = OrderedDict()
     w, mlp = p["width"], p["mlp_width"]
     out[prefix + "positional_embedding"] = (CLIP_CONTEXT, w)
-    out[prefix + "text_projection"] = (w, p["projection_dim"])  # used as x @ text_projection
-    out[prefix + "logit_scale"] = ()
+    if "projection_dim" in p:
+        out[prefix + "text_projection"] = (w, p["projection_dim"])  # used as x @ text_projection
+        out[prefix + "logit_scale"] = ()
     out[prefix + "token_embedding.weight"] = (CLIP_VOCAB, w)
     for i in range(p["layers"]):
         b = f"{prefix}transformer.resblocks.{i}"
@@ -222,13 +244,25 @@ def vae_shapes(p, prefix=VAE):
     return out
 
 
+def embedder_shapes(index: int, embedder: dict) -> dict:
+    """The parameters of `conditioner.embedders.<index>`, by the embedder's class: CLIP ViT-L (transformers
+    names), an OpenCLIP tower, or a parameter-free one (the size/crop embedders)."""
+    kind, p = embedder["target"].rsplit(".", 1)[-1], embedder.get("params", {})
+    if kind == "FrozenCLIPEmbedder":
+        return clip_l_shapes(p, f"conditioner.embedders.{index}.transformer.text_model.")
+    if "OpenCLIP" in kind:
+        return open_clip_shapes(p, f"conditioner.embedders.{index}.model.")
+    if kind == "ConcatTimestepEmbedderND":
+        return {}
+    raise NotImplementedError(f"no rules for the embedder {kind}")
+
+
 def official_shapes(model_params) -> "OrderedDict[str, tuple]":
-    """{official name: shape} of an SDXL-base-layout checkpoint for `model.params` of a config."""
-    embedders = model_params["conditioner_config"]["params"]["emb_models"]
-    clip_l, clip_g = embedders[0]["params"], embedders[1]["params"]
+    """{official name: shape} of a checkpoint for `model.params` of a config, in the sgm names the model uses
+    (SD 1.x/2.x files name the text encoder differently: `file_layout` maps that)."""
     out = unet_shapes(model_params["network_config"]["params"])
-    out.update(clip_l_shapes(clip_l))
-    out.update(clip_g_shapes(clip_g))
+    for index, embedder in enumerate(model_params["conditioner_config"]["params"]["emb_models"]):
+        out.update(embedder_shapes(index, embedder))
     out.update(vae_shapes(model_params["first_stage_config"]["params"]))
     return out
 
@@ -309,43 +343,3 @@ def model_mindspore_shapes(config_path) -> dict:
     with no_init_parameters():
         model = instantiate_from_config(config["model"], backend="plain")
     return {name: tuple(int(d) for d in p.shape) for name, p in model.parameters_and_names()}
-
-
-# ---------------------------------------------------------------- what is this file?
-def _has(names, *parts):
-    return any(all(part in n for part in parts) for n in names)
-
-
-def detect(shapes: dict) -> str:
-    """Name the kind of checkpoint a {name: shape} key set is, from telltale keys."""
-    names = list(shapes)
-    if not names:
-        return "an empty file (no tensors)"
-    if _has(names, "lora_") or _has(names, "lora.") or _has(names, ".alpha"):
-        return "a LoRA file, not a full model"
-    if _has(names, ".gamma") or _has(names, ".beta") or _has(names, "embedding_table"):
-        return "a file with MindSpore parameter names (gamma/beta/embedding_table), not the official layout"
-    if _has(names, "cond_stage_model.model.transformer.resblocks"):
-        return "Stable Diffusion 2.x (OpenCLIP ViT-H text encoder)"
-    if _has(names, "cond_stage_model.transformer"):
-        return "Stable Diffusion 1.x (CLIP ViT-L text encoder under cond_stage_model)"
-    if CLIP_G.replace(".1.", ".0.") + "token_embedding.weight" in shapes and not _has(names, "conditioner.embedders.1."):
-        return "the SDXL refiner (OpenCLIP bigG is embedder 0, no CLIP ViT-L)"
-    if CLIP_G + "text_projection.weight" in shapes and CLIP_G + "logit_scale" not in shapes:
-        return "an SDXL LCM-layout checkpoint (text_projection.weight, no logit_scale)"
-    if _has(names, "down_blocks.", "resnets.") and not _has(names, UNET):
-        return "a diffusers-format component (pass the diffusers model folder instead)"
-    first = shapes.get(UNET + "input_blocks.0.0.weight")
-    if first is not None and len(first) == 4 and first[1] == 9:
-        return "an SDXL inpainting model (9 UNet input channels)"
-    if first is not None and len(first) == 4 and first[1] != 4:
-        return f"a UNet with {first[1]} input channels (SDXL base has 4)"
-    parts = [what for prefix, what in ((UNET, "UNet"), (CLIP_L, "CLIP ViT-L"), (CLIP_G, "OpenCLIP bigG"), (VAE, "VAE"))
-             if _has(names, prefix)]
-    if _has(names, "encoder.conv_in") and not parts:
-        return "a standalone VAE"
-    if len(parts) == 4:
-        return "SDXL base layout"
-    if parts:
-        return "a partial SDXL checkpoint (only " + ", ".join(parts) + ")"
-    return "an unknown model (no SDXL, SD 1.x or SD 2.x telltale keys)"
