@@ -1,12 +1,12 @@
-"""Transformer parts of the SDXL UNet: attention, GEGLU feed-forward, BasicTransformerBlock and the
-SpatialTransformer (linear proj_in/out), with sgm's parameter names.
+"""Transformer parts of the UNet: attention, GEGLU feed-forward, BasicTransformerBlock and the SpatialTransformer,
+with sgm's parameter names.
 
 The attention itself is a small parameterless cell picked by `attn_type` (sgm's `spatial_transformer_attn_type`):
 `vanilla` (MindSpore's ops, any device) or `flash-attention` (MindSpore's flash-attention op, Ascend)."""
 import mindspore as ms
 from mindspore import nn, ops
 
-from gm.modules.diffusionmodules.util import zero_module
+from gm.modules.diffusionmodules.util import conv2d, zero_module
 from gm.modules.lora import with_lora_delta
 
 
@@ -159,18 +159,25 @@ class SwapAxes12(nn.Cell):
 
 
 class SpatialTransformer(nn.Cell):
-    """GroupNorm, linear proj_in over the flattened pixels, `depth` transformer blocks, proj_out, residual."""
+    """GroupNorm, proj_in, `depth` transformer blocks over the flattened pixels, proj_out, residual. The projections
+    are linear over the pixels' channels (`use_linear`: SD 2.x, SDXL) or 1x1 convolutions before the flattening and
+    after it is undone (SD 1.x): the same product, stored as (C, C) or (C, C, 1, 1)."""
 
     def __init__(self, in_channels: int, n_heads: int, d_head: int, depth: int, context_dim: int, dropout: float = 0.0,
-                 attn_type: str = "vanilla"):
+                 attn_type: str = "vanilla", use_linear: bool = True):
         super().__init__()
         inner_dim = n_heads * d_head
         self.norm = nn.GroupNorm(32, in_channels, eps=1e-6)
-        self.proj_in = nn.Dense(in_channels, inner_dim)
+        self.use_linear = use_linear
+        if use_linear:
+            self.proj_in = nn.Dense(in_channels, inner_dim)
+            self.proj_out = zero_module(nn.Dense(inner_dim, in_channels))
+        else:
+            self.proj_in = conv2d(in_channels, inner_dim, 1)
+            self.proj_out = zero_module(conv2d(inner_dim, in_channels, 1))
         self.transformer_blocks = nn.CellList(
             [BasicTransformerBlock(inner_dim, n_heads, d_head, context_dim, dropout, attn_type) for _ in range(depth)]
         )
-        self.proj_out = zero_module(nn.Dense(inner_dim, in_channels))
         self.swap_axes = SwapAxes12()
         self.depth = depth
 
@@ -178,11 +185,19 @@ class SpatialTransformer(nn.Cell):
         """`cached_kv`: (k, v) of `context` for each block's attn2 in turn (2 * depth tensors), or None."""
         batch, channels, height, width = x.shape
         x_in = x
-        x = self.swap_axes(self.norm(x).reshape(batch, channels, height * width))
-        x = self.proj_in(x)
+        x = self.norm(x)
+        if not self.use_linear:
+            x = self.proj_in(x)
+        x = self.swap_axes(x.reshape(batch, x.shape[1], height * width))
+        if self.use_linear:
+            x = self.proj_in(x)
         index = 0
         for block in self.transformer_blocks:
             x = block(x, context, None if cached_kv is None else cached_kv[index:index + 2])
             index += 2
-        x = self.proj_out(x)
-        return self.swap_axes(x).reshape(batch, channels, height, width) + x_in
+        if self.use_linear:
+            x = self.proj_out(x)
+        x = self.swap_axes(x).reshape(batch, x.shape[-1], height, width)
+        if not self.use_linear:
+            x = self.proj_out(x)
+        return x + x_in

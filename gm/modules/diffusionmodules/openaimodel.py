@@ -1,5 +1,5 @@
-"""The SDXL UNet (sgm's `openaimodel.UNetModel`), with the official checkpoint's block numbering:
-input_blocks / middle_block / output_blocks, each a TimestepEmbedSequential of ResBlocks,
+"""The UNet of SD 1.x/2.x, SDXL and SSD-1B (sgm's `openaimodel.UNetModel`), with the official checkpoints' block
+numbering: input_blocks / middle_block / output_blocks, each a TimestepEmbedSequential of ResBlocks,
 SpatialTransformers and Down/Upsamplers."""
 from typing import List, Sequence, Union
 
@@ -96,9 +96,32 @@ def _per_level(value: Union[int, Sequence[int]], levels: int, name: str) -> List
     return value
 
 
+def _per_block(value, levels: int, blocks: List[int], name: str) -> List[List[int]]:
+    """Transformer depths per level, each an int or a list with one depth per block of that level ->
+    [[depth of each block] for each level]."""
+    per_level = _per_level(value, levels, name)
+    depths = []
+    for level, (entry, count) in enumerate(zip(per_level, blocks)):
+        entry = [entry] * count if isinstance(entry, int) else list(entry)
+        if len(entry) != count:
+            raise ValueError(f"{name}: level {level} has {count} blocks but {len(entry)} depths {entry}")
+        depths.append(entry)
+    return depths
+
+
 class UNetModel(nn.Cell):
-    """SDXL's UNet. Sizes use sgm's parameter names; attention sits at the downsampling rates listed in
-    `attention_resolutions` (1, 2, 4, ... for levels 0, 1, 2, ...)."""
+    """The UNet. Sizes use sgm's parameter names; attention sits at the downsampling rates listed in
+    `attention_resolutions` (1, 2, 4, ... for levels 0, 1, 2, ...).
+
+    - Heads: `num_head_channels` channels each (SD 2.x, SDXL), or `num_heads` per layer with `num_head_channels: -1`
+      (SD 1.x: 8 heads of 40/80/160 channels).
+    - `use_linear_in_transformer`: linear proj_in/proj_out (SD 2.x, SDXL) or 1x1 convolutions (SD 1.x).
+    - `transformer_depth`: per level, an int or one depth per input block of that level; `transformer_depth_output`
+      the same for the output blocks (each level's list in output-block order), by default transformer_depth's.
+      SSD-1B: [0, [2, 2], [4, 4]] and [0, [2, 1, 1], [4, 4, 10]].
+    - `transformer_depth_middle`: by default the last level's; 0: no middle transformer, the middle block is one
+      ResBlock (SSD-1B).
+    - `num_classes: sequential`: SDXL's vector conditioning `y` through label_emb; absent: no `y` (SD 1.x/2.x)."""
 
     def __init__(
         self,
@@ -108,8 +131,10 @@ class UNetModel(nn.Cell):
         num_res_blocks: Union[int, Sequence[int]],
         attention_resolutions: Sequence[int],
         channel_mult: Sequence[int] = (1, 2, 4),
+        num_heads: int = -1,
         num_head_channels: int = 64,
-        transformer_depth: Union[int, Sequence[int]] = 1,
+        transformer_depth: Union[int, Sequence] = 1,
+        transformer_depth_output: Union[int, Sequence] = None,
         transformer_depth_middle: int = None,
         context_dim: int = None,
         adm_in_channels: int = None,
@@ -124,23 +149,32 @@ class UNetModel(nn.Cell):
         weights go to that dtype as soon as the block is built, so that building the full-size UNet peaks at its
         fp16 size plus one block instead of its fp32 size."""
         super().__init__()
-        if not use_linear_in_transformer:
-            raise ValueError("only use_linear_in_transformer: True (SDXL's linear proj_in/proj_out) is implemented")
         if num_classes not in (None, "sequential"):
             raise ValueError(f"num_classes must be 'sequential' (SDXL's vector conditioning) or absent, got {num_classes!r}")
+        if (num_head_channels == -1) == (num_heads == -1):
+            raise ValueError(f"give one of num_heads and num_head_channels (the other -1), got num_heads={num_heads}, "
+                             f"num_head_channels={num_head_channels}")
         store = (lambda block: stored_in(block, weight_dtype)) if weight_dtype else (lambda block: block)
         levels = len(channel_mult)
         num_res_blocks = _per_level(num_res_blocks, levels, "num_res_blocks")
-        transformer_depth = _per_level(transformer_depth, levels, "transformer_depth")
-        transformer_depth_middle = transformer_depth[-1] if transformer_depth_middle is None else transformer_depth_middle
+        input_depths = _per_block(transformer_depth, levels, num_res_blocks, "transformer_depth")
+        output_depths = _per_block(transformer_depth if transformer_depth_output is None else transformer_depth_output,
+                                   levels, [n + 1 for n in num_res_blocks], "transformer_depth_output")
+        if transformer_depth_middle is None:
+            transformer_depth_middle = input_depths[-1][-1]
         self.model_channels = model_channels
         time_embed_dim = model_channels * 4
 
         def transformer(channels, depth):
-            if channels % num_head_channels:
-                raise ValueError(f"{channels} channels do not divide into heads of num_head_channels={num_head_channels}")
-            return SpatialTransformer(channels, channels // num_head_channels, num_head_channels, depth, context_dim, dropout,
-                                      spatial_transformer_attn_type)
+            if num_head_channels == -1:
+                heads, head_channels = num_heads, channels // num_heads
+            else:
+                heads, head_channels = channels // num_head_channels, num_head_channels
+            if heads * head_channels != channels:
+                raise ValueError(f"{channels} channels do not divide into heads (num_heads={num_heads}, "
+                                 f"num_head_channels={num_head_channels})")
+            return SpatialTransformer(channels, heads, head_channels, depth, context_dim, dropout,
+                                      spatial_transformer_attn_type, use_linear=use_linear_in_transformer)
 
         self.time_embed = nn.SequentialCell(
             [nn.Dense(model_channels, time_embed_dim), nn.SiLU(), nn.Dense(time_embed_dim, time_embed_dim)]
@@ -155,11 +189,11 @@ class UNetModel(nn.Cell):
         skip_channels = [model_channels]
         channels, rate = model_channels, 1
         for level, mult in enumerate(channel_mult):
-            for _ in range(num_res_blocks[level]):
+            for block in range(num_res_blocks[level]):
                 layers = [ResBlock(channels, time_embed_dim, mult * model_channels, dropout)]
                 channels = mult * model_channels
                 if rate in attention_resolutions:
-                    layers.append(transformer(channels, transformer_depth[level]))
+                    layers.append(transformer(channels, input_depths[level][block]))
                 input_blocks.append(store(TimestepEmbedSequential(layers)))
                 skip_channels.append(channels)
             if level != levels - 1:
@@ -168,13 +202,10 @@ class UNetModel(nn.Cell):
                 rate *= 2
         self.input_blocks = nn.CellList(input_blocks)
 
-        self.middle_block = store(TimestepEmbedSequential(
-            [
-                ResBlock(channels, time_embed_dim, channels, dropout),
-                transformer(channels, transformer_depth_middle),
-                ResBlock(channels, time_embed_dim, channels, dropout),
-            ]
-        ))
+        middle = [ResBlock(channels, time_embed_dim, channels, dropout)]
+        if transformer_depth_middle:
+            middle += [transformer(channels, transformer_depth_middle), ResBlock(channels, time_embed_dim, channels, dropout)]
+        self.middle_block = store(TimestepEmbedSequential(middle))
 
         output_blocks = []
         for level, mult in reversed(list(enumerate(channel_mult))):
@@ -182,7 +213,7 @@ class UNetModel(nn.Cell):
                 layers = [ResBlock(channels + skip_channels.pop(), time_embed_dim, model_channels * mult, dropout)]
                 channels = model_channels * mult
                 if rate in attention_resolutions:
-                    layers.append(transformer(channels, transformer_depth[level]))
+                    layers.append(transformer(channels, output_depths[level][i]))
                 if level and i == num_res_blocks[level]:
                     layers.append(Upsample(channels))
                     rate //= 2

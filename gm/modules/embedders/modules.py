@@ -1,4 +1,5 @@
-"""SDXL's conditioner and its embedders (sgm's `modules/encoders/modules.py` names and semantics).
+"""The conditioner and its embedders (sgm's `modules/encoders/modules.py` names and semantics): SD 1.x's CLIP ViT-L,
+SD 2.x's OpenCLIP ViT-H, SDXL's CLIP ViT-L + OpenCLIP bigG and size embeddings.
 
 Each embedder has `tokenize(value)` (host side: raw batch value -> Tensor input) and
 `construct(input)` (graph side). `GeneralConditioner` gathers them: 3-D outputs are cross-attention
@@ -103,6 +104,8 @@ class FrozenOpenCLIPEmbedder2(_TextEmbedder):
             raise ValueError(f"layer must be 'last' or 'penultimate', got {layer!r}")
         if always_return_pooled and legacy:
             raise ValueError("always_return_pooled needs legacy: False (as in sgm)")
+        if always_return_pooled and projection_dim is None:
+            raise ValueError("always_return_pooled needs projection_dim (the pooled output's width)")
         if layer == "penultimate" and layers < 2:
             raise ValueError("layer 'penultimate' needs layers >= 2")
         self.layer = layer
@@ -123,6 +126,17 @@ class FrozenOpenCLIPEmbedder2(_TextEmbedder):
         if self.return_pooled:
             return z, self.model.pool(last, input_ids)
         return z
+
+
+class FrozenOpenCLIPEmbedder(FrozenOpenCLIPEmbedder2):
+    """SD 2.x's OpenCLIP ViT-H text encoder: ln_final of the penultimate layer's output. Built, like diffusers' SD 2.x
+    text encoder, with the layers it uses only (23 of the released 24: `layers` counts those, and the output is the
+    last of them), without the projection it never applies. Pads with 0."""
+
+    def __init__(self, width: int = 1024, layers: int = 23, heads: int = 16, mlp_width: int = 4096, act: str = "gelu",
+                 vocab_size: int = 49408, max_length: int = 77):
+        super().__init__(width, layers, heads, mlp_width, act, projection_dim=None, layer="last",
+                         always_return_pooled=False, legacy=True, vocab_size=vocab_size, max_length=max_length)
 
 
 class ConcatTimestepEmbedderND(AbstractEmbModel):
@@ -207,10 +221,14 @@ class GeneralConditioner(nn.Cell):
                     vector.append(emb)
                 else:
                     raise ValueError(f"embedder {i} gave a {emb.ndim}-D output; expected 2-D (vector) or 3-D (crossattn)")
-        return ops.cat(vector, axis=-1), ops.cat(crossattn, axis=-1)
+        crossattn = ops.cat(crossattn, axis=-1)
+        if not vector:  # SD 1.x/2.x: text only; an empty vector keeps one conditioning signature for every model
+            return ops.zeros((crossattn.shape[0], 0), crossattn.dtype), crossattn
+        return ops.cat(vector, axis=-1), crossattn
 
     def construct(self, *inputs):
-        """Inputs from `tokenize` -> (vector (B, sum of 2-D widths), crossattn (B, L, sum of 3-D widths))."""
+        """Inputs from `tokenize` -> (vector (B, sum of 2-D widths: 0 without 2-D outputs), crossattn (B, L, sum of
+        3-D widths))."""
         return self.embed(inputs, self.no_zeros)
 
     def encode(self, batch: dict, force_zero_embeddings=()) -> dict:

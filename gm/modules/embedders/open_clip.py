@@ -1,7 +1,8 @@
-"""OpenCLIP ViT-bigG/14 text transformer (SDXL's second text encoder), with open_clip's parameter names.
+"""OpenCLIP text transformer (SDXL's second text encoder ViT-bigG/14, SD 2.x's ViT-H/14), with open_clip's
+parameter names.
 
 The attribute paths reproduce open_clip's `CLIP` model with its vision tower removed, as sgm keeps
-it: `positional_embedding`, `text_projection`, `logit_scale`, `transformer.resblocks.N...`,
+it: `positional_embedding`, `text_projection`, `logit_scale` (with a projection_dim), `transformer.resblocks.N...`,
 `token_embedding`, `ln_final`. Attention uses one fused `in_proj_weight` as torch's
 `nn.MultiheadAttention` does. The math equals `clip.py`'s (pre-norm blocks, causal mask);
 computation is batch-first, which changes no numbers.
@@ -75,14 +76,14 @@ class OpenCLIPTextModel(nn.Cell):
                  projection_dim: int = None, vocab_size: int = 49408, max_length: int = 77):
         super().__init__()
         check_sizes(width, heads, layers)
-        projection_dim = width if projection_dim is None else projection_dim
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.positional_embedding = Parameter(initializer(Normal(0.01), (max_length, width)), name="positional_embedding")
         self.transformer = Transformer(width, layers, heads, mlp_width, act)
         self.ln_final = nn.LayerNorm((width,), epsilon=LAYER_NORM_EPS)
-        self.text_projection = Parameter(initializer(Normal(width**-0.5), (width, projection_dim)), name="text_projection")
-        # CLIP's contrastive temperature: unused for text encoding, kept so the checkpoint loads strictly.
-        self.logit_scale = Parameter(ms.Tensor(math.log(1 / 0.07), ms.float32), name="logit_scale")
+        if projection_dim is not None:  # SDXL's pooled output; SD 2.x's model has neither
+            self.text_projection = Parameter(initializer(Normal(width**-0.5), (width, projection_dim)), name="text_projection")
+            # CLIP's contrastive temperature: unused for text encoding, kept so the checkpoint loads strictly.
+            self.logit_scale = Parameter(ms.Tensor(math.log(1 / 0.07), ms.float32), name="logit_scale")
         self.causal_mask = causal_mask(max_length)
 
     def construct(self, input_ids):
