@@ -43,15 +43,18 @@ def _skip(name: str) -> bool:
     return name.endswith("position_ids")
 
 
+def _prefixed(name: str) -> str:
+    """transformers >= 5 names a CLIPTextModel's parameters without `text_model.` (in memory and in the files it
+    saves: `embeddings.…`, `encoder.…`, `final_layer_norm.…`); older files have the prefix. Both read the same."""
+    return "text_model." + name if name.startswith(_CLIP_L_BARE) else name
+
+
 def clip_l_to_official(state: dict) -> dict:
-    """Accepts the `text_model.…` names of diffusers' files and the unprefixed names of transformers >= 5's
-    in-memory CLIPTextModel (`embeddings.…`, `encoder.…`, `final_layer_norm.…`)."""
     out = {}
     for name, value in state.items():
         if _skip(name):
             continue
-        if name.startswith(_CLIP_L_BARE):
-            name = "text_model." + name
+        name = _prefixed(name)
         if not name.startswith("text_model."):
             raise KeyError(f"'{name}' is not a CLIP-L text model name (expected transformers' CLIPTextModel names, "
                            "'text_model.…')")
@@ -72,6 +75,7 @@ def clip_l_from_official(state: dict) -> dict:
 
 def open_clip_official_name(name: str) -> str:
     """transformers name -> open_clip name (without prefix); q/k/v projections give their fused name."""
+    name = _prefixed(name)
     if name in _TOP_RENAMES:
         return _TOP_RENAMES[name]
     if name == "text_projection.weight":

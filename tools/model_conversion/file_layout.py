@@ -90,7 +90,7 @@ def select(shapes: dict):
     if not counts:
         return kept, ""
     return kept, (f"skipped {len(reasons)} tensors no model parameter takes: "
-                  + "; ".join(f"{n} {reason}" for reason, n in counts.items()))
+                  + "; ".join(f"{n} {reason}" for reason, n in sorted(counts.items(), key=lambda c: -c[1])))
 
 
 # ---------------------------------------------------------------- what is this file?
