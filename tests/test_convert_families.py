@@ -24,7 +24,7 @@ from tools.model_conversion.file_layout import (FAMILIES, SD1, SD2, SDXL, SSD1B,
                                                 official_file_shapes)
 from tools.model_conversion.make_random_sdxl import random_finite, write_random
 from tools.model_conversion.safetensors_stream import SafetensorsReader, TensorInfo, header_bytes, write_order
-from tools.model_conversion.sdxl_layout import load_config, model_mindspore_shapes
+from tools.model_conversion.sdxl_layout import load_config, model_mindspore_shapes, rule_mindspore_shapes
 
 CONFIGS = ROOT / "configs" / "inference"
 CLI = ROOT / "tools" / "model_conversion" / "convert_weight.py"
@@ -146,7 +146,8 @@ def test_rule_layout_is_the_models_and_names_its_family(config):
 
     rule = official_shapes(load_config(config)["model"]["params"])
     renamed = official_to_mindspore_names(rule)
-    assert {renamed[n]: tuple(s) for n, s in rule.items()} == model_mindspore_shapes(config)
+    model = model_mindspore_shapes(config)
+    assert {renamed[n]: tuple(s) for n, s in rule.items()} == model == rule_mindspore_shapes(config)
     family = {**{c.stem: f for f, c in TINY.items()}, **FULL}[config.stem]
     assert config_family(config) == family
     assert detect(official_file_shapes(load_config(config)["model"]["params"])) == family

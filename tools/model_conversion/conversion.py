@@ -9,7 +9,7 @@ name at the very end, so an interrupted run never leaves a file that looks compl
 output never write into one file.
 
 `expected` is either that dict, checked before anything is written, or a function that returns it
-(for a config not built of SDXL base's own modules, the command line builds the model in another process, about
+(for a config not built of the shipped configs' modules, the command line builds the model in another process, about
 5 s, while the tensors are written).
 Then a file that is not of a supported family, or not of `family` (the config's, where the rules give it), is
 refused at once, and the exact check runs after

@@ -40,7 +40,7 @@ def _model_shapes(config):
 def expected_shapes(config):
     """The {MindSpore name: shape} a checkpoint for `config` must have, for the block.
 
-    A config built of SDXL base's own modules gets it from the rules at once (`rule_mindspore_shapes`, which the
+    A config built of the shipped configs' modules gets it from the rules at once (`rule_mindspore_shapes`, which the
     tests hold equal to the model's): a dict. Any other config's model is built in a child process while the
     caller goes on (the conversion writes meanwhile); then a function that waits for it is yielded. A child, so
     this process never holds MindSpore (about 1 GB) while it streams the weights; it is ended on leaving the block."""

@@ -87,7 +87,8 @@ def open_clip_official_name(name: str) -> str:
             return f"transformer.resblocks.{layer}.attn.in_proj_{kind}"
         if module in _LAYER_RENAMES:
             return f"transformer.resblocks.{layer}.{_LAYER_RENAMES[module]}.{kind}"
-    raise KeyError(f"'{name}' is not an OpenCLIP text model name (expected transformers' CLIPTextModel names)")
+    raise KeyError(f"'{name}' is not an OpenCLIP-bigG/ViT-H text model name "
+                   "(expected transformers' CLIPTextModel names)")
 
 
 def open_clip_to_official(state: dict, prefix=OPEN_CLIP_PREFIX) -> dict:
@@ -136,5 +137,5 @@ def open_clip_from_official(state: dict, prefix=OPEN_CLIP_PREFIX) -> dict:
             layer, module, kind = match.groups()
             out[f"text_model.encoder.layers.{layer}.{reverse_layer[module]}.{kind}"] = value
         else:
-            raise KeyError(f"'{full_name}' is not an OpenCLIP text model name")
+            raise KeyError(f"'{full_name}' is not an OpenCLIP-bigG/ViT-H text model name")
     return out

@@ -11,8 +11,8 @@ files name their text encoder `cond_stage_model.*`, which `file_layout` maps.
 (built without allocating weights): the set the converted checkpoint must load into.
 
 `rule_mindspore_shapes(config)` is that set derived by the rules, in MindSpore names, without MindSpore: for a
-config built of SDXL base's own modules (`SDXL_TARGETS`), where the tests hold it equal to the model's (the
-tiny and the full-size config); None for any other config.
+config built of the shipped configs' modules (`RULE_MODULES`), where the tests hold it equal to the model's (every
+shipped config); None for any other config.
 """
 from collections import OrderedDict
 
@@ -169,7 +169,7 @@ def open_clip_shapes(p, prefix=CLIP_G):
     out = OrderedDict()
     w, mlp = p["width"], p["mlp_width"]
     out[prefix + "positional_embedding"] = (CLIP_CONTEXT, w)
-    if "projection_dim" in p:
+    if p.get("projection_dim"):
         out[prefix + "text_projection"] = (w, p["projection_dim"])  # used as x @ text_projection
         out[prefix + "logit_scale"] = ()
     out[prefix + "token_embedding.weight"] = (CLIP_VOCAB, w)
@@ -276,28 +276,28 @@ def load_config(path) -> dict:
     return OmegaConf.to_container(load_yaml(path), resolve=True)
 
 
-# The `target`s of SDXL base's model config, in config order (configs/inference/sd_xl_base.yaml; the tiny
-# config has the same): the modules whose parameters the rules above describe.
-SDXL_TARGETS = (
+# Every module the shipped configs build (configs/inference/*.yaml). The rules above describe the parameters of those
+# that have any; the others (denoisers, samplers, losses, ...) have none. A config of any other module gets its
+# model built instead: the rules would not know its parameters.
+RULE_MODULES = frozenset({
+    "gm.models.autoencoder.AutoencoderKLInferenceWrapper",
     "gm.models.diffusion.DiffusionEngine",
     "gm.modules.diffusionmodules.denoiser.DiscreteDenoiser",
     "gm.modules.diffusionmodules.denoiser_scaling.EpsScaling",
-    "gm.modules.diffusionmodules.discretizer.LegacyDDPMDiscretization",
-    "gm.modules.diffusionmodules.openaimodel.UNetModel",
-    "gm.modules.embedders.modules.GeneralConditioner",
-    "gm.modules.embedders.modules.FrozenCLIPEmbedder",
-    "gm.modules.embedders.modules.FrozenOpenCLIPEmbedder2",
-    "gm.modules.embedders.modules.ConcatTimestepEmbedderND",
-    "gm.modules.embedders.modules.ConcatTimestepEmbedderND",
-    "gm.modules.embedders.modules.ConcatTimestepEmbedderND",
-    "gm.models.autoencoder.AutoencoderKLInferenceWrapper",
-    "gm.modules.diffusionmodules.sampler.EulerEDMSampler",
+    "gm.modules.diffusionmodules.denoiser_scaling.VScaling",
+    "gm.modules.diffusionmodules.denoiser_weighting.VWeighting",
     "gm.modules.diffusionmodules.discretizer.LegacyDDPMDiscretization",
     "gm.modules.diffusionmodules.guiders.VanillaCFG",
     "gm.modules.diffusionmodules.loss.StandardDiffusionLoss",
+    "gm.modules.diffusionmodules.openaimodel.UNetModel",
+    "gm.modules.diffusionmodules.sampler.EulerEDMSampler",
     "gm.modules.diffusionmodules.sigma_sampling.DiscreteSampling",
-    "gm.modules.diffusionmodules.discretizer.LegacyDDPMDiscretization",
-)
+    "gm.modules.embedders.modules.ConcatTimestepEmbedderND",
+    "gm.modules.embedders.modules.FrozenCLIPEmbedder",
+    "gm.modules.embedders.modules.FrozenOpenCLIPEmbedder",
+    "gm.modules.embedders.modules.FrozenOpenCLIPEmbedder2",
+    "gm.modules.embedders.modules.GeneralConditioner",
+})
 
 
 def config_targets(node) -> list:
@@ -312,13 +312,13 @@ def config_targets(node) -> list:
 
 def rule_mindspore_shapes(config_path):
     """{MindSpore parameter name: shape} of the model a config builds, by the rules (no MindSpore, no model),
-    or None when the config is not built of exactly SDXL base's modules or its numbers are outside what the
-    rules describe (the caller then builds the model). Equal to `model_mindspore_shapes` where not None: tested on the
-    tiny and the full-size config, and the rules read the same numbers the modules do."""
+    or None when the config has a module outside `RULE_MODULES` or numbers outside what the rules describe (the
+    caller then builds the model). Equal to `model_mindspore_shapes` where not None: tested on every shipped config,
+    and the rules read the same numbers the modules do."""
     from tools.model_conversion.keymap import official_to_mindspore_names
 
     model = load_config(config_path).get("model")
-    if not isinstance(model, dict) or tuple(config_targets(model)) != SDXL_TARGETS:
+    if not isinstance(model, dict) or not set(config_targets(model)) <= RULE_MODULES:
         return None
     try:
         shapes = official_shapes(model["params"])
