@@ -70,7 +70,8 @@ def _ssd_unet():
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64, 128),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=[1, [1, 2], [2, 1]], reverse_transformer_layers_per_block=[[1, 1, 2], [2, 1, 1], 1],
+        transformer_layers_per_block=[1, [1, 2], [2, 1]],
+        reverse_transformer_layers_per_block=[[1, 1, 2], [2, 1, 1], 1],
         mid_block_type="UNetMidBlock2D", attention_head_dim=(4, 8, 16), cross_attention_dim=96,
         use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
         projection_class_embeddings_input_dim=1584)
@@ -104,7 +105,8 @@ class Converted:
         for name, model in self.parts.items():
             model.save_pretrained(self.folder / name)
         self.expected = model_mindspore_shapes(self.config)
-        self.ckpt, self.official, self.back = folder / "pipe.ckpt", folder / "official.safetensors", folder / "back.ckpt"
+        self.ckpt, self.back = folder / "pipe.ckpt", folder / "back.ckpt"
+        self.official = folder / "official.safetensors"
         conversion.diffusers_to_mindspore(self.folder, self.ckpt, self.expected, progress=False)
         conversion.mindspore_to_official(self.ckpt, self.official, self.expected, progress=False)
         self.note = conversion.official_to_mindspore(self.official, self.back, self.expected, progress=False)["note"]
@@ -234,7 +236,8 @@ def test_fp16_variant_folder_converts_to_the_same_values(converted, tmp_path):
         model.half().save_pretrained(folder / name, variant="fp16")
         model.float()
     out = tmp_path / "fp16.ckpt"
-    assert "pass --variant" in _error(conversion.diffusers_to_mindspore, folder, out, converted.expected, progress=False)
+    message = _error(conversion.diffusers_to_mindspore, folder, out, converted.expected, progress=False)
+    assert "pass --variant" in message
     conversion.diffusers_to_mindspore(folder, out, converted.expected, variant="fp16", progress=False)
     with CkptReader(out) as half, CkptReader(converted.ckpt) as full:
         name = "model.diffusion_model.out.2.weight"

@@ -1,4 +1,4 @@
-"""diffusers `UNet2DConditionModel` names <-> official SDXL UNet names (`model.diffusion_model.*`).
+"""diffusers `UNet2DConditionModel` names <-> official UNet names (`model.diffusion_model.*`): SDXL, SSD-1B, SD 1.x/2.x.
 
 The block numbering is derived from the names themselves (resnets per level, which up levels have
 attention), so the same rules serve SDXL base and any smaller UNet of the family."""

@@ -129,8 +129,8 @@ def detect(shapes: dict) -> str:
         text = "CLIP ViT-L and OpenCLIP bigG"
     else:
         family, text = None, None
-    parts = [what for present, what in ((_has(names, UNET), "UNet"), (text is not None, text), (_has(names, VAE), "VAE"))
-             if present]
+    present = ((_has(names, UNET), "UNet"), (text is not None, text), (_has(names, VAE), "VAE"))
+    parts = [what for there, what in present if there]
     if family and len(parts) == 3:
         return family
     if family:

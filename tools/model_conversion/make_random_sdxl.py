@@ -1,4 +1,5 @@
-"""Write an official-layout `.safetensors` (SDXL, or any supported model by --config) filled with random finite values (for tests and benchmarks).
+"""Write an official-layout `.safetensors` (SDXL, or the model of any supported --config) filled with random finite
+values (for tests and benchmarks).
 
     # full size (6.9 GB in fp16) from a key list `name:(d0, d1, ...)` such as MindONE's torch_key_base.yaml
     python tools/model_conversion/make_random_sdxl.py --keys ../shared/reference/sdxl_keys/mindone/model_conversion/torch_key_base.yaml --out /tmp/sdxl_random.safetensors
