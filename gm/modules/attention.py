@@ -169,15 +169,12 @@ class SpatialTransformer(nn.Cell):
         inner_dim = n_heads * d_head
         self.norm = nn.GroupNorm(32, in_channels, eps=1e-6)
         self.use_linear = use_linear
-        if use_linear:
-            self.proj_in = nn.Dense(in_channels, inner_dim)
-            self.proj_out = zero_module(nn.Dense(inner_dim, in_channels))
-        else:
-            self.proj_in = conv2d(in_channels, inner_dim, 1)
-            self.proj_out = zero_module(conv2d(inner_dim, in_channels, 1))
+        # Built in the released order (proj_in, blocks, proj_out): parameter order is the state-dict order
+        self.proj_in = nn.Dense(in_channels, inner_dim) if use_linear else conv2d(in_channels, inner_dim, 1)
         self.transformer_blocks = nn.CellList(
             [BasicTransformerBlock(inner_dim, n_heads, d_head, context_dim, dropout, attn_type) for _ in range(depth)]
         )
+        self.proj_out = zero_module(nn.Dense(inner_dim, in_channels) if use_linear else conv2d(inner_dim, in_channels, 1))
         self.swap_axes = SwapAxes12()
         self.depth = depth
 
