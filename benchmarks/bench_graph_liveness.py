@@ -127,7 +127,7 @@ def main():
     p.add_argument("--top", type=int, default=15, help="rows of the table of what is alive at the peak")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
-    args.mode, args.context_projections = "graph", 1
+    args.mode, args.context_projections, args.model, args.finetune = "graph", 1, "sdxl", "lora"
     if args.child:
         compile_with_ir_dump(args)
         return

@@ -1,5 +1,5 @@
-"""Benchmark: one denoising step with classifier-free guidance (batch 2 through the UNet) of full-size
-SDXL (random weights, fp32, CPU).
+"""Benchmark: one denoising step with classifier-free guidance (batch 2 through the UNet) of a full-size
+UNet (`--model` sdxl, ssd-1b or sd1.5; random weights, fp32, CPU).
 
     python benchmarks/bench_sampling_step.py --framework mindspore --mode graph --resolution 512
     python benchmarks/bench_sampling_step.py --framework mindspore --mode graph --resolution 512 --frozen_dtype fp16
@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 import common
-from bench_train_step import batch_arrays, mindspore_vector
+from bench_train_step import batch_arrays, mindspore_vector, reference_added_cond
 
 
 def run_mindspore(args):
@@ -27,7 +27,7 @@ def run_mindspore(args):
     engine.set_train(False)
     cell = DenoiseCell(engine)
     cell.set_train(False)
-    arrays = batch_arrays(args.resolution)
+    arrays = batch_arrays(args.resolution, args.model)
     inputs = [ms.Tensor(arrays["noise"] * 14.6), ms.Tensor(np.array([14.6, 14.6], np.float32)),
               ms.Tensor(arrays["crossattn"]), ms.Tensor(mindspore_vector(arrays))]
     start = time.perf_counter()  # once per sampling call, as Text2Image does (timed apart)
@@ -50,13 +50,11 @@ def run_torch(args):
     from torch.utils.flop_counter import FlopCounterMode
 
     t0 = time.perf_counter()
-    unet = common.diffusers_unet(lora=False, transformer_depth=args.transformer_depth).eval()
+    unet = common.diffusers_unet(args.model, train="", transformer_depth=args.transformer_depth).eval()
     build_s = time.perf_counter() - t0
     common.progress(stage="built", build_s=round(build_s, 1))
-    arrays = batch_arrays(args.resolution)
-    x = torch.from_numpy(arrays["noise"])
-    hidden = torch.from_numpy(arrays["crossattn"])
-    cond = {"text_embeds": torch.from_numpy(arrays["pooled"]), "time_ids": torch.from_numpy(arrays["time_ids"])}
+    tensors = {k: torch.from_numpy(v) for k, v in batch_arrays(args.resolution, args.model).items()}
+    x, hidden, cond = tensors["noise"], tensors["crossattn"], reference_added_cond(tensors)
     t = torch.tensor(999)
     rss_model = common.rss_gib()
     times, cpu, flops = [], [], None

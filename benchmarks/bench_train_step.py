@@ -1,4 +1,4 @@
-"""Benchmark: one DreamBooth-LoRA training step of full-size SDXL (random weights, fp32, CPU).
+"""Benchmark: one DreamBooth training step (LoRA or full fine-tune) of a full-size UNet (random weights, fp32, CPU).
 
     python benchmarks/bench_train_step.py --framework mindspore --mode graph --resolution 512
     python benchmarks/bench_train_step.py --framework mindspore --mode pynative --resolution 512
@@ -6,11 +6,15 @@
     python benchmarks/bench_train_step.py --framework torch --resolution 512          # jemalloc (--allocator)
     python benchmarks/bench_train_step.py --framework mindspore --mode graph --resolution 1024 --frozen_dtype fp16 --split_prior_batch 1
     python benchmarks/bench_train_step.py --framework torch --resolution 1024 --gradient_checkpointing 1
+    python benchmarks/bench_train_step.py --framework mindspore --model sd1.5 --finetune full --resolution 512
+    python benchmarks/bench_train_step.py --framework mindspore --model ssd-1b --resolution 1024 --frozen_dtype fp16 --split_prior_batch 1
 
-Batch: 1 instance + 1 class sample (prior preservation), latents and text embeddings cached (random
-tensors of the cached shapes), LoRA rank 4 on attn to_q/to_k/to_v/to_out.0, AdamW on the LoRA weights,
+`--model` sdxl (default), ssd-1b or sd1.5. Batch: 1 instance + 1 class sample (prior preservation), latents and
+text embeddings cached (random tensors of the cached shapes), LoRA rank 4 on attn to_q/to_k/to_v/to_out.0 and AdamW
+(lr 5e-5) on the LoRA weights, or with `--finetune full` AdamW (lr 5e-6, the paper's) on every UNet weight;
 gradient clipping at 1.0. MindBooth: GradStep + ApplyStep of mindbooth/train_step.py. Reference:
-diffusers UNet2DConditionModel + peft (as train_dreambooth_lora_sdxl.py), SDPA attention. `--split_prior_batch 1`
+diffusers UNet2DConditionModel + peft (as train_dreambooth_lora_sdxl.py; without peft, all weights trainable, as
+train_dreambooth.py), SDPA attention. `--split_prior_batch 1`
 (both frameworks) runs the instance and the class sample as two forward/backward passes into the same gradients
 (train_dreambooth.py's --split_prior_batch); `--gradient_checkpointing 1` (both) keeps only each UNet block's inputs
 and recomputes its forward in the backward (diffusers' option of that name; train_dreambooth.py's).
@@ -31,25 +35,41 @@ import numpy as np
 import common
 
 
-def batch_arrays(resolution: int, seed: int = 0):
+def batch_arrays(resolution: int, model: str = "sdxl", seed: int = 0):
+    """The cached inputs of one step; `pooled` and `time_ids` only for a model with size conditioning."""
+    bench = common.MODELS[model]
     rng = np.random.default_rng(seed)
     side = resolution // 8
-    return dict(
+    arrays = dict(
         latents=rng.standard_normal((2, 4, side, side)).astype(np.float32),
         noise=rng.standard_normal((2, 4, side, side)).astype(np.float32),
-        crossattn=rng.standard_normal((2, 77, 2048)).astype(np.float32),
-        pooled=rng.standard_normal((2, 1280)).astype(np.float32),
-        time_ids=np.tile(np.array([resolution, resolution, 0, 0, resolution, resolution], np.float32), (2, 1)),
+        crossattn=rng.standard_normal((2, 77, bench.context_dim)).astype(np.float32),
     )
+    if bench.pooled_dim:
+        arrays["pooled"] = rng.standard_normal((2, bench.pooled_dim)).astype(np.float32)
+        arrays["time_ids"] = np.tile(np.array([resolution, resolution, 0, 0, resolution, resolution], np.float32), (2, 1))
+    return arrays
 
 
 def mindspore_vector(arrays):
-    """SDXL's `vector` (2816): pooled text (1280) + 6 size numbers x 256-dim Fourier features."""
+    """SDXL's `vector` (2816): pooled text (1280) + 6 size numbers x 256-dim Fourier features; (2, 0) without size
+    conditioning, as the conditioner gives it."""
     from gm.modules.diffusionmodules.util import timestep_embedding
     import mindspore as ms
 
+    if "pooled" not in arrays:
+        return np.zeros((2, 0), np.float32)
     feats = timestep_embedding(ms.Tensor(arrays["time_ids"].reshape(-1)), 256).asnumpy().reshape(2, -1)
     return np.concatenate([arrays["pooled"], feats], axis=1).astype(np.float32)
+
+
+def reference_added_cond(tensors: dict):
+    """diffusers' added_cond_kwargs of the batch: SDXL's pooled text and size numbers, or None (SD 1.x)."""
+    return {"text_embeds": tensors["pooled"], "time_ids": tensors["time_ids"]} if "pooled" in tensors else None
+
+
+def learning_rate(args) -> float:
+    return 5e-6 if args.finetune == "full" else 5e-5
 
 
 def mindspore_grad_step(args):
@@ -66,12 +86,15 @@ def mindspore_grad_step(args):
     engine, build_s = common.build_mindspore_engine(args, train=True)
     if args.gradient_checkpointing:  # as train_dreambooth.py's --gradient_checkpointing
         engine.model.diffusion_model.enable_gradient_checkpointing(res_blocks=bool(args.gradient_checkpointing_res_blocks))
-    params = [p for _, p in sorted(lora_parameters(engine).items())]
+    if args.finetune == "full":
+        params = sorted(engine.trainable_params(), key=lambda p: p.name)
+    else:
+        params = [p for _, p in sorted(lora_parameters(engine).items())]
     buffers = make_buffers(params)
     passes = prior_passes(1, True, bool(args.split_prior_batch), 1.0)
     grad_step = GradStep(DreamBoothLoss(engine, 1.0, len(passes) == 1), params, buffers)
     grad_step.set_train(True)
-    arrays = dict(batch_arrays(args.resolution), sigmas=np.array([14.6, 0.03], np.float32), vector=None)
+    arrays = dict(batch_arrays(args.resolution, args.model), sigmas=np.array([14.6, 0.03], np.float32), vector=None)
     arrays["vector"] = mindspore_vector(arrays)
     # As the trainer: the text's frozen cross-attention keys/values once per run (timed apart), unless switched off
     start = time.perf_counter()
@@ -102,7 +125,7 @@ def run_mindspore(args):
         child_s = round(time.perf_counter() - start, 1)
         common.progress(stage="compiled in child", seconds=child_s)
     grad_step, params, buffers, inputs, build_s = mindspore_grad_step(args)
-    apply_step = ApplyStep(buffers, AdamW(params, learning_rate=5e-5), 1, True, 1.0)
+    apply_step = ApplyStep(buffers, AdamW(params, learning_rate=learning_rate(args)), 1, True, 1.0)
     if precompile_folder() is not None:  # the child: compile into the cache and leave
         compile_step_graphs(step_cache, grad_step, apply_step, inputs[0])
         sys.exit(0)
@@ -138,30 +161,31 @@ def run_mindspore(args):
     return dict(build_s=build_s, times=times, cpu_times=cpu, rss_after_build_gib=rss_model, loss=loss, profile_ops=profile,
                 optimizer_step_s=apply_times,
                 grad_step_compile_s=compile_s, compiled_in_child=step_cache is not None, child_s=child_s, rss_after_compile_gib=round(rss_compiled, 2),
-                lora_params=int(sum(np.prod(p.shape) for p in params)))
+                trained_params=int(sum(np.prod(p.shape) for p in params)), finetune=args.finetune)
 
 
 def torch_unet_and_loss(args, device="cpu"):
-    """The reference's LoRA UNet (train mode) and `loss_of(rows)`: the mean loss of each part (instance, class)
+    """The reference's UNet (train mode; LoRA or all weights trainable) and `loss_of(rows)`: the mean loss of each part (instance, class)
     among the batch's `rows`, summed. Returns (unet, loss_of)."""
     import torch
     import torch.nn.functional as F
 
     with torch.device(device):
-        unet = common.diffusers_unet(lora=True, transformer_depth=args.transformer_depth)
+        unet = common.diffusers_unet(args.model, train=args.finetune, transformer_depth=args.transformer_depth)
     unet.train()
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    tensors = {k: torch.from_numpy(v).to(device) for k, v in batch_arrays(args.resolution).items()}
+    tensors = {k: torch.from_numpy(v).to(device) for k, v in batch_arrays(args.resolution, args.model).items()}
     latents, noise, hidden = tensors["latents"], tensors["noise"], tensors["crossattn"]
-    cond = {"text_embeds": tensors["pooled"], "time_ids": tensors["time_ids"]}
+    cond = reference_added_cond(tensors)
     timesteps = torch.tensor([999, 1], device=device)
     alphas = torch.cumprod(1 - torch.linspace(0.00085**0.5, 0.012**0.5, 1000, device=device) ** 2, 0)  # scaled_linear, as SDXL
 
     def loss_of(rows):
         a = alphas[timesteps[rows]].view(-1, 1, 1, 1)
         noisy = a.sqrt() * latents[rows] + (1 - a).sqrt() * noise[rows]
-        pred = unet(noisy, timesteps[rows], hidden[rows], added_cond_kwargs={k: v[rows] for k, v in cond.items()}).sample
+        added = {k: v[rows] for k, v in cond.items()} if cond else None
+        pred = unet(noisy, timesteps[rows], hidden[rows], added_cond_kwargs=added).sample
         return sum(F.mse_loss(p, n) for p, n in zip(pred.chunk(pred.shape[0]), noise[rows].chunk(pred.shape[0])))
 
     return unet, loss_of
@@ -196,7 +220,7 @@ def run_torch(args):
     build_s = time.perf_counter() - t0
     common.progress(stage="built", build_s=round(build_s, 1))
     params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=5e-5, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    optimizer = torch.optim.AdamW(params, lr=learning_rate(args), betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
 
     def step():
         loss = 0.0
@@ -225,11 +249,13 @@ def run_torch(args):
         cpu.append(time.process_time() - cpu_start)
         common.progress(stage=f"step {i}", seconds=round(times[-1], 2), loss=loss, peak=round(common.peak_rss_gib(), 2))
     return dict(build_s=build_s, times=times, cpu_times=cpu, rss_after_build_gib=rss_model, loss=loss, flops_per_step=flops,
-                lora_params=int(sum(p.numel() for p in params)), attention="SDPA (diffusers AttnProcessor2_0)")
+                trained_params=int(sum(p.numel() for p in params)), finetune=args.finetune, attention="SDPA (diffusers AttnProcessor2_0)")
 
 
 def main():
     p = common.benchmark_parser(__doc__.split("\n\n")[0])
+    p.add_argument("--finetune", choices=["lora", "full"], default="lora",
+                   help="LoRA (rank 4) or every UNet weight (train_dreambooth.py's --finetune)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--compile_in_child", type=int, default=1,
                    help="MindSpore GRAPH: compile the step graphs in a child and load them (train_dreambooth.py's default on CPU)")

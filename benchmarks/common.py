@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -175,9 +176,10 @@ def benchmark_parser(description: str):
     p.add_argument("--frozen_dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
                    help="MindSpore only: dtype the frozen UNet/VAE weights are stored in (computed in fp32)")
     p.add_argument("--rss_limit_gib", type=float, default=20.0)
-    p.add_argument("--transformer_depth", type=int, nargs=3, default=list(SDXL_TRANSFORMER_DEPTH),
-                   help="transformer blocks per UNet level, both frameworks (SDXL: 1 2 10; e.g. 1 2 2 for a reduced "
-                        "full-width UNet that is quicker to measure; level 0 has no attention in SDXL)")
+    p.add_argument("--model", choices=sorted(MODELS), default="sdxl", help="the full-size UNet measured, both frameworks")
+    p.add_argument("--transformer_depth", type=int, nargs=3, default=None,
+                   help="SDXL: transformer blocks per UNet level, both frameworks (released: 1 2 10; e.g. 1 2 2 for a "
+                        "reduced full-width UNet that is quicker to measure; level 0 has no attention in SDXL)")
     p.add_argument("--profile_ops", type=int, default=0,
                    help="MindSpore: after the timed steps, run one more under mindspore.Profiler and print kernel "
                         "time by op type (PROFILE lines, in the result as profile_ops)")
@@ -201,7 +203,7 @@ def run_benchmark(args, script: str, benchmark: str, run_mindspore, run_torch):
     times, cpu = out.pop("times"), out.pop("cpu_times")
     if args.framework == "mindspore":
         out["frozen_dtype"] = args.frozen_dtype
-    emit(dict(benchmark=benchmark, framework=args.framework,
+    emit(dict(benchmark=benchmark, framework=args.framework, model=args.model,
               mode=args.mode if args.framework == "mindspore" else "eager", resolution=args.resolution,
               first_step_s=round(times[0], 2), median_step_s=median_after_warmup(times),
               step_times_s=[round(t, 2) for t in times],
@@ -282,20 +284,19 @@ class Timer:
         self.seconds = time.perf_counter() - self.start
 
 
-# --- The full-size SDXL UNet with random weights, built alike for both frameworks (no download). ---
+# --- A full-size UNet with random weights, built alike for both frameworks (no download). ---
 #
-# MindBooth: the DiffusionEngine of the DreamBooth config (LoRA rank 4 on to_q/to_k/to_v/to_out.0) or of
-# the inference config, with the tiny text encoders and VAE of sd_xl_tiny.yaml in place of the full ones:
-# the benchmarks feed cached latents and embeddings, so those parts never run, and the full ones would
-# only hold 3.6 GB. Weights are MindSpore's default initializers, and the output layers sgm zero-initialises are
-# randomised (randomise_zero_initialised below), as diffusers' initialisation leaves them.
+# MindBooth: the DiffusionEngine of the model's inference config, with LoRA rank 4 on to_q/to_k/to_v/to_out.0 as
+# the DreamBooth configs set it (or all UNet weights trainable for `--finetune full`), and the tiny text encoders and
+# VAE of the model's tiny config in place of the full ones: the benchmarks feed cached latents and embeddings, so
+# those parts never run, and the full ones would only hold memory. Weights are MindSpore's default initializers, and
+# the output layers sgm zero-initialises are randomised (randomise_zero_initialised below), as diffusers'
+# initialisation leaves them.
 #
-# Reference: diffusers' UNet2DConditionModel with SDXL base's config values (the unet/config.json of
-# stabilityai/stable-diffusion-xl-base-1.0, typed in here), default initialisation.
+# Reference: diffusers' UNet2DConditionModel with the released model's config values (its unet/config.json,
+# typed in here), default initialisation.
 
-TRAIN_CONFIG = ROOT / "configs" / "training" / "sd_xl_base_finetune_dreambooth_lora_910a.yaml"
-INFERENCE_CONFIG = ROOT / "configs" / "inference" / "sd_xl_base.yaml"
-TINY_CONFIG = ROOT / "configs" / "inference" / "sd_xl_tiny.yaml"
+CONFIGS = ROOT / "configs" / "inference"
 
 SDXL_TRANSFORMER_DEPTH = (1, 2, 10)  # per level; the middle block takes the last level's depth
 SDXL_UNET_CONFIG = dict(
@@ -308,7 +309,38 @@ SDXL_UNET_CONFIG = dict(
     projection_class_embeddings_input_dim=2816, norm_num_groups=32, norm_eps=1e-5, act_fn="silu",
     upcast_attention=False,
 )
+# segmind/SSD-1B: SDXL's channels with per-block transformer depths and a middle block without attention
+SSD_1B_UNET_CONFIG = dict(
+    SDXL_UNET_CONFIG, transformer_layers_per_block=(1, (2, 2), (4, 4)),
+    reverse_transformer_layers_per_block=((4, 4, 10), (2, 1, 1), 1), mid_block_type="UNetMidBlock2D",
+)
+# runwayml/stable-diffusion-v1-5
+SD15_UNET_CONFIG = dict(
+    sample_size=64, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True, freq_shift=0,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, mid_block_type="UNetMidBlock2DCrossAttn",
+    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, attention_head_dim=8, cross_attention_dim=768,
+    use_linear_projection=False, norm_num_groups=32, norm_eps=1e-5, act_fn="silu", upcast_attention=False,
+)
+
+
+@dataclass(frozen=True)
+class BenchModel:
+    """A model the benchmarks build at full size in both frameworks (`--model`)."""
+    inference_config: Path
+    tiny_config: Path  # its text encoders and VAE stand in for the full ones (never run: the inputs are cached)
+    diffusers_unet: dict  # UNet2DConditionModel's config of the released model
+    context_dim: int  # width of the text embeddings the UNet cross-attends to
+    pooled_dim: int  # pooled text embedding of the size conditioning; 0: no size conditioning (SD 1.x/2.x)
+
+
+MODELS = {
+    "sdxl": BenchModel(CONFIGS / "sd_xl_base.yaml", CONFIGS / "sd_xl_tiny.yaml", SDXL_UNET_CONFIG, 2048, 1280),
+    "ssd-1b": BenchModel(CONFIGS / "ssd_1b.yaml", CONFIGS / "ssd_1b_tiny.yaml", SSD_1B_UNET_CONFIG, 2048, 1280),
+    "sd1.5": BenchModel(CONFIGS / "sd_v1.5.yaml", CONFIGS / "sd_v1.5_tiny.yaml", SD15_UNET_CONFIG, 768, 0),
+}
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+LORA_CONFIG = dict(rank=4, alpha=4, dropout=0.0, target_modules=LORA_TARGETS)  # the DreamBooth configs'
 
 
 def build_mindspore_engine(args, train: bool):
@@ -320,24 +352,36 @@ def build_mindspore_engine(args, train: bool):
     ms.set_context(mode=ms.GRAPH_MODE if args.mode == "graph" else ms.PYNATIVE_MODE)
     ms.set_seed(0)  # the same random weights in every run, so that runs compare by their losses too
     start = time.perf_counter()
-    engine = mindbooth_engine(train=train, frozen_dtype=args.frozen_dtype, transformer_depth=args.transformer_depth)
+    engine = mindbooth_engine(args.model, train=train, finetune=getattr(args, "finetune", "lora"),
+                              frozen_dtype=args.frozen_dtype, transformer_depth=args.transformer_depth)
     build_s = time.perf_counter() - start
     progress(stage="built", build_s=round(build_s, 1))
     return engine, build_s
 
 
-def mindbooth_engine(train: bool, frozen_dtype: str = "fp32", transformer_depth=SDXL_TRANSFORMER_DEPTH):
+def mindbooth_engine(model: str = "sdxl", train: bool = True, finetune: str = "lora", frozen_dtype: str = "fp32",
+                     transformer_depth=None):
+    """`train`: the DreamBooth engine (`finetune` lora: LoRA trainable, the rest frozen; full: every UNet weight
+    trainable); else the inference engine. `transformer_depth` (SDXL only): blocks per level in place of 1 2 10."""
     from gm.util import instantiate_from_config
     from mindbooth.config import load_config
 
-    config = load_config(TRAIN_CONFIG if train else INFERENCE_CONFIG).model
-    tiny = load_config(TINY_CONFIG).model.params
+    bench = MODELS[model]
+    config = load_config(bench.inference_config).model
+    tiny = load_config(bench.tiny_config).model.params
     config.params.conditioner_config = tiny.conditioner_config
     config.params.first_stage_config = tiny.first_stage_config
     if frozen_dtype != "fp32":
         config.params.frozen_weight_dtype = frozen_dtype
-    config.params.network_config.params.transformer_depth = list(transformer_depth)
+    if train and finetune == "lora":
+        config.params.lora_config = dict(LORA_CONFIG)
+    if transformer_depth is not None:
+        if model != "sdxl":
+            sys.exit("--transformer_depth: SDXL only")
+        config.params.network_config.params.transformer_depth = list(transformer_depth)
     engine = instantiate_from_config(config)
+    if train and finetune == "full":
+        engine.make_trainable(["model.diffusion_model."])  # as train_dreambooth.py --finetune full
     randomise_zero_initialised(engine.model.diffusion_model)
     return engine
 
@@ -359,14 +403,19 @@ def randomise_zero_initialised(unet, seed: int = 0):
             param.set_data(ms.Tensor(values).astype(param.dtype))
 
 
-def diffusers_unet(lora: bool, transformer_depth=SDXL_TRANSFORMER_DEPTH):
+def diffusers_unet(model: str = "sdxl", train: str = "lora", transformer_depth=None):
+    """The reference UNet: `train` "lora" (peft LoRA trainable, as train_dreambooth_lora_sdxl.py), "full" (every
+    weight trainable, as train_dreambooth.py) or "" (frozen, for sampling)."""
     import torch
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**dict(SDXL_UNET_CONFIG, transformer_layers_per_block=tuple(transformer_depth)))
-    unet.requires_grad_(False)
-    if lora:  # as diffusers' examples/dreambooth/train_dreambooth_lora_sdxl.py does
+    config = dict(MODELS[model].diffusers_unet)
+    if transformer_depth is not None:
+        config["transformer_layers_per_block"] = tuple(transformer_depth)
+    unet = UNet2DConditionModel(**config)
+    unet.requires_grad_(train == "full")
+    if train == "lora":
         from peft import LoraConfig
 
         unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
