@@ -363,6 +363,7 @@ def mindbooth_engine(model: str = "sdxl", train: bool = True, finetune: str = "l
                      transformer_depth=None):
     """`train`: the DreamBooth engine (`finetune` lora: LoRA trainable, the rest frozen; full: every UNet weight
     trainable); else the inference engine. `transformer_depth` (SDXL only): blocks per level in place of 1 2 10."""
+    from gm.models.diffusion import DiffusionEngine
     from gm.util import instantiate_from_config
     from mindbooth.config import load_config
 
@@ -379,6 +380,8 @@ def mindbooth_engine(model: str = "sdxl", train: bool = True, finetune: str = "l
         if model != "sdxl":
             sys.exit("--transformer_depth: SDXL only")
         config.params.network_config.params.transformer_depth = list(transformer_depth)
+    if train and finetune == "full" and not hasattr(DiffusionEngine, "make_trainable"):
+        sys.exit("--finetune full: DiffusionEngine.make_trainable (train_dreambooth.py --finetune full) has not landed yet")
     engine = instantiate_from_config(config)
     if train and finetune == "full":
         engine.make_trainable(["model.diffusion_model."])  # as train_dreambooth.py --finetune full
