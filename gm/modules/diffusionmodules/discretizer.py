@@ -56,6 +56,18 @@ class LegacyDDPMDiscretization(Discretization):
         return sigmas[::-1]
 
 
+class CosineDDPMDiscretization(LegacyDDPMDiscretization):
+    """The cosine schedule of Improved DDPM (Nichol & Dhariwal 2021, eq. 17; diffusers' "squaredcos_cap_v2"), which
+    DeepFloyd IF was trained with: alpha_bar(t) = cos((t + 0.008) / 1.008 * pi / 2)^2, each beta capped at 0.999."""
+
+    def __init__(self, num_timesteps: int = 1000, max_beta: float = 0.999):
+        self.num_timesteps = int(num_timesteps)
+        edges = np.arange(self.num_timesteps + 1, dtype=np.float64) / self.num_timesteps
+        alpha_bar = np.cos((edges + 0.008) / 1.008 * np.pi / 2) ** 2
+        self.betas = np.minimum(1.0 - alpha_bar[1:] / alpha_bar[:-1], max_beta)
+        self.alphas_cumprod = np.cumprod(1.0 - self.betas)
+
+
 class KarrasDiscretization(Discretization):
     """Karras et al. (2022) schedule: sigmas evenly spaced in sigma**(1/rho) between sigma_max and
     sigma_min. By default the ends are those of the legacy DDPM table (about 14.61 and 0.0292), so
