@@ -115,3 +115,28 @@ def test_tokenizer_refuses_a_model_without_t5_special_pieces(tmp_path):
     (tmp_path / "other.model").write_bytes(model.getvalue())
     with pytest.raises(ValueError, match="not a T5 SentencePiece model"):
         T5Tokenizer(tmp_path / "other.model")
+
+
+def test_conditioner_with_t5_gives_ifs_prompt_embeddings(spiece_model):
+    """IF's text path through the conditioner: prompt -> lower-cased, stripped, tokenized with the mask -> T5's last
+    hidden state as the cross-attention context, no vector; equal to transformers on what IF's pipeline feeds it."""
+    from gm.modules.embedders.modules import GeneralConditioner
+
+    torch.manual_seed(1)
+    reference = transformers.T5EncoderModel(transformers.T5Config(**TINY)).eval()
+    embedder = {"target": "gm.modules.embedders.modules.FrozenT5Embedder", "input_key": "txt",
+                "params": {"tokenizer_file": str(spiece_model), "vocab_size": TINY["vocab_size"],
+                           "width": TINY["d_model"], "ff_width": TINY["d_ff"], "layers": TINY["num_layers"],
+                           "heads": TINY["num_heads"], "head_dim": TINY["d_kv"], "max_length": 77}}
+    conditioner = GeneralConditioner([embedder])
+    params = {p.name: p for p in conditioner.get_parameters()}
+    for name, value in released_names(reference.state_dict()).items():
+        params[f"embedders.0.transformer.{name}"].set_data(ms.Tensor(value.numpy()))
+    prompts = ["  A Photo of SKS Dog ", "a red teapot"]
+    got = conditioner.encode({"txt": prompts})
+    tokens = transformers.T5Tokenizer.from_pretrained(spiece_model.parent, extra_ids=0)(
+        [p.lower().strip() for p in prompts], max_length=77, padding="max_length", truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = reference(tokens["input_ids"], attention_mask=tokens["attention_mask"]).last_hidden_state.numpy()
+    assert got["vector"].shape == (2, 0)
+    assert np.abs(got["crossattn"].asnumpy() - expected).max() <= 1e-4 * np.abs(expected).max()

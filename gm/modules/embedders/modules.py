@@ -1,5 +1,5 @@
 """The conditioner and its embedders (sgm's `modules/encoders/modules.py` names and semantics): SD 1.x's CLIP ViT-L,
-SD 2.x's OpenCLIP ViT-H, SDXL's CLIP ViT-L + OpenCLIP bigG and size embeddings.
+SD 2.x's OpenCLIP ViT-H, SDXL's CLIP ViT-L + OpenCLIP bigG and size embeddings, DeepFloyd IF's T5.
 
 Each embedder has `tokenize(value)` (host side: raw batch value -> Tensor input) and
 `construct(input)` (graph side). `GeneralConditioner` gathers them: 3-D outputs are cross-attention
@@ -12,6 +12,7 @@ from mindspore import nn, ops
 from gm.modules.diffusionmodules.util import timestep_embedding
 from gm.modules.embedders.clip import CLIPTextModel
 from gm.modules.embedders.open_clip import OpenCLIPTextModel
+from gm.modules.embedders.t5 import T5EncoderModel
 from gm.modules.lora import inject_fused_qkv_lora, inject_lora
 from gm.util import instantiate_from_config
 
@@ -137,6 +138,32 @@ class FrozenOpenCLIPEmbedder(FrozenOpenCLIPEmbedder2):
                  vocab_size: int = 49408, max_length: int = 77):
         super().__init__(width, layers, heads, mlp_width, act, projection_dim=None, layer="last",
                          always_return_pooled=False, legacy=True, vocab_size=vocab_size, max_length=max_length)
+
+
+class FrozenT5Embedder(AbstractEmbModel):
+    """DeepFloyd IF's T5 v1.1 encoder: the last hidden state of the prompt, lower-cased and stripped as IF's pipeline
+    does (without its optional caption cleaning), tokenized by the released SentencePiece model `tokenizer_file`
+    with an attention mask over the real tokens. `tokenize` gives ids and mask stacked as one (B, 2, L) input."""
+
+    def __init__(self, tokenizer_file: str, vocab_size: int = 32128, width: int = 4096, ff_width: int = 10240,
+                 layers: int = 24, heads: int = 64, head_dim: int = 64, num_buckets: int = 32,
+                 max_distance: int = 128, max_length: int = 77):
+        super().__init__()
+        self.tokenizer_file, self.max_length = tokenizer_file, max_length
+        self._tokenizer = None
+        self.transformer = T5EncoderModel(vocab_size, width, ff_width, layers, heads, head_dim, num_buckets,
+                                          max_distance, max_length=max(max_length, 512))
+
+    def tokenize(self, text):
+        if self._tokenizer is None:
+            from gm.modules.embedders.t5_tokenizer import T5Tokenizer  # reads the SentencePiece model: only when used
+
+            self._tokenizer = T5Tokenizer(self.tokenizer_file, self.max_length)
+        ids, mask = self._tokenizer([t.lower().strip() for t in _text_list(text)])
+        return ms.Tensor(np.stack([ids, mask], axis=1), ms.int32)
+
+    def construct(self, ids_and_mask):
+        return self.transformer(ids_and_mask[:, 0], ids_and_mask[:, 1])
 
 
 class ConcatTimestepEmbedderND(AbstractEmbModel):
