@@ -53,6 +53,9 @@ TRAIN_FLAGS = {
     "gradient_checkpointing_res_blocks": ("train.gradient_checkpointing_res_blocks", str2bool,
                                           "with --gradient_checkpointing: recompute the ResBlocks too (a little less "
                                           "memory, a longer step)"),
+    "snr_gamma": ("model.params.loss_fn_config.params.snr_gamma", float,
+                  "Min-SNR-gamma loss weighting (Hang et al. 2023; 5.0 is the paper's value): each sample's loss "
+                  "times min(SNR, gamma) / SNR (eps) or / (SNR + 1) (v)"),
     "clip_grad": ("train.clip_grad", str2bool, "clip gradients by global norm"),
     "max_grad_norm": ("train.max_grad_norm", float, "global-norm limit when clip_grad"),
     "total_step": ("train.total_step", int, "optimizer steps to train"),

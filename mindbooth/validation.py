@@ -186,6 +186,9 @@ def check_training_numbers(config, config_path):
             finite_float(value, name, minimum, bound)
     if config.train.get("infer_during_train", False):
         bounded_int(config.train.get("infer_interval"), "--infer_interval", 1)
+    snr_gamma = OmegaConf.select(config, "model.params.loss_fn_config.params.snr_gamma", default=None)
+    if snr_gamma is not None:  # optional: unset trains the plain MSE
+        finite_float(snr_gamma, "--snr_gamma", above=0.0)
     multiple = size_multiple(config)
     if int(config.data.resolution) % multiple:
         raise UsageError(f"--resolution must be a multiple of {multiple} for this model, got {config.data.resolution}")

@@ -4,16 +4,17 @@ function of its inputs that the GRAPH_MODE training step can call."""
 import numpy as np
 from mindspore import nn, ops
 
-from gm.modules.diffusionmodules.denoiser_weighting import EpsWeighting
+from gm.modules.diffusionmodules.denoiser_weighting import EpsWeighting, MinSNRWeighting, VWeighting
 from gm.util import append_dims, instantiate_from_config
 
 
 class StandardDiffusionLoss(nn.Cell):
     """Per-sample loss (B,) = mean over non-batch axes of w(sigma) * (D(x0 + sigma*noise, sigma) - x0)^2
     ("l2") or w(sigma) * |D - x0| ("l1"). With EpsScaling and the default EpsWeighting the l2 loss is
-    the usual epsilon MSE, mean((eps_pred - noise)^2)."""
+    the usual epsilon MSE, mean((eps_pred - noise)^2). `snr_gamma`: Min-SNR-gamma weighting of that eps (or v) MSE."""
 
-    def __init__(self, sigma_sampler_config, loss_weighting_config=None, loss_type="l2", offset_noise_level=0.0):
+    def __init__(self, sigma_sampler_config, loss_weighting_config=None, loss_type="l2", offset_noise_level=0.0,
+                 snr_gamma=None):
         super().__init__(auto_prefix=False)
         if loss_type not in ("l2", "l1"):
             raise ValueError(f"loss_type must be 'l2' or 'l1', got {loss_type!r}")
@@ -21,6 +22,11 @@ class StandardDiffusionLoss(nn.Cell):
         self.loss_weighting = (
             instantiate_from_config(loss_weighting_config) if loss_weighting_config is not None else EpsWeighting()
         )
+        if snr_gamma is not None:
+            if not isinstance(self.loss_weighting, (EpsWeighting, VWeighting)):
+                raise ValueError(f"snr_gamma weights the eps or v MSE; this model's loss weighting is "
+                                 f"{type(self.loss_weighting).__name__}")
+            self.loss_weighting = MinSNRWeighting(snr_gamma)
         self.loss_type = loss_type
         self.use_l1 = loss_type == "l1"
         self.offset_noise_level = float(offset_noise_level)
