@@ -155,12 +155,12 @@ def _embedders(model_params) -> list:
 
 
 def text_encoders(model_params) -> list:
-    """[(embedder kind, its params with the class defaults filled in)] of the text embedders, in order."""
+    """[(embedder index, kind, its params with the class defaults filled in)] of the text embedders, in order."""
     out = []
-    for embedder in _embedders(model_params):
+    for index, embedder in enumerate(_embedders(model_params)):
         kind = _kind(embedder)
         if kind in TEXT_DEFAULTS:
-            out.append((kind, {**TEXT_DEFAULTS[kind], **embedder.get("params", {})}))
+            out.append((index, kind, {**TEXT_DEFAULTS[kind], **embedder.get("params", {})}))
     return out
 
 

@@ -130,14 +130,14 @@ def _open_clip_map(prefix):
     return lambda state: open_clip_from_official(state, prefix=prefix)
 
 
-def components(reader: CkptReader, text_kinds: list) -> dict:
-    """{component folder: Component} of a checkpoint, by the model's sgm names."""
+def components(reader: CkptReader, texts: list) -> dict:
+    """{component folder: Component} of a checkpoint, by the model's sgm names; `texts`: [(embedder index, kind)]."""
     lazy = {mindspore_to_official_name(name): LazyTensor(reader, name) for name in reader.tensors}
     out = {"unet": Component(), "vae": Component()}
     out["unet"].add_lazy(unet_from_official({n: v for n, v in lazy.items() if n.startswith(UNET)}))
     out["vae"].add_lazy(vae_from_official(lazy))
     taken = {n for n in lazy if n.startswith((UNET, VAE))}
-    for index, ((folder, _), kind) in enumerate(zip(TEXT_FOLDERS, text_kinds)):
+    for (folder, _), (index, kind) in zip(TEXT_FOLDERS, texts):
         out[folder] = part = Component()
         if kind == "FrozenCLIPEmbedder":
             prefix = EMBEDDER.format(index) + "transformer."
@@ -180,13 +180,13 @@ def _write_json(path: Path, value: dict):
 
 # ---------------------------------------------------------------- the export
 def _folder_configs(model_params, family) -> dict:
-    """{relative path: JSON dict} of every config file, and the text embedders, checked before any work."""
+    """({relative path: JSON dict} of every config file, the text embedders): derived, so checked, before any work."""
     texts = configs.text_encoders(model_params)
     files = {"unet/config.json": configs.unet_config(model_params, family),
              "vae/config.json": configs.vae_config(model_params, family),
              "scheduler/scheduler_config.json": configs.scheduler_config(model_params),
-             "model_index.json": configs.model_index(family, [configs.text_encoder_class(k, p) for k, p in texts])}
-    for (folder, _), (kind, p) in zip(TEXT_FOLDERS, texts):
+             "model_index.json": configs.model_index(family, [configs.text_encoder_class(k, p) for _, k, p in texts])}
+    for (folder, _), (_, kind, p) in zip(TEXT_FOLDERS, texts):
         files[f"{folder}/config.json"] = configs.text_encoder_config(kind, p)
     return files, texts
 
@@ -207,7 +207,7 @@ def mindspore_to_diffusers(src, dst, expected, model_params, family, dtype="fp32
             lambda model: check_keys(found, {n: tuple(s) for n, s in model.items()}, str(src), "MindSpore"))
         for t in reader.tensors.values():
             _check_float(t.name, t.dtype, src)
-        parts = components(reader, [kind for kind, _ in texts])
+        parts = components(reader, [(index, kind) for index, kind, _ in texts])
         infos = [info for part in parts.values() for info in part.infos(dtype)]
         total = sum(i.nbytes for i in infos)
         if check_only:
@@ -217,7 +217,7 @@ def mindspore_to_diffusers(src, dst, expected, model_params, family, dtype="fp32
             for name, part in parts.items():
                 (folder / name).mkdir()
                 _write_weights(folder / name / WEIGHTS[name], part, dtype, bar)
-            for (_, tokenizer), (kind, p) in zip(TEXT_FOLDERS, texts):
+            for (_, tokenizer), (_, kind, p) in zip(TEXT_FOLDERS, texts):
                 (folder / tokenizer).mkdir()
                 for file_name, text in tokenizer_files(pad_token(kind), p.get("max_length", 77)).items():
                     (folder / tokenizer / file_name).write_text(text, encoding="utf-8")
