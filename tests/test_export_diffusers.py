@@ -348,3 +348,37 @@ def test_command_line(sd1, tmp_path):
     assert check.returncode == 0 and check.stdout.startswith("ok: ") and not (tmp_path / "n").exists()
     missing = run("--config", config, "--weight_ms", str(sd1.ckpt))
     assert missing.returncode == 1 and "needs --weight_diffusers" in missing.stderr
+
+
+@pytest.mark.parametrize("name", ["sd_v1.5", "sd_v2.1", "sd_v2.1_base", "sd_xl_base", "ssd_1b"])
+def test_full_size_configs_build_models_of_the_checkpoints_names_and_shapes(name):
+    """At full size (no weights: models on the meta device, the checkpoint as names and shapes), diffusers and
+    transformers build, from the configs written, models whose parameters are exactly the tensors exported."""
+    from types import SimpleNamespace
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from tools.model_conversion.safetensors_stream import TensorInfo
+
+    config = CONFIGS / f"{name}.yaml"
+    files, texts = diffusers_export.folder_configs(load_config(config)["model"]["params"], config_family(config))
+    reader = SimpleNamespace(path=config, tensors={n: TensorInfo(n, "F32", s)
+                                                   for n, s in rule_mindspore_shapes(config).items()})
+    parts = diffusers_export.components(reader, [(index, kind) for index, kind, _ in texts])
+    assert set(parts) == {"unet", "vae"} | {f for f, _ in diffusers_export.TEXT_FOLDERS[:len(texts)]}
+    with torch.device("meta"):
+        for component, part in parts.items():
+            settings = files[f"{component}/config.json"]
+            if component == "unet":
+                model = UNet2DConditionModel.from_config(settings)
+            elif component == "vae":
+                model = AutoencoderKL.from_config(settings)
+            else:
+                text_config = CLIPTextConfig(**{k: v for k, v in settings.items() if k != "architectures"})
+                cls = CLIPTextModelWithProjection if "projection_dim" in settings else CLIPTextModel
+                assert settings["architectures"] == [cls.__name__]
+                model = cls(text_config)
+            want = {k: tuple(v.shape) for k, v in _plain(model.state_dict()).items() if not k.endswith("position_ids")}
+            got = {k: shape for k, (shape, _, _, _) in _plain(part.tensors).items()}
+            assert got == want, component

@@ -179,7 +179,7 @@ def _write_json(path: Path, value: dict):
 
 
 # ---------------------------------------------------------------- the export
-def _folder_configs(model_params, family) -> dict:
+def folder_configs(model_params, family) -> dict:
     """({relative path: JSON dict} of every config file, the text embedders): derived, so checked, before any work."""
     texts = configs.text_encoders(model_params)
     files = {"unet/config.json": configs.unet_config(model_params, family),
@@ -199,7 +199,7 @@ def mindspore_to_diffusers(src, dst, expected, model_params, family, dtype="fp32
     check_output_folder(dst, probe=not check_only)
     if _sniff(src) == "safetensors":
         raise ConversionError(f"not a MindSpore checkpoint: {src} (it is a safetensors file)")
-    files, texts = _folder_configs(model_params, family)
+    files, texts = folder_configs(model_params, family)
     with CkptReader(src) as reader:
         found = reader.shapes()
         verify = _check_now_or_before_publishing(
