@@ -104,7 +104,9 @@ def unet_config(model_params, family) -> dict:
         "transformer_layers_per_block": _uniform(down),
         "attention_head_dim": _uniform(heads),  # diffusers' legacy name for the number of heads
         "use_linear_projection": bool(p.get("use_linear_in_transformer", False)),
-        "upcast_attention": False,
+        # attention scores in fp32 under fp16 weights, as stabilityai/stable-diffusion-2-1 (768-v) ships: the v model
+        # overflows without it in fp16; fp32 results are the same either way
+        "upcast_attention": family == SD2 and prediction_type(model_params) == "v_prediction",
         "dual_cross_attention": False,
         "class_embed_type": None,
         "addition_embed_type": None,
