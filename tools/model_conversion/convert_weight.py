@@ -5,9 +5,12 @@ MindSpore `.ckpt`.
         --weight_safetensors sd_xl_base_1.0.safetensors --weight_ms checkpoints/sd_xl_base_1.0_ms.ckpt
     python tools/model_conversion/convert_weight.py --task ms_to_pt \
         --weight_ms checkpoints/sd_xl_base_1.0_ms.ckpt --weight_safetensors sd_xl_base_1.0_back.safetensors
+    python tools/model_conversion/convert_weight.py --task ms_to_diffusers --config configs/inference/sd_xl_base.yaml \
+        --weight_ms checkpoints/sd_xl_base_1.0_ms.ckpt --weight_diffusers sd_xl_finetuned_diffusers
 
 `--config` picks the model (default SDXL base); a file of another family is refused with the config to pass.
-`--weight_safetensors` may also be a diffusers pipeline folder (pt_to_ms only). The names and shapes the
+`--weight_safetensors` may also be a diffusers pipeline folder (pt_to_ms only); ms_to_diffusers writes a new
+diffusers pipeline folder (`--weight_diffusers`, never overwritten). The names and shapes the
 checkpoint must have are those of the model that `--config` builds: derived from the config's numbers for SDXL
 base's modules, read from the model (built in a child process) for any other. See weight_convertion.md.
 """
@@ -23,7 +26,8 @@ if str(ROOT) not in sys.path:
 
 from mindbooth.tensor_dtypes import CHOICES, ConversionError  # noqa: E402
 
-TASKS = {"pt_to_ms": "pt_to_ms", "st_to_ms": "pt_to_ms", "ms_to_pt": "ms_to_pt", "ms_to_st": "ms_to_pt"}
+TASKS = {"pt_to_ms": "pt_to_ms", "st_to_ms": "pt_to_ms", "ms_to_pt": "ms_to_pt", "ms_to_st": "ms_to_pt",
+         "ms_to_diffusers": "ms_to_diffusers"}
 DEFAULT_CONFIG = ROOT / "configs" / "inference" / "sd_xl_base.yaml"
 
 
@@ -74,11 +78,15 @@ def expected_shapes(config):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--task", required=True, choices=sorted(TASKS),
-                   help="pt_to_ms: safetensors (or diffusers folder) -> .ckpt; ms_to_pt: .ckpt -> safetensors")
-    p.add_argument("--weight_safetensors", required=True,
+                   help="pt_to_ms: safetensors (or diffusers folder) -> .ckpt; ms_to_pt: .ckpt -> safetensors; "
+                        "ms_to_diffusers: .ckpt -> diffusers pipeline folder")
+    p.add_argument("--weight_safetensors",
                    help="official single-file .safetensors (input of pt_to_ms, output of ms_to_pt), "
                         "or a diffusers pipeline folder (pt_to_ms)")
-    p.add_argument("--weight_ms", required=True, help="MindSpore .ckpt (output of pt_to_ms, input of ms_to_pt)")
+    p.add_argument("--weight_ms", required=True,
+                   help="MindSpore .ckpt (output of pt_to_ms, input of ms_to_pt and ms_to_diffusers)")
+    p.add_argument("--weight_diffusers",
+                   help="diffusers pipeline folder to create (output of ms_to_diffusers; must be new or empty)")
     p.add_argument("--dtype", default="fp32", choices=list(CHOICES),
                    help="element type written (default fp32; 'keep' keeps the input's)")
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="model config the weights are for")
@@ -93,10 +101,14 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     task = TASKS[args.task]
+    if task == "ms_to_diffusers":
+        return export_diffusers(args)
     from tools.model_conversion import conversion
     from tools.model_conversion.file_layout import config_family
 
     try:
+        if not args.weight_safetensors:
+            raise ConversionError(f"--task {args.task} needs --weight_safetensors")
         src, dst = (args.weight_safetensors, args.weight_ms) if task == "pt_to_ms" else (args.weight_ms,
                                                                                          args.weight_safetensors)
         if not Path(src).exists():
@@ -125,6 +137,48 @@ def main(argv=None) -> int:
         print(f"ok: {src} matches the model of {args.config}: {summary['tensors']} tensors; "
               f"{task} would write {summary['bytes'] / 2**30:.2f} GiB ({args.dtype}) to {dst}")
         return 0
+    print(f"wrote {dst}: {summary['tensors']} tensors, {summary['bytes'] / 2**30:.2f} GiB ({args.dtype}) "
+          f"in {summary['seconds']:.1f} s; peak RSS {peak:.2f} GiB")
+    return 0
+
+
+def export_diffusers(args) -> int:
+    """--task ms_to_diffusers: .ckpt -> a new diffusers pipeline folder."""
+    from tools.model_conversion.diffusers_export import check_output_folder, mindspore_to_diffusers
+    from tools.model_conversion.file_layout import config_family
+    from tools.model_conversion.sdxl_layout import load_config
+
+    src, dst = args.weight_ms, args.weight_diffusers
+    try:
+        unused = [flag for flag, value in (("--weight_safetensors", args.weight_safetensors),
+                                           ("--overwrite", args.overwrite), ("--variant", args.variant)) if value]
+        if unused:
+            raise ConversionError(f"--task ms_to_diffusers takes no {', '.join(unused)} (it writes a new folder: "
+                                  "--weight_diffusers)")
+        if not dst:
+            raise ConversionError("--task ms_to_diffusers needs --weight_diffusers (the folder to create)")
+        if not Path(src).is_file():
+            raise ConversionError(f"input not found: {src}")
+        check_output_folder(dst, probe=not args.check)  # before the model is built
+        with expected_shapes(args.config) as expected:
+            try:
+                params = load_config(args.config)["model"]["params"]
+            except (KeyError, TypeError):
+                raise ConversionError(f"{args.config} has no model.params: not a MindBooth inference config") from None
+            summary = mindspore_to_diffusers(src, dst, expected, params, config_family(args.config),
+                                             dtype=args.dtype, progress=not args.no_progress,
+                                             check_only=args.check)
+    except ConversionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: no output written", file=sys.stderr)
+        return 130
+    if not summary["written"]:
+        print(f"ok: {src} matches the model of {args.config}: {summary['tensors']} tensors; ms_to_diffusers would "
+              f"write {summary['bytes'] / 2**30:.2f} GiB ({args.dtype}) to {dst}")
+        return 0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
     print(f"wrote {dst}: {summary['tensors']} tensors, {summary['bytes'] / 2**30:.2f} GiB ({args.dtype}) "
           f"in {summary['seconds']:.1f} s; peak RSS {peak:.2f} GiB")
     return 0
