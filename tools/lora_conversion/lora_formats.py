@@ -391,8 +391,9 @@ def from_kohya(state: dict, family: LoraFamily = SDXL_FAMILY) -> dict:
 
 
 def kohya_module(layer: str, family: LoraFamily = SDXL_FAMILY) -> str:
-    """sd-scripts' module name of a layer: UNet by sgm names for SDXL/SSD-1B (`lora_unet_input_blocks_4_1_…`), by
-    diffusers names for SD 1.x/2.x (`lora_unet_down_blocks_1_attentions_0_…`); text encoders `lora_te_`/`te1_`/`te2_`."""
+    """sd-scripts' module name of a layer: UNet by sgm names for SDXL/SSD-1B (`lora_unet_input_blocks_4_1_…`),
+    by diffusers names for SD 1.x/2.x (`lora_unet_down_blocks_1_attentions_0_…`); text encoders
+    `lora_te_` / `lora_te1_` / `lora_te2_`."""
     if te.is_text_encoder_layer(layer):
         return te.to_kohya(layer, family.text_encoders, family.name)
     path = layer if family.kohya_sgm_unet else official_name_to_diffusers(layer, family.layers_per_block)

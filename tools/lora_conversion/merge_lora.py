@@ -8,8 +8,9 @@ LoRA is a MindBooth `.ckpt` or any file `convert_lora.py --task to_ms` reads. UN
 are both merged, for SD 1.x, SD 2.x, SDXL and SSD-1B: CLIP's q/k/v/out_proj and OpenCLIP's out_proj (SD 2.x's
 ViT-H, SDXL's bigG) into their weights, OpenCLIP's q/k/v into the row blocks [0:W], [W:2W], [2W:3W] of the fused
 `….attn.in_proj_weight`. The family (how diffusers/kohya names map) is the base checkpoint's, or --config's.
-`--drop_text_encoder` merges the UNet part only. The output is written tensor by tensor (one tensor and its delta in memory at a time) to
-a temporary file that is renamed at the end; each merged weight keeps its dtype (the sum is computed in fp32).
+`--drop_text_encoder` merges the UNet part only. The output is written tensor by tensor (one tensor and its delta
+in memory at a time) to a temporary file that is renamed at the end; each merged weight keeps its dtype (the sum
+is computed in fp32).
 """
 import argparse
 import math

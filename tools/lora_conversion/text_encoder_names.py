@@ -30,10 +30,6 @@ class TextEncoder:
     kohya: str  # lora_<kohya>_ prefix: te, te1, te2
     what: str  # for messages
 
-    @property
-    def kohya_prefix(self) -> str:
-        return f"lora_{self.kohya}_"
-
 
 SD1_ENCODERS = (TextEncoder(0, False, "text_encoder", "te", "CLIP ViT-L"),)
 SD2_ENCODERS = (TextEncoder(0, True, "text_encoder", "te", "OpenCLIP ViT-H"),)
@@ -48,7 +44,6 @@ FUSED_ROW_BLOCKS = ("q", "k", "v")
 DIFFUSERS_LAYER = "{encoder}.text_model.encoder.layers.{layer}.self_attn.{proj}_proj"
 KOHYA_LAYER = "lora_{encoder}_text_model_encoder_layers_{layer}_self_attn_{proj}_proj"
 DIFFUSERS_ENCODERS = ("text_encoder", "text_encoder_2")
-KOHYA_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_")
 
 # (fused, pattern): groups embedder, layer, proj
 _MINDBOOTH = [
