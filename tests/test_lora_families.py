@@ -64,6 +64,14 @@ def _tiny_pipeline(family, folder):
     from tools.model_conversion.sdxl_layout import model_mindspore_shapes
 
     parts = build_pipeline(family)
+    if family == SD2:
+        # the builder's heads serve weight layouts only; sd_v2.1_tiny.yaml has 16 channels per head (diffusers
+        # calls the head count of SD 2.x UNets `attention_head_dim`): the same weights, attention as MindBooth's
+        from diffusers import UNet2DConditionModel
+
+        unet = UNet2DConditionModel.from_config({**parts["unet"].config, "attention_head_dim": (2, 2, 4, 4)})
+        unet.load_state_dict(parts["unet"].state_dict())
+        parts["unet"] = unet
     for name, model in parts.items():
         model.save_pretrained(folder / "pipe" / name)
     ckpt = folder / "pipe.ckpt"
