@@ -271,14 +271,15 @@ def test_sdxl_lora_with_an_sd15_config_says_what_it_found(tmp_path):
 
     rng = np.random.default_rng(0)
     state = {}
-    for name, (out, inputs) in rule_mindspore_shapes(TINY_CONFIG).items():
+    for name, shape in rule_mindspore_shapes(TINY_CONFIG).items():
         if name.startswith("model.") and name.endswith((".to_q.weight", ".to_out.0.weight")):
+            out, inputs = shape
             state[name.replace(".weight", ".lora_A.weight")] = rng.standard_normal((RANK, inputs)).astype(np.float32)
             state[name.replace(".weight", ".lora_B.weight")] = rng.standard_normal((out, RANK)).astype(np.float32)
     src = tmp_path / "sdxl_lora.ckpt"
     write_ckpt(state, src)
     message = _error(convert, "ms_to_kohya", src, tmp_path / "out.safetensors", config=str(TINY[SD1]))
-    assert message.startswith(f"{src} looks like a LoRA for SDXL base 1.0 or SSD-1B (")
+    assert message.startswith(f"{src} looks like a LoRA for SDXL base 1.0 (")  # middle-block attention: not SSD-1B
     assert "more than one transformer per block" in message or "deepest up level" in message
     assert message.endswith(f"not for Stable Diffusion 1.x ({TINY[SD1]}): pass --config "
                             "configs/inference/sd_xl_base.yaml")
