@@ -26,6 +26,7 @@ import numpy as np  # noqa: E402
 from mindbooth.tensor_dtypes import CHOICES, FLOATS, ConversionError, cast  # noqa: E402
 from tools.lora_conversion import lora_formats as lf  # noqa: E402
 from tools.lora_conversion import text_encoder_names as te  # noqa: E402
+from tools.lora_conversion.lora_family import check_family, family_from_config  # noqa: E402
 
 TASKS = {"ms_to_diffusers": "diffusers", "ms_to_kohya": "kohya", "to_ms": "mindbooth"}
 
@@ -86,20 +87,7 @@ def write_safetensors(state: dict, metadata: dict, path, overwrite=False, dtype=
 
 def layers_per_block(config) -> int:
     """ResBlocks per UNet level (`num_res_blocks`) of the model config; the block numbering depends on it."""
-    if config is None:
-        return lf.SDXL_LAYERS_PER_BLOCK
-    from mindbooth.config import load_config
-
-    if not Path(config).is_file():
-        raise ConversionError(f"model config not found: {config}")
-    try:
-        loaded = load_config(config)
-    except (FileNotFoundError, ValueError) as error:  # a missing base, a cycle of bases
-        raise ConversionError(str(error)) from None
-    try:
-        return int(loaded.model.params.network_config.params.num_res_blocks)
-    except Exception:
-        raise ConversionError(f"{config} has no model.params.network_config.params.num_res_blocks") from None
+    return family_from_config(config).layers_per_block
 
 
 def check_against_model(layers: dict, config):
@@ -107,7 +95,10 @@ def check_against_model(layers: dict, config):
     from tools.model_conversion.sdxl_layout import model_mindspore_shapes, rule_mindspore_shapes
 
     shapes = rule_mindspore_shapes(config) or model_mindspore_shapes(config)
-    lf.check_targets(layers, shapes, f"the model of {config}")
+    try:
+        lf.check_targets(layers, shapes, f"the model of {config}")
+    except ConversionError as error:  # e.g. an SD 2.x LoRA in diffusers/kohya names with an SD 1.x config
+        raise ConversionError(f"{error} (pass the --config of the LoRA's base model)") from None
 
 
 def convert(task, src, dst, config=None, base_model="", instance_prompt="", dtype="fp32", overwrite=False,
@@ -117,16 +108,16 @@ def convert(task, src, dst, config=None, base_model="", instance_prompt="", dtyp
         raise ConversionError(f"unknown --task {task!r}: choose one of {', '.join(TASKS)}")
     if Path(dst).exists() and Path(src).exists() and Path(dst).resolve() == Path(src).resolve():
         raise ConversionError(f"output {dst} is the input file")
-    blocks = layers_per_block(config)
+    family = family_from_config(config)
     state, header = read_state(src)
-    if task == "to_ms":
-        layers, info = lf.read_layers(state, header, blocks, drop_text_encoder)
-    else:
-        tensors, metadata = lf.export_lora(state, TASKS[task], blocks, base_model, instance_prompt, fold_alpha,
-                                           drop_text_encoder)
-        layers, info = lf.read_layers(state, None, blocks, drop_text_encoder)
-    if config is not None:  # before anything is written
+    layers, info = lf.read_layers(state, header, family, drop_text_encoder)
+    # before anything is written: the LoRA's names show the config's family, and its layers fit that model
+    check_family(layers, family, src, config or "the default without --config")
+    if config is not None:
         check_against_model(layers, config)
+    if task != "to_ms":
+        tensors, metadata = lf.export_lora(state, TASKS[task], family, base_model or family.base_model,
+                                           instance_prompt, fold_alpha, drop_text_encoder)
     if task == "to_ms":
         out = lf.to_mindbooth(layers, uniform_rank)
         write_ckpt(out, dst, overwrite)
@@ -146,9 +137,10 @@ def parse_args(argv=None):
     p.add_argument("--src", required=True, help="input LoRA file")
     p.add_argument("--dst", required=True, help="output LoRA file")
     p.add_argument("--config", default=None,
-                   help="model config whose UNet the LoRA belongs to (default: SDXL base layout)")
-    p.add_argument("--base_model", default="stabilityai/stable-diffusion-xl-base-1.0",
-                   help="base model name written into the safetensors metadata")
+                   help="config of the LoRA's base model (e.g. configs/inference/sd_v1.5.yaml): its family (SD 1.x, "
+                        "SD 2.x, SDXL, SSD-1B) decides the names; default: SDXL base")
+    p.add_argument("--base_model", default="",
+                   help="base model name written into the safetensors metadata (default: the family's Hub name)")
     p.add_argument("--instance_prompt", default="", help="trigger / instance prompt written into the metadata")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
                    help="weight type of a safetensors output")

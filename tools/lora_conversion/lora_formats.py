@@ -2,24 +2,27 @@
 
 Inside, a LoRA is {layer: LoraLayer(down, up, alpha)}: `layer` is the official (sgm) path of an attention
 projection in the UNet (`input_blocks.4.1.transformer_blocks.0.attn1.to_q`), or the MindBooth path of a
-text-encoder self-attention projection (`conditioner.embedders.0.…self_attn.q_proj`, bigG's
-`conditioner.embedders.1.….attn.in_proj_lora.q_proj`; see text_encoder_names); down = A (rank, in),
-up = B (out, rank), and the layer adds (alpha / rank) * up @ down to its weight. The formats differ in
+text-encoder self-attention projection (CLIP `conditioner.embedders.0.…self_attn.q_proj`, OpenCLIP
+`conditioner.embedders.E.model.….attn.in_proj_lora.q_proj`; see text_encoder_names); down = A (rank, in),
+up = B (out, rank), and the layer adds (alpha / rank) * up @ down to its weight. The names in the other formats
+depend on the model family (lora_family.LoraFamily, from --config; SDXL base without). The formats differ in
 names and in where alpha lives:
 
   mindbooth  MindSpore .ckpt: `model.diffusion_model.<layer>.lora_A.weight` / `.lora_B.weight` (UNet),
              `<layer>.lora_A.weight` (text encoders, `conditioner.…`) and one `lora_alpha` (+ `lora_rank`)
              scalar per file; without `lora_alpha`, alpha = rank (MindONE).
   diffusers  PEFT safetensors: `unet.<diffusers path>.lora_A.weight` / `.lora_B.weight`, `text_encoder.…`
-             (CLIP-L), `text_encoder_2.…` (bigG); alpha in the header entry `lora_adapter_metadata`: one
-             JSON LoraConfig per component with its name in front (`unet.r`, `text_encoder.lora_alpha`), as
-             `save_lora_weights` writes it and `load_lora_weights` / `load_lora_adapter` read it. Without it
-             diffusers takes alpha = rank. Read also: the older attention-processor names
-             (`…attn1.processor.to_q_lora.down.weight`, `…self_attn.q_proj.lora_linear_layer.down.weight`).
-  kohya      webui safetensors (A1111, ComfyUI): `lora_unet_<layer, dots as _>.lora_down.weight` /
-             `.lora_up.weight` / `.alpha` per layer, `lora_te1_…` / `lora_te2_…` for the text encoders.
-             sd-scripts names SDXL UNet modules by the sgm layout (`lora_unet_input_blocks_4_1_…`); the
-             diffusers layout (`lora_unet_down_blocks_1_…`) is read too.
+             (SD 1.x CLIP-L, SD 2.x OpenCLIP ViT-H, SDXL CLIP-L), `text_encoder_2.…` (SDXL bigG); alpha in the
+             header entry `lora_adapter_metadata`: one JSON LoraConfig per component with its name in front
+             (`unet.r`, `text_encoder.lora_alpha`), as `save_lora_weights` writes it and `load_lora_weights` /
+             `load_lora_adapter` read it. Without it diffusers takes alpha = rank. Read also: the older
+             attention-processor names (`…attn1.processor.to_q_lora.down.weight`,
+             `…self_attn.q_proj.lora_linear_layer.down.weight`).
+  kohya      webui safetensors (A1111, ComfyUI): `lora_unet_<module, dots as _>.lora_down.weight` /
+             `.lora_up.weight` / `.alpha` per layer; `lora_te_…` (SD 1.x/2.x) or `lora_te1_…` / `lora_te2_…`
+             (SDXL) for the text encoders. sd-scripts names SDXL UNet modules by the sgm layout
+             (`lora_unet_input_blocks_4_1_…`) and SD 1.x/2.x ones by the diffusers layout
+             (`lora_unet_down_blocks_0_attentions_0_…`); both are read for any family.
 """
 import json
 import math
@@ -32,6 +35,7 @@ import numpy as np
 
 from mindbooth.tensor_dtypes import ConversionError
 from tools.lora_conversion import text_encoder_names as te
+from tools.lora_conversion.lora_family import SDXL_FAMILY, LoraFamily
 from tools.model_conversion.diffusers_unet import diffusers_name_to_official, official_name_to_diffusers
 
 MINDBOOTH_PREFIX = "model.diffusion_model."
@@ -40,7 +44,6 @@ KOHYA_TEXT_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_")  # lora_te_: SD1.x'
 DIFFUSERS_COMPONENTS = ("unet",) + te.DIFFUSERS_ENCODERS
 MINDBOOTH_METADATA = ("lora_rank", "lora_alpha")
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
-SDXL_LAYERS_PER_BLOCK = 2
 
 _PROJECTION = r"attn[12]\.(?:to_q|to_k|to_v|to_out\.0)"
 OFFICIAL_LAYER = re.compile(
@@ -262,7 +265,7 @@ def _split_component(module: str):
     return "unet", module
 
 
-def from_diffusers(state: dict, adapter_configs: dict = None, layers_per_block: int = SDXL_LAYERS_PER_BLOCK) -> dict:
+def from_diffusers(state: dict, adapter_configs: dict = None, family: LoraFamily = SDXL_FAMILY) -> dict:
     """diffusers/PEFT (or attention-processor) LoRA dict -> {layer: LoraLayer}. `adapter_configs` is the unpacked
     `lora_adapter_metadata` ({component: LoraConfig kwargs}); a component without one has alpha = rank, as
     diffusers assumes."""
@@ -282,9 +285,9 @@ def from_diffusers(state: dict, adapter_configs: dict = None, layers_per_block: 
     for module, parts in _pairs(state, parse, "diffusers LoRA").items():
         component, path = _split_component(module)
         if component == "unet":
-            layer = _official(path, layers_per_block, module)
+            layer = _official(path, family.layers_per_block, module)
         else:
-            layer = _text_layer(te.from_diffusers(module), module)
+            layer = _text_layer(te.from_diffusers(module, family.text_encoders, family.name), module)
         rank = int(np.asarray(parts["down"]).shape[0])
         config = configs.get(component)
         if config is None:
@@ -304,21 +307,21 @@ class _PeftName(NamedTuple):
     pattern: str  # key of rank_pattern / alpha_pattern
 
 
-def _peft_name(layer: str, layers_per_block: int) -> _PeftName:
+def _peft_name(layer: str, family: LoraFamily) -> _PeftName:
     if te.is_text_encoder_layer(layer):
         # the text encoders' targets and patterns are name suffixes (no `^`): peft then finds the module whether
         # or not the CLIPTextModel has transformers 4's `text_model.` level
-        component, _, path = te.to_diffusers(layer).partition(".")
+        component, _, path = te.to_diffusers(layer, family.text_encoders, family.name).partition(".")
         return _PeftName(component, path, te.peft_target(layer), te.peft_target(layer))
-    path = official_name_to_diffusers(layer, layers_per_block)
+    path = official_name_to_diffusers(layer, family.layers_per_block)
     # "^" anchors a pattern to the whole module path (peft >= 0.14)
     return _PeftName("unet", path, path, f"^{path}")
 
 
-def to_diffusers(layers: dict, layers_per_block: int = SDXL_LAYERS_PER_BLOCK):
+def to_diffusers(layers: dict, family: LoraFamily = SDXL_FAMILY):
     """{layer: LoraLayer} -> ({`<component>.<path>.lora_A.weight`: A, ...}, {component: LoraConfig kwargs}) for
-    `lora_adapter_metadata`; components: unet, text_encoder (CLIP-L), text_encoder_2 (bigG)."""
-    names = {name: _peft_name(name, layers_per_block) for name in layers}
+    `lora_adapter_metadata`; components: unet and the family's text encoders (text_encoder, SDXL's text_encoder_2)."""
+    names = {name: _peft_name(name, family) for name in layers}
     state = {}
     for name, layer in layers.items():
         state[f"{names[name].component}.{names[name].path}.lora_A.weight"] = layer.down
@@ -366,7 +369,7 @@ def _kohya_layer(module: str, layers_per_block: int, key: str) -> str:
     raise ConversionError(f"LoRA weight '{key}' is not on a UNet attention projection ({_SUPPORTED})")
 
 
-def from_kohya(state: dict, layers_per_block: int = SDXL_LAYERS_PER_BLOCK) -> dict:
+def from_kohya(state: dict, family: LoraFamily = SDXL_FAMILY) -> dict:
     """kohya/webui LoRA dict -> {layer: LoraLayer}; a layer without `.alpha` has alpha = rank."""
     def parse(name):
         module, _, part = name.partition(".")
@@ -380,19 +383,28 @@ def from_kohya(state: dict, layers_per_block: int = SDXL_LAYERS_PER_BLOCK) -> di
     for module, parts in _pairs(state, parse, "kohya LoRA").items():
         alpha = _scalar(parts["alpha"]) if "alpha" in parts else None
         if module.startswith(KOHYA_TEXT_PREFIXES):
-            layer = _text_layer(te.from_kohya(module), module)
+            layer = _text_layer(te.from_kohya(module, family.text_encoders, family.name), module)
         else:
-            layer = _kohya_layer(module[len(KOHYA_PREFIX):], layers_per_block, module)
+            layer = _kohya_layer(module[len(KOHYA_PREFIX):], family.layers_per_block, module)
         layers[layer] = _layer(parts["down"], parts["up"], alpha, module)
     return layers
 
 
-def to_kohya(layers: dict) -> dict:
-    """{layer: LoraLayer} -> {`lora_unet_<layer>.lora_down.weight` / `lora_te1_…` / `lora_te2_…`: A,
-    `.lora_up.weight`: B, `.alpha`: scalar}."""
+def kohya_module(layer: str, family: LoraFamily = SDXL_FAMILY) -> str:
+    """sd-scripts' module name of a layer: UNet by sgm names for SDXL/SSD-1B (`lora_unet_input_blocks_4_1_…`),
+    by diffusers names for SD 1.x/2.x (`lora_unet_down_blocks_1_attentions_0_…`); text encoders
+    `lora_te_` / `lora_te1_` / `lora_te2_`."""
+    if te.is_text_encoder_layer(layer):
+        return te.to_kohya(layer, family.text_encoders, family.name)
+    path = layer if family.kohya_sgm_unet else official_name_to_diffusers(layer, family.layers_per_block)
+    return KOHYA_PREFIX + path.replace(".", "_")
+
+
+def to_kohya(layers: dict, family: LoraFamily = SDXL_FAMILY) -> dict:
+    """{layer: LoraLayer} -> {`<kohya_module>.lora_down.weight`: A, `.lora_up.weight`: B, `.alpha`: scalar}."""
     state = {}
     for name, layer in layers.items():
-        module = te.to_kohya(name) if te.is_text_encoder_layer(name) else KOHYA_PREFIX + name.replace(".", "_")
+        module = kohya_module(name, family)
         state[f"{module}.lora_down.weight"] = layer.down
         state[f"{module}.lora_up.weight"] = layer.up
         state[f"{module}.alpha"] = np.array(layer.alpha, np.float32)
@@ -401,7 +413,7 @@ def to_kohya(layers: dict) -> dict:
 
 # ---------------------------------------------------------------- whole files
 
-def read_layers(state: dict, header_metadata: dict = None, layers_per_block: int = SDXL_LAYERS_PER_BLOCK,
+def read_layers(state: dict, header_metadata: dict = None, family: LoraFamily = SDXL_FAMILY,
                 drop_text_encoder: bool = False):
     """Any supported LoRA dict -> ({layer: LoraLayer}, info {"format", "dropped_text_encoder", "skipped"}).
     `drop_text_encoder` keeps the UNet part only."""
@@ -411,14 +423,14 @@ def read_layers(state: dict, header_metadata: dict = None, layers_per_block: int
     if fmt == "mindbooth":
         layers, skipped = from_mindbooth(state)
     elif fmt == "diffusers":
-        layers = from_diffusers(state, unpack_adapter_metadata(header_metadata), layers_per_block)
+        layers = from_diffusers(state, unpack_adapter_metadata(header_metadata), family)
     else:
-        layers = from_kohya(state, layers_per_block)
+        layers = from_kohya(state, family)
     return layers, {"format": fmt, "dropped_text_encoder": dropped, "skipped": skipped}
 
 
 def export_metadata(fmt: str, layers: dict, base_model: str = "", instance_prompt: str = "",
-                    adapter_configs: dict = None) -> dict:
+                    adapter_configs: dict = None, family: LoraFamily = SDXL_FAMILY) -> dict:
     """safetensors header strings: what the LoRA is (both formats) plus what each ecosystem reads
     (`adapter_configs`: to_diffusers' {component: LoraConfig kwargs})."""
     ranks = {layer.rank for layer in layers.values()}
@@ -443,8 +455,9 @@ def export_metadata(fmt: str, layers: dict, base_model: str = "", instance_promp
             "ss_network_module": "networks.lora",
             "ss_network_dim": rank,
             "ss_network_alpha": alpha,
-            "ss_base_model_version": "sdxl_base_v1-0",
-            "ss_v2": "False",
+            "ss_base_model_version": family.kohya_version,
+            "ss_v2": str(family.v2),
+            "ss_v_parameterization": str(family.v_parameterization),
             "ss_network_train_unet_only": str(not any(te.is_text_encoder_layer(name) for name in layers)),
             "ss_sd_model_name": base_model,
             "ss_training_comment": f"instance prompt: {instance_prompt}" if instance_prompt else "",
@@ -459,7 +472,7 @@ def fold_alpha(layers: dict) -> dict:
             for name, layer in layers.items()}
 
 
-def export_lora(state: dict, fmt: str, layers_per_block: int = SDXL_LAYERS_PER_BLOCK, base_model: str = "",
+def export_lora(state: dict, fmt: str, family: LoraFamily = SDXL_FAMILY, base_model: str = "",
                 instance_prompt: str = "", fold: bool = False, drop_text_encoder: bool = False):
     """MindBooth checkpoint dict -> (safetensors dict, header metadata) in `fmt` ('diffusers' or 'kohya').
     `fold` writes alpha = rank with the scale folded into B (see fold_alpha); `drop_text_encoder` exports the
@@ -472,10 +485,10 @@ def export_lora(state: dict, fmt: str, layers_per_block: int = SDXL_LAYERS_PER_B
     if fold:
         layers = fold_alpha(layers)
     if fmt == "diffusers":
-        tensors, configs = to_diffusers(layers, layers_per_block)
-        return tensors, export_metadata(fmt, layers, base_model, instance_prompt, configs)
+        tensors, configs = to_diffusers(layers, family)
+        return tensors, export_metadata(fmt, layers, base_model, instance_prompt, configs, family)
     if fmt == "kohya":
-        return to_kohya(layers), export_metadata(fmt, layers, base_model, instance_prompt)
+        return to_kohya(layers, family), export_metadata(fmt, layers, base_model, instance_prompt, family=family)
     raise ConversionError(f"unknown export format {fmt!r}: choose diffusers or kohya")
 
 

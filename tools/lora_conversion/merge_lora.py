@@ -5,10 +5,12 @@
 
 The base is a MindBooth/MindONE `.ckpt` (names `model.diffusion_model.…`, `conditioner.embedders.…`); the
 LoRA is a MindBooth `.ckpt` or any file `convert_lora.py --task to_ms` reads. UNet and text-encoder LoRA
-are both merged: CLIP-L's q/k/v/out_proj and bigG's out_proj into their weights, bigG's q/k/v into the
-row blocks [0:W], [W:2W], [2W:3W] of the fused `….attn.in_proj_weight`. `--drop_text_encoder` merges the
-UNet part only. The output is written tensor by tensor (one tensor and its delta in memory at a time) to
-a temporary file that is renamed at the end; each merged weight keeps its dtype (the sum is computed in fp32).
+are both merged, for SD 1.x, SD 2.x, SDXL and SSD-1B: CLIP's q/k/v/out_proj and OpenCLIP's out_proj (SD 2.x's
+ViT-H, SDXL's bigG) into their weights, OpenCLIP's q/k/v into the row blocks [0:W], [W:2W], [2W:3W] of the fused
+`….attn.in_proj_weight`. The family (how diffusers/kohya names map) is the base checkpoint's, or --config's.
+`--drop_text_encoder` merges the UNet part only. The output is written tensor by tensor (one tensor and its delta
+in memory at a time) to a temporary file that is renamed at the end; each merged weight keeps its dtype (the sum
+is computed in fp32).
 """
 import argparse
 import math
@@ -24,7 +26,8 @@ import numpy as np  # noqa: E402
 
 from mindbooth.tensor_dtypes import FLOATS, ConversionError, cast  # noqa: E402
 from tools.lora_conversion import lora_formats as lf  # noqa: E402
-from tools.lora_conversion.convert_lora import is_safetensors, layers_per_block, read_state  # noqa: E402
+from tools.lora_conversion.convert_lora import is_safetensors, read_state  # noqa: E402
+from tools.lora_conversion.lora_family import check_family, family_from_base, family_from_config  # noqa: E402
 
 
 def merge(base_ckpt, lora, output, scale=1.0, overwrite=False, config=None, drop_text_encoder=False) -> dict:
@@ -42,8 +45,11 @@ def merge(base_ckpt, lora, output, scale=1.0, overwrite=False, config=None, drop
         raise ConversionError(f"{base_ckpt} is a safetensors file; convert it to a MindSpore .ckpt first "
                               f"(tools/model_conversion/convert_weight.py --task pt_to_ms)")
     state, header = read_state(lora)
-    layers, _ = lf.read_layers(state, header, layers_per_block(config), drop_text_encoder)
     with CkptReader(base_ckpt) as base:
+        # the family (how non-MindBooth names map) from --config, else from the base's text encoders
+        family = family_from_config(config) if config is not None else family_from_base(base.tensors)
+        layers, _ = lf.read_layers(state, header, family, drop_text_encoder)
+        check_family(layers, family, lora, config or f"the model of {base_ckpt}")
         lora_in_base = [n for n in base.tensors if n.endswith((".lora_A.weight", ".lora_B.weight"))]
         if lora_in_base:
             raise ConversionError(f"{base_ckpt} already holds LoRA weights (e.g. '{lora_in_base[0]}'); "
@@ -72,7 +78,9 @@ def parse_args(argv=None):
     p.add_argument("--lora_ckpt", required=True, help="LoRA: MindBooth .ckpt, or diffusers/kohya .safetensors")
     p.add_argument("--output", required=True, help="merged .ckpt to write")
     p.add_argument("--scale", type=float, default=1.0, help="LoRA strength: multiplies alpha / rank (default 1)")
-    p.add_argument("--config", default=None, help="model config (only for non-MindBooth LoRA names; default SDXL)")
+    p.add_argument("--config", default=None,
+                   help="config of the base model (its family maps diffusers/kohya names; default: told by the "
+                        "base checkpoint's text encoders)")
     p.add_argument("--drop_text_encoder", action="store_true", help="merge the UNet part of the LoRA only")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     return p.parse_args(argv)
