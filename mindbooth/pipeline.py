@@ -79,6 +79,9 @@ class Text2Image:
         if conditioner is not None:  # plain, and with zeroed text embeddings (SDXL's empty negative prompt)
             self.embed_cells = {zero_text: EmbedCell(conditioner, conditioner.zero_flags(["txt"] if zero_text else ()))
                                 for zero_text in (False, True)}
+        # diffusers' force_zeros_for_empty_prompt: only the size-conditioned models (SDXL, SSD-1B: a UNet that takes the
+        # vector `y`) were trained with zeroed text for "no prompt"; SD 1.x/2.x encode "" through the text encoder.
+        self.zero_empty_negative = bool(engine.model.diffusion_model.has_label_emb)
         self.engine.set_train(False)
         self.cached = {}
 
@@ -96,8 +99,9 @@ class Text2Image:
         cond = self.encode({"txt": list(prompts), **sizes})
         if guidance_scale <= 1.0:
             return cond, None
-        # SDXL base: an empty negative prompt means zeroed text embeddings, not the embedding of "".
-        uc = self.encode({"txt": list(negative_prompts), **sizes}, zero_text=all(not p for p in negative_prompts))
+        # SDXL/SSD-1B: an empty negative prompt means zeroed text embeddings, not the embedding of "" (SD 1.x/2.x).
+        zero_text = self.zero_empty_negative and all(not p for p in negative_prompts)
+        uc = self.encode({"txt": list(negative_prompts), **sizes}, zero_text=zero_text)
         return cond, uc
 
     def __call__(self, prompts, negative_prompts=None, width=1024, height=1024, num_steps=40, guidance_scale=5.0,

@@ -16,6 +16,7 @@ import torch
 from mindspore.nn.utils import no_init_parameters
 
 from conftest import ROOT
+from family_models import CONFIGS, TINY, Converted
 from gm.util import instantiate_from_config, load_params
 from mindbooth.ckpt_stream import CkptReader
 from mindbooth.tensor_dtypes import ConversionError
@@ -26,90 +27,9 @@ from tools.model_conversion.make_random_sdxl import random_finite, write_random
 from tools.model_conversion.safetensors_stream import SafetensorsReader, TensorInfo, header_bytes, write_order
 from tools.model_conversion.sdxl_layout import load_config, model_mindspore_shapes, rule_mindspore_shapes
 
-CONFIGS = ROOT / "configs" / "inference"
 CLI = ROOT / "tools" / "model_conversion" / "convert_weight.py"
-TINY = {SD1: CONFIGS / "sd_v1.5_tiny.yaml", SD2: CONFIGS / "sd_v2.1_tiny.yaml", SSD1B: CONFIGS / "ssd_1b_tiny.yaml"}
 FULL = {"sd_v1.5": SD1, "sd_v2.1": SD2, "sd_v2.1_base": SD2, "ssd_1b": SSD1B}
-CLIP = dict(vocab_size=49408, max_position_embeddings=77, num_attention_heads=2, num_hidden_layers=2)
 SD2_TEXT = "cond_stage_model.model."
-
-
-# ------------------------------------------------------------------ tiny pipelines in diffusers
-def _vae():
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
-                         block_out_channels=(32, 32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 4,
-                         up_block_types=("UpDecoderBlock2D",) * 4)
-
-
-def _clip(width, act, projection_dim=None):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    config = CLIPTextConfig(hidden_size=width, intermediate_size=2 * width, hidden_act=act, **CLIP,
-                            **({"projection_dim": projection_dim} if projection_dim else {}))
-    return (CLIPTextModelWithProjection if projection_dim else CLIPTextModel)(config)
-
-
-def _sd_unet(linear, context):
-    """SD 1.x/2.x at the tiny configs' sizes: channel_mult [1, 1, 2, 2] of 32, attention at levels 0-2."""
-    from diffusers import UNet2DConditionModel
-
-    return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 32, 64, 64),
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, attention_head_dim=2,
-        cross_attention_dim=context, use_linear_projection=linear)
-
-
-def _ssd_unet():
-    """SSD-1B at ssd_1b_tiny.yaml's sizes: per-block depths, a middle block of one ResBlock."""
-    from diffusers import UNet2DConditionModel
-
-    return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64, 128),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=[1, [1, 2], [2, 1]],
-        reverse_transformer_layers_per_block=[[1, 1, 2], [2, 1, 1], 1],
-        mid_block_type="UNetMidBlock2D", attention_head_dim=(4, 8, 16), cross_attention_dim=96,
-        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-        projection_class_embeddings_input_dim=1584)
-
-
-def build_pipeline(family):
-    """{component: diffusers/transformers model} of a tiny random pipeline of `family`."""
-    torch.manual_seed(0)
-    if family == SD1:
-        parts = {"unet": _sd_unet(False, 32), "text_encoder": _clip(32, "quick_gelu")}
-    elif family == SD2:
-        parts = {"unet": _sd_unet(True, 64), "text_encoder": _clip(64, "gelu")}
-    else:
-        parts = {"unet": _ssd_unet(), "text_encoder": _clip(32, "quick_gelu"),
-                 "text_encoder_2": _clip(64, "gelu", projection_dim=48)}
-    parts["vae"] = _vae()
-    with torch.no_grad():  # diffusers zero-initialises some layers (conv_out, proj_out): make every value tell
-        for model in parts.values():
-            for p in model.parameters():
-                p.add_(torch.randn_like(p) * 0.02)
-    return parts
-
-
-class Converted:
-    """One family's tiny pipeline: the diffusers folder, its `.ckpt`, the official file exported from it, and that
-    file converted back."""
-
-    def __init__(self, family, folder):
-        self.family, self.config, self.folder = family, TINY[family], folder / "pipe"
-        self.parts = build_pipeline(family)
-        for name, model in self.parts.items():
-            model.save_pretrained(self.folder / name)
-        self.expected = model_mindspore_shapes(self.config)
-        self.ckpt, self.back = folder / "pipe.ckpt", folder / "back.ckpt"
-        self.official = folder / "official.safetensors"
-        conversion.diffusers_to_mindspore(self.folder, self.ckpt, self.expected, progress=False)
-        conversion.mindspore_to_official(self.ckpt, self.official, self.expected, progress=False)
-        self.note = conversion.official_to_mindspore(self.official, self.back, self.expected, progress=False)["note"]
 
 
 @pytest.fixture(scope="module", params=list(TINY), ids=["sd1", "sd2", "ssd1b"])

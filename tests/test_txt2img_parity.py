@@ -5,8 +5,6 @@ project's converters), start from the same latent noise, and run the same determ
 classifier-free guidance (empty negative prompt = zeroed text embeddings on both sides). The decoded uint8 images
 must agree to a few levels. The prompt embeddings for diffusers are computed from our tokenizer's ids through the
 transformers encoders exactly as SDXL's encode_prompt does (no tokenizer download)."""
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -18,6 +16,7 @@ from gm.util import instantiate_from_config, load_params
 from mindbooth.pipeline import Text2Image
 from test_text_encoders import transformers_text_encoders
 from test_unet import tiny_diffusers_unet
+from txt2img_reference import assert_images_match, diffusers_start_latents, euler_scheduler, run_reference, step_errors
 from tools.model_conversion import diffusers_text as dt
 from tools.model_conversion.diffusers_unet import unet_to_official
 from tools.model_conversion.diffusers_vae import vae_to_official
@@ -27,8 +26,6 @@ PROMPT = "a photo of sks dog, golden hour"
 SIZE = 64
 STEPS = 5
 GUIDANCE = 5.0
-SCHEDULE = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="epsilon",
-                num_train_timesteps=1000)
 
 
 def diffusers_vae(config):
@@ -84,13 +81,6 @@ def sdxl_prompt_embeds(hf_l, hf_g, ids_l, ids_g):
     return torch.cat([out_l.hidden_states[-2], out_g.hidden_states[-2]], dim=-1), out_g.text_embeds
 
 
-def euler_scheduler():
-    """diffusers' Euler on sgm's LegacyDDPM schedule: "trailing" spacing gives sgm's timesteps (checked below)."""
-    from diffusers import EulerDiscreteScheduler
-
-    return EulerDiscreteScheduler(**SCHEDULE, timestep_spacing="trailing")
-
-
 @pytest.fixture(scope="module")
 def setup():
     """The diffusers pipeline with random weights, its image for PROMPT from fixed noise, and the same weights
@@ -116,26 +106,12 @@ def setup():
 
     factor = config.model.params.latents_per_pixel
     noise = np.random.default_rng(2024).standard_normal((1, 4, SIZE // factor, SIZE // factor)).astype(np.float32)
-    # Our sampler starts at noise * sqrt(1 + sigma_0^2) (sgm); diffusers' Euler with "trailing" spacing multiplies the
-    # given latents by init_noise_sigma = sigma_0 only: hand it latents that end up at the same start.
-    sigma_0 = float(LegacyDDPMDiscretization()(STEPS)[0])
-    scheduler = euler_scheduler()
-    scheduler.set_timesteps(STEPS)
-    latents = torch.from_numpy(noise) * (math.sqrt(1.0 + sigma_0**2) / float(scheduler.init_noise_sigma))
+    latents = diffusers_start_latents(noise, STEPS)
 
     # negative_prompt None with force_zeros_for_empty_prompt: diffusers zeroes the negative embeddings, as our
     # sampler does for an empty negative prompt; size conditioning defaults to original = target = (64, 64), crop 0.
-    steps = []
-
-    def record(pipeline, i, t, kwargs):
-        steps.append(kwargs["latents"].numpy().copy())  # x after step i
-        return {}
-
-    with torch.no_grad():
-        image = pipe(prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled, latents=latents, height=SIZE, width=SIZE,
-                     num_inference_steps=STEPS, guidance_scale=GUIDANCE, output_type="np",
-                     callback_on_step_end=record).images
-    reference = np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)  # (1, H, W, 3), as our to_uint8
+    reference, steps = run_reference(pipe, STEPS, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled,
+                                     latents=latents, height=SIZE, width=SIZE, guidance_scale=GUIDANCE)
     return config, official, noise, reference, steps
 
 
@@ -163,13 +139,8 @@ def test_txt2img_matches_diffusers_pipeline(setup, backend):
                               callback=lambda info: steps.append(info["x"].asnumpy()))
     # the latents after every step (a wrong start scale, guidance or timestep shows here first)
     assert len(steps) == len(reference_steps) == STEPS
-    errors = [float(np.abs(a - b).max() / np.abs(b).max()) for a, b in zip(steps, reference_steps)]
+    errors = step_errors(steps, reference_steps)
     assert max(errors) < 1e-4, f"relative latent error per step: {errors}"
     # the decoded images
-    assert ours.shape == reference.shape == (1, SIZE, SIZE, 3) and ours.dtype == np.uint8
-    diff = np.abs(ours.astype(np.int32) - reference.astype(np.int32))
-    print(f"{backend}: latents rel err per step {['%.1e' % e for e in errors]}; "
-          f"image max {diff.max()}/255, mean {diff.mean():.4f}/255, image std {reference.std():.1f}")
-    assert reference.std() > 10  # not a flat image: the comparison means something
-    assert diff.max() <= 3, f"max abs difference {diff.max()}/255"
-    assert diff.mean() <= 0.5, f"mean abs difference {diff.mean():.3f}/255"
+    assert ours.shape == (1, SIZE, SIZE, 3)
+    assert_images_match(ours, reference, f"{backend}: latents rel err per step {['%.1e' % e for e in errors]}")
