@@ -23,7 +23,7 @@ from gm.util import instantiate_from_config, load_params
 from mindbooth.checkpoint import save_lora
 from mindbooth.config import load_config
 from mindbooth.tensor_dtypes import ConversionError
-from test_convert_families import TINY, build_pipeline
+from family_models import TINY, build_pipeline
 from test_unet import relative_error
 from tools.lora_conversion import lora_formats as lf
 from tools.lora_conversion.convert_lora import convert, main as convert_main, read_state, write_ckpt
@@ -59,19 +59,11 @@ def _ours_text(engine, ids):
 
 
 def _tiny_pipeline(family, folder):
-    """The family's tiny diffusers pipeline (test_convert_families' builder) and its MindBooth checkpoint."""
+    """The family's tiny diffusers pipeline (tests/family_models.py) and its MindBooth checkpoint."""
     from tools.model_conversion import conversion
     from tools.model_conversion.sdxl_layout import model_mindspore_shapes
 
     parts = build_pipeline(family)
-    if family == SD2:
-        # the builder's heads serve weight layouts only; sd_v2.1_tiny.yaml has 16 channels per head (diffusers
-        # calls the head count of SD 2.x UNets `attention_head_dim`): the same weights, attention as MindBooth's
-        from diffusers import UNet2DConditionModel
-
-        unet = UNet2DConditionModel.from_config({**parts["unet"].config, "attention_head_dim": (2, 2, 4, 4)})
-        unet.load_state_dict(parts["unet"].state_dict())
-        parts["unet"] = unet
     for name, model in parts.items():
         model.save_pretrained(folder / "pipe" / name)
     ckpt = folder / "pipe.ckpt"
