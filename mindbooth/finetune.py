@@ -51,6 +51,16 @@ def step_graph_config(config):
     return keyed
 
 
+def align_with_resumed_run(config, resume_folder):
+    """A run started before `train.finetune` existed saved a config.yaml without it: resumed with a YAML that now says
+    `finetune: lora` (what it trained), the key is dropped so that the resume check sees the same settings."""
+    saved = Path(resume_folder) / "config.yaml"
+    if not saved.is_file() or finetune_mode(config) != "lora":
+        return
+    if OmegaConf.select(OmegaConf.load(saved), "train.finetune", default=None) is None and "finetune" in config.train:
+        del config.train["finetune"]
+
+
 def check_finetune(config, weights, resume_folder=None):
     """The finetune setting and what it rules out, as one-line UsageErrors: an unknown mode; with `full`, frozen
     weights in a low precision (the trained weights are fp32), a LoRA to start from (--weight base,lora); on

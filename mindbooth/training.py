@@ -77,6 +77,8 @@ def parse_and_check(argv=None) -> Run:
         config = load_training_config(args)
         folder, resuming = run_folder(args, config)
         finetune.check_finetune(config, weights, folder if resuming else None)
+        if resuming:
+            finetune.align_with_resumed_run(config, folder)
         save_path, resuming = check_training_run(args, config, weights)
     except UsageError as error:
         fail(str(error))

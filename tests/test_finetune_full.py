@@ -47,7 +47,7 @@ def _train(workspace, save_path, *extra):
     argv = ["--config", str(workspace / "train.yaml"), "--weight", str(workspace / "tiny.ckpt"),
             "--instance_data_path", str(workspace / "subject"), "--instance_prompt", "a photo of sks toy",
             "--class_data_path", str(workspace / "class"), "--class_prompt", "a photo of toy", "--num_class_images", "2",
-            "--device_target", "CPU", "--save_path", str(save_path), "--save_ckpt_interval", "2", "--finetune", "full",
+            "--device_target", "CPU", "--save_path", str(save_path), "--save_ckpt_interval", "1", "--finetune", "full",
             "--learning_rate", "1e-3", "--ms_mode", "1", *extra]
     try:
         return train_dreambooth.main(argv)
@@ -127,14 +127,14 @@ def test_make_trainable_refuses_low_precision_weights(workspace):
 
 @pytest.fixture(scope="module")
 def full_run(workspace):
-    engine = _train(workspace, workspace / "run_a", "--total_step", "4")
+    engine = _train(workspace, workspace / "run_a", "--total_step", "2")
     return engine, workspace / "run_a"
 
 
 def test_full_run_trains_every_unet_weight_and_nothing_else(workspace, full_run):
     engine, run = full_run
     losses = _losses(run)
-    assert len(losses) == 4 and np.isfinite(losses).all()
+    assert len(losses) == 2 and np.isfinite(losses).all()
     assert not lora_parameters(engine)
     base = _arrays(workspace / "tiny.ckpt")
     changed = []
@@ -144,12 +144,12 @@ def test_full_run_trains_every_unet_weight_and_nothing_else(workspace, full_run)
         else:
             np.testing.assert_array_equal(param.asnumpy(), base[name], err_msg=name)
     assert all(changed), f"{changed.count(False)} UNet weights did not change"
-    assert sorted(p.name for p in run.glob("*.ckpt")) == ["SDXL-tiny_2_full.ckpt", "SDXL-tiny_4_full.ckpt"]
+    assert sorted(p.name for p in run.glob("*.ckpt")) == ["SDXL-tiny_1_full.ckpt", "SDXL-tiny_2_full.ckpt"]
 
 
 def test_saved_model_has_the_base_layout_loads_strictly_and_equals_the_trained_weights(workspace, full_run):
     engine, run = full_run
-    saved = run / "SDXL-tiny_4_full.ckpt"
+    saved = run / "SDXL-tiny_2_full.ckpt"
     assert _tensor_names(saved) == _tensor_names(workspace / "tiny.ckpt")  # same names, same order
     fresh = _full_engine(workspace, "auto")
     load_weights(fresh, [str(saved)])  # strict: every parameter present, nothing unexpected, shapes equal
@@ -161,18 +161,18 @@ def test_saved_model_has_the_base_layout_loads_strictly_and_equals_the_trained_w
 def test_resume_equals_the_uninterrupted_run(workspace, full_run):
     _, run_a = full_run
     run_b = workspace / "run_b"
-    _train(workspace, run_b, "--total_step", "2")
-    _train(workspace, run_b, "--total_step", "4", "--resume", str(run_b))
+    _train(workspace, run_b, "--total_step", "1")
+    _train(workspace, run_b, "--total_step", "2", "--resume", str(run_b))
     np.testing.assert_allclose(_losses(run_b), _losses(run_a), rtol=1e-6)
-    resumed, straight = _arrays(run_b / "SDXL-tiny_4_full.ckpt"), _arrays(run_a / "SDXL-tiny_4_full.ckpt")
+    resumed, straight = _arrays(run_b / "SDXL-tiny_2_full.ckpt"), _arrays(run_a / "SDXL-tiny_2_full.ckpt")
     assert resumed.keys() == straight.keys()
     for name in straight:
         np.testing.assert_allclose(resumed[name], straight[name], rtol=0, atol=1e-6, err_msg=name)
     # and the optimizer moments and step of both runs' last states
-    moments_b, moments_a = (_arrays(run / "state" / "step_4_optimizer.ckpt") for run in (run_b, run_a))
+    moments_b, moments_a = (_arrays(run / "state" / "step_2_optimizer.ckpt") for run in (run_b, run_a))
     for name in moments_a:
         np.testing.assert_allclose(moments_b[name], moments_a[name], rtol=0, atol=1e-6, err_msg=name)
-    assert int(moments_a["adamw_step"]) == 4
+    assert int(moments_a["adamw_step"]) == 2
 
 
 def test_cached_latents_save_the_freed_encoders_from_the_base_and_rotate_only_own_files(workspace):
@@ -180,13 +180,12 @@ def test_cached_latents_save_the_freed_encoders_from_the_base_and_rotate_only_ow
     run.mkdir()
     foreign = run / "SDXL-tiny_1_lora.ckpt"  # not a state of this run: never removed
     foreign.write_bytes(b"someone else's file")
-    engine = _train(workspace, run, "--total_step", "3", "--cache_latents", "True", "--save_ckpt_interval", "1",
-                    "--max_num_ckpt", "1")
+    engine = _train(workspace, run, "--total_step", "2", "--cache_latents", "True", "--max_num_ckpt", "1")
     assert engine.conditioner is None and not hasattr(engine.first_stage_model, "encoder")
-    assert sorted(p.name for p in run.glob("*.ckpt")) == ["SDXL-tiny_1_lora.ckpt", "SDXL-tiny_3_full.ckpt"]
+    assert sorted(p.name for p in run.glob("*.ckpt")) == ["SDXL-tiny_1_lora.ckpt", "SDXL-tiny_2_full.ckpt"]
     assert foreign.read_bytes() == b"someone else's file"
-    assert sorted(p.name for p in (run / "state").iterdir()) == ["step_3.json", "step_3_optimizer.ckpt"]
-    saved, base = _arrays(run / "SDXL-tiny_3_full.ckpt"), _arrays(workspace / "tiny.ckpt")
+    assert sorted(p.name for p in (run / "state").iterdir()) == ["step_2.json", "step_2_optimizer.ckpt"]
+    saved, base = _arrays(run / "SDXL-tiny_2_full.ckpt"), _arrays(workspace / "tiny.ckpt")
     assert saved.keys() == base.keys()
     freed = [n for n in base if n.startswith(("conditioner.", "first_stage_model.encoder.", "first_stage_model.quant_conv."))]
     assert freed
@@ -216,7 +215,7 @@ def _sample(workspace, weight, save_path):
 
 def test_the_sampler_loads_the_saved_model_and_the_converter_converts_it(workspace, full_run, tmp_path):
     _, run = full_run
-    saved = run / "SDXL-tiny_4_full.ckpt"
+    saved = run / "SDXL-tiny_2_full.ckpt"
     trained_image = _sample(workspace, saved, tmp_path / "trained")
     base_image = _sample(workspace, workspace / "tiny.ckpt", tmp_path / "base")
     assert trained_image.shape == (32, 32, 3) and not np.array_equal(trained_image, base_image)
@@ -264,3 +263,22 @@ def test_bad_combinations_are_refused_in_one_line_before_any_work(workspace, ful
     message = _one_line_error(workspace, run_a, "--resume", str(run_a), "--finetune", "lora")
     assert "the run was started with --finetune full, not lora" in message
     assert not (tmp_path / "r").exists()
+
+
+def test_a_run_saved_before_the_finetune_key_resumes_with_the_yaml_that_now_has_it(workspace, tmp_path):
+    from mindbooth.validation import config_differences
+
+    run = tmp_path / "old_run"
+    run.mkdir()
+    current = load_config(workspace / "train.yaml")
+    assert current.train.finetune == "lora"  # the shipped YAMLs say it
+    old = OmegaConf.create(OmegaConf.to_container(current))
+    del old.train["finetune"]
+    OmegaConf.save(old, run / "config.yaml")
+    assert list(config_differences(old, current)) == ["train.finetune"]
+    finetune.align_with_resumed_run(current, run)
+    assert config_differences(old, current) == {} and finetune.finetune_mode(current) == "lora"
+    full = load_config(workspace / "train.yaml")
+    full.train.finetune = "full"
+    finetune.align_with_resumed_run(full, run)  # not dropped: check_finetune refuses the change of mode
+    assert full.train.finetune == "full"
