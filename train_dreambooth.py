@@ -1,4 +1,5 @@
-"""DreamBooth-LoRA fine-tuning of SDXL with prior preservation (Ruiz et al., CVPR 2023), in MindSpore.
+"""DreamBooth fine-tuning of SDXL with prior preservation (Ruiz et al., CVPR 2023), in MindSpore: LoRA, or with
+`--finetune full` every UNet weight (the paper's own).
 
     python train_dreambooth.py --config configs/training/sd_xl_base_finetune_dreambooth_lora_910b.yaml \
         --weight checkpoints/sd_xl_base_1.0_ms.ckpt --instance_data_path DIR --instance_prompt "A photo of a sks dog" \
@@ -18,7 +19,7 @@ from mindbooth.distributed import setup_distributed_environment
 def main(argv=None):
     """Train as `argv` (default: the command line) says; returns the engine. In the compile child
     (mindbooth/step_graphs.py) it compiles the step graphs and returns before any data is read."""
-    from mindbooth import step_graphs
+    from mindbooth import finetune, step_graphs
     from mindbooth import training as phase
     from mindbooth.compile_cache import precompile_folder
     from mindbooth.pipeline import Text2Image
@@ -32,13 +33,13 @@ def main(argv=None):
     # ---- the step's graphs, compiled by a child that exits before this process builds its model ---------------
     child_folder = precompile_folder()  # set in that child only
     step_cache = child_folder if child_folder is not None else step_graphs.step_graphs_in_child(
-        run.args, argv, run.config, run.weights, step_shapes, run.save_path, __file__)
+        run.args, argv, finetune.step_graph_config(run.config), run.weights, step_shapes, run.save_path, __file__)
 
     # ---- model -----------------------------------------------------------------------------------------------
     engine, lora = phase.load_model(run)
-    projections = phase.context_projections(engine, passes)
+    projections = phase.context_projections(engine, passes, run)
     if child_folder is not None:  # the child: compile the step graphs into its folder and stop
-        if not engine.has_text_encoder_lora:  # (its conditioning is token ids, not the cached embeddings of step_shapes)
+        if not engine.trains_text_encoders:  # (its conditioning is token ids, not the cached embeddings of step_shapes)
             steps = phase.build_steps(engine, lora, run, dist, passes)
             step_graphs.use_step_graphs(child_folder, steps.grad_step, steps.apply_step, step_shapes, projections[0])
         return engine
@@ -50,7 +51,7 @@ def main(argv=None):
 
     # ---- optimizer, resume -----------------------------------------------------------------------------------
     steps = phase.build_steps(engine, lora, run, dist, passes)
-    if step_cache is not None and not engine.has_text_encoder_lora:  # loaded, not compiled
+    if step_cache is not None and not engine.trains_text_encoders:  # loaded, not compiled
         step_graphs.use_step_graphs(step_cache, steps.grad_step, steps.apply_step, step_shapes, projections[0])
     state, start_step = phase.resume_or_start(run, dist, engine, steps, data)
 

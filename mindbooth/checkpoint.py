@@ -8,7 +8,8 @@ import numpy as np
 from gm.modules.lora import is_lora_name, lora_parameters
 from gm.util import load_params
 from mindbooth.images import atomic_write
-from mindbooth.ckpt_stream import CkptReader, iter_arrays
+from mindbooth.ckpt_stream import CkptReader, CkptWriter, iter_arrays
+from mindbooth.tensor_dtypes import DTYPES
 
 LORA_METADATA = ("lora_rank", "lora_alpha")
 
@@ -147,6 +148,57 @@ def save_checkpoint_atomic(params: dict, path, metadata: dict = None):
 
 def save_lora(engine, path, rank: int, alpha: float):
     save_checkpoint_atomic({k: v.value() for k, v in lora_parameters(engine).items()}, path, {"lora_rank": rank, "lora_alpha": alpha})
+
+
+def save_full_model(engine, path, base_path):
+    """The whole model after full fine-tuning as one .ckpt in the base file's key layout: every tensor the base file
+    `base_path` holds, under its name and in its order, with the engine's current value, or the base file's own
+    where the engine no longer holds it (encoders freed by cache_latents, free_encoders). Written one tensor at a
+    time (no second copy of the model in memory) through a temporary file, so a crash leaves no partial file."""
+    names = _tensor_names(base_path)
+    own = {name: param for name, param in engine.parameters_and_names() if not is_lora_name(name)}
+    unsaved = sorted(set(own) - set(names))
+    if unsaved:
+        raise ValueError(f"{base_path} lacks {len(unsaved)} of the model's weights (first: {unsaved[:3]}); "
+                         "the full model is saved in the base file's layout")
+    from_base = [name for name in names if name not in own]
+    base_arrays = _iter_tensors(base_path, from_base)
+
+    def write(temporary):
+        with open(temporary, "wb") as handle:
+            writer = CkptWriter(handle)
+            for name in names:
+                if name in own:
+                    array = own[name].asnumpy()
+                else:  # in file order, as _iter_tensors yields them
+                    base_name, array = next(base_arrays)
+                    assert base_name == name, (base_name, name)
+                writer.write(name, _dtype_code(array.dtype), array)
+
+    atomic_write(path, write)
+
+
+def _dtype_code(dtype) -> str:
+    """The safetensors code of a numpy dtype (CkptWriter's `dtype`)."""
+    codes = [code for code, (storage, _) in DTYPES.items() if np.dtype(storage) == np.dtype(dtype) and code != "BF16"]
+    if not codes:
+        raise ValueError(f"no checkpoint type for numpy {dtype}")
+    return codes[0]
+
+
+def load_trained_weights(engine, path, names):
+    """Set the parameters `names` of `engine` from the full-model .ckpt `path` (save_full_model), one tensor at a
+    time; a name the file lacks is a ValueError."""
+    own = dict(engine.parameters_and_names())
+    missing = sorted(set(names) - set(_tensor_names(path)))
+    if missing:
+        raise ValueError(f"{path} lacks {len(missing)} trained weights (first: {missing[:3]}): it was saved for "
+                         "another model or finetune mode")
+    for name, array in _iter_tensors(path, names):
+        param = own[name]
+        if tuple(array.shape) != tuple(param.shape):
+            raise ValueError(f"{path}: '{name}' has shape {tuple(array.shape)}, the model expects {tuple(param.shape)}")
+        param.set_data(ms.Tensor(array).astype(param.dtype))
 
 
 def save_json_atomic(data: dict, path):

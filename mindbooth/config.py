@@ -60,6 +60,9 @@ TRAIN_FLAGS = {
     "max_grad_norm": ("train.max_grad_norm", float, "global-norm limit when clip_grad"),
     "total_step": ("train.total_step", int, "optimizer steps to train"),
     "learning_rate": ("optim.learning_rate", float, "AdamW learning rate"),
+    "finetune": ("train.finetune", str,
+                 "lora (default: LoRA layers on the frozen base) or full (the paper's DreamBooth: every UNet weight, and "
+                 "with --train_text_encoder every text-encoder weight, trains; saves <version>_<step>_full.ckpt)"),
     "lora_rank": ("model.params.lora_config.rank", int, "LoRA rank"),
     "lora_alpha": ("model.params.lora_config.alpha", float, "LoRA alpha (scale = alpha / rank)"),
     "train_text_encoder": ("model.params.lora_config.text_encoder", str2bool,

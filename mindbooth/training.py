@@ -20,6 +20,7 @@ from tqdm import tqdm
 from gm.modules.lora import lora_parameters, new_lora_init
 from gm.util import instantiate_from_config
 from mindbooth import checkpoint as ckpt
+from mindbooth import finetune
 from mindbooth.class_images import missing_class_image_names, sample_class_images
 from mindbooth.compile_cache import precompile_folder
 from mindbooth.config import load_training_config, training_parser
@@ -33,7 +34,7 @@ from mindbooth.train_step import (ApplyStep, DreamBoothLoss, DynamicLossScale, G
                                   step_input_shapes)
 from mindbooth.training_data import TrainingData, pass_inputs
 from mindbooth.training_state import TrainingState, learning_rate_at
-from mindbooth.validation import UsageError, check_training_run, model_error, prior_preservation
+from mindbooth.validation import UsageError, check_training_run, model_error, prior_preservation, run_folder
 
 
 def fail(message: str):
@@ -74,6 +75,10 @@ def parse_and_check(argv=None) -> Run:
     weights = [w for w in args.weight.split(",") if w]
     try:
         config = load_training_config(args)
+        folder, resuming = run_folder(args, config)
+        finetune.check_finetune(config, weights, folder if resuming else None)
+        if resuming:
+            finetune.align_with_resumed_run(config, folder)
         save_path, resuming = check_training_run(args, config, weights)
     except UsageError as error:
         fail(str(error))
@@ -111,20 +116,28 @@ def step_shapes(run: Run, passes) -> dict:
 
 
 def load_model(run: Run):
-    """(engine, its LoRA parameters by name): the model built from the config with the base weights (and a LoRA to
-    start from, if a second weight file is given; else a new LoRA, the same on every rank)."""
+    """(engine, its trained parameters by name): the model built from the config with the base weights. LoRA: its
+    LoRA parameters (from a second weight file, if given; else a new LoRA, the same on every rank). --finetune full:
+    no LoRA, every UNet parameter (and text-encoder parameter with --train_text_encoder)."""
     train_cfg = run.config.train
     try:
-        engine = instantiate_from_config(run.config.model)
+        engine = instantiate_from_config(finetune.model_config(run.config))
     except ValueError as error:  # e.g. a LoRA rank larger than a layer
         fail(model_error(error, run.args.config))
     try:
         ckpt.load_weights(engine, run.weights)
     except (ValueError, FileNotFoundError) as error:
         fail(str(error))
+    if finetune.is_full(run.config):
+        if lora_parameters(engine):
+            fail(f"--finetune full: {run.weights[0]} holds LoRA weights; give a base model without LoRA")
+        engine.make_trainable(finetune.trainable_prefixes(run.config))
+    # after make_trainable: which ResBlocks can be recomputed depends on whether their convolutions' weights train
     if bool(train_cfg.get("gradient_checkpointing", False)):  # less memory for one more forward's work
         engine.model.diffusion_model.enable_gradient_checkpointing(
             res_blocks=bool(train_cfg.get("gradient_checkpointing_res_blocks", False)))
+    if finetune.is_full(run.config):
+        return engine, {name: param for name, param in engine.parameters_and_names() if param.requires_grad}
     lora = lora_parameters(engine)
     lora_rng = np.random.default_rng(run.seed)
     if len(run.weights) < 2:
@@ -134,15 +147,17 @@ def load_model(run: Run):
     return engine, lora
 
 
-def context_projections(engine, passes) -> list:
+def context_projections(engine, passes, run: Run) -> list:
     """One ContextProjections per pass (each keeps the projections of its own rows' text), or None per pass when
-    the text encoders train: the text context is then not fixed. With frozen encoders the text is the cached
-    embeddings of the instance and class prompts, so the frozen cross-attention keys/values of it are computed once."""
-    return [None if engine.has_text_encoder_lora else ContextProjections(engine.model.diffusion_model) for _ in passes]
+    the text encoders train (the text context is then not fixed) or the UNet's own weights do (--finetune full: the
+    cross-attention keys/values weights train). With frozen encoders and UNet the text is the cached embeddings of
+    the instance and class prompts, so the frozen cross-attention keys/values of it are computed once."""
+    fixed = not engine.trains_text_encoders and not finetune.is_full(run.config)
+    return [ContextProjections(engine.model.diffusion_model) if fixed else None for _ in passes]
 
 
 class Steps(NamedTuple):
-    """The LoRA's gradient buffer, AdamW, the gradient and optimizer steps (mindbooth/train_step.py) and the loss scale."""
+    """The trained parameters' gradient buffer, AdamW, the gradient and optimizer steps (mindbooth/train_step.py) and the loss scale."""
     buffers: object
     optimizer: AdamW
     grad_step: GradStep
@@ -151,9 +166,10 @@ class Steps(NamedTuple):
 
 
 def build_steps(engine, lora, run: Run, dist: Distributed, passes) -> Steps:
-    """The training step for `lora` (a dict name -> parameter), its loss with prior preservation unless the passes
-    split the batch (each pass is then the mean over its rows, weighted by GradStep). precision fp16: the UNet
-    computes in fp16, the LoRA weights and AdamW stay fp32, the loss scale guards overflow."""
+    """The training step for `lora` (a dict name -> parameter: the LoRA, or with --finetune full the UNet's and
+    maybe the text encoders' weights), its loss with prior preservation unless the passes split the batch (each pass
+    is then the mean over its rows, weighted by GradStep). precision fp16: the UNet computes in fp16, the trained
+    weights (LoRA or, full, the UNet's fp32 master weights) and AdamW stay fp32, the loss scale guards overflow."""
     optim_cfg, train_cfg = run.config.optim, run.config.train
     names = sorted(lora)
     params = [lora[name] for name in names]
@@ -165,7 +181,7 @@ def build_steps(engine, lora, run: Run, dist: Distributed, passes) -> Steps:
                       beta2=float(optim_cfg.get("beta2", 0.999)), eps=float(optim_cfg.get("eps", 1e-8)),
                       weight_decay=float(optim_cfg.get("weight_decay", 1e-2)), lr_scales=lr_scales)
     loss_net = DreamBoothLoss(engine, float(run.config.dreambooth.get("prior_loss_weight", 1.0)), run.with_prior and len(passes) == 1,
-                              engine.has_text_encoder_lora)
+                              engine.trains_text_encoders)
     grad_step = GradStep(loss_net, params, buffers, dist.grad_reducer(buffers))
     apply_step = ApplyStep(buffers, optimizer, int(train_cfg.get("gradient_accumulation_steps", 1)),
                            bool(train_cfg.get("clip_grad", False)), float(train_cfg.get("max_grad_norm", 1.0)))
@@ -196,7 +212,7 @@ def build_data(run: Run, dist: Distributed, engine, text2image) -> TrainingData:
     """The training examples (mindbooth/training_data.py). With cache_latents every item is encoded now, the
     sampling prompts' embeddings are cached too (frozen text encoders), and the encoders no longer needed are freed."""
     db, data_cfg = run.config.dreambooth, run.config.data
-    train_text_encoder = engine.has_text_encoder_lora
+    train_text_encoder = engine.trains_text_encoders
     try:
         dataset = DreamBoothDataset(db.instance_data_path, db.instance_prompt, run.resolution,
                                     db.class_data_path if run.with_prior else None, db.get("class_prompt"),
@@ -218,10 +234,13 @@ def build_data(run: Run, dist: Distributed, engine, text2image) -> TrainingData:
 
 def resume_or_start(run: Run, dist: Distributed, engine, steps: Steps, data: TrainingData):
     """(the training state that saves and restores the run, the step to start from): the last complete state's
-    LoRA, optimizer, data order and loss scale when resuming, else step 0."""
+    LoRA (or, --finetune full, trained weights), optimizer, data order and loss scale when resuming, else step 0."""
     lora_cfg = run.config.model.params.lora_config
+    full = finetune.is_full(run.config)
     state = TrainingState(run.save_path, engine, steps.optimizer, data.sampler, data.rng, steps.loss_scale, int(lora_cfg.rank),
-                          float(lora_cfg.get("alpha", lora_cfg.rank)), int(run.config.train.get("max_num_ckpt", 3)))
+                          float(lora_cfg.get("alpha", lora_cfg.rank)), int(run.config.train.get("max_num_ckpt", 3)),
+                          full_base=run.weights[0] if full else None,
+                          trained=[n for n, p in engine.parameters_and_names() if p.requires_grad] if full else ())
     start_step = state.restore() if run.resuming else 0
     if run.resuming and dist.is_main:
         print(f"resuming {run.save_path} from step {start_step}")
@@ -288,11 +307,12 @@ def train_loop(run: Run, dist: Distributed, engine, steps: Steps, data: Training
 
 
 def save_final(run: Run, dist: Distributed, state: TrainingState, text2image):
-    """Rank 0: a sample of the final prompt with the trained LoRA, and where the results are."""
+    """Rank 0: a sample of the final prompt with the trained weights, and where the results are."""
     if not dist.is_main:
         return
     write_grid(text2image, [run.final_prompt], run.save_path / "sample_final.png", run)
-    print(f"done: LoRA in {state.latest_lora_path()}, loss plot {run.save_path / 'loss.png'}, "
+    what = "model" if finetune.is_full(run.config) else "LoRA"
+    print(f"done: {what} in {state.latest_weights_path()}, loss plot {run.save_path / 'loss.png'}, "
           f"sample {run.save_path / 'sample_final.png'}")
 
 

@@ -2,6 +2,7 @@
 
 Parameter names follow the official checkpoint: `model.diffusion_model.*` (UNet),
 `conditioner.embedders.N.*` (text encoders), `first_stage_model.*` (VAE)."""
+import mindspore as ms
 from mindspore import nn
 
 from gm.backends import apply_backend
@@ -73,6 +74,26 @@ class DiffusionEngine(nn.Cell):
         self._reapply_backend()
         return added
 
+    def make_trainable(self, prefixes) -> int:
+        """Full fine-tuning: every parameter whose name starts with one of `prefixes` (e.g. "model.diffusion_model.",
+        "conditioner.") trains. Layers the CPU backend gave a frozen-weight form at construction (whose backward
+        leaves the weight gradient at zero) are switched back to their trainable form. Weights stored in a low
+        precision (frozen_weight_dtype) are refused: trained weights must be fp32. Returns the parameters made
+        trainable."""
+        prefixes = tuple(prefixes)
+        chosen = [(name, param) for name, param in self.parameters_and_names() if name.startswith(prefixes)]
+        low_precision = [(name, param.dtype) for name, param in chosen if param.dtype != ms.float32]
+        if low_precision:
+            name, dtype = low_precision[0]
+            raise ValueError(f"{name} is stored as {dtype}: trained weights must be fp32 (drop frozen_weight_dtype)")
+        for _, param in chosen:
+            param.requires_grad = True
+        for _, cell in self.cells_and_names():
+            weight = getattr(cell, "weight", None)
+            if hasattr(cell, "thaw_weight") and isinstance(weight, ms.Parameter) and weight.requires_grad:
+                cell.thaw_weight()
+        return len(chosen)
+
     def _reapply_backend(self):
         """New layers (LoRA) compute as the rest of the model: the backend's variants of them too."""
         if getattr(self, "backend", None) is not None:
@@ -81,6 +102,11 @@ class DiffusionEngine(nn.Cell):
     @property
     def has_text_encoder_lora(self) -> bool:
         return any(is_lora_name(name) for name, _ in self.parameters_and_names() if name.startswith("conditioner."))
+
+    @property
+    def trains_text_encoders(self) -> bool:
+        """Whether any text-encoder weight trains: their LoRA, or all of them after make_trainable(["conditioner."])."""
+        return self.conditioner is not None and any(p.requires_grad for p in self.conditioner.get_parameters())
 
     def _name_and_freeze(self):
         for name, param in self.parameters_and_names():

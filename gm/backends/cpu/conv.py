@@ -207,6 +207,11 @@ class Conv2d(nn.Conv2d):
         self.frozen_conv = FrozenWeightConv(self.square_kernel_size, self.square_stride, self.square_padding,
                                             fused=fused, algorithm=algorithm)
 
+    def thaw_weight(self):
+        """The weight trains again (DiffusionEngine.make_trainable): back to the im2col + MatMul form, whose autodiff
+        gives the weight gradient that FrozenWeightConv's backward leaves at zero."""
+        self.frozen_conv = None
+
     def supports_recompute(self) -> bool:
         """Whether Cell.recompute of an enclosing block (gradient checkpointing) works with this convolution: a frozen
         weight's kernel, whose backward reads only dout and the weight. With im2col a recomputed ResBlock failed to
