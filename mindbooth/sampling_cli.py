@@ -235,9 +235,10 @@ SIZE_FLAGS = ("sd_xl_base_ratios", "orig_width", "orig_height", "target_width", 
 
 def refuse_size_flags(args, model: str):
     """SD 1.x/2.x have no size conditioning (and SDXL's ratio table is not their size set): a flag for it is a mistake."""
-    given = [f"--{flag}" for flag in SIZE_FLAGS if getattr(args, flag) is not None]
+    given = [flag for flag in SIZE_FLAGS if getattr(args, flag) is not None]
     if given:
-        raise UsageError(f"{given[0]} is SDXL's size conditioning, which {model} does not have (only SDXL/SSD-1B models do): "
+        what = "SDXL's aspect-ratio table" if given[0] == "sd_xl_base_ratios" else "SDXL's size conditioning"
+        raise UsageError(f"--{given[0]} is {what}, which {model} does not have (only SDXL/SSD-1B models do): "
                          "drop it and set the size with --width/--height")
 
 
