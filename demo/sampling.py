@@ -1,4 +1,4 @@
-"""Streamlit demo: text-to-image with SDXL (+ a DreamBooth LoRA) in MindSpore.
+"""Streamlit demo: text-to-image with SDXL, SSD-1B, SD 1.5 or SD 2.1 (+ a DreamBooth LoRA) in MindSpore.
 
     streamlit run demo/sampling.py [-- --config configs/inference/sd_xl_base.yaml --weight base.ckpt[,lora.ckpt]
                                        --device_target CPU --ms_mode 0 --save_path outputs/demo]
@@ -7,7 +7,9 @@ Run it from the repository root: `.streamlit/config.toml` there binds the server
 reads weight files and writes images where its user says; do not expose it). The flags after `--`, or
 the variables MINDBOOTH_CONFIG, MINDBOOTH_WEIGHT, MINDBOOTH_DEVICE, MINDBOOTH_MS_MODE, MINDBOOTH_SAVE_PATH,
 only fill in the page's defaults. The base model stays loaded between generations (one per config and
-base file); changing the LoRA files or their scale does not reload it.
+base file); changing the LoRA files or their scale does not reload it. The sidebar's model picker lists
+configs/inference/*.yaml (any other YAML path can be typed); the size defaults to the picked model's
+`native_resolution`, and SDXL's ratio table is offered only for size-conditioned models (SDXL, SSD-1B).
 """
 import argparse
 import os
@@ -22,11 +24,45 @@ import streamlit as st  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from mindbooth import sampling_model  # noqa: E402
+from mindbooth.config import load_config  # noqa: E402
 from mindbooth.file_identity import file_identity  # noqa: E402
 from mindbooth.pipeline import SAMPLERS  # noqa: E402
 from mindbooth.sampling_cli import SD_XL_BASE_RATIOS, safe_stem, save_png  # noqa: E402
 
 CUSTOM_SIZE = "custom"
+NATIVE_SIZE = "native"
+ROOT = Path(__file__).resolve().parents[1]
+INFERENCE_CONFIGS = ROOT / "configs" / "inference"
+
+
+def shown_path(path: Path) -> str:
+    """`path` relative to the working directory where it lies under it (the repository root, usually), else absolute."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def model_choices() -> dict:
+    """The model picker's entries: path of each configs/inference/*.yaml -> its label ("SD-1.5  (sd_v1.5.yaml)")."""
+    choices = {}
+    for path in sorted(INFERENCE_CONFIGS.glob("*.yaml")):
+        try:
+            version = load_config(path).get("version", path.stem)
+        except Exception:  # noqa: BLE001 - a broken YAML is still listed; loading it reports the problem
+            version = path.stem
+        choices[shown_path(path)] = f"{version}  ({path.name})"
+    return choices
+
+
+def model_traits(config_path: str):
+    """(native resolution, size-conditioned) of the config at `config_path`; SDXL's (1024, True) while it cannot be read
+    (generating then reports the problem)."""
+    try:
+        config = load_config(config_path)
+        return sampling_model.native_resolution(config), sampling_model.size_conditioned(config)
+    except Exception:  # noqa: BLE001 - a path being typed, a broken YAML
+        return sampling_model.DEFAULT_NATIVE_RESOLUTION, True
 
 
 def page_defaults() -> dict:
@@ -67,7 +103,17 @@ def model_with_lora(config, base, loras, lora_scale, ms_mode, device_target):
 def sidebar(defaults: dict) -> dict:
     with st.sidebar:
         st.header("Model")
-        config = st.text_input("Model config (YAML)", defaults["config"], key="config")
+        choices = model_choices()
+        st.session_state.setdefault("config", defaults["config"])  # the text box below; the picker writes into it
+        picked = next((path for path in choices if Path(path).resolve() == Path(st.session_state["config"]).resolve()), None)
+
+        def use_picked():
+            if st.session_state["model_picker"] is not None:
+                st.session_state["config"] = st.session_state["model_picker"]
+
+        st.selectbox("Model", list(choices), index=list(choices).index(picked) if picked else None, format_func=choices.get,
+                     placeholder="another config: type its path below", key="model_picker", on_change=use_picked)
+        config = st.text_input("Model config (YAML)", key="config")
         base = st.text_input("Base weights (.ckpt / .safetensors)", defaults["base"], key="base_weight")
         loras = st.text_input("LoRA weights (comma-separated, optional)", defaults["loras"], key="lora_weights")
         lora_scale = st.slider("LoRA scale", 0.0, 2.0, 1.0, 0.05, key="lora_scale")
@@ -77,22 +123,24 @@ def sidebar(defaults: dict) -> dict:
     return {"config": config.strip(), "base": base.strip(), "loras": loras, "lora_scale": lora_scale, "save_path": save_path.strip()}
 
 
-def sampling_controls() -> dict:
+def sampling_controls(native: int, with_size_conditioning: bool) -> dict:
+    """The sampling widgets; the size defaults to the model's `native` side, SDXL's ratio table only
+    `with_size_conditioning` (SDXL, SSD-1B)."""
     prompt = st.text_area("Prompt", "a photo of sks dog", key="prompt")
-    negative_prompt = st.text_input("Negative prompt (empty: zeroed embeddings, as SDXL base)", "", key="negative_prompt")
+    negative_prompt = st.text_input("Negative prompt (empty: SDXL base zeroes its text embeddings)", "", key="negative_prompt")
     left, middle, right = st.columns(3)
     sampler = left.selectbox("Sampler", list(SAMPLERS), key="sampler")
     steps = middle.number_input("Steps", 1, 1000, 40, key="steps")
     guidance = right.number_input("Guidance scale", 0.0, 30.0, 5.0, 0.5, key="guidance")
     left, middle, right = st.columns(3)
-    ratio = left.selectbox("Size (width/height ratio)", [*SD_XL_BASE_RATIOS, CUSTOM_SIZE], index=list(SD_XL_BASE_RATIOS).index("1.0"),
-                           format_func=lambda r: r if r == CUSTOM_SIZE else f"{r}: {SD_XL_BASE_RATIOS[r][0]}x{SD_XL_BASE_RATIOS[r][1]}",
-                           key="ratio")
+    sizes = {NATIVE_SIZE: (native, native), **(SD_XL_BASE_RATIOS if with_size_conditioning else {})}
+    ratio = left.selectbox("Size (width/height ratio)", [*sizes, CUSTOM_SIZE], index=0,
+                           format_func=lambda r: r if r == CUSTOM_SIZE else f"{r}: {sizes[r][0]}x{sizes[r][1]}", key="ratio")
     if ratio == CUSTOM_SIZE:
-        width = middle.number_input("Width", 32, 4096, 1024, 32, key="width")
-        height = right.number_input("Height", 32, 4096, 1024, 32, key="height")
+        width = middle.number_input("Width", 32, 4096, native, 32, key="width")
+        height = right.number_input("Height", 32, 4096, native, 32, key="height")
     else:
-        width, height = SD_XL_BASE_RATIOS[ratio]
+        width, height = sizes[ratio]
     left, middle, _ = st.columns(3)
     seed = left.number_input("Seed", 0, 2**32 - 1, 42, key="seed")
     num_images = middle.number_input("Number of images", 1, 16, 1, key="num_images")
@@ -144,11 +192,11 @@ def generate(model_settings: dict, sampling: dict, defaults: dict):
 
 
 def main():
-    st.set_page_config(page_title="MindBooth SDXL sampling", layout="wide")
-    st.title("MindBooth: SDXL + DreamBooth LoRA sampling")
+    st.set_page_config(page_title="MindBooth sampling", layout="wide")
+    st.title("MindBooth: SDXL / SSD-1B / SD 1.5 / SD 2.1 + DreamBooth LoRA sampling")
     defaults = page_defaults()
     model_settings = sidebar(defaults)
-    sampling = sampling_controls()
+    sampling = sampling_controls(*model_traits(model_settings["config"]))
     if st.button("Generate", type="primary", key="generate"):
         problem = check(model_settings, sampling)
         if problem:

@@ -1,5 +1,6 @@
 """The DreamBooth dataset: instance images with the instance prompt, paired with class images and the
-class prompt. Each image brings its own SDXL size conditioning (original size, crop corner, target size)."""
+class prompt. Each image brings its own SDXL size conditioning (original size, crop corner, target size); the
+conditioner of a model without it (SD 1.x/2.x) reads only the prompt."""
 import math
 from dataclasses import dataclass
 

@@ -20,7 +20,8 @@ from tqdm import tqdm
 from mindbooth.config import add_allocator_flag
 from mindbooth.images import load_rgb, make_grid
 from mindbooth.pipeline import SAMPLERS
-from mindbooth.sampling_model import load_sampling_model, size_multiple, split_weights
+from mindbooth.sampling_model import (load_sampling_model, model_name, native_resolution, size_conditioned, size_multiple,
+                                      split_weights)
 from mindbooth.validation import UsageError, bounded_int, finite_float, load_yaml_config, prompt_token_notes
 
 # MindONE's table (sgm's SD_XL_BASE_RATIOS plus 1.0_768 / 1.0_512): ratio -> (width, height)
@@ -37,19 +38,20 @@ MAX_STEM_CHARS = 60
 
 
 def sampling_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Sample SDXL (+ LoRA) images with MindSpore.")
+    parser = argparse.ArgumentParser(description="Sample SDXL, SSD-1B, SD 1.5 or SD 2.1 (+ LoRA) images with MindSpore.")
     add = parser.add_argument
     add("--task", default="txt2img", choices=["txt2img", "img2img"])
     add("--config", default="configs/inference/sd_xl_base.yaml", help="model YAML (inference or training config)")
     add("--weight", default="checkpoints/sd_xl_base_1.0_ms.ckpt", help="base .ckpt[,LoRA .ckpt,...]: base first")
     add("--prompt", default=DEFAULT_PROMPT, help="the prompt, or a .txt file with one prompt per line")
-    add("--negative_prompt", default="", help="empty: zeroed text embeddings for the unconditional branch (SDXL base)")
+    add("--negative_prompt", default="", help="text for the unconditional branch (empty: SDXL base zeroes its text embeddings)")
     add("--sampler", default="EulerEDMSampler", help=f"one of {', '.join(SAMPLERS)}")
     add("--guidance_scale", type=float, default=5.0, help="classifier-free guidance; 1 or less turns it off")
     add("--sample_step", type=int, default=40, help="sampling steps")
-    add("--sd_xl_base_ratios", default="1.0", help=f"aspect ratio (width/height) from SDXL's table: {', '.join(SD_XL_BASE_RATIOS)}")
-    add("--width", type=int, default=None, help="output width (overrides --sd_xl_base_ratios)")
-    add("--height", type=int, default=None, help="output height (overrides --sd_xl_base_ratios)")
+    add("--sd_xl_base_ratios", default=None, help="size-conditioned models (SDXL, SSD-1B): aspect ratio (width/height) from "
+        f"SDXL's table: {', '.join(SD_XL_BASE_RATIOS)} (default: the model's native_resolution, square)")
+    add("--width", type=int, default=None, help="output width (overrides --sd_xl_base_ratios; default: the model's native_resolution)")
+    add("--height", type=int, default=None, help="output height (overrides --sd_xl_base_ratios; default: the model's native_resolution)")
     add("--orig_width", type=int, default=None, help="size conditioning: original width (default: output width)")
     add("--orig_height", type=int, default=None)
     add("--target_width", type=int, default=None, help="size conditioning: target width (default: output width)")
@@ -142,8 +144,12 @@ def save_png(image: Image.Image, folder, stem: str, parameters: dict = None) -> 
     return write_new_file(folder, stem, ".png", lambda temporary: image.save(temporary, format="PNG", pnginfo=info))
 
 
-def output_size(width, height, ratio: str, multiple: int):
-    """(width, height): explicit values win; one alone keeps the ratio's aspect; otherwise the ratio table."""
+def output_size(width, height, ratio, multiple: int, native: int = 1024):
+    """(width, height): explicit values win; one alone keeps the ratio's aspect (square without a ratio);
+    otherwise the ratio table, or without a ratio the model's native resolution `native`, square."""
+    if ratio is None:
+        width, height = (width or height or native), (height or width or native)
+        ratio = "1.0"
     if ratio not in SD_XL_BASE_RATIOS:
         raise UsageError(f"unknown --sd_xl_base_ratios {ratio!r}; choose one of {', '.join(SD_XL_BASE_RATIOS)}")
     table_width, table_height = SD_XL_BASE_RATIOS[ratio]
@@ -223,8 +229,24 @@ def expected_steps(args) -> int:
     return args.sample_step
 
 
-def validate(args, multiple: int, factor: int):
-    """Everything that can be checked before the (slow) model load. Returns the prompts, size and inputs."""
+SIZE_FLAGS = ("sd_xl_base_ratios", "orig_width", "orig_height", "target_width", "target_height", "crop_coords_top",
+              "crop_coords_left")
+
+
+def refuse_size_flags(args, model: str):
+    """SD 1.x/2.x have no size conditioning (and SDXL's ratio table is not their size set): a flag for it is a mistake."""
+    given = [flag for flag in SIZE_FLAGS if getattr(args, flag) is not None]
+    if given:
+        what = "SDXL's aspect-ratio table" if given[0] == "sd_xl_base_ratios" else "SDXL's size conditioning"
+        raise UsageError(f"--{given[0]} is {what}, which {model} does not have (only SDXL/SSD-1B models do): "
+                         "drop it and set the size with --width/--height")
+
+
+def validate(args, multiple: int, factor: int, native: int = 1024, with_size_conditioning: bool = True, model: str = "this model"):
+    """Everything that can be checked before the (slow) model load. Returns the prompts, size and inputs.
+    `native`: the default side; without `with_size_conditioning`, the size-conditioning flags are refused."""
+    if not with_size_conditioning:
+        refuse_size_flags(args, model)
     if args.sampler not in SAMPLERS:
         raise UsageError(f"unknown sampler {args.sampler!r}; choose one of {', '.join(SAMPLERS)}")
     finite_float(args.guidance_scale, "--guidance_scale")
@@ -251,7 +273,7 @@ def validate(args, multiple: int, factor: int):
     else:
         if args.img:
             raise UsageError("--img is only used with --task img2img")
-        width, height = output_size(args.width, args.height, args.sd_xl_base_ratios, multiple)
+        width, height = output_size(args.width, args.height, args.sd_xl_base_ratios, multiple, native)
     init_latent = None
     if args.init_latent_path:
         init_latent = load_init_latent(args.init_latent_path, (num_images, 4, height // factor, width // factor))
@@ -269,7 +291,8 @@ def generate_and_save(args):
     config_path = Path(args.config)
     config = load_yaml_config(config_path, "--config")
     prompts, num_images, width, height, init_image, init_latent = validate(
-        args, size_multiple(config), int(config.model.params.get("latents_per_pixel", 8)))
+        args, size_multiple(config), int(config.model.params.get("latents_per_pixel", 8)), native_resolution(config),
+        size_conditioned(config), model_name(config))
     weights = split_weights(args.weight)
 
     ms.set_context(mode=ms.GRAPH_MODE if args.ms_mode == 0 else ms.PYNATIVE_MODE, jit_config={"jit_level": args.jit_level})

@@ -35,6 +35,29 @@ def size_multiple(config) -> int:
     return int(params.get("latents_per_pixel", 8)) * 2 ** (len(channel_mult) - 1)
 
 
+# The conditioner inputs of SDXL-style size conditioning (SDXL, SSD-1B); SD 1.x/2.x have none of them.
+SIZE_KEYS = ("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple")
+DEFAULT_NATIVE_RESOLUTION = 1024  # SDXL's, for a config that names none (the SDXL training YAMLs)
+
+
+def native_resolution(config) -> int:
+    """The side (pixels) the model was trained at, the default output size: the inference YAML's
+    `native_resolution` (a training YAML inherits it through `base`), else a training YAML's data.resolution, else 1024."""
+    value = config.get("native_resolution") or (config.get("data") or {}).get("resolution") or DEFAULT_NATIVE_RESOLUTION
+    return int(value)
+
+
+def size_conditioned(config) -> bool:
+    """Whether the model takes SDXL's size conditioning (original size, crop, target size) as conditioner inputs."""
+    embedders = config.model.params.get("conditioner_config", {}).get("params", {}).get("emb_models", [])
+    return any(embedder.get("input_key") in SIZE_KEYS for embedder in embedders)
+
+
+def model_name(config) -> str:
+    """The config's `version` (e.g. SD-1.5), for messages."""
+    return str(config.get("version", "this model"))
+
+
 class LoRARankChanged(ValueError):
     """A LoRA file whose rank differs from the LoRA layers already in the model: the model must be rebuilt."""
 
@@ -66,6 +89,14 @@ class SamplingModel:
     @property
     def size_multiple(self) -> int:
         return size_multiple(self.config)
+
+    @property
+    def native_resolution(self) -> int:
+        return native_resolution(self.config)
+
+    @property
+    def size_conditioned(self) -> bool:
+        return size_conditioned(self.config)
 
     @property
     def lora_rank(self):

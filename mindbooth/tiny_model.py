@@ -1,4 +1,4 @@
-"""A tiny SDXL with random weights for the quick-start and tests: every parameter drawn (none left at
+"""A tiny model (any family: SDXL, SSD-1B, SD 1.5, SD 2.1) with random weights for the quick-start and tests: every parameter drawn (none left at
 zero, so gradients reach every LoRA layer), reproducible from a seed."""
 import numpy as np
 

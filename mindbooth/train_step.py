@@ -123,14 +123,22 @@ def prior_passes(instance_rows: int, with_prior: bool, split_prior_batch: bool, 
 
 def step_input_shapes(model_params, rows: int, resolution: int) -> dict:
     """Shapes of GradStep's inputs for `rows` samples at `resolution` with cached text embeddings (frozen text
-    encoders), read from the model config: latents, noise, sigmas and the (crossattn, vector) conditioning."""
+    encoders), read from the model config: latents, noise, sigmas and the (crossattn, vector) conditioning (vector
+    width 0 for models without size conditioning)."""
     unet = model_params.network_config.params
     side = resolution // int(model_params.get("latents_per_pixel", 8))
     tokens = max(int(embedder.get("params", {}).get("max_length", 77))
                  for embedder in model_params.conditioner_config.params.emb_models if embedder.input_key == "txt")
     latents = (rows, int(unet.in_channels), side, side)
     return {"latents": latents, "noise": latents, "sigmas": (rows,),
-            "conditioning": [(rows, tokens, int(unet.context_dim)), (rows, int(unet.adm_in_channels))]}
+            "conditioning": [(rows, tokens, int(unet.context_dim)), (rows, vector_width(model_params))]}
+
+
+def vector_width(model_params) -> int:
+    """The width of the `vector` conditioning: the UNet's adm_in_channels for a class-conditioned (size-conditioned)
+    UNet as SDXL/SSD-1B; 0 for SD 1.x/2.x, whose conditioner gives an empty vector (no label_emb)."""
+    unet = model_params.network_config.params
+    return int(unet.get("adm_in_channels") or 0) if unet.get("num_classes") is not None else 0
 
 
 def zero_step_inputs(shapes: dict, context_projections=None) -> list:

@@ -161,6 +161,16 @@ def test_lora_scale_zero_is_the_untouched_base(weights):
     assert all(not own[k].asnumpy().any() for k in file_b)
 
 
+def test_default_size_is_the_model_native_resolution():
+    assert sampling_cli.output_size(None, None, None, 64, 512) == (512, 512)  # SD 1.5: no flags, native 512
+    assert sampling_cli.output_size(None, None, None, 64, 768) == (768, 768)  # SD 2.1 (768-v)
+    assert sampling_cli.output_size(256, None, None, 64, 512) == (256, 256)  # one side alone: square
+    assert sampling_cli.output_size(None, 128, None, 64, 512) == (128, 128)
+    assert sampling_cli.output_size(None, None, "0.5", 32, 512) == (704, 1408)  # a ratio still reads SDXL's table
+    with pytest.raises(sampling_cli.UsageError, match="multiple of 64"):
+        sampling_cli.output_size(None, None, None, 64, 96)
+
+
 def test_size_table_and_safe_names():
     assert sampling_cli.output_size(None, None, "0.5", 32) == (704, 1408)
     assert sampling_cli.output_size(None, None, "1.0_512", 32) == (512, 512)

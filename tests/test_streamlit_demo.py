@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import mindspore as ms
 import numpy as np
@@ -26,6 +27,7 @@ from mindbooth.config import load_config
 from mindbooth.tiny_model import random_weights
 
 PAGE = ROOT / "demo" / "sampling.py"
+SD15_TINY = ROOT / "configs" / "inference" / "sd_v1.5_tiny.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +91,57 @@ def test_bad_settings_give_one_line_errors(base_weight, tmp_path):
     app.button(key="generate").click().run()
     assert [e.value for e in app.error] == [f"weight file not found: {tmp_path / 'missing.ckpt'}"]
     assert not app.get("image")
+
+
+@pytest.fixture(scope="module")
+def sd15_weight(tmp_path_factory):
+    path = tmp_path_factory.mktemp("weights_sd15") / "sd15_tiny.ckpt"
+    save_checkpoint_atomic(random_weights(instantiate_from_config(load_config(SD15_TINY).model), seed=2), path)
+    return path
+
+
+def test_model_picker_lists_the_inference_configs_and_sizes_follow_the_model(sd15_weight, tmp_path, monkeypatch):
+    """The picker offers every configs/inference/*.yaml by its version and fills the config box; the size list is the
+    picked model's native resolution (SDXL's ratio table only for size-conditioned models); an SD 1.5 model generates."""
+    monkeypatch.setenv("MINDBOOTH_MS_MODE", "0")
+    monkeypatch.setenv("MINDBOOTH_CONFIG", str(TINY_CONFIG))
+    st.cache_resource.clear()
+    app = AppTest.from_file(str(PAGE), default_timeout=60).run()
+    assert not app.exception, app.exception
+    picker = app.selectbox(key="model_picker")
+    listed = {label.split("(")[-1].rstrip(")") for label in picker.options}  # labels: "<version>  (<file>)"
+    assert listed == {p.name for p in (ROOT / "configs" / "inference").glob("*.yaml")}
+    assert "SD-1.5-tiny  (sd_v1.5_tiny.yaml)" in picker.options and "SSD-1B  (ssd_1b.yaml)" in picker.options
+    assert picker.value is not None and Path(picker.value).resolve() == TINY_CONFIG.resolve()  # the default is shown picked
+    ratios = app.selectbox(key="ratio").options
+    assert ratios[0] == "native: 64x64" and "1.0: 1024x1024" in ratios  # tiny SDXL: native 64, and SDXL's table
+
+    picker.select(_shown_path(SD15_TINY)).run()  # the option's value: the config path as the page shows it
+    assert not app.exception, app.exception
+    assert Path(app.text_input(key="config").value).resolve() == SD15_TINY.resolve()
+    assert app.selectbox(key="ratio").options == ["native: 64x64", "custom"]  # no size conditioning: no SDXL table
+    save_path = tmp_path / "out"
+    app.text_input(key="base_weight").input(str(sd15_weight))
+    app.text_input(key="save_path").input(str(save_path))
+    app.text_area(key="prompt").input("a photo of sks toy")
+    app.number_input(key="steps").set_value(2)
+    fill_and_generate(app)
+    saved = sorted(save_path.glob("*.png"))
+    assert [p.name for p in saved] == ["a_photo_of_sks_toy-s42-0.png"]
+    image = np.asarray(Image.open(saved[0]).convert("RGB"))
+    assert image.shape == (64, 64, 3)
+    model = sampling_model.SamplingModel(SD15_TINY, sd15_weight)
+    expected = model.generate(prompts=["a photo of sks toy"], width=64, height=64, num_steps=2, guidance_scale=5.0,
+                              sampler="EulerEDMSampler", seed=42)[0]
+    assert np.array_equal(image, expected)
+
+
+def _shown_path(path: Path) -> str:
+    """A config path as the picker's options hold it: relative to the working directory when under it."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def _free_port() -> int:

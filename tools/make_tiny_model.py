@@ -1,8 +1,9 @@
-"""Write the quick-start's inputs: a tiny SDXL base checkpoint with random weights (same key layout as the
-official model) and a few procedurally drawn subject images.
+"""Write the quick-start's inputs: a tiny base checkpoint with random weights for any tiny config (SDXL, SSD-1B,
+SD 1.5, SD 2.1: the same key layout as the released model of that family) and a few procedurally drawn subject images.
 
     python tools/make_tiny_model.py --config configs/inference/sd_xl_tiny.yaml --weight_ms checkpoints/sd_xl_tiny_ms.ckpt \
         --subject_dir runs/toy_subject
+    python tools/make_tiny_model.py --config configs/inference/sd_v1.5_tiny.yaml --weight_ms checkpoints/sd_v1.5_tiny_ms.ckpt
 """
 import argparse
 import sys
@@ -19,21 +20,30 @@ from mindbooth.tiny_model import random_weights  # noqa: E402
 from mindbooth.toy_subject import write_toy_images  # noqa: E402
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="configs/inference/sd_xl_tiny.yaml")
+    parser.add_argument("--config", default="configs/inference/sd_xl_tiny.yaml",
+                        help="model YAML: configs/inference/{sd_xl,ssd_1b,sd_v1.5,sd_v2.1}_tiny.yaml (or a training YAML)")
     parser.add_argument("--weight_ms", default="checkpoints/sd_xl_tiny_ms.ckpt")
     parser.add_argument("--subject_dir", default="", help="also draw subject images here")
     parser.add_argument("--num_subject_images", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     ms.set_device("CPU")
     if Path(args.weight_ms).exists() and not args.overwrite:
         print(f"{args.weight_ms} exists; keeping it (use --overwrite to rebuild)")
     else:
-        engine = instantiate_from_config(load_config(args.config).model)
-        save_checkpoint_atomic(random_weights(engine, args.seed), args.weight_ms)
+        try:
+            config = load_config(args.config)
+        except (FileNotFoundError, ValueError) as error:
+            sys.exit(f"error: --config: {error}")
+        if "model" not in config:
+            sys.exit(f"error: --config {args.config} has no 'model' section; use configs/inference/*_tiny.yaml")
+        engine = instantiate_from_config(config.model)
+        # a training YAML's LoRA layers are not base weights: the base checkpoint holds the model alone
+        weights = {name: value for name, value in random_weights(engine, args.seed).items() if ".lora_" not in name}
+        save_checkpoint_atomic(weights, args.weight_ms)
         print(f"wrote {args.weight_ms}")
     if args.subject_dir:
         paths = write_toy_images(args.subject_dir, args.num_subject_images, seed=args.seed)
