@@ -90,7 +90,8 @@ TRAIN_FLAGS = {
 
 
 def training_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="DreamBooth-LoRA fine-tuning of SDXL with prior preservation.")
+    parser = argparse.ArgumentParser(
+        description="DreamBooth fine-tuning (LoRA or full) of SDXL, SSD-1B, SD 1.5 and SD 2.1 with prior preservation.")
     parser.add_argument("--config", required=True, help="training YAML (model, dreambooth, data, optim, train)")
     parser.add_argument("--weight", default="", help="base weights .ckpt[,LoRA .ckpt to start from]")
     parser.add_argument("--ms_mode", type=int, default=0, help="0: GRAPH_MODE (fast), 1: PYNATIVE_MODE")
