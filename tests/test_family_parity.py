@@ -26,7 +26,6 @@ from txt2img_reference import (SCHEDULE, assert_images_match, diffusers_start_la
                                step_errors)
 
 FAMILIES = {SD1: "sd1", SD2: "sd2", SSD1B: "ssd1b"}
-SOURCES = ("diffusers_folder", "official_file")
 PREDICTION = {SD1: "epsilon", SD2: "v_prediction", SSD1B: "epsilon"}  # the configs' EpsScaling / VScaling
 PROMPTS = ["", "a photo of sks dog", " ".join(["a very long prompt that will be truncated"] * 12)]
 PROMPT = "a photo of sks dog, golden hour"
@@ -41,7 +40,7 @@ def rel_err(ours, reference) -> float:
 
 
 class Family:
-    """One family's converted tiny pipeline, its engines per (backend, source), and diffusers' image for PROMPT."""
+    """One family's converted tiny pipeline, its engines per backend, and diffusers' image for PROMPT."""
 
     def __init__(self, family, folder):
         self.family = family
@@ -50,25 +49,25 @@ class Family:
         for model in self.parts.values():
             model.eval()
         self.config = load_config(TINY[family])
-        self.checkpoints = {"diffusers_folder": self.converted.ckpt, "official_file": self.converted.back}
         self.engines = {}
         self._reference = None
 
-    def engine(self, backend, source):
-        key = (backend, source)
-        if key not in self.engines:
+    def engine(self, backend):
+        """The engine of the checkpoint converted from the official single file (the diffusers folder gives the same
+        checkpoint bit for bit: tests/test_convert_families.py), in `backend`."""
+        if backend not in self.engines:
             engine = instantiate_from_config(self.config.model, backend=backend)
             assert engine.backend == backend
-            load_params(engine, ms.load_checkpoint(str(self.checkpoints[source])), strict=True)
+            load_params(engine, ms.load_checkpoint(str(self.converted.back)), strict=True)
             engine.set_train(False)
-            self.engines[key] = engine
-        return self.engines[key]
+            self.engines[backend] = engine
+        return self.engines[backend]
 
     # ---------------------------------------------------------------- the reference side
     def token_ids(self, prompts):
         """Our tokenizers' ids per text encoder (CLIP-L pads with end-of-text, OpenCLIP with 0), as diffusers'
         tokenizers give them: the reference needs no tokenizer download."""
-        embedders = self.engine("plain", SOURCES[0]).conditioner.embedders
+        embedders = self.engine("plain").conditioner.embedders
         return [embedders[i].tokenize(list(prompts)).asnumpy() for i in range(2 if self.family == SSD1B else 1)]
 
     def text_embeddings(self, prompts):
@@ -125,11 +124,10 @@ def family(request, tmp_path_factory):
 
 
 # ------------------------------------------------------------------ components
-@pytest.mark.parametrize("source", SOURCES)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_text_encoders_match_transformers(family, backend, source):
+def test_text_encoders_match_transformers(family, backend):
     """crossattn (and SSD-1B's vector: pooled text + size embeddings) against the pipeline's encode_prompt."""
-    engine = family.engine(backend, source)
+    engine = family.engine(backend)
     sizes = size_batch(len(PROMPTS), width=64, height=48, orig_width=80, orig_height=72, crop_top=3, crop_left=5)
     ours = engine.conditioner.encode({"txt": PROMPTS, **sizes})
     embeds, pooled = family.text_embeddings(PROMPTS)
@@ -178,21 +176,19 @@ def our_vector(family, inputs):
     return np.concatenate([inputs["pooled"], sizes.reshape(len(inputs["x"]), -1).numpy()], axis=1)
 
 
-@pytest.mark.parametrize("source", SOURCES)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_unet_matches_diffusers(family, backend, source):
-    engine = family.engine(backend, source)
+def test_unet_matches_diffusers(family, backend):
+    engine = family.engine(backend)
     inputs = unet_inputs(family)
     ours = engine.model.diffusion_model(ms.Tensor(inputs["x"]), ms.Tensor(inputs["t"]), context=ms.Tensor(inputs["context"]),
                                         y=ms.Tensor(our_vector(family, inputs))).asnumpy()
     assert rel_err(ours, diffusers_unet(family, inputs).numpy()) <= TOLERANCE
 
 
-@pytest.mark.parametrize("source", SOURCES)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_vae_matches_diffusers(family, backend, source):
+def test_vae_matches_diffusers(family, backend):
     """Posterior mean/std of an image, and decoding with the config's scale factor against the VAE's own."""
-    engine = family.engine(backend, source)
+    engine = family.engine(backend)
     vae = family.parts["vae"]
     rng = np.random.default_rng(1)
     image = rng.uniform(-1, 1, (1, 3, 64, 64)).astype(np.float32)
@@ -216,7 +212,7 @@ def test_txt2img_matches_diffusers_pipeline(family, backend):
         # 17/255 in the image on this tiny random v-model at guidance 5: the trajectory is too sensitive for 3/255.
         pytest.xfail("tiny SD 2.1 v trajectory is ill-conditioned (diffusers fp32 vs fp64: 17/255); needs other sizes")
     reference, reference_steps = family.reference()
-    engine = family.engine(backend, "official_file")
+    engine = family.engine(backend)
     steps = []
     ours = Text2Image(engine)(PROMPT, width=SIZE, height=SIZE, num_steps=STEPS, guidance_scale=GUIDANCE,
                               sampler="EulerEDMSampler", init_noise=family.noise(),
@@ -231,7 +227,7 @@ def test_txt2img_matches_diffusers_pipeline(family, backend):
 
 def test_empty_negative_prompt_is_encoded_or_zeroed_by_the_models_conditioning(family):
     """SD 1.x/2.x: the unconditional branch is the embedding of "" (not zeros); SSD-1B: zeros."""
-    text2image = Text2Image(family.engine("plain", "official_file"))
+    text2image = Text2Image(family.engine("plain"))
     _, uc = text2image.conditioning([PROMPT], [""], GUIDANCE, size_batch(1, SIZE, SIZE))
     crossattn = uc["crossattn"].asnumpy()
     if family.family == SSD1B:
@@ -250,7 +246,7 @@ def test_training_loss_matches_diffusers_target(family, backend):
         pytest.skip("the eps loss is checked on SD 1.5, the v loss on SD 2.1")
     from diffusers import DDPMScheduler
 
-    engine = family.engine(backend, "official_file")
+    engine = family.engine(backend)
     inputs = unet_inputs(family)
     rng = np.random.default_rng(7)
     latents = rng.standard_normal(inputs["x"].shape).astype(np.float32)
