@@ -133,6 +133,29 @@ def msrun_job(workspace):
     return _finished(Job(command, folder, workspace / "compile_cache_2_ranks"))
 
 
+# On one machine every address is this host's, so each msrun would start the cluster's scheduler (msrun starts it
+# where `master_addr` is local) and the second could not bind the port. Node 1 is told that the master is remote, as
+# it is when node 1 is another host; everything else is the stock msrun.
+REMOTE_NODE_MSRUN = ("from mindspore.parallel.cluster.process_entity import _api; _api._is_local_ip = lambda ip: False; "
+                     "from mindspore.parallel.cluster.run import main; import sys; sys.argv[0] = 'msrun'; sys.exit(main())")
+
+
+@pytest.fixture(scope="module")
+def multinode_jobs(workspace, msrun_job):
+    """Two nodes of one worker each (node_rank 0 and 1, master 127.0.0.1), as the README's multi-node commands
+    start them on two hosts: 2 ranks x batch 1."""
+    port, jobs = _free_port(), []
+    for node in (0, 1):
+        folder = workspace / f"node{node}"
+        launcher = [str(MSRUN)] if node == 0 else [sys.executable, "-c", REMOTE_NODE_MSRUN]
+        command = [*launcher, "--worker_num=2", "--local_worker_num=1", "--master_addr=127.0.0.1",
+                   f"--master_port={port}", f"--node_rank={node}", f"--log_dir={folder / 'logs'}", "--join=True",
+                   *_train_args(workspace, workspace / "out_nodes", workspace / "class_nodes"),
+                   "--per_batch_size", "1", "--is_parallel", "True"]
+        jobs.append(Job(command, folder, workspace / "compile_cache_2_ranks"))
+    return [_finished(job) for job in jobs]
+
+
 @pytest.fixture(scope="module")
 def mpirun_job(workspace, msrun_job):
     if MPIRUN is None:
@@ -185,6 +208,15 @@ def test_mpirun_two_ranks_of_batch_one_equal_one_process_of_batch_two(workspace,
     _assert_same_training(workspace / "out_mpirun", workspace / "out_single")
 
 
+def test_two_msrun_nodes_of_batch_one_equal_one_process_of_batch_two(workspace, multinode_jobs, single_job):
+    _assert_same_training(workspace / "out_nodes", workspace / "out_single")
+    node0, node1 = (job.folder / "logs" / f"worker_{rank}.log" for rank, job in enumerate(multinode_jobs))
+    assert "done: LoRA in" in node0.read_text() and "done: LoRA in" not in node1.read_text()  # global rank 0 only
+    assert not (multinode_jobs[1].folder / "logs" / "scheduler.log").exists()  # one scheduler: node 0's
+    assert _files(workspace / "out_nodes") == [name for name in _files(workspace / "out_single")
+                                               if name.split("/")[0] != "compile_cache"]
+
+
 def _files(folder):
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
 
@@ -204,7 +236,8 @@ def test_only_rank_zero_writes_one_output_folder(workspace, msrun_job, mpirun_jo
     # nothing of the jobs' own lands outside their folders (MindSpore's per-rank folders, stray checkpoints)
     assert sorted(p.name for p in workspace.iterdir()) == sorted(
         ["train.yaml", "tiny.ckpt", "subject", "class_msrun", "class_mpirun", "compile_cache_2_ranks", "msrun", "mpirun",
-         "single", "out_msrun", "out_mpirun", "out_single"])
+         "single", "out_msrun", "out_mpirun", "out_single"] + sorted(
+            p.name for p in workspace.iterdir() if p.name in ("node0", "node1", "out_nodes", "class_nodes")))
 
 
 def test_class_images_are_sampled_once_split_across_ranks(workspace, msrun_job, mpirun_job):

@@ -17,7 +17,7 @@ import torch
 
 from conftest import ROOT
 from mindbooth.tensor_dtypes import ConversionError
-from test_convert_families import _clip, _sd_unet, _vae, build_pipeline
+from family_models import _clip, _vae, build_pipeline
 from tools.model_conversion import conversion, diffusers_export
 from tools.model_conversion.file_layout import SD1, SD2, SDXL, SSD1B, config_family
 from tools.model_conversion.sdxl_layout import load_config, rule_mindspore_shapes
@@ -55,14 +55,8 @@ def build(family):
     if family == SDXL:
         torch.manual_seed(0)
         return {"unet": _perturbed(_sdxl_unet()), "text_encoder": _perturbed(_clip(32, "quick_gelu")),
-                "text_encoder_2": _perturbed(_clip(64, "gelu", projection_dim=48)), "vae": _perturbed(_vae())}
-    parts = build_pipeline(family)
-    if family == SD2:  # sd_v2.1_tiny has 16-channel heads: 2, 2, 4, 4 of them (the shared builder uses 2 everywhere)
-        from diffusers import UNet2DConditionModel
-
-        config = dict(_sd_unet(True, 64).config, attention_head_dim=(2, 2, 4, 4))
-        parts["unet"] = _perturbed(UNet2DConditionModel.from_config(config))
-    return parts
+                "text_encoder_2": _perturbed(_clip(64, "gelu", projection_dim=48)), "vae": _perturbed(_vae(0.13025))}  # sd_xl_tiny.yaml's scale_factor
+    return build_pipeline(family)
 
 
 class Exported:
