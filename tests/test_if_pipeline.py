@@ -1,0 +1,183 @@
+"""DeepFloyd IF as a MindBooth engine: tiny random stage I + II (the tiny configs' UNets, weights copied by name from
+diffusers' UNet2DConditionModel, a tiny transformers T5) against diffusers' IFPipeline + IFSuperResolutionPipeline on
+the same prompt embeddings, the same noise and the same scheduler settings; the engine built from YAML and loaded
+strictly by the converter's names equals IFUNet and transformers' T5, and its loss is the eps MSE IF trains with."""
+from pathlib import Path
+
+import mindspore as ms
+import numpy as np
+import pytest
+import torch
+import transformers
+from diffusers import DDPMScheduler, IFPipeline, IFSuperResolutionPipeline, UNet2DConditionModel
+from omegaconf import OmegaConf
+from test_if_unet import diffusers_config, randomize, unet_config, unet_params
+
+from gm.util import instantiate_from_config
+from mindbooth import if_cascade
+from mindbooth.checkpoint import load_weights, save_checkpoint_atomic
+from mindbooth.config import load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "inference"
+STAGE_ONE, STAGE_TWO = CONFIGS / "if_i_tiny.yaml", CONFIGS / "if_ii_tiny.yaml"
+UNET = "model.diffusion_model."
+T5 = "conditioner.embedders.0.transformer."
+
+
+def t5_config():
+    """transformers' T5Config of the tiny config's FrozenT5Embedder."""
+    params = OmegaConf.load(STAGE_ONE).model.params.conditioner_config.params.emb_models[0].params
+    return transformers.T5Config(vocab_size=params.vocab_size, d_model=params.width, d_ff=params.ff_width,
+                                 num_layers=params.layers, num_heads=params.heads, d_kv=params.head_dim,
+                                 feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6)
+
+
+def numpy_state(module: torch.nn.Module, prefix: str) -> dict:
+    return {prefix + name: value.detach().numpy().copy() for name, value in module.state_dict().items()
+            if name != "encoder.embed_tokens.weight"}  # T5's embedding is saved once, as `shared.weight`
+
+
+@pytest.fixture(scope="module")
+def tiny_if(tmp_path_factory):
+    """Random tiny stage I (UNet + T5) and stage II (UNet) in diffusers/transformers, and the same weights as
+    MindBooth checkpoints under the converter's names."""
+    folder = tmp_path_factory.mktemp("tiny_if")
+    unets = []
+    for seed, config in ((0, STAGE_ONE), (1, STAGE_TWO)):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**diffusers_config(unet_params(config.name))).eval()
+        randomize(unet, seed)
+        unets.append(unet)
+    torch.manual_seed(2)
+    t5 = transformers.T5EncoderModel(t5_config()).eval()
+    weights = folder / "if_i_tiny.ckpt", folder / "if_ii_tiny.ckpt"
+    save_checkpoint_atomic({**numpy_state(unets[0], UNET), **numpy_state(t5, T5)}, weights[0])
+    save_checkpoint_atomic(numpy_state(unets[1], UNET), weights[1])
+    return {"unets": unets, "t5": t5, "weights": weights}
+
+
+def shared_noise(seed: int):
+    """One stream of standard normal draws, taken in call order (both sides draw in diffusers' order)."""
+    rng = np.random.default_rng(seed)
+    return lambda shape: rng.standard_normal(tuple(shape)).astype(np.float32)
+
+
+def if_scheduler(sample_max_value: float) -> DDPMScheduler:
+    """IF's released scheduler settings (stage I: sample_max_value 1.5, stage II: 1.0)."""
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", variance_type="learned_range",
+                         thresholding=True, dynamic_thresholding_ratio=0.95, sample_max_value=sample_max_value,
+                         clip_sample=True, prediction_type="epsilon")
+
+
+def diffusers_cascade(tiny_if, embeds, negative, noise, monkeypatch, steps, guidance, sizes):
+    import diffusers.pipelines.deepfloyd_if.pipeline_if as stage_one_module
+    import diffusers.pipelines.deepfloyd_if.pipeline_if_superresolution as stage_two_module
+    import diffusers.schedulers.scheduling_ddpm as ddpm_module
+
+    def randn_tensor(shape, generator=None, device=None, dtype=None, layout=None):
+        return torch.from_numpy(noise(shape))
+
+    for module in (stage_one_module, stage_two_module, ddpm_module):
+        monkeypatch.setattr(module, "randn_tensor", randn_tensor)
+    common = dict(tokenizer=None, text_encoder=None, safety_checker=None, feature_extractor=None, watermarker=None,
+                  requires_safety_checker=False)
+    stage_one = IFPipeline(unet=tiny_if["unets"][0], scheduler=if_scheduler(1.5), **common)
+    stage_two = IFSuperResolutionPipeline(unet=tiny_if["unets"][1], scheduler=if_scheduler(1.0),
+                                          image_noising_scheduler=if_scheduler(1.0), **common)
+    embeds, negative = torch.tensor(embeds), torch.tensor(negative)
+    with torch.no_grad():
+        low = stage_one(prompt_embeds=embeds, negative_prompt_embeds=negative, num_inference_steps=steps[0],
+                        guidance_scale=guidance[0], height=sizes[0], width=sizes[0], output_type="pt").images
+        high = stage_two(image=low, prompt_embeds=embeds, negative_prompt_embeds=negative, noise_level=250,
+                         num_inference_steps=steps[1], guidance_scale=guidance[1], height=sizes[1], width=sizes[1],
+                         output_type="pt").images
+    return low.numpy(), high.numpy()
+
+
+def assert_images_close(got, expected):
+    """In [0, 1] pixel units: at most 3/255 anywhere, 0.5/255 on average."""
+    difference = np.abs(got - expected) / 2.0
+    assert got.shape == expected.shape
+    assert difference.max() <= 3 / 255 and difference.mean() <= 0.5 / 255, (difference.max() * 255, difference.mean() * 255)
+
+
+def test_cascade_equals_diffusers_if_stage_one_and_two(tiny_if, monkeypatch):
+    rng = np.random.default_rng(5)
+    width = OmegaConf.load(STAGE_ONE).model.params.network_config.params.encoder_hid_dim
+    embeds = rng.standard_normal((2, 77, width)).astype(np.float32)
+    negative = rng.standard_normal((2, 77, width)).astype(np.float32)
+    steps, guidance, sizes = (4, 3), (7.0, 4.0), (16, 64)
+    expected_low, expected_high = diffusers_cascade(tiny_if, embeds, negative, shared_noise(7), monkeypatch, steps,
+                                                    guidance, sizes)
+    stage_one = if_cascade.load_stage(STAGE_ONE, tiny_if["weights"][0])
+    stage_two = if_cascade.load_stage(STAGE_TWO, tiny_if["weights"][1])
+    assert stage_one.conditioner is None and stage_two.conditioner is None  # the UNet engines hold no T5
+    low, high = if_cascade.cascade(stage_one, stage_two, embeds, negative, shared_noise(7), num_steps=steps[0],
+                                   guidance_scale=guidance[0], stage_two_steps=steps[1], stage_two_guidance=guidance[1])
+    assert np.abs(expected_high).max() > 0.1 and np.abs(expected_high - expected_high.mean()).max() > 0.1  # not flat
+    assert_images_close(low, expected_low)
+    assert_images_close(high, expected_high)
+    # the tiny configs' defaults are the sizes used here: stage I 16, stage II 64 (4x, as 64 -> 256)
+    assert (stage_one.native_resolution, stage_two.native_resolution) == sizes
+
+
+def test_upscale_equals_torch_bilinear_align_corners():
+    images = np.random.default_rng(0).standard_normal((2, 3, 5, 7)).astype(np.float32)
+    expected = torch.nn.functional.interpolate(torch.tensor(images), (20, 13), mode="bilinear", align_corners=True)
+    np.testing.assert_allclose(if_cascade.upscale_bilinear(images, 20, 13), expected.numpy(), atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def stage_one_engine(tiny_if):
+    engine = instantiate_from_config(load_config(STAGE_ONE).model)
+    load_weights(engine, [tiny_if["weights"][0]])  # strict: every engine name in the file and no other
+    engine.set_train(False)
+    return engine
+
+
+def test_engine_names_and_output_equal_ifunet_and_t5(tiny_if, stage_one_engine):
+    engine = stage_one_engine
+    names = {name for name, _ in engine.parameters_and_names()}
+    assert names == set(numpy_state(tiny_if["unets"][0], UNET)) | set(numpy_state(tiny_if["t5"], T5))
+    unet = instantiate_from_config(unet_config(STAGE_ONE.name))  # IFUNet alone, the diffusers names
+    for param in unet.get_parameters():
+        param.set_data(ms.Tensor(tiny_if["unets"][0].state_dict()[param.name].numpy()))
+    unet.set_train(False)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 3, 16, 16)).astype(np.float32)
+    t = np.array([980, 3], np.int64)
+    context = rng.standard_normal((2, 77, 16)).astype(np.float32)
+    expected = unet(ms.Tensor(x), ms.Tensor(t), ms.Tensor(context)).asnumpy()
+    got = engine.model.diffusion_model(ms.Tensor(x), ms.Tensor(t), ms.Tensor(context)).asnumpy()
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+    eps = engine.model(ms.Tensor(x), ms.Tensor(t), {"crossattn": ms.Tensor(context)}).asnumpy()  # IFWrapper
+    np.testing.assert_allclose(eps, expected[:, :3], rtol=0, atol=1e-5 * np.abs(expected).max())
+    ids = rng.integers(0, 60, (2, 77)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[0, 9:] = 0
+    text = engine.conditioner.embedders[0](ms.Tensor(np.stack([ids, mask], axis=1))).asnumpy()
+    with torch.no_grad():
+        reference = tiny_if["t5"](torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask))
+    reference = reference.last_hidden_state.numpy()
+    np.testing.assert_allclose(text, reference, rtol=0, atol=1e-4 * np.abs(reference).max())
+
+
+def test_loss_is_the_eps_mse_of_the_first_output_half(stage_one_engine):
+    """IF trains on eps (the variance half aside): the engine's loss at timestep t is mean((eps - noise)^2) with
+    eps = UNet(sqrt(abar_t) x0 + sqrt(1 - abar_t) noise, t)[:, :3], on IF's cosine schedule."""
+    engine = stage_one_engine
+    rng = np.random.default_rng(4)
+    x0 = np.tanh(rng.standard_normal((2, 3, 16, 16))).astype(np.float32)
+    noise = rng.standard_normal(x0.shape).astype(np.float32)
+    context = rng.standard_normal((2, 77, 16)).astype(np.float32)
+    steps = np.array([700, 40])
+    abar = engine.loss_fn.sigma_sampler  # DiscreteSampling over the cosine table: sigma_t = sqrt((1 - abar) / abar)
+    sigmas = abar.idx_to_sigma(steps).astype(np.float32)
+    alphas_cumprod = 1.0 / (1.0 + sigmas.astype(np.float64) ** 2)
+    cond = {"crossattn": ms.Tensor(context)}
+    loss = engine.loss_fn(engine.model, engine.denoiser, cond, ms.Tensor(x0), ms.Tensor(noise), ms.Tensor(sigmas))
+    noised = (np.sqrt(alphas_cumprod)[:, None, None, None] * x0
+              + np.sqrt(1 - alphas_cumprod)[:, None, None, None] * noise).astype(np.float32)
+    eps = engine.model.diffusion_model(ms.Tensor(noised), ms.Tensor(steps), ms.Tensor(context)).asnumpy()[:, :3]
+    expected = ((eps - noise) ** 2).reshape(2, -1).mean(axis=1)
+    np.testing.assert_allclose(loss.asnumpy(), expected, rtol=1e-3)
