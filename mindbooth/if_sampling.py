@@ -21,7 +21,7 @@ from PIL import Image
 from mindbooth import if_cascade
 from mindbooth.images import make_grid, to_uint8
 from mindbooth.sampling_cli import StepProgress, refuse_size_flags, safe_stem, sampling_parser, save_png, validate
-from mindbooth.sampling_model import model_name, native_resolution, split_weights
+from mindbooth.sampling_model import model_name, native_resolution, size_multiple, split_weights
 from mindbooth.validation import UsageError, load_yaml_config
 
 
@@ -73,8 +73,7 @@ def generate_and_save_if(args, config):
     if args.guidance_scale is None:
         args.guidance_scale = float(sampler.get("guidance_scale", 7.0))
     native = native_resolution(config)
-    levels = len(config.model.params.network_config.params.get("block_out_channels", [1]))
-    prompts, num_images, size, _, _, _ = validate(args, 2 ** (levels - 1), 1, native, False, model_name(config))
+    prompts, num_images, size, _, _, _ = validate(args, size_multiple(config), 1, native, False, model_name(config))
     if not weights or not Path(weights[0]).is_file():
         raise UsageError(f"--weight not found: {weights[0] if weights else '(none given)'}")
 

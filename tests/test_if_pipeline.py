@@ -236,6 +236,8 @@ def test_command_line_cascade_saves_what_the_cascade_gives_and_frees_t5(tiny_if,
     (["--stage2_config", str(STAGE_TWO)], "give --stage2_config and --stage2_weight together"),
     (["--width", "16", "--height", "32"], "square images"),
     (["--sampler", "HeunEDMSampler"], "drop --sampler"),
+    (["--width", "18"], "--width 18 must be a positive multiple of 4"),
+    (["--task", "img2img", "--img", __file__], "only --task txt2img"),
     (["--stage2_config", str(STAGE_ONE), "--stage2_weight", __file__], "not a DeepFloyd IF stage-II config"),
 ])
 def test_command_line_refuses_what_if_does_not_take(tiny_if, stage_one_yaml, tmp_path, capsys, extra, message):
@@ -246,3 +248,10 @@ def test_command_line_refuses_what_if_does_not_take(tiny_if, stage_one_yaml, tmp
                            "CPU", "--save_path", str(tmp_path / "out"), *extra])
     assert message in str(exit_info.value) and str(exit_info.value).startswith("error: ")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_shared_model_loader_refuses_if_before_building_it(tiny_if):
+    from mindbooth.sampling_model import SamplingModel
+
+    with pytest.raises(ValueError, match="samples from the command line only"):
+        SamplingModel(STAGE_ONE, tiny_if["weights"][0])
