@@ -18,6 +18,7 @@ from PIL.PngImagePlugin import PngInfo
 from tqdm import tqdm
 
 from mindbooth.config import add_allocator_flag
+from mindbooth.if_cascade import is_if_config
 from mindbooth.images import load_rgb, make_grid
 from mindbooth.pipeline import SAMPLERS
 from mindbooth.sampling_model import (load_sampling_model, model_name, native_resolution, size_conditioned, size_multiple,
@@ -302,9 +303,7 @@ def generate_and_save(args):
     """Validate, load (or reuse) the model, sample every prompt, save images and a grid. Returns the paths."""
     config_path = Path(args.config)
     config = load_yaml_config(config_path, "--config")
-    from mindbooth import if_cascade
-
-    if if_cascade.is_if_config(config):
+    if is_if_config(config):
         from mindbooth.if_sampling import generate_and_save_if  # DeepFloyd IF: its own two-stage path
 
         return generate_and_save_if(args, config)

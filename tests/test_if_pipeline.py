@@ -164,23 +164,33 @@ def test_engine_names_and_output_equal_ifunet_and_t5(tiny_if, stage_one_engine):
     np.testing.assert_allclose(text, reference, rtol=0, atol=1e-4 * np.abs(reference).max())
 
 
-def test_loss_is_the_eps_mse_of_the_first_output_half(stage_one_engine):
+@pytest.mark.parametrize("stage", [1, 2])
+def test_loss_is_the_eps_mse_of_the_first_output_half(tiny_if, stage_one_engine, stage):
     """IF trains on eps (the variance half aside): the engine's loss at timestep t is mean((eps - noise)^2) with
-    eps = UNet(sqrt(abar_t) x0 + sqrt(1 - abar_t) noise, t)[:, :3], on IF's cosine schedule."""
-    engine = stage_one_engine
+    eps = UNet(sqrt(abar_t) x0 + sqrt(1 - abar_t) noise, t)[:, :3] on IF's cosine schedule; stage II's UNet also
+    takes the noised upscaled image ("concat") and its noise level ("noise_level" -> class_labels)."""
+    engine = stage_one_engine if stage == 1 else if_cascade.load_stage(STAGE_TWO, tiny_if["weights"][1])
+    size = 16 if stage == 1 else 32
     rng = np.random.default_rng(4)
-    x0 = np.tanh(rng.standard_normal((2, 3, 16, 16))).astype(np.float32)
+    x0 = np.tanh(rng.standard_normal((2, 3, size, size))).astype(np.float32)
     noise = rng.standard_normal(x0.shape).astype(np.float32)
     context = rng.standard_normal((2, 77, 16)).astype(np.float32)
     steps = np.array([700, 40])
-    abar = engine.loss_fn.sigma_sampler  # DiscreteSampling over the cosine table: sigma_t = sqrt((1 - abar) / abar)
-    sigmas = abar.idx_to_sigma(steps).astype(np.float32)
+    sampling = engine.loss_fn.sigma_sampler  # DiscreteSampling over the cosine table: sigma_t = sqrt((1 - abar) / abar)
+    sigmas = sampling.idx_to_sigma(steps).astype(np.float32)
     alphas_cumprod = 1.0 / (1.0 + sigmas.astype(np.float64) ** 2)
-    cond = {"crossattn": ms.Tensor(context)}
+    cond, extra = {"crossattn": ms.Tensor(context)}, ()
+    if stage == 2:
+        low = np.tanh(rng.standard_normal(x0.shape)).astype(np.float32)
+        labels = np.array([250, 100], np.int64)
+        cond.update(concat=ms.Tensor(low), noise_level=ms.Tensor(labels))
+        extra = (ms.Tensor(labels),)
     loss = engine.loss_fn(engine.model, engine.denoiser, cond, ms.Tensor(x0), ms.Tensor(noise), ms.Tensor(sigmas))
     noised = (np.sqrt(alphas_cumprod)[:, None, None, None] * x0
               + np.sqrt(1 - alphas_cumprod)[:, None, None, None] * noise).astype(np.float32)
-    eps = engine.model.diffusion_model(ms.Tensor(noised), ms.Tensor(steps), ms.Tensor(context)).asnumpy()[:, :3]
+    if stage == 2:
+        noised = np.concatenate([noised, low], axis=1)
+    eps = engine.model.diffusion_model(ms.Tensor(noised), ms.Tensor(steps), ms.Tensor(context), *extra).asnumpy()[:, :3]
     expected = ((eps - noise) ** 2).reshape(2, -1).mean(axis=1)
     np.testing.assert_allclose(loss.asnumpy(), expected, rtol=1e-3)
 

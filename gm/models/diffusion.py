@@ -14,8 +14,6 @@ from gm.modules.frozen_weights import store_frozen_weights
 from gm.modules.lora import freeze_all_but_lora, inject_lora, is_lora_name
 from gm.util import get_obj_from_str, instantiate_from_config
 
-OPENAI_UNET_WRAPPER = "gm.modules.diffusionmodules.wrappers.OpenAIWrapper"
-
 
 class DiffusionEngine(nn.Cell):
     def __init__(
@@ -34,9 +32,9 @@ class DiffusionEngine(nn.Cell):
         network_wrapper: str = None,
         **unused_sgm_options,
     ):
-        """`network_wrapper`: the class (dotted path, sgm's option) that adapts the network to the conditioning dict;
-        OpenAIWrapper by default. `backend`: how the built model computes (gm.backends): `plain` MindSpore, `cpu` (MindBooth's CPU kernels),
-        or `auto` (cpu where MindSpore runs on the CPU and the kernels build)."""
+        """`backend`: how the built model computes (gm.backends): `plain` MindSpore, `cpu` (MindBooth's CPU kernels),
+        or `auto` (cpu where MindSpore runs on the CPU and the kernels build). `network_wrapper`: the class (a dotted
+        path, sgm's option) that adapts the network to the conditioning dict; OpenAIWrapper by default."""
         super().__init__()
         # a frozen base in a low-precision dtype: stored so block by block as the UNet is built (its fp32 peak)
         weight_dtype = {"weight_dtype": frozen_weight_dtype} if frozen_weight_dtype else {}
