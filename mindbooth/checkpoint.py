@@ -75,12 +75,15 @@ def check_weight_files(paths) -> list:
     return names
 
 
-def load_weights(engine, paths, lora_dropout: float = 0.0):
+def load_weights(engine, paths, lora_dropout: float = 0.0, skip_prefixes=()):
     """Load `paths` in order: the first is the base model (every non-LoRA parameter must be there),
-    the rest are LoRA checkpoints (LoRA is injected on first use with the file's rank and alpha)."""
+    the rest are LoRA checkpoints (LoRA is injected on first use with the file's rank and alpha).
+    `skip_prefixes`: base-file names of parts the model leaves out (DeepFloyd IF's text encoder, built and freed
+    on its own); every other name must still match."""
     paths = [p for p in paths if p]
     names = check_weight_files(paths)
-    base_names = [k for k in names if not is_lora_name(k) and k not in LORA_METADATA]
+    base_names = [k for k in names if not is_lora_name(k) and k not in LORA_METADATA
+                  and not k.startswith(tuple(skip_prefixes))]
     own = dict(engine.parameters_and_names())
     own_base = {n for n in own if not is_lora_name(n)}
     missing = sorted(own_base - set(base_names))

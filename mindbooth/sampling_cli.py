@@ -18,6 +18,7 @@ from PIL.PngImagePlugin import PngInfo
 from tqdm import tqdm
 
 from mindbooth.config import add_allocator_flag
+from mindbooth.if_cascade import is_if_config
 from mindbooth.images import load_rgb, make_grid
 from mindbooth.pipeline import SAMPLERS
 from mindbooth.sampling_model import (load_sampling_model, model_name, native_resolution, size_conditioned, size_multiple,
@@ -34,11 +35,12 @@ SD_XL_BASE_RATIOS = {
     "2.5": (1600, 640), "2.89": (1664, 576), "3.0": (1728, 576),
 }
 DEFAULT_PROMPT = "Astronaut in a jungle, cold color palette, muted colors, detailed, 8k"
+DEFAULT_SAMPLE_STEP, DEFAULT_GUIDANCE_SCALE = 40, 5.0
 MAX_STEM_CHARS = 60
 
 
 def sampling_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Sample SDXL, SSD-1B, SD 1.5 or SD 2.1 (+ LoRA) images with MindSpore.")
+    parser = argparse.ArgumentParser(description="Sample SDXL, SSD-1B, SD 1.5, SD 2.1 (+ LoRA) or DeepFloyd IF images with MindSpore.")
     add = parser.add_argument
     add("--task", default="txt2img", choices=["txt2img", "img2img"])
     add("--config", default="configs/inference/sd_xl_base.yaml", help="model YAML (inference or training config)")
@@ -46,8 +48,10 @@ def sampling_parser() -> argparse.ArgumentParser:
     add("--prompt", default=DEFAULT_PROMPT, help="the prompt, or a .txt file with one prompt per line")
     add("--negative_prompt", default="", help="text for the unconditional branch (empty: SDXL base zeroes its text embeddings)")
     add("--sampler", default="EulerEDMSampler", help=f"one of {', '.join(SAMPLERS)}")
-    add("--guidance_scale", type=float, default=5.0, help="classifier-free guidance; 1 or less turns it off")
-    add("--sample_step", type=int, default=40, help="sampling steps")
+    add("--guidance_scale", type=float, default=None, help="classifier-free guidance; 1 or less turns it off "
+        f"(default {DEFAULT_GUIDANCE_SCALE}; DeepFloyd IF: its config's sampler_config)")
+    add("--sample_step", type=int, default=None,
+        help=f"sampling steps (default {DEFAULT_SAMPLE_STEP}; DeepFloyd IF: its config's sampler_config)")
     add("--sd_xl_base_ratios", default=None, help="size-conditioned models (SDXL, SSD-1B): aspect ratio (width/height) from "
         f"SDXL's table: {', '.join(SD_XL_BASE_RATIOS)} (default: the model's native_resolution, square)")
     add("--width", type=int, default=None, help="output width (overrides --sd_xl_base_ratios; default: the model's native_resolution)")
@@ -66,6 +70,11 @@ def sampling_parser() -> argparse.ArgumentParser:
     add("--save_path", default="outputs/demo/", help="output folder (nothing is written outside it)")
     add("--img", default=None, help="img2img: the input image")
     add("--strength", type=float, default=0.75, help="img2img: how much to change the input, in (0, 1]")
+    add("--stage2_config", default=None, help="DeepFloyd IF (a --config whose network is IFUNet): the stage-II "
+        "config (e.g. configs/inference/if_ii_l.yaml) to upscale stage I's 64x64 to 256x256; without it only stage I "
+        "is sampled. Stage III (1024x1024) is not supported")
+    add("--stage2_weight", default=None, help="DeepFloyd IF: the stage-II weights (with --stage2_config)")
+    add("--stage2_sample_step", type=int, default=None, help="DeepFloyd IF: stage-II steps (default: its sampler_config)")
     add("--device_target", default="Ascend", choices=["Ascend", "GPU", "CPU"])
     add("--ms_mode", type=int, default=0, choices=[0, 1], help="0: GRAPH_MODE (compiles once, then fast), 1: PYNATIVE_MODE")
     add("--jit_level", default="O0", choices=["O0", "O1", "O2"], help="GRAPH_MODE optimisation level")
@@ -247,6 +256,10 @@ def validate(args, multiple: int, factor: int, native: int = 1024, with_size_con
     `native`: the default side; without `with_size_conditioning`, the size-conditioning flags are refused."""
     if not with_size_conditioning:
         refuse_size_flags(args, model)
+    if args.sample_step is None:
+        args.sample_step = DEFAULT_SAMPLE_STEP
+    if args.guidance_scale is None:
+        args.guidance_scale = DEFAULT_GUIDANCE_SCALE
     if args.sampler not in SAMPLERS:
         raise UsageError(f"unknown sampler {args.sampler!r}; choose one of {', '.join(SAMPLERS)}")
     finite_float(args.guidance_scale, "--guidance_scale")
@@ -290,6 +303,13 @@ def generate_and_save(args):
     """Validate, load (or reuse) the model, sample every prompt, save images and a grid. Returns the paths."""
     config_path = Path(args.config)
     config = load_yaml_config(config_path, "--config")
+    if is_if_config(config):
+        from mindbooth.if_sampling import generate_and_save_if  # DeepFloyd IF: its own two-stage path
+
+        return generate_and_save_if(args, config)
+    for flag in ("stage2_config", "stage2_weight", "stage2_sample_step"):
+        if getattr(args, flag):
+            raise UsageError(f"--{flag} is for DeepFloyd IF configs; {model_name(config)} has no second stage")
     prompts, num_images, width, height, init_image, init_latent = validate(
         args, size_multiple(config), int(config.model.params.get("latents_per_pixel", 8)), native_resolution(config),
         size_conditioned(config), model_name(config))

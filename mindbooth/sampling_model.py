@@ -17,6 +17,7 @@ from gm.util import instantiate_from_config
 from mindbooth import checkpoint
 from mindbooth.config import load_config
 from mindbooth.file_identity import file_identity
+from mindbooth.if_cascade import is_if_config
 from mindbooth.pipeline import Text2Image
 
 
@@ -31,7 +32,8 @@ def size_multiple(config) -> int:
     """Width and height must be multiples of this: the VAE factor times the UNet's downsampling
     (32 for SDXL: other sizes break the UNet's skip connections)."""
     params = config.model.params
-    channel_mult = params.network_config.params.get("channel_mult", [1])
+    network = params.network_config.params  # channel_mult (sgm UNets) or block_out_channels (DeepFloyd IF's)
+    channel_mult = network.get("channel_mult") or network.get("block_out_channels") or [1]
     return int(params.get("latents_per_pixel", 8)) * 2 ** (len(channel_mult) - 1)
 
 
@@ -49,7 +51,10 @@ def native_resolution(config) -> int:
 
 def size_conditioned(config) -> bool:
     """Whether the model takes SDXL's size conditioning (original size, crop, target size) as conditioner inputs."""
-    embedders = config.model.params.get("conditioner_config", {}).get("params", {}).get("emb_models", [])
+    conditioner = config.model.params.get("conditioner_config")
+    if not hasattr(conditioner, "get"):  # none, or sgm's "__is_unconditional__" (DeepFloyd IF's stage II)
+        return False
+    embedders = conditioner.get("params", {}).get("emb_models", [])
     return any(embedder.get("input_key") in SIZE_KEYS for embedder in embedders)
 
 
@@ -70,6 +75,9 @@ class SamplingModel:
         self.config = load_config(config_path)
         if "model" not in self.config:
             raise ValueError(f"{config_path} has no 'model' section; use configs/inference/*.yaml or a training config")
+        if is_if_config(self.config):  # before building: stage I alone is 9B parameters with its T5
+            raise ValueError(f"{config_path} is DeepFloyd IF, which samples from the command line only "
+                             "(demo/sampling_without_streamlit.py), not through this model loader")
         self.engine = instantiate_from_config(self.config.model)
         checkpoint.load_weights(self.engine, [base_weight])
         self.key = (str(config_path.resolve()), file_identity(base_weight))

@@ -2,7 +2,7 @@
 weights: tiny random UNets of the stage-I shape (text only) and of the stage-II shape (6 input channels, the noise
 level as `class_labels`, cross-attention only, a wider time embedding) load diffusers' state dict by name (every
 name used, none missing) and give its output within 1e-4 relative; the full-size IF-I-XL and IF-II-L configs build
-diffusers' names, shapes and parameter counts; the YAML configs build the UNet they describe."""
+diffusers' names, shapes and parameter counts; the engine YAML configs' network_config builds the UNet it describes."""
 from pathlib import Path
 
 import mindspore as ms
@@ -19,8 +19,13 @@ from gm.util import instantiate_from_config
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "inference"
 
 
+def unet_config(name: str):
+    """The engine config's UNet: model.params.network_config."""
+    return OmegaConf.load(CONFIGS / name).model.params.network_config
+
+
 def unet_params(name: str) -> dict:
-    return dict(OmegaConf.to_container(OmegaConf.load(CONFIGS / name))["model"]["params"])
+    return dict(OmegaConf.to_container(unet_config(name))["params"])
 
 
 def diffusers_config(params: dict) -> dict:
@@ -53,7 +58,7 @@ def compare(config_name: str, seed: int, batch_inputs):
     torch.manual_seed(seed)
     reference = UNet2DConditionModel(**diffusers_config(params)).eval()
     randomize(reference, seed)
-    model = instantiate_from_config(OmegaConf.load(CONFIGS / config_name)["model"])
+    model = instantiate_from_config(unet_config(config_name))
     load_by_name(model, reference.state_dict())
     model.set_train(False)
     x, t, context, class_labels = batch_inputs(params)
@@ -96,7 +101,7 @@ def test_full_size_names_and_shapes_equal_diffusers(config_name, params_in_billi
         reference = UNet2DConditionModel(**diffusers_config(params))
     expected = {name: tuple(value.shape) for name, value in reference.state_dict().items()}
     with no_init_parameters():  # names and shapes only: nothing is allocated
-        model = instantiate_from_config(OmegaConf.load(CONFIGS / config_name)["model"])
+        model = instantiate_from_config(unet_config(config_name))
     got = {p.name: tuple(p.shape) for p in model.get_parameters()}
     assert got == expected
     assert list(got) == list(expected)  # built in the released order
@@ -128,7 +133,7 @@ def test_unsupported_fields_are_refused_with_the_reason(field, value, message):
 
 
 def test_stage_two_without_a_noise_level_says_what_is_missing():
-    model = instantiate_from_config(OmegaConf.load(CONFIGS / "if_ii_tiny.yaml")["model"])
+    model = instantiate_from_config(unet_config("if_ii_tiny.yaml"))
     params = unet_params("if_ii_tiny.yaml")
     x, t, context, _ = stage_inputs(stage_two=True)(params)
     with pytest.raises(ValueError, match="needs class_labels"):

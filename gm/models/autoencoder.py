@@ -52,3 +52,17 @@ class AutoencoderKL(nn.Cell):
 class AutoencoderKLInferenceWrapper(AutoencoderKL):
     """The `first_stage_config` target of SDXL's configs: `encode` returns a latent sample, not a distribution
     (in this code base `AutoencoderKL.encode` already does, so the wrapper only keeps sgm's config name)."""
+
+
+class IdentityFirstStage(nn.Cell):
+    """sgm's `IdentityFirstStage`: the first stage of a pixel-space model (DeepFloyd IF), whose UNet sees the image
+    itself in [-1, 1]. No parameters, so no checkpoint names."""
+
+    def __init__(self, **ignored):
+        super().__init__()
+
+    def encode(self, x, noise=None):
+        return x
+
+    def decode(self, z):
+        return z

@@ -1,7 +1,10 @@
 """DiffusionEngine: the whole SDXL model built from one config (sgm's `DiffusionEngine`).
 
 Parameter names follow the official checkpoint: `model.diffusion_model.*` (UNet),
-`conditioner.embedders.N.*` (text encoders), `first_stage_model.*` (VAE)."""
+`conditioner.embedders.N.*` (text encoders), `first_stage_model.*` (VAE).
+
+DeepFloyd IF is the same engine in pixel space: `network_wrapper` IFWrapper, an IdentityFirstStage, a T5 conditioner
+(stage I) or none (stage II, `conditioner_config: __is_unconditional__`: it takes stage I's embeddings)."""
 import mindspore as ms
 from mindspore import nn
 
@@ -9,7 +12,7 @@ from gm.backends import apply_backend
 from gm.modules.diffusionmodules.wrappers import OpenAIWrapper
 from gm.modules.frozen_weights import store_frozen_weights
 from gm.modules.lora import freeze_all_but_lora, inject_lora, is_lora_name
-from gm.util import instantiate_from_config
+from gm.util import get_obj_from_str, instantiate_from_config
 
 
 class DiffusionEngine(nn.Cell):
@@ -26,14 +29,17 @@ class DiffusionEngine(nn.Cell):
         lora_config=None,
         frozen_weight_dtype=None,
         backend: str = "auto",
+        network_wrapper: str = None,
         **unused_sgm_options,
     ):
         """`backend`: how the built model computes (gm.backends): `plain` MindSpore, `cpu` (MindBooth's CPU kernels),
-        or `auto` (cpu where MindSpore runs on the CPU and the kernels build)."""
+        or `auto` (cpu where MindSpore runs on the CPU and the kernels build). `network_wrapper`: the class (a dotted
+        path, sgm's option) that adapts the network to the conditioning dict; OpenAIWrapper by default."""
         super().__init__()
         # a frozen base in a low-precision dtype: stored so block by block as the UNet is built (its fp32 peak)
         weight_dtype = {"weight_dtype": frozen_weight_dtype} if frozen_weight_dtype else {}
-        self.model = OpenAIWrapper(instantiate_from_config(network_config, **weight_dtype))
+        wrapper = OpenAIWrapper if network_wrapper is None else get_obj_from_str(network_wrapper)
+        self.model = wrapper(instantiate_from_config(network_config, **weight_dtype))
         self.denoiser = instantiate_from_config(denoiser_config)
         self.conditioner = instantiate_from_config(conditioner_config)
         self.first_stage_model = instantiate_from_config(first_stage_config)

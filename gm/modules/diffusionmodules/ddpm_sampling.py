@@ -15,6 +15,9 @@ x is a numpy array: dynamic thresholding needs a per-sample quantile. Randomness
 """
 import numpy as np
 
+from gm.modules.diffusionmodules.discretizer import CosineDDPMDiscretization
+from gm.util import instantiate_from_config
+
 
 def leading_timesteps(num_steps: int, num_train_timesteps: int) -> np.ndarray:
     """diffusers' default "leading" spacing: 0, r, 2r, ... (r = num_train_timesteps // num_steps), largest first."""
@@ -58,3 +61,53 @@ def sample_ddpm(model, x, timesteps, alphas_cumprod, threshold=None, noise_fn=No
         if callback is not None:
             callback({"i": i, "total": total, "t": t, "x": x, "denoised": denoised})
     return x
+
+
+class DDPMSampler:
+    """The `sampler_config` of DeepFloyd IF's engines: IF's DDPMScheduler settings (cosine schedule, learned-range
+    variance, dynamic thresholding) and classifier-free guidance as diffusers' IF pipelines apply it.
+
+    `noise_level`: stage II only, the timestep at which the upscaled low-resolution image is noised
+    (`add_noise`, diffusers' image_noising_scheduler, same cosine schedule) and told to the UNet as class_labels."""
+
+    def __init__(self, num_steps: int = 100, guidance_scale: float = 7.0, dynamic_thresholding_ratio: float = 0.95,
+                 sample_max_value: float = 1.5, noise_level: int = None, discretization_config=None):
+        self.discretization = (CosineDDPMDiscretization() if discretization_config is None
+                               else instantiate_from_config(discretization_config))
+        self.num_steps, self.guidance_scale = int(num_steps), float(guidance_scale)
+        self.dynamic_thresholding_ratio, self.sample_max_value = float(dynamic_thresholding_ratio), float(sample_max_value)
+        num_train = self.discretization.num_timesteps
+        if noise_level is not None and not 0 <= int(noise_level) < num_train:
+            raise ValueError(f"noise_level must be a timestep in [0, {num_train}), got {noise_level}")
+        self.noise_level = None if noise_level is None else int(noise_level)
+
+    @property
+    def alphas_cumprod(self) -> np.ndarray:
+        return self.discretization.alphas_cumprod
+
+    def threshold(self, x0):
+        return dynamic_threshold(x0, self.dynamic_thresholding_ratio, self.sample_max_value)
+
+    def add_noise(self, x, noise, t: int):
+        """x_t = sqrt(abar_t) x + sqrt(1 - abar_t) noise (diffusers' DDPMScheduler.add_noise)."""
+        abar = float(self.alphas_cumprod[int(t)])
+        return (abar**0.5 * x + (1.0 - abar) ** 0.5 * noise).astype(np.float32)
+
+    def __call__(self, network, x, noise_fn, num_steps: int = None, guidance_scale: float = None, callback=None):
+        """network(x_in, t) -> the UNet's numpy output (N, 2C, H, W) for x_in (N, C, H, W): with guidance
+        (scale > 1) x_in is x twice, negative prompt first, and eps = eps_neg + scale (eps_pos - eps_neg) with the
+        positive prompt's variance half, as diffusers' IF pipelines do."""
+        num_steps = self.num_steps if num_steps is None else int(num_steps)
+        scale = self.guidance_scale if guidance_scale is None else float(guidance_scale)
+        channels = x.shape[1]
+
+        def model(x, t):
+            if scale > 1.0:
+                negative, positive = np.split(network(np.concatenate([x, x]), t), 2)
+                eps = negative[:, :channels] + scale * (positive[:, :channels] - negative[:, :channels])
+                return eps, positive[:, channels:]
+            out = network(x, t)
+            return out[:, :channels], out[:, channels:]
+
+        timesteps = leading_timesteps(num_steps, self.discretization.num_timesteps)
+        return sample_ddpm(model, x, timesteps, self.alphas_cumprod, self.threshold, noise_fn, callback)
