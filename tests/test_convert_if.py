@@ -78,12 +78,19 @@ def model_index(path, pipeline: str):
 
 def engine_config(path, unet: dict, t5: dict = None):
     """An IF engine config as the pipeline's YAMLs lay it out: the UNet under network_config, T5 in the conditioner."""
-    params = {"network_config": {"target": "gm.modules.diffusionmodules.if_unet.IFUNet", "params": unet}}
+    params = {"network_config": {"target": "gm.modules.diffusionmodules.if_unet.IFUNet", "params": unet},
+              "conditioner_config": "__is_unconditional__"}  # stage II: takes stage I's embeddings
     if t5:
         params["conditioner_config"] = {"target": "gm.modules.embedders.modules.GeneralConditioner", "params": {
             "emb_models": [{"target": "gm.modules.embedders.modules.FrozenT5Embedder", "input_key": "txt",
                             "params": {"tokenizer_file": "checkpoints/t5_spiece.model", **t5}}]}}
     path.write_text(yaml.safe_dump({"model": {"target": "gm.models.diffusion.DiffusionEngine", "params": params}}))
+    return path
+
+
+def write_unet_config(path, unet: dict):
+    """An IF config whose model is the UNet itself (the layout before the IF engine)."""
+    path.write_text(yaml.safe_dump({"model": {"target": "gm.modules.diffusionmodules.if_unet.IFUNet", "params": unet}}))
     return path
 
 
@@ -184,11 +191,14 @@ def test_the_tokenizer_is_copied_next_to_the_checkpoint(folders, stage1_ckpt):
     assert copied.read_bytes() == (folders["stage1"] / "tokenizer" / "spiece.model").read_bytes()
 
 
-def test_stage_two_from_the_unet_config(folders, tmp_path, capsys):
-    """Stage II: UNet only (no text encoder in its model); the config as the UNet itself (model.params)."""
+@pytest.mark.parametrize("engine", [False, True], ids=["unet_config", "engine_config"])
+def test_stage_two(folders, tmp_path, engine):
+    """Stage II: UNet only (no text encoder in its model); the config as the UNet itself (model.params) or as an
+    engine without a conditioner."""
     dst = tmp_path / "if_ii.ckpt"
-    assert convert("--config", CONFIGS / "if_ii_tiny.yaml", "--weight_diffusers", folders["stage2"],
-                   "--weight_ms", dst) == 0
+    config = (engine_config(tmp_path / "if_ii_engine.yaml", folders["params2"]) if engine
+              else write_unet_config(tmp_path / "if_ii_unet.yaml", folders["params2"]))
+    assert convert("--config", config, "--weight_diffusers", folders["stage2"], "--weight_ms", dst) == 0
     state = read_ckpt(dst)
     assert all(n.startswith(UNET) for n in state)
     unet = load_strictly(IFUNet(**folders["params2"]), state, UNET).set_train(False)
@@ -224,9 +234,9 @@ def test_fp16_variant_sharded_t5_keep_and_fp32(folders, tmp_path):
 
 def test_unet_only_and_text_encoder_only(folders, tmp_path, capsys):
     unet_only, t5_only = tmp_path / "unet.ckpt", tmp_path / "t5" / "t5.ckpt"
-    # the UNet-only stage I config (model: the IFUNet) with --no_text_encoder
-    assert convert("--config", CONFIGS / "if_i_tiny.yaml", "--weight_diffusers", folders["stage1"],
-                   "--weight_ms", unet_only, "--no_text_encoder") == 0
+    # the UNet-only stage I config (model: the IFUNet, which pairs with T5-XXL) with --no_text_encoder
+    assert convert("--config", write_unet_config(tmp_path / "unet.yaml", folders["params1"]), "--weight_diffusers",
+                   folders["stage1"], "--weight_ms", unet_only, "--no_text_encoder") == 0
     assert convert("--config", folders["config1"], "--weight_diffusers", folders["stage1"],
                    "--weight_ms", t5_only, "--text_encoder_only") == 0
     assert sorted(read_ckpt(unet_only)) == sorted(if_unet_shapes(folders["params1"]))
@@ -247,7 +257,8 @@ def test_a_stage_two_folder_with_a_stage_one_config(folders, tmp_path, capsys):
     err = error_of(capsys, "--config", folders["config1"], "--weight_diffusers", folders["stage2"],
                    "--weight_ms", tmp_path / "x.ckpt")
     assert "stage II (IFSuperResolutionPipeline)" in err and "--config configs/inference/if_ii_l.yaml" in err
-    err = error_of(capsys, "--config", CONFIGS / "if_ii_tiny.yaml", "--weight_diffusers", folders["stage1"],
+    err = error_of(capsys, "--config", engine_config(tmp_path.parent / "ii.yaml", folders["params2"]),
+                   "--weight_diffusers", folders["stage1"],
                    "--weight_ms", tmp_path / "x.ckpt")
     assert "--config configs/inference/if_i_xl.yaml" in err
     assert list(tmp_path.iterdir()) == []
@@ -282,6 +293,26 @@ def test_a_different_tokenizer_next_to_the_output_is_not_replaced(folders, tmp_p
 
 
 # ------------------------------------------------------------------ full size: rules = models = diffusers/transformers
+@pytest.mark.parametrize("name", ["if_i_tiny", "if_ii_tiny", "if_i_xl", "if_ii_l"])
+def test_rules_are_the_names_the_shipped_configs_build(name):
+    """The checkpoint names of a shipped IF config are those of the model it builds (the IF engine: UNet under
+    model.diffusion_model., stage I's T5 under conditioner.embedders.0.transformer.; or the UNet alone)."""
+    from gm.util import instantiate_from_config
+    from tools.model_conversion.if_layout import checkpoint_shapes
+    from tools.model_conversion.sdxl_layout import load_config
+
+    config = if_config(CONFIGS / f"{name}.yaml")
+    with no_init_parameters():
+        model = instantiate_from_config(load_config(CONFIGS / f"{name}.yaml")["model"])
+    built = {p.name: tuple(p.shape) for p in model.get_parameters()}
+    if isinstance(model, IFUNet):  # the config is the UNet itself
+        built = {UNET + n: s for n, s in built.items()}
+        assert built == checkpoint_shapes(config, text_encoder=False)
+    else:
+        assert built == checkpoint_shapes(config)
+        assert (config.t5_prefix is not None) == (config.stage == 1)
+
+
 @pytest.mark.parametrize("name", ["if_i_xl", "if_ii_l"])
 def test_full_size_unet_rules_equal_ifunet_and_diffusers(name):
     params = unet_params(CONFIGS / f"{name}.yaml")

@@ -31,6 +31,12 @@ class IFConfig:
     t5: Optional[dict]            # T5 numbers (T5_XXL keys)
 
 
+def _node(value, kind=dict):
+    """A config node of the kind expected, else an empty one (`conditioner_config: __is_unconditional__` is a string:
+    stage II has no conditioner of its own)."""
+    return value if isinstance(value, kind) else kind()
+
+
 def _per_level(value, levels):
     return [value] * levels if isinstance(value, (int, bool)) else list(value)
 
@@ -46,19 +52,20 @@ def if_config(path) -> Optional[IFConfig]:
     if model.get("target") == IF_UNET_TARGET:  # the UNet alone: a stage I UNet still pairs with T5-XXL
         unet, embedders = params, None
     else:
-        network = params.get("network_config") if isinstance(params, dict) else None
+        network = _node(params).get("network_config")
         if not isinstance(network, dict) or network.get("target") != IF_UNET_TARGET:
             return None
         unet = network.get("params") or {}
-        embedders = ((params.get("conditioner_config") or {}).get("params") or {}).get("emb_models") or []
+        embedders = _node(_node(_node(params.get("conditioner_config")).get("params")).get("emb_models"), list)
     stage = 2 if unet.get("class_embed_type") == "timestep" else 1
     if embedders is None:
         t5_prefix, t5 = ("conditioner.embedders.0.transformer.", dict(T5_XXL)) if stage == 1 else (None, None)
     else:
-        found = [(i, e) for i, e in enumerate(embedders) if str(e.get("target", "")).endswith("." + T5_EMBEDDER)]
+        found = [(i, e) for i, e in enumerate(embedders)
+                 if isinstance(e, dict) and str(e.get("target", "")).endswith("." + T5_EMBEDDER)]
         if found:
             index, embedder = found[0]
-            numbers = {k: v for k, v in (embedder.get("params") or {}).items() if k in T5_XXL}
+            numbers = {k: v for k, v in _node(embedder.get("params")).items() if k in T5_XXL}
             t5_prefix, t5 = f"conditioner.embedders.{index}.transformer.", {**T5_XXL, **numbers}
         else:
             t5_prefix, t5 = None, None
