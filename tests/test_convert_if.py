@@ -275,6 +275,11 @@ def test_wrong_sizes_and_wrong_families(folders, tmp_path, capsys):
     model_index(sd, "StableDiffusionPipeline")
     err = error_of(capsys, "--config", folders["config1"], "--weight_diffusers", sd, "--weight_ms", dst)
     assert "a StableDiffusionPipeline folder, not DeepFloyd IF" in err
+    err = error_of(capsys, "--config", CONFIGS / "sd_v1.5.yaml", "--weight_diffusers", sd, "--weight_ms", dst)
+    assert "not a diffusers pipeline folder (its model_index.json says StableDiffusionPipeline): no unet/" in err
+    err = error_of(capsys, "--config", CONFIGS / "sd_v1.5.yaml", "--weight_diffusers", sd, "--weight_ms", dst,
+                   "--no_text_encoder")
+    assert "for DeepFloyd IF configs only" in err
     assert main(["--task", "pt_to_ms", "--config", str(folders["config1"]), "--weight_safetensors",
                  str(folders["stage1"] / "unet" / "diffusion_pytorch_model.safetensors"), "--weight_ms", str(dst)]) == 1
     assert "use --task diffusers_to_ms" in capsys.readouterr().err

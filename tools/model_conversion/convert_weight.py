@@ -1,5 +1,5 @@
-"""Convert model weights (SDXL base, SSD-1B, SD 1.x, SD 2.x) between the official `.safetensors` and MindBooth's
-MindSpore `.ckpt`.
+"""Convert model weights (SDXL base, SSD-1B, SD 1.x, SD 2.x; DeepFloyd IF from its diffusers folders) between the
+official `.safetensors` or diffusers folders and MindBooth's MindSpore `.ckpt`.
 
     python tools/model_conversion/convert_weight.py --task pt_to_ms \
         --weight_safetensors sd_xl_base_1.0.safetensors --weight_ms checkpoints/sd_xl_base_1.0_ms.ckpt
