@@ -380,3 +380,20 @@ def test_a_full_size_if_i_xl_folder_passes_check(tmp_path, capsys):
     assert numel == pytest.approx(4.30e9 + 4.76e9, rel=0.01)
     assert f"{count} tensors" in out and f"would write {numel * 4 / 2**30:.2f} GiB (fp32)" in out, out
     assert not dst.exists()
+
+
+@pytest.mark.parametrize("name, stage", [("if_i_tiny", "stage1"), ("if_ii_tiny", "stage2")])
+def test_the_shipped_tiny_engine_loads_the_converted_folder_strictly(folders, tmp_path, name, stage):
+    """The shipped tiny IF config, built as MindBooth builds it, takes the converted checkpoint strictly (every
+    parameter filled, no tensor left over)."""
+    from gm.util import instantiate_from_config, load_params
+    from tools.model_conversion.sdxl_layout import load_config
+
+    model_config = load_config(CONFIGS / f"{name}.yaml")["model"]
+    if "network_config" not in model_config.get("params", {}):
+        pytest.skip(f"{name}.yaml is the UNet alone here, not the IF engine")
+    dst = tmp_path / f"{name}.ckpt"
+    assert convert("--config", CONFIGS / f"{name}.yaml", "--weight_diffusers", folders[stage], "--weight_ms", dst) == 0
+    engine = instantiate_from_config(model_config)
+    missing, unexpected = load_params(engine, ms.load_checkpoint(str(dst)), strict=True)
+    assert not missing and not unexpected
