@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from mindbooth.buckets import image_buckets
+from mindbooth.buckets import nearest_bucket
 from mindbooth.images import list_images, load_rgb
 
 
@@ -62,10 +62,11 @@ class DreamBoothDataset:
         self.length = max(len(self.instance_paths) * max(1, train_data_repeat), len(self.class_paths))
         # items i and i + num_distinct pair the same two files (what a latent cache keys on)
         self.num_distinct = math.lcm(len(self.instance_paths), len(self.class_paths) or 1)
-        for path in self.instance_paths + self.class_paths:  # fail before training, naming the bad file
-            load_rgb(path)
-        # the (height, width) each instance image trains at
-        self.instance_sizes = image_buckets(self.instance_paths, buckets) if buckets else [(resolution, resolution)] * len(self.instance_paths)
+        # read every file now, to fail before training naming a bad one; (width, height) of the instance images
+        image_sizes = [load_rgb(path).size for path in self.instance_paths + self.class_paths][:len(self.instance_paths)]
+        # the (height, width) each instance image trains at: its nearest bucket, or the square
+        self.instance_sizes = [nearest_bucket(self.buckets, height, width) if self.buckets else (resolution, resolution)
+                               for width, height in image_sizes]
 
     def item_size(self, index: int) -> tuple:
         """(height, width) of item `index`'s examples: its instance image's bucket (or the square)."""

@@ -4,6 +4,7 @@ resumable, and a tiny run on a portrait and a landscape photo (class images samp
 bucket shape, resume == uninterrupted)."""
 import csv
 import math
+import shutil
 
 import mindspore as ms
 import numpy as np
@@ -213,13 +214,46 @@ def test_bucketed_run_trains_with_one_graph_per_bucket_shape(workspace, uninterr
 
 
 def test_bucketed_resume_after_interruption_equals_uninterrupted(workspace, photos, uninterrupted):
+    """A copy of run_a cut back to what a run killed after its step-2 save leaves (its later states, LoRA files and
+    log rows gone; one tiny run fewer than training an interrupted run), resumed to step 6: run_a's losses and LoRA."""
     run_b = workspace / "run_b"
-    _train(workspace, photos, run_b, "--total_step", "2", "--ms_mode", "0")  # as if killed after its step-2 save
+    shutil.copytree(workspace / "run_a", run_b)
+    for step in (4, 6):
+        for path in [run_b / f"SDXL-tiny_{step}_lora.ckpt", *(run_b / "state").glob(f"step_{step}[._]*")]:
+            path.unlink()
+    assert sorted(p.name for p in (run_b / "state").iterdir() if p.suffix == ".json") == ["step_2.json"]
     _train(workspace, photos, run_b, "--total_step", "6", "--ms_mode", "0", "--resume", str(run_b))
     straight, resumed = _log(workspace / "run_a"), _log(run_b)
+    assert [int(r["step"]) for r in resumed] == list(range(1, 7))
     np.testing.assert_allclose([float(r["loss"]) for r in resumed], [float(r["loss"]) for r in straight], rtol=1e-5)
+    # the resumed process compiled its own graphs: as many as the bucket shapes of steps 3-6
+    assert 1 <= int(resumed[-1]["compiled_step_graphs"]) <= 2
     a, b = _lora(workspace / "run_a" / "SDXL-tiny_6_lora.ckpt"), _lora(run_b / "SDXL-tiny_6_lora.ckpt")
     assert a.keys() == b.keys()
     for name in a:
         difference = np.linalg.norm(b[name] - a[name]) / max(np.linalg.norm(a[name]), 1e-12)
         assert difference < 1e-5, (name, difference)
+
+
+def test_cached_latents_keep_each_item_at_its_bucket(workspace, photos):
+    """--cache_latents with buckets: each distinct item is encoded once at its bucket's shape, and every micro-batch
+    (instance row, then class row) has the latent shape of its items' bucket."""
+    from gm.util import instantiate_from_config
+    from mindbooth.config import load_config
+    from mindbooth.training_data import TrainingData
+
+    engine = instantiate_from_config(load_config(workspace / "train.yaml").model)
+    dataset = DreamBoothDataset(photos / "subject", "sks", 64, photos / "class", "cls", train_data_repeat=3,
+                                buckets=bucket_sizes(64, 32))
+    data = TrainingData(dataset, engine, batch_size=1, seed=5, rank=0, world_size=1, with_prior=True,
+                        train_text_encoder=False, cache_latents=True)
+    data.encode_all(show_progress=False)
+    assert sorted(moments.shape for moments, _ in data.cache.values()) == [(2, 8, 8, 12), (2, 8, 12, 8)]
+    seen = set()
+    for _ in range(6):
+        indices = data.sampler.next_indices()
+        height, width = dataset.item_size(indices[0])
+        latents, noise, sigmas, crossattn, vector = data.make_batch(indices, data.sampler.sample_generators(0))
+        assert latents.shape == noise.shape == (2, 4, height // 8, width // 8) and sigmas.shape == (2,)
+        seen.add((height, width))
+    assert seen == {(96, 64), (64, 96)}
