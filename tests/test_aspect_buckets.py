@@ -257,3 +257,22 @@ def test_cached_latents_keep_each_item_at_its_bucket(workspace, photos):
         assert latents.shape == noise.shape == (2, 4, height // 8, width // 8) and sigmas.shape == (2,)
         seen.add((height, width))
     assert seen == {(96, 64), (64, 96)}
+
+
+def test_buckets_cannot_change_on_resume_and_the_yaml_value_must_be_a_bool(workspace, photos, uninterrupted, tmp_path):
+    """A bucketed run resumes bucketed (its sampler state is the buckets' epoch and position): turning the flag off
+    on --resume is a one-line error naming it; a YAML value that is not True/False is one too. Nothing is written."""
+    before = sorted(p.name for p in (workspace / "run_a").rglob("*"))
+    with pytest.raises(SystemExit, match=r"--resume .*--aspect_ratio_buckets is False, the run has True"):
+        _train(workspace, photos, workspace / "run_a", "--total_step", "8", "--resume", str(workspace / "run_a"),
+               "--aspect_ratio_buckets", "False")
+    assert sorted(p.name for p in (workspace / "run_a").rglob("*")) == before
+    config = (workspace / "train.yaml").read_text().replace("\ntrain:\n", "\ntrain:\n  aspect_ratio_buckets: sometimes\n", 1)
+    (tmp_path / "bad.yaml").write_text(config)
+    import train_dreambooth
+
+    with pytest.raises(SystemExit, match="train.aspect_ratio_buckets in .*bad.yaml must be True or False, got 'sometimes'"):
+        train_dreambooth.main(["--config", str(tmp_path / "bad.yaml"), "--weight", str(workspace / "tiny.ckpt"),
+                               "--instance_data_path", str(photos / "subject"), "--instance_prompt", "sks",
+                               "--device_target", "CPU", "--save_path", str(tmp_path / "never")])
+    assert not (tmp_path / "never").exists()
