@@ -29,16 +29,19 @@ def missing_class_image_names(class_dir, num_class_images: int, class_prompt: st
 
 
 def sample_class_images(text2image, class_dir, names, class_prompt: str, resolution: int, sampling: dict, seed: int,
-                        rank: int = 0, world_size: int = 1, show_progress: bool = True):
-    """Sample the images `names` into `class_dir`; rank r takes names r, r + world_size, ... (no two ranks
-    write the same file). Each image's seed is derived from its name, so the split does not change the images."""
+                        rank: int = 0, world_size: int = 1, show_progress: bool = True, sizes=None):
+    """Sample the images `names` into `class_dir`, square at `resolution` or each at its (height, width) of `sizes`
+    (aspect-ratio buckets); rank r takes names r, r + world_size, ... (no two ranks write the same file). Each
+    image's seed is derived from its name, so the split does not change the images."""
+    sizes = dict(zip(names, sizes)) if sizes is not None else {name: (resolution, resolution) for name in names}
     mine = names[rank::world_size]
     batch_size = int(sampling.get("batch_size", 1))
     progress = tqdm(total=len(mine), desc=f"sampling class images (rank {rank})", disable=not show_progress)
     for start in range(0, len(mine), batch_size):
         chunk = mine[start:start + batch_size]
         for name in chunk:  # one call per image: its noise comes from its own seed
-            image = text2image([class_prompt], width=resolution, height=resolution, num_steps=int(sampling.get("num_steps", 40)),
+            height, width = sizes[name]
+            image = text2image([class_prompt], width=width, height=height, num_steps=int(sampling.get("num_steps", 40)),
                                guidance_scale=float(sampling.get("guidance_scale", 5.0)),
                                sampler=sampling.get("sampler", "EulerEDMSampler"),
                                seed=seed + int(hashlib.sha1(name.encode()).hexdigest()[:8], 16) % 100000)[0]

@@ -83,6 +83,9 @@ TRAIN_FLAGS = {
     "infer_during_train": ("train.infer_during_train", str2bool, "write a validation grid during training"),
     "infer_interval": ("train.infer_interval", int, "steps between validation grids"),
     "resolution": ("data.resolution", int, "training image size"),
+    "aspect_ratio_buckets": ("train.aspect_ratio_buckets", str2bool,
+                             "train each image at the SDXL aspect-ratio bucket nearest its own aspect (scaled to --resolution) "
+                             "instead of a square crop; a batch holds one bucket"),
     "compile_in_child": ("train.compile_in_child", str2bool,
                          "CPU, GRAPH mode: compile the train step in a child process and load it from the compile cache "
                          "(a lower peak: the compiler's leftovers leave with the child)"),

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from mindbooth.buckets import nearest_bucket
 from mindbooth.images import list_images, load_rgb
 
 
@@ -18,29 +19,33 @@ class Example:
     target_size: tuple  # (height, width) of the training crop
 
 
-def prepare_image(image: Image.Image, resolution: int, center_crop: bool, random_flip: bool, rng: np.random.Generator) -> Example:
-    """Resize the shorter side to `resolution`, optionally flip, crop a square (random or centered)."""
+def prepare_image(image: Image.Image, size, center_crop: bool, random_flip: bool, rng: np.random.Generator) -> Example:
+    """Resize, keeping the aspect, to cover `size` (a side: a square; or (height, width): an aspect-ratio bucket),
+    optionally flip, crop `size` (random or centered) from it."""
+    target_h, target_w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     width, height = image.size
-    scale = resolution / min(width, height)
-    resized_w, resized_h = max(resolution, round(width * scale)), max(resolution, round(height * scale))
+    scale = max(target_w / width, target_h / height)
+    resized_w, resized_h = max(target_w, round(width * scale)), max(target_h, round(height * scale))
     image = image.resize((resized_w, resized_h), Image.BICUBIC)
     if random_flip and rng.random() < 0.5:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
     if center_crop:
-        top, left = (resized_h - resolution) // 2, (resized_w - resolution) // 2
+        top, left = (resized_h - target_h) // 2, (resized_w - target_w) // 2
     else:
-        top, left = int(rng.integers(0, resized_h - resolution + 1)), int(rng.integers(0, resized_w - resolution + 1))
-    image = image.crop((left, top, left + resolution, top + resolution))
+        top, left = int(rng.integers(0, resized_h - target_h + 1)), int(rng.integers(0, resized_w - target_w + 1))
+    image = image.crop((left, top, left + target_w, top + target_h))
     pixels = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0
-    return Example(pixels, (height, width), (top, left), (resolution, resolution))
+    return Example(pixels, (height, width), (top, left), (target_h, target_w))
 
 
 class DreamBoothDataset:
     """Item i pairs instance image i mod n_instance with class image i mod n_class.
-    Length = n_instance * train_data_repeat (at least one pass over the class images)."""
+    Length = n_instance * train_data_repeat (at least one pass over the class images).
+    With `buckets` (aspect-ratio buckets, mindbooth/buckets.py) an item trains at its instance image's nearest
+    bucket, and its class image is cropped to that bucket too (a batch must be one shape); else at a square."""
 
     def __init__(self, instance_data_path, instance_prompt: str, resolution: int, class_data_path=None, class_prompt: str = None,
-                 train_data_repeat: int = 1, center_crop: bool = False, random_flip: bool = False):
+                 train_data_repeat: int = 1, center_crop: bool = False, random_flip: bool = False, buckets=None):
         self.instance_paths = list_images(instance_data_path)
         if not self.instance_paths:
             raise ValueError(f"no images found in instance_data_path {instance_data_path}; put 3-10 photos of your subject there")
@@ -51,13 +56,21 @@ class DreamBoothDataset:
             raise ValueError(f"no class images in {class_data_path}: sample them first (num_class_images > 0)")
         self.class_prompt = class_prompt
         self.resolution = resolution
+        self.buckets = list(buckets) if buckets else None
         self.center_crop = center_crop
         self.random_flip = random_flip
         self.length = max(len(self.instance_paths) * max(1, train_data_repeat), len(self.class_paths))
         # items i and i + num_distinct pair the same two files (what a latent cache keys on)
         self.num_distinct = math.lcm(len(self.instance_paths), len(self.class_paths) or 1)
-        for path in self.instance_paths + self.class_paths:  # fail before training, naming the bad file
-            load_rgb(path)
+        # read every file now, to fail before training naming a bad one; (width, height) of the instance images
+        image_sizes = [load_rgb(path).size for path in self.instance_paths + self.class_paths][:len(self.instance_paths)]
+        # the (height, width) each instance image trains at: its nearest bucket, or the square
+        self.instance_sizes = [nearest_bucket(self.buckets, height, width) if self.buckets else (resolution, resolution)
+                               for width, height in image_sizes]
+
+    def item_size(self, index: int) -> tuple:
+        """(height, width) of item `index`'s examples: its instance image's bucket (or the square)."""
+        return self.instance_sizes[index % len(self.instance_paths)]
 
     def __len__(self):
         return self.length
@@ -67,7 +80,8 @@ class DreamBoothDataset:
         pairs = [(self.instance_paths[index % len(self.instance_paths)], self.instance_prompt)]
         if self.with_prior_preservation:
             pairs.append((self.class_paths[index % len(self.class_paths)], self.class_prompt))
-        return [(prepare_image(load_rgb(p), self.resolution, self.center_crop, self.random_flip, rng), prompt) for p, prompt in pairs]
+        size = self.item_size(index)
+        return [(prepare_image(load_rgb(p), size, self.center_crop, self.random_flip, rng), prompt) for p, prompt in pairs]
 
 
 def collate(items) -> dict:

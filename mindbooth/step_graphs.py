@@ -21,11 +21,13 @@ GRAPH_TRAIN_SETTINGS = ("precision", "clip_grad", "max_grad_norm", "gradient_acc
 
 def uses_compile_child(args, config, weights, script) -> bool:
     """Whether the step graphs are compiled by a child: not when switched off (--compile_in_child False), outside
-    CPU GRAPH mode, data parallel, with trained text encoders (their step takes token ids), with a missing weight
-    file (the model phase says so), with MindSpore's cache switched on by the user, or when `script` was imported
-    rather than run (MindSpore's cache check would not match)."""
+    CPU GRAPH mode, data parallel, with trained text encoders (their step takes token ids), with aspect-ratio buckets
+    (a graph per bucket shape, compiled in this process as the buckets come), with a missing weight file (the model
+    phase says so), with MindSpore's cache switched on by the user, or when `script` was imported rather than run
+    (MindSpore's cache check would not match)."""
     return (bool(config.train.get("compile_in_child", True)) and args.device_target == "CPU" and args.ms_mode == 0
             and not args.is_parallel and not OmegaConf.select(config, "model.params.lora_config.text_encoder", default=False)
+            and not config.train.get("aspect_ratio_buckets", False)
             and not user_cache_enabled() and bool(weights) and all(Path(w).is_file() for w in weights)
             and is_entry_point(script))
 

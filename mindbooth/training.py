@@ -21,15 +21,17 @@ from gm.modules.lora import lora_parameters, new_lora_init
 from gm.util import instantiate_from_config
 from mindbooth import checkpoint as ckpt
 from mindbooth import finetune
+from mindbooth.buckets import bucket_sizes, class_image_sizes, image_buckets
 from mindbooth.class_images import missing_class_image_names, sample_class_images
 from mindbooth.compile_cache import precompile_folder
 from mindbooth.config import load_training_config, training_parser
 from mindbooth.context_projections import ContextProjections
 from mindbooth.data import DreamBoothDataset
 from mindbooth.distributed import Distributed
-from mindbooth.images import make_grid, remove_stale_temporaries, save_image_atomic
+from mindbooth.images import list_images, make_grid, remove_stale_temporaries, save_image_atomic
 from mindbooth.optim import AdamW
 from mindbooth.progress_log import LossLog
+from mindbooth.sampling_model import size_multiple
 from mindbooth.train_step import (ApplyStep, DreamBoothLoss, DynamicLossScale, GradStep, make_buffers, prior_passes,
                                   step_input_shapes)
 from mindbooth.training_data import TrainingData, pass_inputs
@@ -58,6 +60,13 @@ class Run:
     @property
     def resolution(self) -> int:
         return int(self.config.data.resolution)
+
+    @property
+    def buckets(self):
+        """With --aspect_ratio_buckets: the (height, width) buckets at the training resolution (mindbooth/buckets.py); else None."""
+        if not bool(self.config.train.get("aspect_ratio_buckets", False)):
+            return None
+        return bucket_sizes(self.resolution, size_multiple(self.config))
 
     @property
     def validation_prompts(self) -> list:
@@ -203,8 +212,10 @@ def ensure_class_images(run: Run, dist: Distributed, text2image):
     names = missing_class_image_names(db.class_data_path, int(db.num_class_images), db.class_prompt) if dist.is_main else []
     names = dist.broadcast_names(names)
     if names:
+        # with buckets, the new class images follow the instance images' buckets (class_image_sizes)
+        sizes = class_image_sizes(image_buckets(list_images(db.instance_data_path), run.buckets), len(names)) if run.buckets else None
         sample_class_images(text2image, db.class_data_path, names, db.class_prompt, run.resolution, dict(db.get("class_sampling", {})),
-                            run.seed, dist.rank, dist.world_size, show_progress=True)
+                            run.seed, dist.rank, dist.world_size, show_progress=True, sizes=sizes)
     dist.barrier()
 
 
@@ -217,9 +228,13 @@ def build_data(run: Run, dist: Distributed, engine, text2image) -> TrainingData:
         dataset = DreamBoothDataset(db.instance_data_path, db.instance_prompt, run.resolution,
                                     db.class_data_path if run.with_prior else None, db.get("class_prompt"),
                                     int(db.get("train_data_repeat", 1)), bool(data_cfg.get("center_crop", False)),
-                                    bool(data_cfg.get("random_flip", False)))
+                                    bool(data_cfg.get("random_flip", False)), run.buckets)
     except (ValueError, FileNotFoundError) as error:
         fail(str(error))
+    if dataset.buckets and dist.is_main:
+        used = {size: dataset.instance_sizes.count(size) for size in sorted(set(dataset.instance_sizes))}
+        print(f"aspect-ratio buckets: {len(used)} of {len(dataset.buckets)} in use (height x width: instance images): "
+              + ", ".join(f"{h}x{w}: {n}" for (h, w), n in used.items()))
     data = TrainingData(dataset, engine, int(run.config.train.per_batch_size), run.seed, dist.rank, dist.world_size,
                         run.with_prior, train_text_encoder, bool(data_cfg.get("cache_latents", False)))
     if data.cache is not None:
@@ -304,6 +319,8 @@ def train_loop(run: Run, dist: Distributed, engine, steps: Steps, data: Training
                 log.plot()
             if train_cfg.get("infer_during_train", False) and done % int(train_cfg.infer_interval) == 0:
                 write_grid(text2image, run.validation_prompts, run.save_path / f"validation_step{done:06d}.png", run)
+    if dist.is_main and run.buckets and run.args.ms_mode == 0:
+        print(f"step graphs compiled: {len(steps.grad_step.compile_cache)} gradient step graph(s), one per bucket shape trained on")
 
 
 def save_final(run: Run, dist: Distributed, state: TrainingState, text2image):

@@ -9,6 +9,7 @@ import mindspore as ms
 import numpy as np
 from tqdm import tqdm
 
+from mindbooth.bucket_sampler import BucketBatchSampler
 from mindbooth.data import BatchSampler, collate
 from mindbooth.train_step import step_conditioning
 
@@ -21,7 +22,10 @@ class TrainingData:
                  train_text_encoder: bool, cache_latents: bool):
         self.dataset, self.engine = dataset, engine
         self.seed, self.with_prior, self.train_text_encoder = seed, with_prior, train_text_encoder
-        self.sampler = BatchSampler(len(dataset), batch_size, seed, rank, world_size)
+        if dataset.buckets:  # aspect-ratio buckets: a micro-batch (global batch) holds one bucket's items
+            self.sampler = BucketBatchSampler([dataset.item_size(i) for i in range(len(dataset))], batch_size, seed, rank, world_size)
+        else:
+            self.sampler = BatchSampler(len(dataset), batch_size, seed, rank, world_size)
         self.rng = np.random.default_rng([seed, 1])  # one key per micro-batch, the same on every rank
         self.cache = {} if cache_latents else None
 

@@ -208,6 +208,8 @@ def check_training_choices(config, config_path):
         raise UsageError("--class_prompt is required with --class_data_path (prior preservation)")
     if train_cfg.get("gradient_checkpointing_res_blocks", False) and not train_cfg.get("gradient_checkpointing", False):
         raise UsageError("--gradient_checkpointing_res_blocks needs --gradient_checkpointing True")
+    if not isinstance(train_cfg.get("aspect_ratio_buckets", False), bool):  # a YAML "no" would read as a true string
+        raise UsageError(f"train.aspect_ratio_buckets in {config_path} must be True or False, got {train_cfg.aspect_ratio_buckets!r}")
     precision = str(train_cfg.get("precision", "fp32"))
     if precision not in ("fp32", "fp16"):
         raise UsageError(f"train.precision in {config_path} must be fp32 or fp16, got {precision!r}")
