@@ -27,6 +27,7 @@ SCRIPT = ROOT / "train_dreambooth.py"
 MSRUN = Path(sys.executable).parent / "msrun"
 MPIRUN = shutil.which("mpirun")
 JOB_TIMEOUT_S = 420
+NODE_LOSS_BOUND_S = 180  # a lost node ends the others within this (MindSpore's scheduler notices the missing heartbeats)
 STEPS = 3
 TAG = "MINDBOOTH_TEST_JOB"
 
@@ -291,6 +292,37 @@ def test_a_killed_rank_ends_the_mpirun_job_and_its_scheduler(workspace, mpirun_j
         job.close()
     for folder in (out, workspace / "killed", workspace / "class_killed"):
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_dead_node_ends_the_other_node_in_bounded_time(workspace, msrun_job):
+    """Two msrun nodes training; node 1 dies whole (its msrun and worker killed, as when its host goes down) after a
+    few steps: node 0's msrun ends with an error in bounded time instead of waiting in the next all-reduce forever."""
+    port, out, jobs = _free_port(), workspace / "out_dead_node", []
+    try:
+        for node in (0, 1):
+            folder = workspace / f"dead_node{node}"
+            launcher = [str(MSRUN)] if node == 0 else [sys.executable, "-c", REMOTE_NODE_MSRUN]
+            command = [*launcher, "--worker_num=2", "--local_worker_num=1", "--master_addr=127.0.0.1",
+                       f"--master_port={port}", f"--node_rank={node}", f"--log_dir={folder / 'logs'}", "--join=True",
+                       *_train_args(workspace, out, workspace / "class_msrun"), "--per_batch_size", "1",
+                       "--is_parallel", "True", "--total_step", "100000"]
+            jobs.append(Job(command, folder))  # no shared compile cache: two fresh nodes compiling at once
+        deadline = time.time() + JOB_TIMEOUT_S
+        while not ((out / "loss.csv").is_file() and len((out / "loss.csv").read_text().splitlines()) > 2):
+            assert all(job.process.poll() is None for job in jobs) and time.time() < deadline, jobs[0].output()[-3000:]
+            time.sleep(0.5)
+        jobs[1].close()  # the whole node: launcher and worker, SIGKILL
+        killed = time.time()
+        rc = jobs[0].wait(timeout=NODE_LOSS_BOUND_S + 60)
+        ended = time.time() - killed
+        assert rc != 0 and ended < NODE_LOSS_BOUND_S, (rc, ended, jobs[0].output()[-3000:])
+        while _tagged_pids(jobs[0].tag) and time.time() - killed < NODE_LOSS_BOUND_S + 30:
+            time.sleep(0.5)
+        assert not _tagged_pids(jobs[0].tag), "processes of node 0 survive the lost node"
+    finally:
+        for job in jobs:
+            job.close()
+        shutil.rmtree(out, ignore_errors=True)
 
 
 @pytest.mark.parametrize("case", ["no launcher", "no scheduler", "mpirun without --is_parallel"])
