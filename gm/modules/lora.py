@@ -145,6 +145,12 @@ class FusedQKVLoRA(nn.Cell):
             branch.merged = merged  # what lora_layers() callers see
 
 
+def _is_attention(name: str, cell: nn.Cell, attentions: Sequence[str]) -> bool:
+    """`name`'s last part is in `attentions`, or it is an item of a CellList named so (IF's `attentions.0`)."""
+    parts = name.split(".")
+    return (parts[-1] in attentions and not isinstance(cell, nn.CellList)) or (len(parts) > 1 and parts[-1].isdigit() and parts[-2] in attentions)
+
+
 def inject_lora(
     net: nn.Cell,
     rank: int = 4,
@@ -157,7 +163,7 @@ def inject_lora(
     Parameter names are then reset to their paths from `net`, so call it on the checkpoint's root Cell.
     Returns the number of wrapped layers. alpha defaults to rank (scale 1)."""
     alpha = rank if alpha is None else alpha
-    attention_cells = [cell for name, cell in net.cells_and_names() if name.rsplit(".", 1)[-1] in attentions]
+    attention_cells = [cell for name, cell in net.cells_and_names() if _is_attention(name, cell, attentions)]
     wrapped = 0
     for attention in attention_cells:
         for target in target_modules:
