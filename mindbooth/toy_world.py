@@ -26,7 +26,8 @@ class Item:
 
     def caption(self) -> str:
         pattern = "" if self.pattern == "plain" else f"{self.pattern} "
-        return f"a photo of a {self.colour} {pattern}{self.cls}"
+        words = f"{self.colour} {pattern}{self.cls}"
+        return f"a photo of {'an' if words[0] in 'aeiou' else 'a'} {words}"
 
 
 def _pose(rng: np.random.Generator) -> dict:

@@ -8,13 +8,14 @@ def test_sample_is_deterministic_and_varied():
     assert all(np.array_equal(np.asarray(x), np.asarray(y)) and c == d for (x, c), (y, d) in zip(a, b))
     other = toy_world.sample(4, 12)
     assert any(not np.array_equal(np.asarray(x), np.asarray(y)) for (x, _), (y, _) in zip(a, other))
-    assert all(img.size == (64, 64) and cap.startswith("a photo of a ") for img, cap in a)
+    assert all(img.size == (64, 64) and cap.startswith(("a photo of a ", "a photo of an ")) for img, cap in a)
     assert len({cap.split()[-1] for _, cap in toy_world.sample(0, 40)}) == len(toy_world.CLASSES)
 
 
 def test_caption_names_the_drawn_colour():
     item = toy_world.Item("ball", "red", "blue", "plain", 0.5, 0.5, 0.5, 0.3, (100, 100, 100))
     assert item.caption() == "a photo of a red ball"
+    assert toy_world.Item("cup", "orange", "red", "dotted", 0, .5, .5, .3, (0, 0, 0)).caption() == "a photo of an orange dotted cup"
     pixels = np.asarray(toy_world.draw(item)).reshape(-1, 3)
     assert (pixels == toy_world.COLOURS["red"]).all(axis=1).sum() > 200  # the ball is mostly red
 
