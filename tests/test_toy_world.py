@@ -25,3 +25,16 @@ def test_subject_is_one_instance_in_several_poses():
     assert len({cap for _, cap in shots}) == 1
     images = [np.asarray(img) for img, _ in shots]
     assert not np.array_equal(images[0], images[1])
+
+
+def test_sidecar_captions_replace_instance_prompt(tmp_path):
+    from mindbooth.data import DreamBoothDataset
+
+    for i, (image, caption) in enumerate(toy_world.sample(1, 2)):
+        image.save(tmp_path / f"{i}.png")
+        if i == 0:
+            (tmp_path / f"{i}.txt").write_text(caption + "\n")
+    dataset = DreamBoothDataset(tmp_path, "a photo of sks toy", 64)
+    rng = np.random.default_rng(0)
+    assert dataset.examples(0, rng)[0][1] == toy_world.sample(1, 2)[0][1]
+    assert dataset.examples(1, rng)[0][1] == "a photo of sks toy"
