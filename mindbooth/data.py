@@ -38,6 +38,14 @@ def prepare_image(image: Image.Image, size, center_crop: bool, random_flip: bool
     return Example(pixels, (height, width), (top, left), (target_h, target_w))
 
 
+def _sidecar_caption(image_path):
+    """The stripped text of `<image stem>.txt` next to the image, or None."""
+    from pathlib import Path
+
+    sidecar = Path(image_path).with_suffix(".txt")
+    return sidecar.read_text(encoding="utf-8").strip() or None if sidecar.is_file() else None
+
+
 class DreamBoothDataset:
     """Item i pairs instance image i mod n_instance with class image i mod n_class.
     Length = n_instance * train_data_repeat (at least one pass over the class images).
@@ -50,6 +58,8 @@ class DreamBoothDataset:
         if not self.instance_paths:
             raise ValueError(f"no images found in instance_data_path {instance_data_path}; put 3-10 photos of your subject there")
         self.instance_prompt = instance_prompt
+        # a `<image>.txt` sidecar (kohya/diffusers style) captions its image instead of instance_prompt
+        self.instance_prompts = [_sidecar_caption(path) or instance_prompt for path in self.instance_paths]
         self.with_prior_preservation = class_data_path is not None
         self.class_paths = list_images(class_data_path) if self.with_prior_preservation else []
         if self.with_prior_preservation and not self.class_paths:
@@ -77,7 +87,8 @@ class DreamBoothDataset:
 
     def examples(self, index: int, rng: np.random.Generator):
         """[(Example, prompt)] for item `index`: the instance one, then the class one if any."""
-        pairs = [(self.instance_paths[index % len(self.instance_paths)], self.instance_prompt)]
+        i = index % len(self.instance_paths)
+        pairs = [(self.instance_paths[i], self.instance_prompts[i])]
         if self.with_prior_preservation:
             pairs.append((self.class_paths[index % len(self.class_paths)], self.class_prompt))
         size = self.item_size(index)
