@@ -131,7 +131,8 @@ class Distributed:
             init()  # in msrun's scheduler process (MS_ROLE=MS_SCHED) this serves the cluster, then exits
         except Exception as error:  # noqa: BLE001 - MindSpore raises RuntimeError/ValueError variants
             first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            raise SystemExit(f"error: --is_parallel True, but the {launched} processes did not form a cluster "
+            # the scheduler's init() also ends this way when a rank is lost mid-training (its heartbeats stop)
+            raise SystemExit(f"error: --is_parallel True, but the {launched} processes did not form a cluster or lost a rank "
                              f"({first_line}); check the launcher's logs") from None
         self.rank, self.world_size = get_rank(), get_group_size()
         if device_target == "CPU":  # ranks on one host share its cores instead of oversubscribing them

@@ -141,19 +141,24 @@ REMOTE_NODE_MSRUN = ("from mindspore.parallel.cluster.process_entity import _api
                      "from mindspore.parallel.cluster.run import main; import sys; sys.argv[0] = 'msrun'; sys.exit(main())")
 
 
-@pytest.fixture(scope="module")
-def multinode_jobs(workspace, msrun_job):
-    """Two nodes of one worker each (node_rank 0 and 1, master 127.0.0.1), as the README's multi-node commands
-    start them on two hosts: 2 ranks x batch 1."""
+def _two_node_jobs(workspace, name, out, class_folder, compile_cache=None, *extra):
+    """Node 0 and node 1 of one worker each (master 127.0.0.1), as the README's multi-node commands start them on
+    two hosts."""
     port, jobs = _free_port(), []
     for node in (0, 1):
-        folder = workspace / f"node{node}"
+        folder = workspace / f"{name}{node}"
         launcher = [str(MSRUN)] if node == 0 else [sys.executable, "-c", REMOTE_NODE_MSRUN]
         command = [*launcher, "--worker_num=2", "--local_worker_num=1", "--master_addr=127.0.0.1",
                    f"--master_port={port}", f"--node_rank={node}", f"--log_dir={folder / 'logs'}", "--join=True",
-                   *_train_args(workspace, workspace / "out_nodes", workspace / "class_nodes"),
-                   "--per_batch_size", "1", "--is_parallel", "True"]
-        jobs.append(Job(command, folder, workspace / "compile_cache_2_ranks"))
+                   *_train_args(workspace, out, class_folder), "--per_batch_size", "1", "--is_parallel", "True", *extra]
+        jobs.append(Job(command, folder, compile_cache))
+    return jobs
+
+
+@pytest.fixture(scope="module")
+def multinode_jobs(workspace, msrun_job):
+    """Two nodes of one worker each: 2 ranks x batch 1."""
+    jobs = _two_node_jobs(workspace, "node", workspace / "out_nodes", workspace / "class_nodes", workspace / "compile_cache_2_ranks")
     return [_finished(job) for job in jobs]
 
 
@@ -297,16 +302,10 @@ def test_a_killed_rank_ends_the_mpirun_job_and_its_scheduler(workspace, mpirun_j
 def test_a_dead_node_ends_the_other_node_in_bounded_time(workspace, msrun_job):
     """Two msrun nodes training; node 1 dies whole (its msrun and worker killed, as when its host goes down) after a
     few steps: node 0's msrun ends with an error in bounded time instead of waiting in the next all-reduce forever."""
-    port, out, jobs = _free_port(), workspace / "out_dead_node", []
+    out, jobs = workspace / "out_dead_node", []
     try:
-        for node in (0, 1):
-            folder = workspace / f"dead_node{node}"
-            launcher = [str(MSRUN)] if node == 0 else [sys.executable, "-c", REMOTE_NODE_MSRUN]
-            command = [*launcher, "--worker_num=2", "--local_worker_num=1", "--master_addr=127.0.0.1",
-                       f"--master_port={port}", f"--node_rank={node}", f"--log_dir={folder / 'logs'}", "--join=True",
-                       *_train_args(workspace, out, workspace / "class_msrun"), "--per_batch_size", "1",
-                       "--is_parallel", "True", "--total_step", "100000"]
-            jobs.append(Job(command, folder))  # no shared compile cache: two fresh nodes compiling at once
+        # no shared compile cache: two fresh nodes compiling at once
+        jobs = _two_node_jobs(workspace, "dead_node", out, workspace / "class_msrun", None, "--total_step", "100000")
         deadline = time.time() + JOB_TIMEOUT_S
         while not ((out / "loss.csv").is_file() and len((out / "loss.csv").read_text().splitlines()) > 2):
             assert all(job.process.poll() is None for job in jobs) and time.time() < deadline, jobs[0].output()[-3000:]
@@ -316,6 +315,7 @@ def test_a_dead_node_ends_the_other_node_in_bounded_time(workspace, msrun_job):
         rc = jobs[0].wait(timeout=NODE_LOSS_BOUND_S + 60)
         ended = time.time() - killed
         assert rc != 0 and ended < NODE_LOSS_BOUND_S, (rc, ended, jobs[0].output()[-3000:])
+        assert "lost a rank" in jobs[0].output() and "worker 1" in jobs[0].output(), jobs[0].output()[-3000:]
         while _tagged_pids(jobs[0].tag) and time.time() - killed < NODE_LOSS_BOUND_S + 30:
             time.sleep(0.5)
         assert not _tagged_pids(jobs[0].tag), "processes of node 0 survive the lost node"
