@@ -3,6 +3,7 @@ class prompt. Each image brings its own SDXL size conditioning (original size, c
 conditioner of a model without it (SD 1.x/2.x) reads only the prompt."""
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -40,8 +41,6 @@ def prepare_image(image: Image.Image, size, center_crop: bool, random_flip: bool
 
 def _sidecar_caption(image_path):
     """The stripped text of `<image stem>.txt` next to the image, or None."""
-    from pathlib import Path
-
     sidecar = Path(image_path).with_suffix(".txt")
     return sidecar.read_text(encoding="utf-8").strip() or None if sidecar.is_file() else None
 
@@ -57,7 +56,6 @@ class DreamBoothDataset:
         self.instance_paths = list_images(instance_data_path)
         if not self.instance_paths:
             raise ValueError(f"no images found in instance_data_path {instance_data_path}; put 3-10 photos of your subject there")
-        self.instance_prompt = instance_prompt
         # a `<image>.txt` sidecar (kohya/diffusers style) captions its image instead of instance_prompt
         self.instance_prompts = [_sidecar_caption(path) or instance_prompt for path in self.instance_paths]
         self.with_prior_preservation = class_data_path is not None
