@@ -22,7 +22,7 @@ def main(argv=None):
     from mindbooth import finetune, step_graphs
     from mindbooth import training as phase
     from mindbooth.compile_cache import precompile_folder
-    from mindbooth.pipeline import Text2Image
+    from mindbooth.pipeline import text2image_for
 
     # ---- arguments, config and every input checked; runtime ---------------------------------------------------
     run = phase.parse_and_check(argv)
@@ -35,6 +35,9 @@ def main(argv=None):
     step_cache = child_folder if child_folder is not None else step_graphs.step_graphs_in_child(
         run.args, argv, finetune.step_graph_config(run.config), run.weights, step_shapes, run.save_path, __file__)
 
+    # ---- text embeddings, with --pre_compute_text_embeddings: the text encoder built, used and freed first ----
+    text_embeddings = phase.precompute_text_embeddings(run) if child_folder is None else None
+
     # ---- model -----------------------------------------------------------------------------------------------
     engine, lora = phase.load_model(run)
     projections = phase.context_projections(engine, passes, run)
@@ -43,11 +46,11 @@ def main(argv=None):
             steps = phase.build_steps(engine, lora, run, dist, passes)
             step_graphs.use_step_graphs(child_folder, steps.grad_step, steps.apply_step, step_shapes, projections[0])
         return engine
-    text2image = Text2Image(engine)
+    text2image = text2image_for(run.config, engine, text_embeddings)
 
     # ---- class images, data ----------------------------------------------------------------------------------
     phase.ensure_class_images(run, dist, text2image)
-    data = phase.build_data(run, dist, engine, text2image)
+    data = phase.build_data(run, dist, engine, text2image, text_embeddings)
 
     # ---- optimizer, resume -----------------------------------------------------------------------------------
     steps = phase.build_steps(engine, lora, run, dist, passes)

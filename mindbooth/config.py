@@ -75,6 +75,9 @@ TRAIN_FLAGS = {
                 "(MindSpore's ops, any device) or cpu (MindBooth's CPU kernels)"),
     "cache_latents": ("data.cache_latents", str2bool,
                       "encode images (and prompts, unless training the text encoders) once, then free the encoders"),
+    "pre_compute_text_embeddings": ("data.pre_compute_text_embeddings", str2bool,
+                                    "DeepFloyd IF: encode every prompt of the run with T5 built alone, free it, then build "
+                                    "the UNet (T5-XXL never sits next to the training)"),
     "seed": ("train.seed", int, "random seed"),
     "save_path": ("train.save_path", str, "output folder"),
     "save_ckpt_interval": ("train.save_ckpt_interval", int, "save the LoRA every N steps"),

@@ -45,6 +45,12 @@ def _sidecar_caption(image_path):
     return sidecar.read_text(encoding="utf-8").strip() or None if sidecar.is_file() else None
 
 
+def instance_prompts(instance_data_path, instance_prompt: str) -> list:
+    """The prompt of each instance image (list_images order): its `<image>.txt` sidecar caption (kohya/diffusers
+    style), else `instance_prompt`."""
+    return [_sidecar_caption(path) or instance_prompt for path in list_images(instance_data_path)]
+
+
 class DreamBoothDataset:
     """Item i pairs instance image i mod n_instance with class image i mod n_class.
     Length = n_instance * train_data_repeat (at least one pass over the class images).
@@ -56,8 +62,7 @@ class DreamBoothDataset:
         self.instance_paths = list_images(instance_data_path)
         if not self.instance_paths:
             raise ValueError(f"no images found in instance_data_path {instance_data_path}; put 3-10 photos of your subject there")
-        # a `<image>.txt` sidecar (kohya/diffusers style) captions its image instead of instance_prompt
-        self.instance_prompts = [_sidecar_caption(path) or instance_prompt for path in self.instance_paths]
+        self.instance_prompts = instance_prompts(instance_data_path, instance_prompt)
         self.with_prior_preservation = class_data_path is not None
         self.class_paths = list_images(class_data_path) if self.with_prior_preservation else []
         if self.with_prior_preservation and not self.class_paths:

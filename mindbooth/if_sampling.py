@@ -9,7 +9,8 @@ freed, then stage II upscales each to 256x256. Each prompt's noise comes from --
 diffusers' order), so a prompt gives the image mindbooth.if_cascade.cascade gives with seeded_noise(seed).
 --sample_step/--guidance_scale set stage I (default: its sampler_config); --stage2_sample_step stage II's steps
 (default: its sampler_config, as its guidance scale and noise_level).
-Stage III (1024x1024) is left out.
+`--weight base.ckpt,lora.ckpt` samples stage I with a DreamBooth LoRA (train_dreambooth.py's *_lora.ckpt), scaled by
+--lora_scale. Stage III (1024x1024) is left out.
 """
 import gc
 from pathlib import Path
@@ -35,8 +36,6 @@ def _check_options(args, config, weights):
         raise UsageError(f"{name}: --init_latent_path is for latent models; IF starts from --seed's pixel noise")
     if args.sampler != sampling_parser().get_default("sampler"):
         raise UsageError(f"{name} samples with its DDPM sampler (sampler_config in {args.config}): drop --sampler")
-    if len(weights) > 1 or args.lora_scale != 1.0:
-        raise UsageError(f"LoRA on {name} is not supported yet: give only the base --weight")
     if args.stage2_sample_step is not None and args.stage2_sample_step < 1:
         raise UsageError("--stage2_sample_step must be at least 1")
     if args.stage2_sample_step is not None and not args.stage2_config:
@@ -74,8 +73,11 @@ def generate_and_save_if(args, config):
         args.guidance_scale = float(sampler.get("guidance_scale", 7.0))
     native = native_resolution(config)
     prompts, num_images, size, _, _, _ = validate(args, size_multiple(config), 1, native, False, model_name(config))
-    if not weights or not Path(weights[0]).is_file():
-        raise UsageError(f"--weight not found: {weights[0] if weights else '(none given)'}")
+    if not weights:
+        raise UsageError("--weight not found: (none given)")
+    for weight in weights:
+        if not Path(weight).is_file():
+            raise UsageError(f"--weight not found: {weight}")
 
     ms.set_context(mode=ms.GRAPH_MODE if args.ms_mode == 0 else ms.PYNATIVE_MODE, jit_config={"jit_level": args.jit_level})
     ms.set_device(args.device_target)
@@ -85,7 +87,7 @@ def generate_and_save_if(args, config):
     rows = [slice(i * num_images, (i + 1) * num_images) for i in range(len(prompts))]
 
     def run_stage(config_path, weight, inputs, label, **options):
-        engine = if_cascade.load_stage(config_path, weight)
+        engine = if_cascade.load_stage(config_path, weight, options.get("lora_scale", 1.0))
         out = []
         try:
             for i, row in enumerate(rows):
@@ -101,8 +103,8 @@ def generate_and_save_if(args, config):
             _free(engine)
         return out
 
-    images = run_stage(args.config, weights[0], None, "stage I", size=size, num_steps=args.sample_step,
-                       guidance_scale=args.guidance_scale)
+    images = run_stage(args.config, weights, None, "stage I", size=size, num_steps=args.sample_step,
+                       guidance_scale=args.guidance_scale, lora_scale=args.lora_scale)
     stage_two = {}
     if stage_two_config is not None:
         size_two = size * native_resolution(stage_two_config) // native
@@ -113,7 +115,7 @@ def generate_and_save_if(args, config):
         size = size_two
     common = {"negative_prompt": args.negative_prompt, "sample_step": args.sample_step,
               "guidance_scale": args.guidance_scale, "width": size, "height": size, "seed": args.seed,
-              "weights": [Path(weights[0]).name], "task": args.task, **stage_two}
+              "weights": [Path(w).name for w in weights], "task": args.task, **stage_two}
     save_path = Path(args.save_path)
     all_images, paths = [], []
     for prompt, stage_images in zip(prompts, images):

@@ -19,16 +19,48 @@ def _ravel_one(tensor):
 _hyper_map = ops.HyperMap()
 
 
+GROUP_ELEMENTS = 1 << 26  # values per flat group: 256 MB in fp32, far below 32-bit byte offsets
+
+
 def flatten(tensors):
     """One fp32 vector: the tensors raveled and concatenated in order (one Concat launch for all of them).
     By HyperMap: a comprehension over ~1100 tensors exceeds GRAPH mode's call depth."""
     return ops.cat(_hyper_map(_ravel, tuple(tensors)))
 
 
+def flat_groups(params) -> tuple:
+    """(start, stop) index ranges of consecutive `params`, each range laid end to end in one flat vector: as many
+    parameters as fit in GROUP_ELEMENTS values (a larger one alone). A LoRA is one group, so each element-wise op of
+    its step is one launch; a full fine-tune (SD 1.5: 860M values) is cut into groups whose temporaries stay small
+    and whose slices stay within 32-bit offsets."""
+    groups, start, total = [], 0, 0
+    for index, param in enumerate(params):
+        size = int(np.prod(param.shape))
+        if index > start and total + size > GROUP_ELEMENTS:
+            groups.append((start, index))
+            start, total = index, 0
+        total += size
+    groups.append((start, len(params)))
+    return tuple(groups)
+
+
+def flatten_groups(tensors, groups) -> tuple:
+    """One `flatten` vector per (start, stop) range of `groups` (flat_groups)."""
+    flats = ()
+    for group in groups:
+        flats = flats + (flatten(tensors[group[0]:group[1]]),)
+    return flats
+
+
 def flat_layout(params) -> tuple:
     """(sizes, offsets): where each of `params` lies in `flatten`'s vector, as tuples of ints."""
     sizes = tuple(int(np.prod(p.shape)) for p in params)
     return sizes, tuple(int(offset) for offset in np.cumsum((0,) + sizes)[:-1])
+
+
+def group_name(prefix: str, index: int) -> str:
+    """The name of flat group `index`'s vector: `prefix` for the first (a LoRA's only group), `prefix_group<i>` after."""
+    return prefix if index == 0 else f"{prefix}_group{index}"
 
 
 _assign_piece = ops.MultitypeFuncGraph("assign_piece")
@@ -44,10 +76,10 @@ class AdamW(nn.Cell):
     """`lr_scales`: one factor per parameter (default 1): its learning rate is learning_rate * factor, so a
     group (e.g. the text-encoder LoRA) can train at its own rate under the same schedule.
 
-    The update runs once over all parameters laid end to end (`flatten`), moments stored flat (`adamw_m`,
-    `adamw_v`): a LoRA has ~1100 small parameters, and a dozen element-wise launches per parameter cost more
-    than the arithmetic. The new values are then sliced back into
-    the parameters. `grads`: the gradients flat in the parameters' order, or a tuple of them."""
+    The update runs over the parameters laid end to end in flat groups (`flat_groups`), moments stored flat per
+    group (`adamw_m`, `adamw_v`, then `adamw_m_group1`, ...): a LoRA has ~1100 small parameters in one group, and
+    a dozen element-wise launches per parameter cost more than the arithmetic. The new values are then sliced back
+    into the parameters. `grads`: one flat vector per group (`flatten_groups`)."""
 
     def __init__(self, params, learning_rate=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2, lr_scales=None):
         super().__init__(auto_prefix=False)
@@ -55,14 +87,15 @@ class AdamW(nn.Cell):
         lr_scales = [1.0] * len(self.params) if lr_scales is None else list(lr_scales)
         if len(lr_scales) != len(self.params):
             raise ValueError(f"lr_scales has {len(lr_scales)} entries for {len(self.params)} parameters")
-        self.sizes, self.offsets = flat_layout(self.params)
-        if all(scale == lr_scales[0] for scale in lr_scales):
-            self.lr_scales = Tensor(float(lr_scales[0]), ms.float32)
-        else:  # one factor per element
-            self.lr_scales = Tensor(np.repeat(np.asarray(lr_scales, np.float32), self.sizes))
-        total = sum(self.sizes)
-        self.exp_avg = Parameter(Tensor(np.zeros(total, np.float32)), name="adamw_m", requires_grad=False)
-        self.exp_avg_sq = Parameter(Tensor(np.zeros(total, np.float32)), name="adamw_v", requires_grad=False)
+        self.groups = flat_groups(self.params)
+        self.layouts = tuple(flat_layout(self.params[start:stop]) for start, stop in self.groups)
+        self.totals = tuple(sum(sizes) for sizes, _ in self.layouts)
+        self.lr_scales = tuple(_group_lr_scales(lr_scales[start:stop], sizes) for (start, stop), (sizes, _) in
+                               zip(self.groups, self.layouts))
+        self.exp_avg = ParameterTuple([Parameter(Tensor(np.zeros(total, np.float32)), name=group_name("adamw_m", i),
+                                                 requires_grad=False) for i, total in enumerate(self.totals)])
+        self.exp_avg_sq = ParameterTuple([Parameter(Tensor(np.zeros(total, np.float32)), name=group_name("adamw_v", i),
+                                                    requires_grad=False) for i, total in enumerate(self.totals)])
         self.step = Parameter(Tensor(0, ms.int32), name="adamw_step", requires_grad=False)
         self.learning_rate = Parameter(Tensor(learning_rate, ms.float32), name="adamw_lr", requires_grad=False)
         self.beta1 = Tensor(beta1, ms.float32)
@@ -73,43 +106,57 @@ class AdamW(nn.Cell):
 
     def state(self) -> dict:
         """Everything needed to resume: moments, step count, current learning rate (name -> Parameter)."""
-        return {p.name: p for p in (self.exp_avg, self.exp_avg_sq, self.step, self.learning_rate)}
+        return {p.name: p for p in (*self.exp_avg, *self.exp_avg_sq, self.step, self.learning_rate)}
 
     def load_state(self, saved: dict, source: str = "the optimizer state"):
-        """Set the state from `saved` (name -> Tensor/Parameter), as state() names it or as MindBooth before the
-        flat moments saved it (`adamw_m.<parameter name>`, one per parameter)."""
-        for name, flat in ((self.exp_avg.name, self.exp_avg), (self.exp_avg_sq.name, self.exp_avg_sq)):
-            if name in saved:
-                value = saved[name].asnumpy().reshape(-1)
-            else:
-                per_parameter = [f"{name}.{p.name}" for p in self.params]
+        """Set the state from `saved` (name -> Tensor/Parameter), as state() names it (in any number of groups: the
+        moments are the same values in the parameters' order), or as MindBooth saved them before the flat moments
+        (`adamw_m.<parameter name>`, one per parameter)."""
+        for prefix, moments in (("adamw_m", self.exp_avg), ("adamw_v", self.exp_avg_sq)):
+            pieces = []
+            while group_name(prefix, len(pieces)) in saved:
+                pieces.append(saved[group_name(prefix, len(pieces))].asnumpy().reshape(-1))
+            if not pieces:
+                per_parameter = [f"{prefix}.{p.name}" for p in self.params]
                 missing = [key for key in per_parameter if key not in saved]
                 if missing:
                     raise ValueError(f"{source} lacks {missing[0]}: it was saved for other trainable parameters")
-                value = np.concatenate([saved[key].asnumpy().reshape(-1) for key in per_parameter])
-            if value.size != flat.size:
-                raise ValueError(f"{source} has {value.size} values in {name} for {flat.size} trainable values: it was "
-                                 f"saved for other trainable parameters")
-            flat.set_data(Tensor(value.astype(np.float32)))
+                pieces = [saved[key].asnumpy().reshape(-1) for key in per_parameter]
+            whole = np.concatenate(pieces)
+            if whole.size != sum(self.totals):
+                raise ValueError(f"{source} has {whole.size} values in {prefix} for {sum(self.totals)} trainable "
+                                 "values: it was saved for other trainable parameters")
+            for flat, value in zip(moments, np.split(whole, np.cumsum(self.totals)[:-1])):
+                flat.set_data(Tensor(value.astype(np.float32)))
         for param in (self.step, self.learning_rate):
             if param.name not in saved:
                 raise ValueError(f"{source} lacks {param.name}")
             param.set_data(Tensor(saved[param.name].asnumpy()).astype(param.dtype))
 
     def construct(self, grads):
-        if isinstance(grads, (tuple, list)):
-            grads = flatten(grads)
         step = self.step + 1
         ops.assign(self.step, step)
         step = step.astype(ms.float32)
         bias_correction1 = 1.0 - ops.pow(self.beta1, step)
         bias_correction2 = 1.0 - ops.pow(self.beta2, step)
-        lr = self.learning_rate * self.lr_scales
-        m_new = self.beta1 * self.exp_avg + (1.0 - self.beta1) * grads
-        v_new = self.beta2 * self.exp_avg_sq + (1.0 - self.beta2) * grads * grads
-        decayed = flatten(self.params) * (1.0 - lr * self.weight_decay)
-        denom = ops.sqrt(v_new) / ops.sqrt(bias_correction2) + self.eps
-        new_params = decayed - (lr / bias_correction1) * m_new / denom
-        ops.assign(self.exp_avg, m_new)
-        ops.assign(self.exp_avg_sq, v_new)
-        return self.hyper_map(ops.partial(_assign_piece, new_params), self.params, self.offsets, self.sizes)
+        done = ()
+        for i in range(len(self.groups)):
+            params = self.params[self.groups[i][0]:self.groups[i][1]]
+            lr = self.learning_rate * self.lr_scales[i]
+            m_new = self.beta1 * self.exp_avg[i] + (1.0 - self.beta1) * grads[i]
+            v_new = self.beta2 * self.exp_avg_sq[i] + (1.0 - self.beta2) * grads[i] * grads[i]
+            decayed = flatten(params) * (1.0 - lr * self.weight_decay)
+            denom = ops.sqrt(v_new) / ops.sqrt(bias_correction2) + self.eps
+            new_params = decayed - (lr / bias_correction1) * m_new / denom
+            ops.assign(self.exp_avg[i], m_new)
+            ops.assign(self.exp_avg_sq[i], v_new)
+            sizes, offsets = self.layouts[i]
+            done = done + (self.hyper_map(ops.partial(_assign_piece, new_params), params, offsets, sizes),)
+        return done
+
+
+def _group_lr_scales(scales, sizes) -> Tensor:
+    """A group's learning-rate factors: one scalar when alike, else one per element."""
+    if all(scale == scales[0] for scale in scales):
+        return Tensor(float(scales[0]), ms.float32)
+    return Tensor(np.repeat(np.asarray(scales, np.float32), sizes))

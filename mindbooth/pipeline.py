@@ -6,6 +6,7 @@ from mindspore import nn
 
 from gm.util import instantiate_from_config
 from mindbooth.context_projections import ContextProjections
+from mindbooth.if_cascade import StageText2Image, is_if_config
 from mindbooth.images import to_uint8
 
 SAMPLERS = {
@@ -69,6 +70,12 @@ def size_batch(count: int, width: int, height: int, orig_width=None, orig_height
         "crop_coords_top_left": np.tile(np.array((crop_top, crop_left), np.float32), (count, 1)),
         "target_size_as_tuple": np.tile(np.array(target, np.float32), (count, 1)),
     }
+
+
+def text2image_for(config, engine, text_embeddings: dict = None):
+    """The text-to-image of an engine built from `config`: DeepFloyd IF's DDPM stage (pixel space; with
+    `text_embeddings` when its T5 was used and freed before the engine was built), or the latent diffusion pipeline."""
+    return StageText2Image(engine, text_embeddings) if is_if_config(config) else Text2Image(engine)
 
 
 class Text2Image:

@@ -12,7 +12,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
-from mindbooth.optim import flat_layout, flatten
+from mindbooth.optim import flat_groups, flat_layout, flatten_groups, group_name
 
 
 class DreamBoothLoss(nn.Cell):
@@ -58,8 +58,8 @@ class GradStep(nn.Cell):
     (loss_scale-unscaled). Returns (loss_weight x loss, loss_instance, loss_class, gradients_finite).
     `loss_weight` is 1, or prior_loss_weight for a pass over class rows alone (prior_passes).
 
-    The gradients are handled flat (mindbooth.optim.flatten, `buffers` from make_buffers): one launch per
-    element-wise op and one all-reduce for all of a LoRA's ~1100 parameters instead of one per parameter.
+    The gradients are handled flat in groups (mindbooth.optim.flat_groups, `buffers` from make_buffers): one launch
+    per element-wise op and one all-reduce for all of a LoRA's ~1100 parameters instead of one per parameter.
 
     Pass `conditioning` as `ms.mutable(tuple_of_tensors)`: a plain tuple of Tensors is a constant of the
     compiled graph, and GRAPH_MODE would then recompile whenever its values change (every step)."""
@@ -68,7 +68,8 @@ class GradStep(nn.Cell):
         super().__init__(auto_prefix=False)
         self.loss_net = loss_net
         self.params = ParameterTuple(params)
-        self.buffers = buffers  # one flat buffer (make_buffers)
+        self.groups = flat_groups(self.params)
+        self.buffers = buffers  # one flat buffer per group (make_buffers)
         self.grad_reducer = grad_reducer if grad_reducer is not None else ops.identity
         self.value_and_grad = ms.value_and_grad(self._scaled_loss, grad_position=None, weights=self.params, has_aux=True)
 
@@ -80,10 +81,13 @@ class GradStep(nn.Cell):
     def construct(self, latents, noise, sigmas, conditioning, loss_scale, loss_weight):
         (scaled_loss, loss, loss_instance, loss_class), grads = self.value_and_grad(latents, noise, sigmas, conditioning,
                                                                                     loss_scale, loss_weight)
-        grads = self.grad_reducer((flatten(grads),))[0]
+        grads = self.grad_reducer(flatten_groups(grads, self.groups))
         # An overflow shows in the scaled loss or in any gradient; either makes the step unusable.
-        finite = ops.logical_and(ops.isfinite(scaled_loss), ops.isfinite(grads).all())
-        accumulated = ops.assign_add(self.buffers[0], grads * (1.0 / loss_scale))
+        finite = ops.isfinite(scaled_loss)
+        accumulated = ()
+        for i in range(len(self.groups)):
+            finite = ops.logical_and(finite, ops.isfinite(grads[i]).all())
+            accumulated = accumulated + (ops.assign_add(self.buffers[i], grads[i] * (1.0 / loss_scale)),)
         return ops.depend(loss, accumulated), loss_instance, loss_class, finite
 
 
@@ -93,20 +97,28 @@ class ApplyStep(nn.Cell):
 
     def __init__(self, buffers: ParameterTuple, optimizer: nn.Cell, accumulation_steps: int, clip_grad: bool, max_grad_norm: float):
         super().__init__(auto_prefix=False)
-        self.buffers = buffers  # one flat buffer (make_buffers)
+        self.buffers = buffers  # one flat buffer per group (make_buffers)
         self.optimizer = optimizer
         self.inverse_steps = ms.Tensor(1.0 / accumulation_steps, ms.float32)
         self.clip_grad = clip_grad
         self.max_grad_norm = float(max_grad_norm)
 
     def construct(self):
-        grads = self.buffers[0] * self.inverse_steps
-        norm = ops.sqrt((grads * grads).sum())
+        grads = ()
+        squares = ms.Tensor(0.0, ms.float32)
+        for i in range(len(self.buffers)):
+            grads = grads + (self.buffers[i] * self.inverse_steps,)
+            squares = squares + (grads[i] * grads[i]).sum()
+        norm = ops.sqrt(squares)
         if self.clip_grad:
             clip = ops.minimum(self.max_grad_norm / (norm + 1e-6), ms.Tensor(1.0, ms.float32))
-            grads = grads * clip
+            clipped = ()
+            for i in range(len(self.buffers)):
+                clipped = clipped + (grads[i] * clip,)
+            grads = clipped
         norm = ops.depend(norm, self.optimizer(grads))
-        norm = ops.depend(norm, ops.assign(self.buffers[0], ops.zeros_like(self.buffers[0])))
+        for i in range(len(self.buffers)):
+            norm = ops.depend(norm, ops.assign(self.buffers[i], ops.zeros_like(self.buffers[i])))
         return norm
 
 
@@ -131,7 +143,15 @@ def step_input_shapes(model_params, rows: int, resolution: int) -> dict:
                  for embedder in model_params.conditioner_config.params.emb_models if embedder.input_key == "txt")
     latents = (rows, int(unet.in_channels), side, side)
     return {"latents": latents, "noise": latents, "sigmas": (rows,),
-            "conditioning": [(rows, tokens, int(unet.context_dim)), (rows, vector_width(model_params))]}
+            "conditioning": [(rows, tokens, text_width(unet)), (rows, vector_width(model_params))]}
+
+
+def text_width(unet_params) -> int:
+    """The width of the `crossattn` text embeddings the UNet takes: sgm's context_dim, or for DeepFloyd IF's UNet
+    (diffusers' fields) the T5 width it projects from (encoder_hid_dim)."""
+    if "context_dim" in unet_params:
+        return int(unet_params.context_dim)
+    return int(unet_params.get("encoder_hid_dim") or unet_params.cross_attention_dim)
 
 
 def vector_width(model_params) -> int:
@@ -164,16 +184,21 @@ def step_conditioning(conditioning, context_projections=None):
 
 
 def make_buffers(params) -> ParameterTuple:
-    """The gradient accumulation buffer: one fp32 vector, the parameters' gradients laid end to end."""
-    total = sum(flat_layout(params)[0])
-    return ParameterTuple([Parameter(Tensor(np.zeros(total, np.float32)), name="grad_accum", requires_grad=False)])
+    """The gradient accumulation buffers: per flat group (mindbooth.optim.flat_groups) one fp32 vector, its
+    parameters' gradients laid end to end."""
+    return ParameterTuple([Parameter(Tensor(np.zeros(sum(flat_layout(params[start:stop])[0]), np.float32)),
+                                     name=group_name("grad_accum", i), requires_grad=False)
+                           for i, (start, stop) in enumerate(flat_groups(params))])
 
 
 def buffered_gradients(buffers: ParameterTuple, params) -> list:
-    """The accumulated gradients as numpy arrays, one per parameter in its shape, from make_buffers' flat buffer."""
-    flat = buffers[0].asnumpy()
-    sizes, offsets = flat_layout(params)
-    return [flat[begin:begin + size].reshape(p.shape) for p, size, begin in zip(params, sizes, offsets)]
+    """The accumulated gradients as numpy arrays, one per parameter in its shape, from make_buffers' flat buffers."""
+    grads = []
+    for buffer, (start, stop) in zip(buffers, flat_groups(params)):
+        flat, group = buffer.asnumpy(), params[start:stop]
+        sizes, offsets = flat_layout(group)
+        grads += [flat[begin:begin + size].reshape(p.shape) for p, size, begin in zip(group, sizes, offsets)]
+    return grads
 
 
 class DynamicLossScale:

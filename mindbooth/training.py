@@ -26,11 +26,12 @@ from mindbooth.class_images import missing_class_image_names, sample_class_image
 from mindbooth.compile_cache import precompile_folder
 from mindbooth.config import load_training_config, training_parser
 from mindbooth.context_projections import ContextProjections
-from mindbooth.data import DreamBoothDataset
+from mindbooth.data import DreamBoothDataset, instance_prompts
 from mindbooth.distributed import Distributed
 from mindbooth.images import list_images, make_grid, remove_stale_temporaries, save_image_atomic
 from mindbooth.optim import AdamW
 from mindbooth.progress_log import LossLog
+from mindbooth.text_embeddings import encode_alone
 from mindbooth.sampling_model import size_multiple
 from mindbooth.train_step import (ApplyStep, DreamBoothLoss, DynamicLossScale, GradStep, make_buffers, prior_passes,
                                   step_input_shapes)
@@ -124,17 +125,39 @@ def step_shapes(run: Run, passes) -> dict:
     return step_input_shapes(run.config.model.params, rows, run.resolution)
 
 
+def precomputes_text(run: Run) -> bool:
+    """--pre_compute_text_embeddings: the text encoder encodes the run's prompts and is freed before the model is built."""
+    return bool(run.config.data.get("pre_compute_text_embeddings", False))
+
+
+def precompute_text_embeddings(run: Run) -> dict:
+    """With --pre_compute_text_embeddings: every prompt the run uses (the instance images' prompts, the class prompt,
+    the validation and final prompts, the empty negative prompt) encoded by the text encoder built alone and freed
+    (mindbooth/text_embeddings.py); else None."""
+    if not precomputes_text(run):
+        return None
+    db = run.config.dreambooth
+    prompts = [*instance_prompts(db.instance_data_path, db.instance_prompt), *([db.class_prompt] if run.with_prior else []),
+               *run.validation_prompts, run.final_prompt, ""]
+    return encode_alone(run.config.model.params.conditioner_config, run.weights[0], prompts)
+
+
 def load_model(run: Run):
-    """(engine, its trained parameters by name): the model built from the config with the base weights. LoRA: its
-    LoRA parameters (from a second weight file, if given; else a new LoRA, the same on every rank). --finetune full:
-    no LoRA, every UNet parameter (and text-encoder parameter with --train_text_encoder)."""
+    """(engine, its trained parameters by name): the model built from the config with the base weights (without its
+    text encoder with --pre_compute_text_embeddings). LoRA: its LoRA parameters (from a second weight file, if given;
+    else a new LoRA, the same on every rank). --finetune full: no LoRA, every UNet parameter (and text-encoder
+    parameter with --train_text_encoder)."""
     train_cfg = run.config.train
+    model_config = finetune.model_config(run.config)
+    if precomputes_text(run):
+        model_config = OmegaConf.create(OmegaConf.to_container(model_config, resolve=False))
+        model_config.params.conditioner_config = "__is_unconditional__"
     try:
-        engine = instantiate_from_config(finetune.model_config(run.config))
+        engine = instantiate_from_config(model_config)
     except ValueError as error:  # e.g. a LoRA rank larger than a layer
         fail(model_error(error, run.args.config))
     try:
-        ckpt.load_weights(engine, run.weights)
+        ckpt.load_weights(engine, run.weights, skip_prefixes=("conditioner.",) if precomputes_text(run) else ())
     except (ValueError, FileNotFoundError) as error:
         fail(str(error))
     if finetune.is_full(run.config):
@@ -161,8 +184,10 @@ def context_projections(engine, passes, run: Run) -> list:
     the text encoders train (the text context is then not fixed) or the UNet's own weights do (--finetune full: the
     cross-attention keys/values weights train). With frozen encoders and UNet the text is the cached embeddings of
     the instance and class prompts, so the frozen cross-attention keys/values of it are computed once."""
-    fixed = not engine.trains_text_encoders and not finetune.is_full(run.config)
-    return [ContextProjections(engine.model.diffusion_model) if fixed else None for _ in passes]
+    unet = engine.model.diffusion_model
+    # IF's UNet has no such cache: its text keys/values (add_k_proj/add_v_proj) carry LoRA and train
+    fixed = not engine.trains_text_encoders and not finetune.is_full(run.config) and hasattr(unet, "context_projections")
+    return [ContextProjections(unet) if fixed else None for _ in passes]
 
 
 class Steps(NamedTuple):
@@ -219,9 +244,10 @@ def ensure_class_images(run: Run, dist: Distributed, text2image):
     dist.barrier()
 
 
-def build_data(run: Run, dist: Distributed, engine, text2image) -> TrainingData:
-    """The training examples (mindbooth/training_data.py). With cache_latents every item is encoded now, the
-    sampling prompts' embeddings are cached too (frozen text encoders), and the encoders no longer needed are freed."""
+def build_data(run: Run, dist: Distributed, engine, text2image, text_embeddings: dict = None) -> TrainingData:
+    """The training examples (mindbooth/training_data.py), their text from `text_embeddings` when it was encoded
+    before the model was built. With cache_latents every item is encoded now, the sampling prompts' embeddings are
+    cached too (frozen text encoders), and the encoders no longer needed are freed."""
     db, data_cfg = run.config.dreambooth, run.config.data
     train_text_encoder = engine.trains_text_encoders
     try:
@@ -236,10 +262,10 @@ def build_data(run: Run, dist: Distributed, engine, text2image) -> TrainingData:
         print(f"aspect-ratio buckets: {len(used)} of {len(dataset.buckets)} in use (height x width: instance images): "
               + ", ".join(f"{h}x{w}: {n}" for (h, w), n in used.items()))
     data = TrainingData(dataset, engine, int(run.config.train.per_batch_size), run.seed, dist.rank, dist.world_size,
-                        run.with_prior, train_text_encoder, bool(data_cfg.get("cache_latents", False)))
+                        run.with_prior, train_text_encoder, bool(data_cfg.get("cache_latents", False)), text_embeddings)
     if data.cache is not None:
         data.encode_all(show_progress=dist.is_main)
-        if not train_text_encoder:  # trained text encoders change the embeddings: they stay and run every step
+        if not train_text_encoder and text_embeddings is None:  # trained text encoders change the embeddings: they stay and run every step
             guidance = float(run.config.train.get("validation_sampling", {}).get("guidance_scale", 5.0))
             for prompts in (run.validation_prompts, [run.final_prompt]):
                 text2image.cache_prompts(prompts, run.resolution, run.resolution, guidance)

@@ -11,16 +11,18 @@ from tqdm import tqdm
 
 from mindbooth.bucket_sampler import BucketBatchSampler
 from mindbooth.data import BatchSampler, collate
+from mindbooth.text_embeddings import lookup
 from mindbooth.train_step import step_conditioning
 
 
 class TrainingData:
     """`dataset`'s items for `engine`'s step, for this rank of `world_size`: `next_batch()` gives the arrays
-    (latents, noise, sigmas, *conditioning) of the next micro-batch, instance rows first, then class rows."""
+    (latents, noise, sigmas, *conditioning) of the next micro-batch, instance rows first, then class rows.
+    `text_embeddings`: the prompts' embeddings computed before the engine was built without its text encoder."""
 
     def __init__(self, dataset, engine, batch_size: int, seed: int, rank: int, world_size: int, with_prior: bool,
-                 train_text_encoder: bool, cache_latents: bool):
-        self.dataset, self.engine = dataset, engine
+                 train_text_encoder: bool, cache_latents: bool, text_embeddings: dict = None):
+        self.dataset, self.engine, self.text_embeddings = dataset, engine, text_embeddings
         self.seed, self.with_prior, self.train_text_encoder = seed, with_prior, train_text_encoder
         if dataset.buckets:  # aspect-ratio buckets: a micro-batch (global batch) holds one bucket's items
             self.sampler = BucketBatchSampler([dataset.item_size(i) for i in range(len(dataset))], batch_size, seed, rank, world_size)
@@ -37,6 +39,8 @@ class TrainingData:
         text_and_sizes = {k: v for k, v in batch.items() if k != "pixels"}
         if self.train_text_encoder:
             return moments, tuple(t.asnumpy() for t in self.engine.conditioner.tokenize(text_and_sizes))
+        if self.text_embeddings is not None:  # encoded before the model was built (mindbooth/text_embeddings.py)
+            return moments, lookup(self.text_embeddings, batch["txt"])
         cond = self.engine.conditioner.encode(text_and_sizes)
         return moments, (cond["crossattn"].asnumpy(), cond["vector"].asnumpy())
 

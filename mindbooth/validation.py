@@ -210,6 +210,14 @@ def check_training_choices(config, config_path):
         raise UsageError("--gradient_checkpointing_res_blocks needs --gradient_checkpointing True")
     if not isinstance(train_cfg.get("aspect_ratio_buckets", False), bool):  # a YAML "no" would read as a true string
         raise UsageError(f"train.aspect_ratio_buckets in {config_path} must be True or False, got {train_cfg.aspect_ratio_buckets!r}")
+    if config.data.get("pre_compute_text_embeddings", False):
+        from mindbooth.if_cascade import is_if_config
+
+        if not is_if_config(config):
+            raise UsageError("--pre_compute_text_embeddings is for DeepFloyd IF (T5); for the other models "
+                             "--cache_latents True encodes the prompts once and frees the text encoders")
+        if OmegaConf.select(config, "model.params.lora_config.text_encoder", default=False):
+            raise UsageError("--pre_compute_text_embeddings frees the text encoder, so it cannot train: drop --train_text_encoder")
     precision = str(train_cfg.get("precision", "fp32"))
     if precision not in ("fp32", "fp16"):
         raise UsageError(f"train.precision in {config_path} must be fp32 or fp16, got {precision!r}")

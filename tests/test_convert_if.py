@@ -9,7 +9,6 @@ IF-I-XL folder of sparse files (diffusers' and transformers' own names and shape
 """
 import copy
 import inspect
-import io
 import json
 
 import mindspore as ms
@@ -25,6 +24,7 @@ from conftest import ROOT
 from gm.modules.diffusionmodules.if_unet import IFUNet
 from gm.modules.embedders.t5 import T5EncoderModel
 from mindbooth.ckpt_stream import CkptReader
+from mindbooth.tiny_model import tiny_t5_tokenizer
 from tools.model_conversion.convert_weight import main
 from tools.model_conversion.if_layout import T5_XXL, if_config, if_unet_shapes, t5_shapes
 from tools.model_conversion.safetensors_stream import TensorInfo, header_bytes, write_order
@@ -57,18 +57,6 @@ def randomize(module: torch.nn.Module, seed: int):
                 value.copy_(torch.rand(value.shape, generator=generator) + 0.5)
             else:
                 value.copy_(torch.randn(value.shape, generator=generator) * 0.5 / max(1, value[0].numel()) ** 0.5)
-
-
-def spiece_model() -> bytes:
-    import sentencepiece
-
-    words = "a photo of sks dog cat toy in the bucket on beach with red blue green".split()
-    rng = np.random.default_rng(0)
-    out = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter([" ".join(rng.choice(words, size=8)) for _ in range(500)]), model_writer=out,
-        vocab_size=40, model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
-    return out.getvalue()
 
 
 def model_index(path, pipeline: str):
@@ -113,7 +101,7 @@ def folders(tmp_path_factory):
     text.save_pretrained(stage1 / "text_encoder", max_shard_size="8KB")
     copy.deepcopy(text).half().save_pretrained(stage1 / "text_encoder", max_shard_size="8KB", variant="fp16")
     (stage1 / "tokenizer").mkdir()
-    (stage1 / "tokenizer" / "spiece.model").write_bytes(spiece_model())
+    (stage1 / "tokenizer" / "spiece.model").write_bytes(tiny_t5_tokenizer())
     model_index(stage2, "IFSuperResolutionPipeline")
     unet2.save_pretrained(stage2 / "unet")
     config1 = engine_config(root / "if_i_tiny_engine.yaml", params1, TINY_T5)

@@ -16,10 +16,11 @@ from omegaconf import OmegaConf
 from conftest import ROOT, TINY_CONFIG
 from gm.modules.lora import lora_parameters
 from gm.util import instantiate_from_config
-from mindbooth import finetune
+from mindbooth import finetune, optim
 from mindbooth.checkpoint import _tensor_names, load_weights, read_checkpoint
 from mindbooth.config import load_config
-from mindbooth.train_step import DreamBoothLoss, GradStep, buffered_gradients, make_buffers
+from mindbooth.optim import AdamW
+from mindbooth.train_step import ApplyStep, DreamBoothLoss, GradStep, buffered_gradients, make_buffers
 from tiny_workspace import make_workspace
 
 ONE = ms.Tensor(1.0, ms.float32)
@@ -74,19 +75,45 @@ def _full_engine(workspace, backend):
     return engine
 
 
-def _unet_gradients(engine):
-    """{name: gradient} of the prior-preservation loss on a fixed batch, for every UNet parameter (trainable)."""
+def _step_inputs(engine):
+    """GradStep's inputs (less the loss scale and weight) of a fixed batch: an instance and a class row."""
     rng = np.random.default_rng(7)
     cond = engine.conditioner.encode({"txt": ["a photo of sks toy", "a photo of toy"], "original_size_as_tuple": [[32, 32]] * 2,
                                       "crop_coords_top_left": [[0, 0]] * 2, "target_size_as_tuple": [[32, 32]] * 2})
-    inputs = [ms.Tensor(rng.standard_normal((2, 4, 4, 4)).astype(np.float32)),
-              ms.Tensor(rng.standard_normal((2, 4, 4, 4)).astype(np.float32)), ms.Tensor(np.array([0.5, 3.0], np.float32)),
-              (cond["crossattn"], cond["vector"])]
+    return [ms.Tensor(rng.standard_normal((2, 4, 4, 4)).astype(np.float32)),
+            ms.Tensor(rng.standard_normal((2, 4, 4, 4)).astype(np.float32)), ms.Tensor(np.array([0.5, 3.0], np.float32)),
+            (cond["crossattn"], cond["vector"])]
+
+
+def _unet_gradients(engine):
+    """{name: gradient} of the prior-preservation loss on a fixed batch, for every UNet parameter (trainable)."""
     named = sorted((n, p) for n, p in engine.parameters_and_names() if p.requires_grad)
     params = [p for _, p in named]
     buffers = make_buffers(params)
-    GradStep(DreamBoothLoss(engine, 1.0, True), params, buffers)(*inputs, ONE, ONE)
+    GradStep(DreamBoothLoss(engine, 1.0, True), params, buffers)(*_step_inputs(engine), ONE, ONE)
     return dict(zip((n for n, _ in named), buffered_gradients(buffers, params)))
+
+
+def test_many_flat_groups_take_the_step_one_group_takes(workspace, monkeypatch):
+    """A full fine-tune's parameters cut into flat groups (SD 1.5's 860M values: 13 groups of at most 2^26) take
+    the step one flat vector takes: the same gradient norm and AdamW update of every weight."""
+    results = []
+    for limit in (1 << 26, 50_000):
+        monkeypatch.setattr(optim, "GROUP_ELEMENTS", limit)
+        engine = _full_engine(workspace, "plain")
+        engine.make_trainable(["model.diffusion_model."])
+        named = sorted((n, p) for n, p in engine.parameters_and_names() if p.requires_grad)
+        params = [p for _, p in named]
+        buffers = make_buffers(params)
+        GradStep(DreamBoothLoss(engine, 1.0, True), params, buffers)(*_step_inputs(engine), ONE, ONE)
+        norm = ApplyStep(buffers, AdamW(params, learning_rate=1e-3), 1, True, 1.0)()
+        assert not any(np.abs(b.asnumpy()).max() for b in buffers)  # cleared for the next step
+        results.append((len(buffers), float(norm.asnumpy()), {n: p.asnumpy() for n, p in named}))
+    (one, norm_one, weights_one), (many, norm_many, weights_many) = results
+    assert one == 1 and many > 5
+    assert norm_many == pytest.approx(norm_one, rel=1e-5)
+    for name, value in weights_one.items():
+        np.testing.assert_allclose(weights_many[name], value, rtol=0, atol=1e-6, err_msg=name)
 
 
 def test_make_trainable_gives_the_cpu_backend_the_plain_weight_gradients(workspace):

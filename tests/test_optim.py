@@ -6,7 +6,8 @@ import pytest
 import torch
 from mindspore import Parameter, Tensor, nn
 
-from mindbooth.optim import AdamW
+from mindbooth import optim
+from mindbooth.optim import AdamW, flatten, flatten_groups
 
 
 class _Step(nn.Cell):
@@ -15,11 +16,13 @@ class _Step(nn.Cell):
         self.optimizer = optimizer
 
     def construct(self, grads):
-        return self.optimizer(grads)
+        return self.optimizer(flatten_groups(grads, self.optimizer.groups))
 
 
+@pytest.mark.parametrize("group_elements", [1 << 26, 24])  # one flat group; three groups ([p0], [p1, p2]... cut at 24)
 @pytest.mark.parametrize("mode", [ms.PYNATIVE_MODE, ms.GRAPH_MODE])
-def test_adamw_matches_torch(mode):
+def test_adamw_matches_torch(mode, group_elements, monkeypatch):
+    monkeypatch.setattr(optim, "GROUP_ELEMENTS", group_elements)
     rng = np.random.default_rng(0)
     shapes = [(4, 6), (6,), (3, 2)]
     initial = [rng.standard_normal(s).astype(np.float32) for s in shapes]
@@ -42,13 +45,12 @@ def test_adamw_matches_torch(mode):
     finally:
         ms.set_context(mode=ms.PYNATIVE_MODE)
     assert int(step.optimizer.step.asnumpy()) == 5
+    assert len(step.optimizer.groups) == (1 if group_elements > 100 else 2)
 
 
 def test_adamw_takes_flat_gradients_and_loads_per_parameter_state():
     """The update runs on the gradients laid end to end; a state saved per parameter (MindBooth before the flat
     moments) loads into the flat moments in the parameters' order, and a state for other parameters is refused."""
-    from mindbooth.optim import flatten
-
     rng = np.random.default_rng(1)
     shapes = [(4, 6), (6,), (3, 2)]
     initial = [rng.standard_normal(s).astype(np.float32) for s in shapes]
@@ -61,12 +63,12 @@ def test_adamw_takes_flat_gradients_and_loads_per_parameter_state():
     saved.update({f"adamw_v.b{i}": Tensor(m * m) for i, m in enumerate(moments)})
     saved.update({"adamw_step": Tensor(3, ms.int32), "adamw_lr": Tensor(1e-2, ms.float32)})
     flat_opt.load_state(saved)
-    np.testing.assert_array_equal(flat_opt.exp_avg.asnumpy(), np.concatenate([m.ravel() for m in moments]))
+    np.testing.assert_array_equal(flat_opt.exp_avg[0].asnumpy(), np.concatenate([m.ravel() for m in moments]))
     tuple_opt.load_state({name: flat_opt.state()[name] for name in flat_opt.state()})  # the flat layout
-    np.testing.assert_array_equal(tuple_opt.exp_avg_sq.asnumpy(), flat_opt.exp_avg_sq.asnumpy())
+    np.testing.assert_array_equal(tuple_opt.exp_avg_sq[0].asnumpy(), flat_opt.exp_avg_sq[0].asnumpy())
     assert int(tuple_opt.step.asnumpy()) == 3
-    tuple_opt(tuple(Tensor(g) for g in grads))
-    flat_opt(flatten([Tensor(g) for g in grads]))
+    tuple_opt(flatten_groups(tuple(Tensor(g) for g in grads), tuple_opt.groups))
+    flat_opt((flatten([Tensor(g) for g in grads]),))
     for ours, other, start in zip(by_flat, by_tuple, initial):
         assert not np.allclose(ours.asnumpy(), start)
         np.testing.assert_array_equal(ours.asnumpy(), other.asnumpy())
@@ -74,3 +76,25 @@ def test_adamw_takes_flat_gradients_and_loads_per_parameter_state():
         AdamW(by_flat).load_state({k.replace(".b", ".c"): v for k, v in saved.items()})
     with pytest.raises(ValueError, match="25 values in adamw_m"):
         AdamW(by_flat).load_state({"adamw_m": Tensor(np.zeros(25, np.float32)), **saved})
+
+
+def test_a_state_moves_between_group_layouts(monkeypatch):
+    """Moments saved in one flat vector (one group, or MindBooth before groups) load into many groups and back:
+    the same values in the parameters' order."""
+    rng = np.random.default_rng(2)
+    shapes = [(4, 6), (6,), (3, 2)]
+    params = [Parameter(Tensor(rng.standard_normal(s).astype(np.float32)), name=f"g{i}") for i, s in enumerate(shapes)]
+    whole = AdamW(params)
+    whole.exp_avg[0].set_data(Tensor(rng.random(36).astype(np.float32)))
+    saved = {name: Tensor(p.asnumpy()) for name, p in whole.state().items()}
+    monkeypatch.setattr(optim, "GROUP_ELEMENTS", 24)
+    split = AdamW(params)
+    split.load_state(saved)
+    assert [p.name for p in split.exp_avg] == ["adamw_m", "adamw_m_group1"]
+    np.testing.assert_array_equal(np.concatenate([p.asnumpy() for p in split.exp_avg]), whole.exp_avg[0].asnumpy())
+    monkeypatch.setattr(optim, "GROUP_ELEMENTS", 1 << 26)
+    again = AdamW(params)
+    again.load_state({name: Tensor(p.asnumpy()) for name, p in split.state().items()})
+    np.testing.assert_array_equal(again.exp_avg[0].asnumpy(), whole.exp_avg[0].asnumpy())
+    with pytest.raises(ValueError, match="24 values in adamw_m for 36"):
+        again.load_state({**saved, "adamw_m": Tensor(np.zeros(24, np.float32))})

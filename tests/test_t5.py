@@ -12,6 +12,7 @@ from mindspore.nn.utils import no_init_parameters
 
 from gm.modules.embedders.t5 import T5EncoderModel, relative_position_buckets
 from gm.modules.embedders.t5_tokenizer import T5Tokenizer
+from mindbooth.tiny_model import tiny_t5_tokenizer
 
 TINY = dict(vocab_size=120, d_model=32, d_ff=48, num_layers=3, num_heads=4, d_kv=8, relative_attention_num_buckets=32,
             relative_attention_max_distance=128, feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6)
@@ -78,18 +79,8 @@ def test_full_size_xxl_encoder_names_and_shapes_equal_transformers():
 @pytest.fixture(scope="module")
 def spiece_model(tmp_path_factory):
     """A small Unigram SentencePiece model with T5's special ids (pad 0, </s> 1, <unk> 2, no <s>)."""
-    import sentencepiece
-
-    words = ("a photo of sks dog cat toy in the bucket on beach with red blue green sunglasses wearing sitting "
-             "floating water mountain snow city night painting style Van Gogh backpack teapot vase").split()
-    rng = np.random.default_rng(0)
-    corpus = [" ".join(rng.choice(words, size=8)) for _ in range(2000)]
-    model = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_writer=model, vocab_size=60,
-                                             model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-                                             minloglevel=2)
     path = tmp_path_factory.mktemp("t5_tokenizer") / "spiece.model"
-    path.write_bytes(model.getvalue())
+    path.write_bytes(tiny_t5_tokenizer())
     return path
 
 

@@ -1,9 +1,13 @@
 """Write the quick-start's inputs: a tiny base checkpoint with random weights for any tiny config (SDXL, SSD-1B,
-SD 1.5, SD 2.1: the same key layout as the released model of that family) and a few procedurally drawn subject images.
+SD 1.5, SD 2.1, DeepFloyd IF: the same key layout as the released model of that family) and a few procedurally drawn subject images.
 
     python tools/make_tiny_model.py --config configs/inference/sd_xl_tiny.yaml --weight_ms checkpoints/sd_xl_tiny_ms.ckpt \
         --subject_dir runs/toy_subject
     python tools/make_tiny_model.py --config configs/inference/sd_v1.5_tiny.yaml --weight_ms checkpoints/sd_v1.5_tiny_ms.ckpt
+    python tools/make_tiny_model.py --config configs/inference/if_i_tiny.yaml --weight_ms checkpoints/if_i_tiny_ms.ckpt
+
+DeepFloyd IF's tiny config also needs a T5 tokenizer: a small SentencePiece model is written at its tokenizer_file
+when none is there.
 """
 import argparse
 import sys
@@ -16,7 +20,7 @@ import mindspore as ms  # noqa: E402
 from gm.util import instantiate_from_config  # noqa: E402
 from mindbooth.checkpoint import save_checkpoint_atomic  # noqa: E402
 from mindbooth.config import load_config  # noqa: E402
-from mindbooth.tiny_model import random_weights  # noqa: E402
+from mindbooth.tiny_model import random_weights, t5_tokenizer_files, tiny_t5_tokenizer  # noqa: E402
 from mindbooth.toy_subject import write_toy_images  # noqa: E402
 
 
@@ -45,6 +49,11 @@ def main(argv=None):
         weights = {name: value for name, value in random_weights(engine, args.seed).items() if ".lora_" not in name}
         save_checkpoint_atomic(weights, args.weight_ms)
         print(f"wrote {args.weight_ms}")
+        for tokenizer in t5_tokenizer_files(config):  # DeepFloyd IF: its T5 tokenizer, a small SentencePiece model
+            if not Path(tokenizer).exists():
+                Path(tokenizer).parent.mkdir(parents=True, exist_ok=True)
+                Path(tokenizer).write_bytes(tiny_t5_tokenizer())
+                print(f"wrote {tokenizer}")
     if args.subject_dir:
         paths = write_toy_images(args.subject_dir, args.num_subject_images, seed=args.seed)
         print(f"subject images in {args.subject_dir} ({len(paths)})")

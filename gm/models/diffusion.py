@@ -30,11 +30,14 @@ class DiffusionEngine(nn.Cell):
         frozen_weight_dtype=None,
         backend: str = "auto",
         network_wrapper: str = None,
+        lora_targets=None,
         **unused_sgm_options,
     ):
         """`backend`: how the built model computes (gm.backends): `plain` MindSpore, `cpu` (MindBooth's CPU kernels),
         or `auto` (cpu where MindSpore runs on the CPU and the kernels build). `network_wrapper`: the class (a dotted
-        path, sgm's option) that adapts the network to the conditioning dict; OpenAIWrapper by default."""
+        path, sgm's option) that adapts the network to the conditioning dict; OpenAIWrapper by default.
+        `lora_targets`: the `attentions` and `target_modules` a LoRA loaded later goes on (add_unet_lora), where they
+        are not SD's attn1/attn2 q/k/v/out (DeepFloyd IF's added-key/value attentions)."""
         super().__init__()
         # a frozen base in a low-precision dtype: stored so block by block as the UNet is built (its fp32 peak)
         weight_dtype = {"weight_dtype": frozen_weight_dtype} if frozen_weight_dtype else {}
@@ -47,6 +50,7 @@ class DiffusionEngine(nn.Cell):
         self.loss_fn = instantiate_from_config(loss_fn_config) if loss_fn_config is not None else None
         self.scale_factor = scale_factor
         self.latents_per_pixel = latents_per_pixel
+        self.lora_targets = dict(lora_targets) if lora_targets else {}
         for param in self.get_parameters():  # the base model is frozen; LoRA (if any) is what trains
             param.requires_grad = False
         self.lora_config = dict(lora_config) if lora_config else None
@@ -66,7 +70,7 @@ class DiffusionEngine(nn.Cell):
 
     def add_unet_lora(self, rank: int = 4, alpha: float = None, dropout: float = 0.0, **targets) -> int:
         """LoRA on the UNet's attention projections (`lora_config`: rank, alpha, dropout, target_modules, attentions)."""
-        added = inject_lora(self.model, rank, alpha, dropout, **targets)
+        added = inject_lora(self.model, rank, alpha, dropout, **{**self.lora_targets, **targets})
         self._name_and_freeze()
         self._reapply_backend()
         return added
