@@ -170,8 +170,11 @@ def test_merge_into_the_if_base_equals_the_lora_engine(case):
     expected = case.engine.model.diffusion_model(x, t, context).asnumpy()
     plain = if_cascade.load_stage(STAGE_ONE, merged)
     assert relative_error(plain.model.diffusion_model(x, t, context).asnumpy(), expected) < 1e-4
-    base = if_cascade.load_stage(STAGE_ONE, case.tiny_if["weights"][0])
-    assert relative_error(base.model.diffusion_model(x, t, context).asnumpy(), expected) > 1e-2
+    # W + (alpha / rank) B A on an added-key projection (the LoRA moves the output: see the render test)
+    base, after = read_state(case.tiny_if["weights"][0])[0], read_state(merged)[0]
+    layer = lf.MINDBOOTH_PREFIX + "up_blocks.0.attentions.0.add_k_proj"
+    delta = ALPHA / case.rank * case.lora[f"{layer}.lora_B.weight"] @ case.lora[f"{layer}.lora_A.weight"]
+    np.testing.assert_allclose(after[f"{layer}.weight"] - base[f"{layer}.weight"], delta, rtol=1e-4, atol=1e-6)
     exported = case.folder / "merge_diffusers.safetensors"
     convert("ms_to_diffusers", case.lora_ckpt, exported, config=str(STAGE_ONE), overwrite=True)
     again = case.folder / "merged_again.ckpt"
