@@ -27,7 +27,7 @@ IF = "DeepFloyd IF"
 # every family a LoRA can be of -> the config to pass for it
 LORA_FAMILIES = {**FAMILIES, IF: "configs/inference/if_i_xl.yaml"}
 # an IF UNet LoRA layer: a projection of an added-key/value attention cell, by its diffusers path
-IF_LAYER = re.compile(r"(?:down_blocks\.\d+\.attentions\.\d+|mid_block\.attentions\.\d+|up_blocks\.\d+\.attentions\.\d+)"
+IF_LAYER = re.compile(r"(?:(?:down|up)_blocks\.\d+|mid_block)\.attentions\.\d+"
                       r"\.(?:to_q|to_k|to_v|to_out\.0|add_k_proj|add_v_proj)")
 IF_HUB_NAMES = {1: "DeepFloyd/IF-I-XL-v1.0", 2: "DeepFloyd/IF-II-L-v1.0"}
 

@@ -67,8 +67,9 @@ _DIFFUSERS_PARTS = ("lora_A", "lora_B", "lora_linear_layer")
 # a MindONE full save also holds the text encoders and the VAE; their weights are skipped
 _MINDBOOTH_MARKERS = (MINDBOOTH_PREFIX, "conditioner.", "first_stage_model.")
 _TEXT_ENCODER_PREFIXES = KOHYA_TEXT_PREFIXES + tuple(f"{c}." for c in te.DIFFUSERS_ENCODERS)
-_SUPPORTED = ("MindBooth LoRA covers the UNet attention projections to_q/to_k/to_v/to_out.0 of attn1/attn2 (DeepFloyd "
-              "IF: also add_k_proj/add_v_proj of attentions.N) and the text encoders' self-attention q/k/v/out_proj only")
+_SUPPORTED = ("MindBooth LoRA covers the UNet attention projections to_q/to_k/to_v/to_out.0 of attn1/attn2 "
+              "(DeepFloyd IF: also add_k_proj/add_v_proj of attentions.N) and the text encoders' self-attention "
+              "q/k/v/out_proj only")
 NO_KOHYA_FOR_IF = ("DeepFloyd IF LoRA has no kohya (A1111/ComfyUI) format: no webui runs IF; use --task "
                    "ms_to_diffusers (what IFPipeline.load_lora_weights reads)")
 
