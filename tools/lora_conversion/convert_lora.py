@@ -5,6 +5,8 @@
         --instance_prompt "a photo of sks dog"
     python tools/lora_conversion/convert_lora.py --task ms_to_kohya --src lora.ckpt --dst my_lora.safetensors
     python tools/lora_conversion/convert_lora.py --task to_ms --src downloaded_lora.safetensors --dst lora.ckpt
+    python tools/lora_conversion/convert_lora.py --task ms_to_diffusers --config configs/inference/if_i_xl.yaml \
+        --src if_lora.ckpt --dst pytorch_lora_weights.safetensors      # DeepFloyd IF stage I (IFPipeline)
 
 ms_to_diffusers writes what `pipe.load_lora_weights(...)` reads (`unet.…`, `text_encoder.…`,
 `text_encoder_2.…`; each component's alpha in the `lora_adapter_metadata` header); ms_to_kohya writes what
@@ -12,6 +14,8 @@ A1111 and ComfyUI load (`lora_unet_input_blocks_…`, `lora_te1_…`, `lora_te2_
 to_ms reads either (or a diffusers attention-processor LoRA), detected from the key names.
 Text-encoder LoRA (a `--train_text_encoder` run) is converted with the UNet's; `--drop_text_encoder` keeps
 the UNet part only. LoRA on other text-encoder layers (e.g. mlp fc1) is refused.
+DeepFloyd IF (to_q/to_k/to_v/to_out.0/add_k_proj/add_v_proj of every `attentions.N`): diffusers format only; its
+family comes from an IF --config or, without one, from the LoRA's names.
 """
 import argparse
 import sys
@@ -26,7 +30,7 @@ import numpy as np  # noqa: E402
 from mindbooth.tensor_dtypes import CHOICES, FLOATS, ConversionError, cast  # noqa: E402
 from tools.lora_conversion import lora_formats as lf  # noqa: E402
 from tools.lora_conversion import text_encoder_names as te  # noqa: E402
-from tools.lora_conversion.lora_family import check_family, family_from_config  # noqa: E402
+from tools.lora_conversion.lora_family import check_family, family_from_config, family_of_layers  # noqa: E402
 
 TASKS = {"ms_to_diffusers": "diffusers", "ms_to_kohya": "kohya", "to_ms": "mindbooth"}
 
@@ -92,9 +96,14 @@ def layers_per_block(config) -> int:
 
 def check_against_model(layers: dict, config):
     """Every LoRA layer has its weight in the model `config` builds, and its B A fits that weight's shape."""
+    from tools.model_conversion.if_layout import checkpoint_shapes, if_config
     from tools.model_conversion.sdxl_layout import model_mindspore_shapes, rule_mindspore_shapes
 
-    shapes = rule_mindspore_shapes(config) or model_mindspore_shapes(config)
+    deepfloyd = if_config(config)
+    if deepfloyd is not None:  # IF's names and shapes from its numbers (no model, no T5 tokenizer needed)
+        shapes = checkpoint_shapes(deepfloyd, text_encoder=False)
+    else:
+        shapes = rule_mindspore_shapes(config) or model_mindspore_shapes(config)
     try:
         lf.check_targets(layers, shapes, f"the model of {config}")
     except ConversionError as error:  # e.g. an SD 2.x LoRA in diffusers/kohya names with an SD 1.x config
@@ -111,6 +120,7 @@ def convert(task, src, dst, config=None, base_model="", instance_prompt="", dtyp
     family = family_from_config(config)
     state, header = read_state(src)
     layers, info = lf.read_layers(state, header, family, drop_text_encoder)
+    family = family_of_layers(layers, family, config)  # without --config: IF when the names are IF's
     # before anything is written: the LoRA's names show the config's family, and its layers fit that model
     check_family(layers, family, src, config or "the default without --config")
     if config is not None:
@@ -138,7 +148,8 @@ def parse_args(argv=None):
     p.add_argument("--dst", required=True, help="output LoRA file")
     p.add_argument("--config", default=None,
                    help="config of the LoRA's base model (e.g. configs/inference/sd_v1.5.yaml): its family (SD 1.x, "
-                        "SD 2.x, SDXL, SSD-1B) decides the names; default: SDXL base")
+                        "SD 2.x, SDXL, SSD-1B, DeepFloyd IF) decides the names; default: SDXL base (IF when the "
+                        "LoRA's names are IF's)")
     p.add_argument("--base_model", default="",
                    help="base model name written into the safetensors metadata (default: the family's Hub name)")
     p.add_argument("--instance_prompt", default="", help="trigger / instance prompt written into the metadata")

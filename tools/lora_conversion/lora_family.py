@@ -1,7 +1,7 @@
 """Which model family a LoRA belongs to, and what that changes in its names.
 
-The family (SD 1.x, SD 2.x, SDXL, SSD-1B; `tools.model_conversion.file_layout.FAMILIES`) comes from the model config
-(`--config`). It decides:
+The family (SD 1.x, SD 2.x, SDXL, SSD-1B; `tools.model_conversion.file_layout.FAMILIES`; and DeepFloyd IF) comes from
+the model config (`--config`). It decides:
   - the UNet block numbering (`layers_per_block`, the config's num_res_blocks) between diffusers and sgm names;
     per-block transformer depths (SSD-1B) need nothing more, the depth index is in every name;
   - the text encoders (text_encoder_names.TextEncoder): SD 1.x one CLIP ViT-L, SD 2.x one OpenCLIP ViT-H (fused
@@ -9,6 +9,9 @@ The family (SD 1.x, SD 2.x, SDXL, SSD-1B; `tools.model_conversion.file_layout.FA
   - kohya's names and header: sd-scripts names SD 1.x/2.x UNet modules by diffusers' layout
     (`lora_unet_down_blocks_0_attentions_0_…`) and SDXL's by sgm's (`lora_unet_input_blocks_4_1_…`), and writes
     `ss_base_model_version` sd_v1 / sd_v2 / sd_v2_v / sdxl_base_v1-0.
+DeepFloyd IF's UNet keeps diffusers' names in MindBooth (`model.diffusion_model.down_blocks.1.attentions.0.add_k_proj`),
+so its LoRA layers are those paths as they are, in every format; IF has no kohya names (no webui runs IF) and no
+text-encoder LoRA here. An IF LoRA is also told by its names (`is_if_layer`) when no --config is given.
 `check_family` refuses a LoRA whose layer names show another family than the config's.
 """
 import re
@@ -20,15 +23,27 @@ from tools.lora_conversion import text_encoder_names as te
 from tools.model_conversion.file_layout import FAMILIES, SD1, SD2, SDXL, SSD1B
 
 SDXL_LAYERS_PER_BLOCK = 2
+IF = "DeepFloyd IF"
+# every family a LoRA can be of -> the config to pass for it
+LORA_FAMILIES = {**FAMILIES, IF: "configs/inference/if_i_xl.yaml"}
+# an IF UNet LoRA layer: a projection of an added-key/value attention cell, by its diffusers path
+IF_LAYER = re.compile(r"(?:(?:down|up)_blocks\.\d+|mid_block)\.attentions\.\d+"
+                      r"\.(?:to_q|to_k|to_v|to_out\.0|add_k_proj|add_v_proj)")
+IF_HUB_NAMES = {1: "DeepFloyd/IF-I-XL-v1.0", 2: "DeepFloyd/IF-II-L-v1.0"}
 
 
 @dataclass(frozen=True)
 class LoraFamily:
-    name: str  # one of file_layout.FAMILIES
+    name: str  # one of LORA_FAMILIES
     layers_per_block: int = SDXL_LAYERS_PER_BLOCK
     text_encoders: tuple = te.SDXL_ENCODERS
     kohya_sgm_unet: bool = True  # kohya UNet names in sgm's layout (SDXL) or diffusers' (SD 1.x/2.x)
     v_parameterization: bool = False
+    if_stage: int = 0  # DeepFloyd IF: 1 (text -> 64 px) or 2 (super-resolution)
+
+    @property
+    def is_if(self) -> bool:
+        return self.name == IF
 
     @property
     def v2(self) -> bool:
@@ -37,6 +52,8 @@ class LoraFamily:
     @property
     def base_model(self) -> str:
         """The released model's Hub name, the default `base_model` written into an exported file's header."""
+        if self.is_if:
+            return IF_HUB_NAMES[self.if_stage]
         if self.name == SD2:
             return "stabilityai/stable-diffusion-2-1" + ("" if self.v_parameterization else "-base")
         return {SD1: "stable-diffusion-v1-5/stable-diffusion-v1-5", SSD1B: "segmind/SSD-1B"}.get(
@@ -51,6 +68,23 @@ class LoraFamily:
 
 
 SDXL_FAMILY = LoraFamily(SDXL)  # without --config
+
+
+def if_family(stage: int = 1) -> LoraFamily:
+    """DeepFloyd IF stage `stage`: diffusers' UNet names throughout, no text-encoder LoRA, no kohya names."""
+    return LoraFamily(IF, text_encoders=(), kohya_sgm_unet=False, if_stage=stage)
+
+
+def is_if_layer(layer: str) -> bool:
+    return IF_LAYER.fullmatch(layer) is not None
+
+
+def family_of_layers(layers, config_family: LoraFamily, config) -> LoraFamily:
+    """The family to name `layers` by: the config's, or without --config (`config` None) IF stage I when every
+    layer is an IF one (the SDXL default otherwise)."""
+    if config is None and layers and all(is_if_layer(name) for name in layers):
+        return if_family(1)
+    return config_family
 
 
 def family(name: str, layers_per_block: int = SDXL_LAYERS_PER_BLOCK, v_parameterization: bool = False) -> LoraFamily:
@@ -73,6 +107,11 @@ def family_from_config(config) -> LoraFamily:
         loaded = load_config(config)
     except (FileNotFoundError, ValueError) as error:  # a missing base, a cycle of bases
         raise ConversionError(str(error)) from None
+    from tools.model_conversion.if_layout import if_config
+
+    deepfloyd = if_config(config)
+    if deepfloyd is not None:
+        return if_family(deepfloyd.stage)
     try:
         params = loaded["model"]["params"]
         layers = int(params["network_config"]["params"]["num_res_blocks"])
@@ -82,7 +121,7 @@ def family_from_config(config) -> LoraFamily:
     name = config_family(config)
     if name not in FAMILIES:
         raise ConversionError(f"{config} builds {name or 'a model the layout rules do not describe'}; LoRA "
-                              f"conversion knows {', '.join(FAMILIES)}")
+                              f"conversion knows {', '.join(LORA_FAMILIES)}")
     scaling = str(params.get("denoiser_config", {}).get("params", {}).get("scaling_config", {}).get("target", ""))
     return family(name, layers, scaling.endswith("VScaling"))
 
@@ -92,6 +131,8 @@ def family_from_base(names) -> LoraFamily:
     without attention); SDXL's when the names do not tell (a UNet-only file)."""
     names = list(names)
     has = lambda prefix: any(n.startswith(prefix) for n in names)  # noqa: E731
+    if has("model.diffusion_model.down_blocks."):  # diffusers' UNet names: IF (stage II's UNet takes class_labels)
+        return if_family(2 if has("model.diffusion_model.class_embedding.") else 1)
     if has("conditioner.embedders.1.model."):
         return family(SDXL if has("model.diffusion_model.middle_block.1.") else SSD1B)
     if has("conditioner.embedders.0.model."):
@@ -112,16 +153,22 @@ _SD, _XL = {SD1, SD2}, {SDXL, SSD1B}
 def families_shown(layers, layers_per_block: int = SDXL_LAYERS_PER_BLOCK):
     """({families the layer names allow}, what showed it) from telltales: SD 1.x/2.x have attention at the first
     UNet level and one transformer per block; SDXL/SSD-1B none at the first level, attention in the deepest up level,
-    deeper transformers; SSD-1B no middle-block attention; the text encoders' kind and place."""
-    allowed, shown = set(FAMILIES), []
+    deeper transformers; SSD-1B no middle-block attention; the text encoders' kind and place; IF its diffusers
+    names (`…attentions.N.add_k_proj`); every other UNet name is sgm's, an SD family's."""
+    allowed, shown = set(LORA_FAMILIES), []
+    sgm_example = None
 
     def narrow(families, why):
         nonlocal allowed
         if not families >= allowed:
             allowed &= families
-            shown.append(why)
+            if why:
+                shown.append(why)
 
     for name in layers:
+        if is_if_layer(name):
+            narrow({IF}, f"DeepFloyd IF attention names ({name})")
+            continue
         if te.is_text_encoder_layer(name):
             embedder, fused, _, _ = te.parse_mindbooth(name)
             if embedder == 1:
@@ -131,6 +178,8 @@ def families_shown(layers, layers_per_block: int = SDXL_LAYERS_PER_BLOCK):
             else:
                 narrow({SD1, SDXL, SSD1B}, f"text-encoder LoRA on CLIP ViT-L ({name})")
             continue
+        sgm_example = sgm_example or name  # an SD family's UNet layer: said only when nothing else shows the family
+        narrow(set(FAMILIES), None)
         if (m := _INPUT.match(name)) and (int(m.group(1)) - 1) // (layers_per_block + 1) == 0:
             narrow(_SD, f"attention at the first UNet level ({name})")
         if (m := _OUTPUT.match(name)) and int(m.group(1)) // (layers_per_block + 1) == 0:
@@ -141,6 +190,8 @@ def families_shown(layers, layers_per_block: int = SDXL_LAYERS_PER_BLOCK):
             narrow(_XL, f"more than one transformer per block ({name})")
         if name.startswith("middle_block.1."):
             narrow({SD1, SD2, SDXL}, f"middle-block attention ({name})")
+    if IF not in allowed and not shown and sgm_example:
+        shown.append(f"UNet names in the sgm layout ({sgm_example})")
     return allowed, shown
 
 
@@ -149,8 +200,8 @@ def check_family(layers, lora_family: LoraFamily, source: str, config) -> None:
     allowed, shown = families_shown(layers, lora_family.layers_per_block)
     if lora_family.name in allowed:
         return
-    found = " or ".join(f for f in FAMILIES if f in allowed) or "no single family"
-    hint = f"pass --config {FAMILIES[next(f for f in FAMILIES if f in allowed)]}" if allowed else \
+    found = " or ".join(f for f in LORA_FAMILIES if f in allowed) or "no single family"
+    hint = f"pass --config {LORA_FAMILIES[next(f for f in LORA_FAMILIES if f in allowed)]}" if allowed else \
         "is it one LoRA file?"
     raise ConversionError(f"{source} looks like a LoRA for {found} ({'; '.join(shown)}), not for "
                           f"{lora_family.name} ({config}): {hint}")

@@ -1,7 +1,8 @@
 """UNet and text-encoder LoRA in three formats, and the merge math; every function works on {name: numpy array}.
 
 Inside, a LoRA is {layer: LoraLayer(down, up, alpha)}: `layer` is the official (sgm) path of an attention
-projection in the UNet (`input_blocks.4.1.transformer_blocks.0.attn1.to_q`), or the MindBooth path of a
+projection in the UNet (`input_blocks.4.1.transformer_blocks.0.attn1.to_q`; DeepFloyd IF: its diffusers path,
+`down_blocks.1.attentions.0.add_k_proj`, which is also IF's name in MindBooth), or the MindBooth path of a
 text-encoder self-attention projection (CLIP `conditioner.embedders.0.…self_attn.q_proj`, OpenCLIP
 `conditioner.embedders.E.model.….attn.in_proj_lora.q_proj`; see text_encoder_names); down = A (rank, in),
 up = B (out, rank), and the layer adds (alpha / rank) * up @ down to its weight. The names in the other formats
@@ -22,7 +23,7 @@ names and in where alpha lives:
              `.lora_up.weight` / `.alpha` per layer; `lora_te_…` (SD 1.x/2.x) or `lora_te1_…` / `lora_te2_…`
              (SDXL) for the text encoders. sd-scripts names SDXL UNet modules by the sgm layout
              (`lora_unet_input_blocks_4_1_…`) and SD 1.x/2.x ones by the diffusers layout
-             (`lora_unet_down_blocks_0_attentions_0_…`); both are read for any family.
+             (`lora_unet_down_blocks_0_attentions_0_…`); both are read for any family. No IF names (refused).
 """
 import json
 import math
@@ -35,7 +36,7 @@ import numpy as np
 
 from mindbooth.tensor_dtypes import ConversionError
 from tools.lora_conversion import text_encoder_names as te
-from tools.lora_conversion.lora_family import SDXL_FAMILY, LoraFamily
+from tools.lora_conversion.lora_family import SDXL_FAMILY, LoraFamily, is_if_layer
 from tools.model_conversion.diffusers_unet import diffusers_name_to_official, official_name_to_diffusers
 
 MINDBOOTH_PREFIX = "model.diffusion_model."
@@ -58,15 +59,19 @@ _KOHYA_SGM_MIDDLE = re.compile(rf"middle_block_1_transformer_blocks_(\d+)_{_KOHY
 _KOHYA_DIFFUSERS = re.compile(
     rf"(down_blocks|up_blocks)_(\d+)_attentions_(\d+)_transformer_blocks_(\d+)_{_KOHYA_PROJECTION}")
 _KOHYA_DIFFUSERS_MID = re.compile(rf"mid_block_attentions_0_transformer_blocks_(\d+)_{_KOHYA_PROJECTION}")
-_PROCESSOR = re.compile(r"(.+)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight")
+# IF's LoRAAttnAddedKVProcessor also had add_k_proj_lora / add_v_proj_lora
+_PROCESSOR = re.compile(r"(.+)\.processor\.(to_q|to_k|to_v|to_out|add_k_proj|add_v_proj)_lora\.(down|up)\.weight")
 _DIFFUSERS_SUFFIXES = ((".lora_A.weight", "down"), (".lora_B.weight", "up"),
                        (".lora_linear_layer.down.weight", "down"), (".lora_linear_layer.up.weight", "up"))
 _DIFFUSERS_PARTS = ("lora_A", "lora_B", "lora_linear_layer")
 # a MindONE full save also holds the text encoders and the VAE; their weights are skipped
 _MINDBOOTH_MARKERS = (MINDBOOTH_PREFIX, "conditioner.", "first_stage_model.")
 _TEXT_ENCODER_PREFIXES = KOHYA_TEXT_PREFIXES + tuple(f"{c}." for c in te.DIFFUSERS_ENCODERS)
-_SUPPORTED = ("MindBooth LoRA covers the UNet attention projections to_q/to_k/to_v/to_out.0 of attn1/attn2 and "
-              "the text encoders' self-attention q/k/v/out_proj only")
+_SUPPORTED = ("MindBooth LoRA covers the UNet attention projections to_q/to_k/to_v/to_out.0 of attn1/attn2 "
+              "(DeepFloyd IF: also add_k_proj/add_v_proj of attentions.N) and the text encoders' self-attention "
+              "q/k/v/out_proj only")
+NO_KOHYA_FOR_IF = ("DeepFloyd IF LoRA has no kohya (A1111/ComfyUI) format: no webui runs IF; use --task "
+                   "ms_to_diffusers (what IFPipeline.load_lora_weights reads)")
 
 
 @dataclass
@@ -187,7 +192,7 @@ def from_mindbooth(state: dict):
         if te.is_text_encoder_layer(path):
             return _text_layer(path if te.parse_mindbooth(path) else None, name), part
         layer = path[len(MINDBOOTH_PREFIX):]
-        if not path.startswith(MINDBOOTH_PREFIX) or not OFFICIAL_LAYER.fullmatch(layer):
+        if not path.startswith(MINDBOOTH_PREFIX) or not (OFFICIAL_LAYER.fullmatch(layer) or is_if_layer(layer)):
             raise ConversionError(f"LoRA weight '{name}' is not on a UNet attention projection ({_SUPPORTED})")
         return layer, part
 
@@ -228,6 +233,9 @@ def to_mindbooth(layers: dict, uniform_rank: bool = False) -> dict:
 # ---------------------------------------------------------------- diffusers / PEFT
 
 def _official(diffusers_path: str, layers_per_block: int, key: str) -> str:
+    """The layer of a diffusers UNet path: the sgm path, or the path itself for IF (whose names are diffusers')."""
+    if is_if_layer(diffusers_path):
+        return diffusers_path
     if not DIFFUSERS_LAYER.fullmatch(diffusers_path):
         raise ConversionError(f"LoRA weight '{key}' is not on a UNet attention projection ({_SUPPORTED})")
     return diffusers_name_to_official(diffusers_path, layers_per_block)
@@ -313,7 +321,7 @@ def _peft_name(layer: str, family: LoraFamily) -> _PeftName:
         # or not the CLIPTextModel has transformers 4's `text_model.` level
         component, _, path = te.to_diffusers(layer, family.text_encoders, family.name).partition(".")
         return _PeftName(component, path, te.peft_target(layer), te.peft_target(layer))
-    path = official_name_to_diffusers(layer, family.layers_per_block)
+    path = layer if is_if_layer(layer) else official_name_to_diffusers(layer, family.layers_per_block)
     # "^" anchors a pattern to the whole module path (peft >= 0.14)
     return _PeftName("unet", path, path, f"^{path}")
 
@@ -424,6 +432,8 @@ def read_layers(state: dict, header_metadata: dict = None, family: LoraFamily = 
         layers, skipped = from_mindbooth(state)
     elif fmt == "diffusers":
         layers = from_diffusers(state, unpack_adapter_metadata(header_metadata), family)
+    elif family.is_if:
+        raise ConversionError(NO_KOHYA_FOR_IF)
     else:
         layers = from_kohya(state, family)
     return layers, {"format": fmt, "dropped_text_encoder": dropped, "skipped": skipped}
@@ -488,6 +498,8 @@ def export_lora(state: dict, fmt: str, family: LoraFamily = SDXL_FAMILY, base_mo
         tensors, configs = to_diffusers(layers, family)
         return tensors, export_metadata(fmt, layers, base_model, instance_prompt, configs, family)
     if fmt == "kohya":
+        if family.is_if or any(is_if_layer(name) for name in layers):
+            raise ConversionError(NO_KOHYA_FOR_IF)
         return to_kohya(layers, family), export_metadata(fmt, layers, base_model, instance_prompt, family=family)
     raise ConversionError(f"unknown export format {fmt!r}: choose diffusers or kohya")
 

@@ -5,9 +5,10 @@
 
 The base is a MindBooth/MindONE `.ckpt` (names `model.diffusion_model.…`, `conditioner.embedders.…`); the
 LoRA is a MindBooth `.ckpt` or any file `convert_lora.py --task to_ms` reads. UNet and text-encoder LoRA
-are both merged, for SD 1.x, SD 2.x, SDXL and SSD-1B: CLIP's q/k/v/out_proj and OpenCLIP's out_proj (SD 2.x's
-ViT-H, SDXL's bigG) into their weights, OpenCLIP's q/k/v into the row blocks [0:W], [W:2W], [2W:3W] of the fused
-`….attn.in_proj_weight`. The family (how diffusers/kohya names map) is the base checkpoint's, or --config's.
+are both merged, for SD 1.x, SD 2.x, SDXL and SSD-1B (DeepFloyd IF: its UNet LoRA, add_k_proj/add_v_proj
+included): CLIP's q/k/v/out_proj and OpenCLIP's out_proj (SD 2.x's ViT-H, SDXL's bigG) into their weights,
+OpenCLIP's q/k/v into the row blocks [0:W], [W:2W], [2W:3W] of the fused `….attn.in_proj_weight`. The family
+(how diffusers/kohya names map) is the base checkpoint's (IF: its UNet's diffusers names), or --config's.
 `--drop_text_encoder` merges the UNet part only. The output is written tensor by tensor (one tensor and its delta
 in memory at a time) to a temporary file that is renamed at the end; each merged weight keeps its dtype (the sum
 is computed in fp32).
@@ -46,7 +47,7 @@ def merge(base_ckpt, lora, output, scale=1.0, overwrite=False, config=None, drop
                               f"(tools/model_conversion/convert_weight.py --task pt_to_ms)")
     state, header = read_state(lora)
     with CkptReader(base_ckpt) as base:
-        # the family (how non-MindBooth names map) from --config, else from the base's text encoders
+        # the family (how non-MindBooth names map) from --config, else from the base's names (text encoders, IF)
         family = family_from_config(config) if config is not None else family_from_base(base.tensors)
         layers, _ = lf.read_layers(state, header, family, drop_text_encoder)
         check_family(layers, family, lora, config or f"the model of {base_ckpt}")
