@@ -39,7 +39,7 @@ def prepare_image(image: Image.Image, size, center_crop: bool, random_flip: bool
     return Example(pixels, (height, width), (top, left), (target_h, target_w))
 
 
-def _sidecar_caption(image_path):
+def sidecar_caption(image_path):
     """The stripped text of `<image stem>.txt` next to the image, or None."""
     sidecar = Path(image_path).with_suffix(".txt")
     return sidecar.read_text(encoding="utf-8").strip() or None if sidecar.is_file() else None
@@ -48,7 +48,7 @@ def _sidecar_caption(image_path):
 def instance_prompts(instance_data_path, instance_prompt: str) -> list:
     """The prompt of each instance image (list_images order): its `<image>.txt` sidecar caption (kohya/diffusers
     style), else `instance_prompt`."""
-    return [_sidecar_caption(path) or instance_prompt for path in list_images(instance_data_path)]
+    return [sidecar_caption(path) or instance_prompt for path in list_images(instance_data_path)]
 
 
 class DreamBoothDataset:

@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 from PIL import Image
 
-from mindbooth.data import _sidecar_caption
+from mindbooth.data import sidecar_caption
 from mindbooth.dreambooth_scores import pairwise_image_similarity, prompt_image_similarity
 from mindbooth.images import list_images, load_rgb
 from mindbooth.validation import UsageError
@@ -35,7 +35,7 @@ def images_per_prompt() -> int:
 
 def recorded_prompt(path):
     """The prompt of a generated image: its sidecar caption, else the sampler's PNG record. Returns (prompt, is_grid)."""
-    caption = _sidecar_caption(path)
+    caption = sidecar_caption(path)
     if caption:
         return caption, False
     try:
