@@ -123,28 +123,29 @@ def compile_cache(folder):
     return environment(**{_CACHE_ENABLE: "1", _CACHE_PATH: str(folder)})
 
 
-def release_frozen_weights(net) -> int:
-    """Give every frozen (requires_grad=False) parameter of `net` the storage of an uninitialised tensor of its shape
-    and dtype, which holds none, instead of its data, which is freed. Compiling needs the parameters' shapes and
-    dtypes, not their values: the child then compiles beside its LoRA weights only, not beside the whole model.
+def release_weights(net) -> int:
+    """Give every parameter of `net` the storage of an uninitialised tensor of its shape and dtype, which holds none,
+    instead of its data, which is freed. Compiling needs the parameters' shapes and dtypes, not their values: the
+    child then compiles beside no weights at all, and its cached graphs carry none (a full fine-tune's weights,
+    moments and gradient buffers are 13 GiB for SD 1.5: a graph file holding them could not be read back).
     Returns the number released.
 
     By assign_value: set_data (and a new Parameter) would allocate the uninitialised tensor's memory in its place."""
     released = 0
     for param in net.get_parameters():
-        if not param.requires_grad:
-            param.assign_value(ms.Tensor(shape=param.shape, dtype=param.dtype, init=Zero()))
-            released += 1
+        param.assign_value(ms.Tensor(shape=param.shape, dtype=param.dtype, init=Zero()))
+        released += 1
     return released
 
 
 def compile_step_graphs(folder, grad_step, apply_step, inputs):
     """Compile (in the child) or load (in the training process) the gradient step for `inputs`, then the
     optimizer step, in this order, with the cache in `folder`. The child, which only compiles, first releases the
-    frozen weights, and marks the folder complete."""
+    weights of both, and marks the folder complete."""
     folder = Path(folder)
     if precompile_folder() == folder:
-        release_frozen_weights(grad_step)
+        release_weights(grad_step)
+        release_weights(apply_step)
     with compile_cache(folder):
         grad_step.compile(*inputs)
         apply_step.compile()
