@@ -38,3 +38,15 @@ def test_sidecar_captions_replace_instance_prompt(tmp_path):
     rng = np.random.default_rng(0)
     assert dataset.examples(0, rng)[0][1] == toy_world.sample(1, 2)[0][1]
     assert dataset.examples(1, rng)[0][1] == "a photo of sks toy"
+
+
+def test_quickstart_subject_images_are_the_toy_world_subject(tmp_path):
+    from PIL import Image
+
+    from mindbooth.toy_subject import write_toy_images
+
+    paths = write_toy_images(tmp_path / "subject", count=3, size=48, seed=5)
+    expected = toy_world.subject(5, 3, 48)
+    assert [p.name for p in paths] == ["toy_00.png", "toy_01.png", "toy_02.png"]
+    assert all(np.array_equal(np.asarray(Image.open(p)), np.asarray(img)) for p, (img, _) in zip(paths, expected))
+    assert not list((tmp_path / "subject").glob("*.txt"))  # the run's --instance_prompt names them

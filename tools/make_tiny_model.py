@@ -1,5 +1,6 @@
 """Write the quick-start's inputs: a tiny base checkpoint with random weights for any tiny config (SDXL, SSD-1B,
-SD 1.5, SD 2.1, DeepFloyd IF: the same key layout as the released model of that family) and a few procedurally drawn subject images.
+SD 1.5, SD 2.1, DeepFloyd IF: the same key layout as the released model of that family) and a few subject images
+drawn from the toy world (mindbooth/toy_world.py).
 
     python tools/make_tiny_model.py --config configs/inference/sd_xl_tiny.yaml --weight_ms checkpoints/sd_xl_tiny_ms.ckpt \
         --subject_dir runs/toy_subject
