@@ -16,25 +16,11 @@ from gm.modules.embedders.tokenizer import CLIPTokenizer
 from mindbooth.feature_extractors import ClipExtractor, DinoExtractor
 from mindbooth.image_preprocessing import CLIP_DEFAULTS, VIT_DEFAULTS, ImagePreprocessing
 from mindbooth.sampling_cli import save_png
+from test_text_encoders import randomize, rel_err
 from tools import evaluate_dreambooth
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 PROMPTS = ["a sks dog in the snow", "a red sks dog", "a photo of sks dog on the beach, golden hour"]
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
-
-
-def randomize(model):
-    """Random weights everywhere (norms too, so a swapped or ignored weight/bias shows)."""
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen) * 0.1
-            p.copy_(1.0 + noise if "norm" in name and name.endswith("weight") else noise)
-    return model.eval()
 
 
 def random_images(seed, sizes):
