@@ -102,9 +102,10 @@ def scores_from_features(dino_gen, dino_real, clip_gen, clip_real, clip_text, pr
 
 
 def evaluate(instance_dir, generated_dir, make_dino, make_clip) -> dict:
-    """`make_dino`, `make_clip`: zero-argument callables returning extractors with the methods of
-    mindbooth.feature_extractors' DinoExtractor and ClipExtractor; called once the images are read, so that a bad
-    image folder fails before the models load. Returns the scores (`scores_from_features`) and the image counts."""
+    """`make_dino`, `make_clip`: zero-argument callables returning extractors with the methods of the
+    DinoExtractor and ClipExtractor of tools/model_conversion/feature_extractors.py; called once the images are read,
+    so that a bad image folder fails before the models load. Returns the scores (`scores_from_features`) and the
+    image counts."""
     real = _load(_images(instance_dir, "--instance_dir"))
     paths, prompts, grids = generated_images(generated_dir)
     generated = _load(paths)

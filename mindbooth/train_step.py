@@ -117,8 +117,10 @@ class ApplyStep(nn.Cell):
                 clipped = clipped + (grads[i] * clip,)
             grads = clipped
         norm = ops.depend(norm, self.optimizer(grads))
+        # Cleared by x * 0 (the gradients are finite here): the compiler folds zeros_like of a static shape into a
+        # constant as large as the buffer, which a full fine-tune's cached graph cannot hold (> 2 GB).
         for i in range(len(self.buffers)):
-            norm = ops.depend(norm, ops.assign(self.buffers[i], ops.zeros_like(self.buffers[i])))
+            norm = ops.depend(norm, ops.assign(self.buffers[i], self.buffers[i] * 0.0))
         return norm
 
 

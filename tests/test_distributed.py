@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 
 from conftest import ROOT
 from mindbooth.checkpoint import read_checkpoint
@@ -34,12 +35,19 @@ TAG = "MINDBOOTH_TEST_JOB"
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    return make_workspace(tmp_path_factory.mktemp("distributed"))
+    """The tiny workspace with Adam's eps at 1e-6 (see _train_args)."""
+    root = make_workspace(tmp_path_factory.mktemp("distributed"))
+    config = OmegaConf.load(root / "train.yaml")
+    config.optim.eps = 1.0e-6
+    OmegaConf.save(config, root / "train.yaml")
+    return root
 
 
 def _train_args(workspace, save_path, class_folder, *extra):
-    # lr 1e-4: Adam moves an element whose gradient is near 0 by up to lr * (rounding of the gradient) / eps, so
-    # batch-1 vs batch-2 rounding (about 1e-7 relative) stays far below the 1e-5 tolerance on the LoRA weights.
+    # Adam moves an element by lr * g / (|g| + eps): where g is near 0 (a LoRA A at the step after B left 0: some
+    # elements' g is ~1e-10, all rounding), batch-1 vs batch-2 rounding can flip its sign, a 2 * lr jump. With eps
+    # 1e-6 (typical |g| here ~3e-5) such an element moves by at most lr * 1e-4, and with lr 1e-4 every difference
+    # stays far below the 1e-5 tolerance on the LoRA weights.
     return [str(SCRIPT), "--config", str(workspace / "train.yaml"), "--weight", str(workspace / "tiny.ckpt"),
             "--instance_data_path", str(workspace / "subject"), "--instance_prompt", "a photo of sks toy",
             "--class_data_path", str(class_folder), "--class_prompt", "a photo of toy", "--num_class_images", "2",

@@ -13,7 +13,7 @@ from PIL import Image
 
 from gm.modules.embedders.clip_model import first_token_positions
 from gm.modules.embedders.tokenizer import CLIPTokenizer
-from mindbooth.feature_extractors import ClipExtractor, DinoExtractor
+from tools.model_conversion.feature_extractors import ClipExtractor, DinoExtractor
 from mindbooth.image_preprocessing import CLIP_DEFAULTS, VIT_DEFAULTS, ImagePreprocessing
 from mindbooth.sampling_cli import save_png
 from test_text_encoders import randomize, rel_err

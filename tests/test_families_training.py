@@ -211,9 +211,16 @@ def test_txt2img_and_img2img_with_the_trained_lora(workspace, trained, sample, f
                     "--height", side, "--strength", "0.5")
     out = _read(edited[0])
     assert out.shape == (side, side, 3)
-    resized = np.asarray(Image.open(init).convert("RGB").resize((side, side), Image.LANCZOS), np.int16)
+    resized = np.asarray(Image.open(init).convert("RGB").resize((side, side), Image.LANCZOS), np.float32)
+    # A random tiny VAE does not reproduce the input: what img2img can keep of it is its VAE round trip.
+    engine = instantiate_from_config(load_config(_inference_config(family)).model)
+    load_weights(engine, [str(base)])
+    engine.set_train(False)
+    pixels = ms.Tensor(resized.transpose(2, 0, 1)[None] / 127.5 - 1.0, ms.float32)
+    round_trip = engine.decode_first_stage(engine.encode_first_stage(pixels)).asnumpy()[0].transpose(1, 2, 0)
+    round_trip = (np.clip(round_trip, -1.0, 1.0) + 1.0) * 127.5
     # half the noise levels: the image keeps more of the input than a txt2img draw of the same seed does
-    assert np.abs(out - resized).mean() < np.abs(image - resized).mean()
+    assert np.abs(out - round_trip).mean() < np.abs(image - round_trip).mean()
 
 
 @pytest.mark.parametrize("flag", [["--orig_width", "64"], ["--crop_coords_top", "8"], ["--sd_xl_base_ratios", "1.0_512"]])

@@ -50,8 +50,8 @@ def run(args):
 
     import mindspore as ms
 
-    from mindbooth.feature_extractors import ClipExtractor, DinoExtractor
     from mindbooth.images import atomic_write
+    from tools.model_conversion.feature_extractors import ClipExtractor, DinoExtractor
 
     ms.set_context(mode=ms.PYNATIVE_MODE)
     ms.set_device(args.device_target)
