@@ -1,13 +1,14 @@
 """Benchmark: one denoising step with classifier-free guidance (batch 2 through the UNet) of a full-size
-UNet (`--model` sdxl, ssd-1b or sd1.5; random weights, fp32, CPU).
+UNet (`--model` sdxl, ssd-1b, sd1.5 or if-i-xl; random weights, fp32, CPU).
 
     python benchmarks/bench_sampling_step.py --framework mindspore --mode graph --resolution 512
     python benchmarks/bench_sampling_step.py --framework mindspore --mode graph --resolution 512 --frozen_dtype fp16
     python benchmarks/bench_sampling_step.py --framework torch --resolution 512          # jemalloc (--allocator)
+    python benchmarks/bench_sampling_step.py --framework mindspore --model if-i-xl --resolution 64 --frozen_dtype fp16
 
 MindBooth: `DenoiseCell` of mindbooth/pipeline.py (denoiser + UNet), the engine of the inference config.
 Reference: the UNet call of diffusers' StableDiffusionXLPipeline's loop (UNet2DConditionModel, SDPA,
-torch.no_grad, latent_model_input = cat([latents] * 2)); the scheduler step and CFG mix are a few
+torch.no_grad, latent_model_input = cat([latents] * 2); IF: IFPipeline's UNet call); the scheduler step and CFG mix are a few
 element-wise ops on a 4-channel latent and are left out of both. Prints one `RESULT {json}` line."""
 import time
 
@@ -21,18 +22,24 @@ def run_mindspore(args):
     import mindspore as ms
 
     from mindbooth.context_projections import ContextProjections
+    from mindbooth.if_cascade import UNetCall
     from mindbooth.pipeline import DenoiseCell
 
     engine, build_s = common.build_mindspore_engine(args, train=False)
     engine.set_train(False)
-    cell = DenoiseCell(engine)
-    cell.set_train(False)
     arrays = batch_arrays(args.resolution, args.model)
-    inputs = [ms.Tensor(arrays["noise"] * 14.6), ms.Tensor(np.array([14.6, 14.6], np.float32)),
-              ms.Tensor(arrays["crossattn"]), ms.Tensor(mindspore_vector(arrays))]
-    start = time.perf_counter()  # once per sampling call, as Text2Image does (timed apart)
-    inputs.append(ContextProjections(engine.model.diffusion_model)(inputs[2]))
-    common.progress(stage="context projections", seconds=round(time.perf_counter() - start, 2))
+    unet = engine.model.diffusion_model
+    if hasattr(unet, "context_projections"):  # SD/SDXL: the denoiser's call, as Text2Image makes it
+        cell = DenoiseCell(engine)
+        inputs = [ms.Tensor(arrays["noise"] * 14.6), ms.Tensor(np.array([14.6, 14.6], np.float32)),
+                  ms.Tensor(arrays["crossattn"]), ms.Tensor(mindspore_vector(arrays))]
+        start = time.perf_counter()  # once per sampling call, as Text2Image does (timed apart)
+        inputs.append(ContextProjections(unet)(inputs[2]))
+        common.progress(stage="context projections", seconds=round(time.perf_counter() - start, 2))
+    else:  # IF stage I: the UNet call of if_cascade.sample_stage (its DDPM step is a few element-wise ops)
+        cell = UNetCall(unet, with_noise_level=False)
+        inputs = [ms.Tensor(arrays["noise"]), ms.Tensor(np.array([999, 999], np.int64)), ms.Tensor(arrays["crossattn"]), None]
+    cell.set_train(False)
     rss_model = common.rss_gib()
     times, cpu = [], []
     for i in range(args.steps):

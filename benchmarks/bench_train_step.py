@@ -8,8 +8,10 @@
     python benchmarks/bench_train_step.py --framework torch --resolution 1024 --gradient_checkpointing 1
     python benchmarks/bench_train_step.py --framework mindspore --model sd1.5 --finetune full --resolution 512
     python benchmarks/bench_train_step.py --framework mindspore --model ssd-1b --resolution 1024 --frozen_dtype fp16 --split_prior_batch 1
+    python benchmarks/bench_train_step.py --framework mindspore --model if-i-xl --resolution 64 --frozen_dtype fp16
 
-`--model` sdxl (default), ssd-1b or sd1.5. Batch: 1 instance + 1 class sample (prior preservation), latents and
+`--model` sdxl (default), ssd-1b, sd1.5 or if-i-xl (DeepFloyd IF stage I, pixel space: `--resolution 64`;
+LoRA also on its added text keys/values, add_k_proj/add_v_proj, as diffusers' IF recipe). Batch: 1 instance + 1 class sample (prior preservation), latents and
 text embeddings cached (random tensors of the cached shapes), LoRA rank 4 on attn to_q/to_k/to_v/to_out.0 and AdamW
 (lr 5e-5) on the LoRA weights, or with `--finetune full` AdamW (lr 5e-6, the paper's) on every UNet weight;
 gradient clipping at 1.0. MindBooth: GradStep + ApplyStep of mindbooth/train_step.py. Reference:
@@ -39,10 +41,10 @@ def batch_arrays(resolution: int, model: str = "sdxl", seed: int = 0):
     """The cached inputs of one step; `pooled` and `time_ids` only for a model with size conditioning."""
     bench = common.MODELS[model]
     rng = np.random.default_rng(seed)
-    side = resolution // 8
+    side = resolution // bench.latents_per_pixel
     arrays = dict(
-        latents=rng.standard_normal((2, 4, side, side)).astype(np.float32),
-        noise=rng.standard_normal((2, 4, side, side)).astype(np.float32),
+        latents=rng.standard_normal((2, bench.channels, side, side)).astype(np.float32),
+        noise=rng.standard_normal((2, bench.channels, side, side)).astype(np.float32),
         crossattn=rng.standard_normal((2, 77, bench.context_dim)).astype(np.float32),
     )
     if bench.pooled_dim:
@@ -99,8 +101,10 @@ def mindspore_grad_step(args):
     # As the trainer: the text's frozen cross-attention keys/values once per run (timed apart), unless switched off
     start = time.perf_counter()
     inputs = []
+    unet = engine.model.diffusion_model
     for rows, loss_weight in passes:
-        projections = ContextProjections(engine.model.diffusion_model) if args.context_projections else None
+        # IF's UNet has no such cache (its text keys/values carry LoRA), as in the trainer
+        projections = ContextProjections(unet) if args.context_projections and hasattr(unet, "context_projections") else None
         conditioning = step_conditioning([ms.Tensor(arrays["crossattn"][rows]), ms.Tensor(arrays["vector"][rows])], projections)
         inputs.append([ms.Tensor(arrays[name][rows]) for name in ("latents", "noise", "sigmas")]
                       + [conditioning, ms.Tensor(1.0, ms.float32), ms.Tensor(loss_weight, ms.float32)])
@@ -179,16 +183,25 @@ def torch_unet_and_loss(args, device="cpu"):
     latents, noise, hidden = tensors["latents"], tensors["noise"], tensors["crossattn"]
     cond = reference_added_cond(tensors)
     timesteps = torch.tensor([999, 1], device=device)
-    alphas = torch.cumprod(1 - torch.linspace(0.00085**0.5, 0.012**0.5, 1000, device=device) ** 2, 0)  # scaled_linear, as SDXL
+    alphas = reference_alphas_cumprod(common.MODELS[args.model].alphas_cumprod).to(device)
 
     def loss_of(rows):
         a = alphas[timesteps[rows]].view(-1, 1, 1, 1)
         noisy = a.sqrt() * latents[rows] + (1 - a).sqrt() * noise[rows]
         added = {k: v[rows] for k, v in cond.items()} if cond else None
-        pred = unet(noisy, timesteps[rows], hidden[rows], added_cond_kwargs=added).sample
+        # IF's UNet also predicts its variance (6 channels); the loss is on the noise half, as IF trains
+        pred = unet(noisy, timesteps[rows], hidden[rows], added_cond_kwargs=added).sample[:, :latents.shape[1]]
         return sum(F.mse_loss(p, n) for p, n in zip(pred.chunk(pred.shape[0]), noise[rows].chunk(pred.shape[0])))
 
     return unet, loss_of
+
+
+def reference_alphas_cumprod(schedule: str):
+    """The 1000 cumulative alphas of the model's noise schedule, as its diffusers scheduler has them."""
+    from diffusers import DDPMScheduler
+
+    beta_schedule = {"scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}[schedule]
+    return DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule=beta_schedule).alphas_cumprod
 
 
 def reference_passes(args) -> tuple:

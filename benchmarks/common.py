@@ -324,6 +324,20 @@ SD15_UNET_CONFIG = dict(
 )
 
 
+
+def if_unet_config(path: Path) -> dict:
+    """DeepFloyd IF's UNet2DConditionModel config: the MindBooth config's network fields are diffusers' (if_unet.py)."""
+    from omegaconf import OmegaConf
+
+    fields = OmegaConf.to_container(OmegaConf.load(path).model.params.network_config.params)
+    fields.pop("spatial_transformer_attn_type")
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+
+
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+IF_LORA_TARGETS = LORA_TARGETS + ("add_k_proj", "add_v_proj")  # diffusers' IF DreamBooth LoRA recipe, as MindBooth's
+
+
 @dataclass(frozen=True)
 class BenchModel:
     """A model the benchmarks build at full size in both frameworks (`--model`)."""
@@ -332,15 +346,22 @@ class BenchModel:
     diffusers_unet: dict  # UNet2DConditionModel's config of the released model
     context_dim: int  # width of the text embeddings the UNet cross-attends to
     pooled_dim: int  # pooled text embedding of the size conditioning; 0: no size conditioning (SD 1.x/2.x)
+    latents_per_pixel: int = 8  # 1: pixel space (IF: the UNet sees the image)
+    channels: int = 4  # of the UNet's input (latents or pixels)
+    lora_targets: tuple = LORA_TARGETS
+    lora_attentions: tuple = ()  # MindBooth's lora_config.attentions where the model's attention cells are named so
+    alphas_cumprod: str = "scaled_linear"  # the reference's noise schedule: scaled_linear (SD) or cosine (IF)
 
 
 MODELS = {
     "sdxl": BenchModel(CONFIGS / "sd_xl_base.yaml", CONFIGS / "sd_xl_tiny.yaml", SDXL_UNET_CONFIG, 2048, 1280),
     "ssd-1b": BenchModel(CONFIGS / "ssd_1b.yaml", CONFIGS / "ssd_1b_tiny.yaml", SSD_1B_UNET_CONFIG, 2048, 1280),
     "sd1.5": BenchModel(CONFIGS / "sd_v1.5.yaml", CONFIGS / "sd_v1.5_tiny.yaml", SD15_UNET_CONFIG, 768, 0),
+    "if-i-xl": BenchModel(CONFIGS / "if_i_xl.yaml", CONFIGS / "if_i_tiny.yaml", if_unet_config(CONFIGS / "if_i_xl.yaml"),
+                          4096, 0, latents_per_pixel=1, channels=3, lora_targets=IF_LORA_TARGETS,
+                          lora_attentions=("attentions",), alphas_cumprod="cosine"),
 }
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-LORA_CONFIG = dict(rank=4, alpha=4, dropout=0.0, target_modules=LORA_TARGETS)  # the DreamBooth configs'
+LORA_CONFIG = dict(rank=4, alpha=4, dropout=0.0)  # the DreamBooth configs', on the model's lora_targets
 
 
 def build_mindspore_engine(args, train: bool):
@@ -375,7 +396,9 @@ def mindbooth_engine(model: str = "sdxl", train: bool = True, finetune: str = "l
     if frozen_dtype != "fp32":
         config.params.frozen_weight_dtype = frozen_dtype
     if train and finetune == "lora":
-        config.params.lora_config = dict(LORA_CONFIG)
+        config.params.lora_config = dict(LORA_CONFIG, target_modules=list(bench.lora_targets))
+        if bench.lora_attentions:
+            config.params.lora_config.attentions = list(bench.lora_attentions)
     if transformer_depth is not None:
         if model != "sdxl":
             sys.exit("--transformer_depth: SDXL only")
@@ -421,5 +444,6 @@ def diffusers_unet(model: str = "sdxl", train: str = "lora", transformer_depth=N
     if train == "lora":
         from peft import LoraConfig
 
-        unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+        unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                    target_modules=list(MODELS[model].lora_targets)))
     return unet
