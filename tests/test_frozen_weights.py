@@ -215,3 +215,28 @@ def test_training_graph_copies_no_frozen_weight(tmp_path):
     # the step's UNet is in the parsed graph: its frozen Dense layers and LoRA branches, both ways
     assert {"DenseForward", "DenseBackwardData", "LoRAForward", "LoRABackward"} <= {node.kernel for node in nodes}
     assert "TensorMove" not in {node.op for node in nodes}
+
+
+def test_if_unet_stored_in_fp16_halves_its_bytes_and_gives_the_fp32_output():
+    """DeepFloyd IF's UNet (tiny stage I, LoRA on its attention) with frozen_weight_dtype float16: every frozen
+    weight fp16, the LoRA fp32, and on the same (fp16-representable) weights the fp32 model's output."""
+    config = load_config(ROOT / "configs" / "training" / "if_i_tiny_dreambooth_lora_cpu.yaml").model
+    engines = []
+    for dtype in (None, "float16"):
+        config.params.frozen_weight_dtype = dtype
+        engines.append(instantiate_from_config(config))
+    fp32, fp16 = engines
+    rng = np.random.default_rng(11)
+    weights = _weights(fp32, rng, fp16_exact=True)
+    _load(fp32, weights)
+    _load(fp16, weights)
+    params = dict(fp16.model.parameters_and_names())
+    assert params.keys() == dict(fp32.model.parameters_and_names()).keys()
+    trained = [p for p in params.values() if p.requires_grad]
+    assert trained and all(p.dtype == ms.float32 for p in trained)
+    assert all(p.dtype == ms.float16 for p in params.values() if not p.requires_grad)
+    x = ms.Tensor(rng.standard_normal((2, 3, 16, 16)).astype(np.float32))
+    t = ms.Tensor(np.array([3.0, 917.0], np.float32))
+    cond = {"crossattn": ms.Tensor(rng.standard_normal((2, 77, 16)).astype(np.float32))}
+    outputs = [engine.model(x, t, cond).asnumpy() for engine in (fp32, fp16)]
+    assert relative_error(outputs[1], outputs[0]) < 1e-5

@@ -33,6 +33,8 @@ class GroupNorm(nn.Cell):
     """torch.nn.GroupNorm over (N, C, *) with parameters named `weight`/`bias` (diffusers' names). Plain ops, so it
     runs as is on every device."""
 
+    casts_weights_at_use = True  # may be stored in fp16 (gm/modules/frozen_weights.py)
+
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5):
         super().__init__()
         if num_channels % num_groups:
@@ -54,6 +56,8 @@ class GroupNorm(nn.Cell):
 
 class LayerNorm(nn.Cell):
     """torch.nn.LayerNorm over the last axis with parameters named `weight`/`bias`."""
+
+    casts_weights_at_use = True
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -175,6 +179,8 @@ class TimestepEmbedding(nn.Cell):
 class AttentionPooling(nn.Cell):
     """IF's pooling of the text tokens into one vector: a class token (the tokens' mean plus a learnt position)
     attends over itself and the tokens; its output is the pooled text."""
+
+    casts_weights_at_use = True  # its own parameter, the position
 
     def __init__(self, num_heads: int, embed_dim: int):
         super().__init__()

@@ -18,6 +18,7 @@ from mindspore import nn, ops
 from gm.modules.diffusionmodules.if_blocks import DOWN_BLOCK_TYPES, UP_BLOCK_TYPES, IFDownBlock, IFMidBlock, IFUpBlock
 from gm.modules.diffusionmodules.if_layers import GroupNorm, TextTimeEmbedding, TimestepEmbedding, activation
 from gm.modules.diffusionmodules.util import conv2d, timestep_embedding
+from gm.modules.frozen_weights import stored_in
 
 # diffusers' UNet2DConditionModel fields that IF's configurations leave at these values: accepted (a released
 # config.json lists them all) but only with the value the code here implements.
@@ -75,11 +76,15 @@ class IFUNet(nn.Cell):
         dropout: float = 0.0,
         sample_size: int = 64,
         spatial_transformer_attn_type: str = "vanilla",
+        weight_dtype: str = None,
         **diffusers_fields,
     ):
         """`spatial_transformer_attn_type`: vanilla | flash-attention (Ascend), as the other UNets' configs.
+        `weight_dtype` (float16/bfloat16, DiffusionEngine's frozen_weight_dtype): each block's weights go to that dtype
+        as soon as it is built, as UNetModel's do, so the 4.3B stage I never exists in fp32.
         `diffusers_fields`: the rest of a released config.json (FIXED_FIELDS at their values; `_`-keys ignored)."""
         super().__init__()
+        store = (lambda block: stored_in(block, weight_dtype)) if weight_dtype else (lambda block: block)
         self._check_fields(diffusers_fields)
         if addition_embed_type not in ("text", None):
             raise ValueError(f"addition_embed_type must be 'text' (IF) or None, got {addition_embed_type!r}")
@@ -122,10 +127,10 @@ class IFUNet(nn.Cell):
         down_blocks, output_channel = [], block_out_channels[0]
         for i, kind in enumerate(down_block_types):
             input_channel, output_channel = output_channel, block_out_channels[i]
-            down_blocks.append(IFDownBlock(
+            down_blocks.append(store(IFDownBlock(
                 input_channel, output_channel, time_embed_dim, layers_per_block[i], i < levels - 1, resnet_kwargs,
                 cross_attention_dim if DOWN_BLOCK_TYPES[kind] else None, attention_head_dim[i],
-                only_cross_attention=only_cross_attention[i], **attention_kwargs))
+                only_cross_attention=only_cross_attention[i], **attention_kwargs)))
         self.down_blocks = nn.CellList(down_blocks)
 
         reversed_channels = list(reversed(block_out_channels))
@@ -135,20 +140,21 @@ class IFUNet(nn.Cell):
         for i, kind in enumerate(up_block_types):
             prev_output_channel, output_channel = output_channel, reversed_channels[i]
             input_channel = reversed_channels[min(i + 1, levels - 1)]
-            up_blocks.append(IFUpBlock(
+            up_blocks.append(store(IFUpBlock(
                 input_channel, prev_output_channel, output_channel, time_embed_dim, reversed_layers[i] + 1,
                 i < levels - 1, resnet_kwargs, cross_attention_dim if UP_BLOCK_TYPES[kind] else None,
-                reversed_heads[i], only_cross_attention=reversed_only_cross[i], **attention_kwargs))
+                reversed_heads[i], only_cross_attention=reversed_only_cross[i], **attention_kwargs)))
         self.up_blocks = nn.CellList(up_blocks)
         # Built after the up blocks: diffusers registers up_blocks first, and parameter order is the state-dict order
-        self.mid_block = IFMidBlock(
+        self.mid_block = store(IFMidBlock(
             block_out_channels[-1], time_embed_dim, dict(resnet_kwargs, output_scale_factor=mid_block_scale_factor),
             cross_attention_dim, attention_head_dim[-1], only_cross_attention=mid_block_only_cross_attention,
-            **attention_kwargs)
+            **attention_kwargs))
 
         self.conv_norm_out = GroupNorm(norm_num_groups, block_out_channels[0], norm_eps)
         self.conv_act = activation(act_fn)
         self.conv_out = conv2d(block_out_channels[0], out_channels, 3, padding=1)
+        store(self)  # the small layers outside the blocks
 
     @staticmethod
     def _check_fields(fields: dict):
