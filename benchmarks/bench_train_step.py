@@ -14,8 +14,8 @@
 LoRA also on its added text keys/values, add_k_proj/add_v_proj, as diffusers' IF recipe). Batch: 1 instance + 1 class sample (prior preservation), latents and
 text embeddings cached (random tensors of the cached shapes), LoRA rank 4 on attn to_q/to_k/to_v/to_out.0 and AdamW
 (lr 5e-5) on the LoRA weights, or with `--finetune full` AdamW (lr 5e-6, the paper's) on every UNet weight;
-gradient clipping at 1.0. MindBooth: GradStep + ApplyStep of mindbooth/train_step.py. Reference:
-diffusers UNet2DConditionModel + peft (as train_dreambooth_lora_sdxl.py; without peft, all weights trainable, as
+gradient clipping at 1.0. MindBooth: GradStep + ApplyStep of mindbooth/train_step.py (a full fine-tune without
+--split_prior_batch: one FusedStep, as the trainer runs it). Reference: diffusers UNet2DConditionModel + peft (as train_dreambooth_lora_sdxl.py; without peft, all weights trainable, as
 train_dreambooth.py), SDPA attention. `--split_prior_batch 1`
 (both frameworks) runs the instance and the class sample as two forward/backward passes into the same gradients
 (train_dreambooth.py's --split_prior_batch); `--gradient_checkpointing 1` (both) keeps only each UNet block's inputs
@@ -74,6 +74,11 @@ def learning_rate(args) -> float:
     return 5e-6 if args.finetune == "full" else 5e-5
 
 
+def fused_step(args) -> bool:
+    """Whether the trainer runs this step as one FusedStep graph (mindbooth/training.py build_steps)."""
+    return args.finetune == "full" and not args.split_prior_batch
+
+
 def mindspore_grad_step(args):
     """As the trainer builds them: the full-size engine's LoRA parameters, their gradient buffers, the GradStep in
     training mode and its inputs (latents, noise, sigmas, conditioning, loss scale, loss weight) for each pass of the
@@ -83,7 +88,8 @@ def mindspore_grad_step(args):
 
     from gm.modules.lora import lora_parameters
     from mindbooth.context_projections import ContextProjections
-    from mindbooth.train_step import DreamBoothLoss, GradStep, make_buffers, prior_passes, step_conditioning
+    from mindbooth.optim import AdamW
+    from mindbooth.train_step import DreamBoothLoss, FusedStep, GradStep, make_buffers, prior_passes, step_conditioning
 
     engine, build_s = common.build_mindspore_engine(args, train=True)
     if args.gradient_checkpointing:  # as train_dreambooth.py's --gradient_checkpointing
@@ -92,9 +98,14 @@ def mindspore_grad_step(args):
         params = sorted(engine.trainable_params(), key=lambda p: p.name)
     else:
         params = [p for _, p in sorted(lora_parameters(engine).items())]
-    buffers = make_buffers(params)
     passes = prior_passes(1, True, bool(args.split_prior_batch), 1.0)
-    grad_step = GradStep(DreamBoothLoss(engine, 1.0, len(passes) == 1), params, buffers)
+    loss_net = DreamBoothLoss(engine, 1.0, len(passes) == 1)
+    if fused_step(args):  # as the trainer builds a full fine-tune's step without accumulation: no gradient buffer
+        buffers = None
+        grad_step = FusedStep(loss_net, params, AdamW(params, learning_rate=learning_rate(args)), True, 1.0)
+    else:
+        buffers = make_buffers(params)
+        grad_step = GradStep(loss_net, params, buffers)
     grad_step.set_train(True)
     arrays = dict(batch_arrays(args.resolution, args.model), sigmas=np.array([14.6, 0.03], np.float32), vector=None)
     arrays["vector"] = mindspore_vector(arrays)
@@ -129,7 +140,7 @@ def run_mindspore(args):
         child_s = round(time.perf_counter() - start, 1)
         common.progress(stage="compiled in child", seconds=child_s)
     grad_step, params, buffers, inputs, build_s = mindspore_grad_step(args)
-    apply_step = ApplyStep(buffers, AdamW(params, learning_rate=learning_rate(args)), 1, True, 1.0)
+    apply_step = None if fused_step(args) else ApplyStep(buffers, AdamW(params, learning_rate=learning_rate(args)), 1, True, 1.0)
     if precompile_folder() is not None:  # the child: compile into the cache and leave
         compile_step_graphs(step_cache, grad_step, apply_step, inputs[0])
         sys.exit(0)
@@ -155,13 +166,14 @@ def run_mindspore(args):
         start, cpu_start = time.perf_counter(), time.process_time()
         loss = gradients()
         apply_start = time.perf_counter()
-        apply_step().asnumpy()  # gradient clipping and AdamW
+        if apply_step is not None:  # (a FusedStep took it already)
+            apply_step().asnumpy()  # gradient clipping and AdamW
         apply_times.append(round(time.perf_counter() - apply_start, 3))
         times.append(time.perf_counter() - start)
         cpu.append(time.process_time() - cpu_start)
         common.progress(stage=f"step {i}", seconds=round(times[-1], 2), optimizer_s=apply_times[-1], loss=loss,
                         peak=round(common.peak_rss_gib(), 2))
-    profile = common.profile_op_types(lambda: (gradients(), apply_step())) if args.profile_ops else None
+    profile = common.profile_op_types(lambda: (gradients(), apply_step and apply_step())) if args.profile_ops else None
     return dict(build_s=build_s, times=times, cpu_times=cpu, rss_after_build_gib=rss_model, loss=loss, profile_ops=profile,
                 optimizer_step_s=apply_times,
                 grad_step_compile_s=compile_s, compiled_in_child=step_cache is not None, child_s=child_s, rss_after_compile_gib=round(rss_compiled, 2),

@@ -140,14 +140,17 @@ def release_weights(net) -> int:
 
 def compile_step_graphs(folder, grad_step, apply_step, inputs):
     """Compile (in the child) or load (in the training process) the gradient step for `inputs`, then the
-    optimizer step, in this order, with the cache in `folder`. The child, which only compiles, first releases the
-    weights of both, and marks the folder complete."""
+    optimizer step (None: the gradient step is a FusedStep, which takes the optimizer step too), in this order, with
+    the cache in `folder`. The child, which only compiles, first releases the weights of both, and marks the folder
+    complete."""
     folder = Path(folder)
+    steps = [step for step in (grad_step, apply_step) if step is not None]
     if precompile_folder() == folder:
-        release_weights(grad_step)
-        release_weights(apply_step)
+        for step in steps:
+            release_weights(step)
     with compile_cache(folder):
         grad_step.compile(*inputs)
-        apply_step.compile()
+        if apply_step is not None:
+            apply_step.compile()
     if precompile_folder() == folder:
-        (folder / _COMPLETE).write_text(json.dumps({"graphs": ["grad_step", "apply_step"]}))
+        (folder / _COMPLETE).write_text(json.dumps({"graphs": ["grad_step", "apply_step"][:len(steps)]}))

@@ -33,8 +33,8 @@ from mindbooth.optim import AdamW
 from mindbooth.progress_log import LossLog
 from mindbooth.text_embeddings import encode_alone
 from mindbooth.sampling_model import size_multiple
-from mindbooth.train_step import (ApplyStep, DreamBoothLoss, DynamicLossScale, GradStep, make_buffers, prior_passes,
-                                  step_input_shapes)
+from mindbooth.train_step import (ApplyStep, DreamBoothLoss, DynamicLossScale, FusedStep, GradStep, make_buffers,
+                                  prior_passes, step_input_shapes)
 from mindbooth.training_data import TrainingData, pass_inputs
 from mindbooth.training_state import TrainingState, learning_rate_at
 from mindbooth.validation import UsageError, check_training_run, model_error, prior_preservation, run_folder
@@ -191,11 +191,12 @@ def context_projections(engine, passes, run: Run) -> list:
 
 
 class Steps(NamedTuple):
-    """The trained parameters' gradient buffer, AdamW, the gradient and optimizer steps (mindbooth/train_step.py) and the loss scale."""
+    """The trained parameters' gradient buffer, AdamW, the gradient and optimizer steps (mindbooth/train_step.py) and
+    the loss scale; or, fused (a FusedStep as `grad_step`), no buffer and no `apply_step`."""
     buffers: object
     optimizer: AdamW
-    grad_step: GradStep
-    apply_step: ApplyStep
+    grad_step: object  # GradStep, or FusedStep
+    apply_step: object  # ApplyStep, or None with a FusedStep
     loss_scale: DynamicLossScale
 
 
@@ -207,7 +208,6 @@ def build_steps(engine, lora, run: Run, dist: Distributed, passes) -> Steps:
     optim_cfg, train_cfg = run.config.optim, run.config.train
     names = sorted(lora)
     params = [lora[name] for name in names]
-    buffers = make_buffers(params)
     # the text-encoder LoRA may train at its own rate (diffusers' --text_encoder_lr), under the same schedule
     text_encoder_lr = optim_cfg.get("text_encoder_learning_rate") or optim_cfg.learning_rate
     lr_scales = [float(text_encoder_lr) / float(optim_cfg.learning_rate) if name.startswith("conditioner.") else 1.0 for name in names]
@@ -216,10 +216,17 @@ def build_steps(engine, lora, run: Run, dist: Distributed, passes) -> Steps:
                       weight_decay=float(optim_cfg.get("weight_decay", 1e-2)), lr_scales=lr_scales)
     loss_net = DreamBoothLoss(engine, float(run.config.dreambooth.get("prior_loss_weight", 1.0)), run.with_prior and len(passes) == 1,
                               engine.trains_text_encoders)
-    grad_step = GradStep(loss_net, params, buffers, dist.grad_reducer(buffers))
-    apply_step = ApplyStep(buffers, optimizer, int(train_cfg.get("gradient_accumulation_steps", 1)),
-                           bool(train_cfg.get("clip_grad", False)), float(train_cfg.get("max_grad_norm", 1.0)))
+    accumulation = int(train_cfg.get("gradient_accumulation_steps", 1))
+    clip_grad, max_grad_norm = bool(train_cfg.get("clip_grad", False)), float(train_cfg.get("max_grad_norm", 1.0))
     fp16 = str(train_cfg.get("precision", "fp32")) == "fp16"
+    # A full fine-tune's gradient buffer is as large as the model: with nothing to accumulate, one graph needs none.
+    # (Data parallel keeps the buffer: its all-reduce runs over the buffer's flat groups.)
+    if finetune.is_full(run.config) and accumulation == 1 and len(passes) == 1 and not fp16 and dist.world_size == 1:
+        grad_step, apply_step, buffers = FusedStep(loss_net, params, optimizer, clip_grad, max_grad_norm), None, None
+    else:
+        buffers = make_buffers(params)
+        grad_step = GradStep(loss_net, params, buffers, dist.grad_reducer(buffers))
+        apply_step = ApplyStep(buffers, optimizer, accumulation, clip_grad, max_grad_norm)
     if fp16:
         if engine.backend == "cpu":
             fail("train.precision fp16 is for Ascend/GPU: the CPU backend's kernels compute in fp32 "
@@ -290,8 +297,9 @@ def resume_or_start(run: Run, dist: Distributed, engine, steps: Steps, data: Tra
 
 def accumulate_gradients(steps: Steps, data: TrainingData, passes, projections, accumulation: int):
     """The gradients of `accumulation` micro-batches into the buffer; returns (the mean of their (loss,
-    loss_instance, loss_class), whether every gradient was finite)."""
-    finite, losses = True, np.zeros(3)
+    loss_instance, loss_class), whether every gradient was finite, and with a FusedStep, which has applied the step
+    already, the gradient norm, else None)."""
+    finite, losses, grad_norm = True, np.zeros(3), None
     for _ in range(accumulation):
         fields = data.next_batch()
         pass_losses = []  # (weighted loss, mean loss of the pass's rows, class loss) per pass
@@ -300,10 +308,12 @@ def accumulate_gradients(steps: Steps, data: TrainingData, passes, projections, 
                                       ms.Tensor(loss_weight, ms.float32))
             pass_losses.append([float(o.asnumpy()) for o in outputs[:3]])
             finite = finite and bool(outputs[3].asnumpy())
+            if len(outputs) > 4:
+                grad_norm = float(outputs[4].asnumpy())
         if len(passes) > 1:  # (instance pass, class pass) -> (loss, loss_instance, loss_class)
             pass_losses = [[pass_losses[0][0] + pass_losses[1][0], pass_losses[0][1], pass_losses[1][1]]]
         losses += np.array(pass_losses[0]) / accumulation
-    return losses, finite
+    return losses, finite, grad_norm
 
 
 def train_loop(run: Run, dist: Distributed, engine, steps: Steps, data: TrainingData, passes, projections, state: TrainingState,
@@ -321,12 +331,15 @@ def train_loop(run: Run, dist: Distributed, engine, steps: Steps, data: Training
         started = time.time()
         lr = learning_rate_at(step, run.config.optim)
         steps.optimizer.learning_rate.set_data(ms.Tensor(lr, ms.float32))
-        losses, finite = accumulate_gradients(steps, data, passes, projections, accumulation)
+        losses, finite, fused_norm = accumulate_gradients(steps, data, passes, projections, accumulation)
         finite = dist.all_true(finite)  # apply or skip together: a rank's own scaled loss may overflow alone
         losses = dist.mean(losses)  # the global batch's loss (local batches are equal-sized)
         if not np.isfinite(losses).all() and not loss_scale.enabled:
             fail(f"loss became {losses[0]} at step {step + 1}: lower --learning_rate or enable --clip_grad")
-        if loss_scale.update(finite):
+        if steps.apply_step is None:  # the FusedStep applied the step, or skipped it (NaN norm)
+            loss_scale.update(finite)
+            grad_norm = fused_norm
+        elif loss_scale.update(finite):
             grad_norm = float(steps.apply_step().asnumpy())
         else:  # fp16 overflow: drop this step's gradients, the scale was lowered
             for buffer in steps.buffers:

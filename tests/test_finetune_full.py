@@ -20,7 +20,7 @@ from mindbooth import finetune, optim
 from mindbooth.checkpoint import _tensor_names, load_weights, read_checkpoint
 from mindbooth.config import load_config
 from mindbooth.optim import AdamW
-from mindbooth.train_step import ApplyStep, DreamBoothLoss, GradStep, buffered_gradients, make_buffers
+from mindbooth.train_step import ApplyStep, DreamBoothLoss, FusedStep, GradStep, buffered_gradients, make_buffers
 from tiny_workspace import make_workspace
 
 ONE = ms.Tensor(1.0, ms.float32)
@@ -114,6 +114,40 @@ def test_many_flat_groups_take_the_step_one_group_takes(workspace, monkeypatch):
     assert norm_many == pytest.approx(norm_one, rel=1e-5)
     for name, value in weights_one.items():
         np.testing.assert_allclose(weights_many[name], value, rtol=0, atol=1e-6, err_msg=name)
+
+
+def test_the_fused_step_takes_the_two_graph_step_and_skips_a_non_finite_one(workspace):
+    """FusedStep (a full fine-tune without accumulation: no gradient buffer) gives GradStep + ApplyStep's loss,
+    gradient norm and AdamW update of every weight; with a non-finite gradient it changes nothing and says so."""
+    results = []
+    for fused in (False, True):
+        engine = _full_engine(workspace, "plain")
+        engine.make_trainable(["model.diffusion_model."])
+        named = sorted((n, p) for n, p in engine.parameters_and_names() if p.requires_grad)
+        params = [p for _, p in named]
+        optimizer = AdamW(params, learning_rate=1e-3)
+        if fused:
+            step = FusedStep(DreamBoothLoss(engine, 1.0, True), params, optimizer, True, 1.0)
+            loss, _, _, finite, norm = step(*_step_inputs(engine), ONE, ONE)
+            assert bool(finite.asnumpy())
+        else:
+            buffers = make_buffers(params)
+            loss = GradStep(DreamBoothLoss(engine, 1.0, True), params, buffers)(*_step_inputs(engine), ONE, ONE)[0]
+            norm = ApplyStep(buffers, optimizer, 1, True, 1.0)()
+        results.append((float(loss.asnumpy()), float(norm.asnumpy()), {n: p.asnumpy() for n, p in named}))
+    (loss_two, norm_two, weights_two), (loss_fused, norm_fused, weights_fused) = results
+    assert loss_fused == pytest.approx(loss_two, rel=1e-6) and norm_fused == pytest.approx(norm_two, rel=1e-5)
+    assert norm_two > 1.0  # clipped: the clip is part of what is compared
+    for name, value in weights_two.items():
+        np.testing.assert_allclose(weights_fused[name], value, rtol=0, atol=1e-6, err_msg=name)
+
+    inputs = _step_inputs(engine)
+    inputs[0] = ms.Tensor(np.full(inputs[0].shape, np.nan, np.float32))
+    before = {n: p.asnumpy().copy() for n, p in (*named, *optimizer.state().items())}
+    _, _, _, finite, norm = step(*inputs, ONE, ONE)
+    assert not bool(finite.asnumpy()) and np.isnan(float(norm.asnumpy()))
+    for name, param in (*named, *optimizer.state().items()):
+        np.testing.assert_array_equal(param.asnumpy(), before[name], err_msg=name)
 
 
 def test_make_trainable_gives_the_cpu_backend_the_plain_weight_gradients(workspace):
