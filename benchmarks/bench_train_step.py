@@ -88,7 +88,7 @@ def mindspore_grad_step(args):
 
     from gm.modules.lora import lora_parameters
     from mindbooth.context_projections import ContextProjections
-    from mindbooth.optim import AdamW
+    from mindbooth.optim import AdamWPerParameter
     from mindbooth.train_step import DreamBoothLoss, FusedStep, GradStep, make_buffers, prior_passes, step_conditioning
 
     engine, build_s = common.build_mindspore_engine(args, train=True)
@@ -102,7 +102,7 @@ def mindspore_grad_step(args):
     loss_net = DreamBoothLoss(engine, 1.0, len(passes) == 1)
     if fused_step(args):  # as the trainer builds a full fine-tune's step without accumulation: no gradient buffer
         buffers = None
-        grad_step = FusedStep(loss_net, params, AdamW(params, learning_rate=learning_rate(args)), True, 1.0)
+        grad_step = FusedStep(loss_net, params, AdamWPerParameter(params, learning_rate=learning_rate(args)), True, 1.0)
     else:
         buffers = make_buffers(params)
         grad_step = GradStep(loss_net, params, buffers)
@@ -115,7 +115,9 @@ def mindspore_grad_step(args):
     unet = engine.model.diffusion_model
     for rows, loss_weight in passes:
         # IF's UNet has no such cache (its text keys/values carry LoRA), as in the trainer
-        projections = ContextProjections(unet) if args.context_projections and hasattr(unet, "context_projections") else None
+        # (nor a full fine-tune: the keys/values' weights train)
+        cached = args.context_projections and hasattr(unet, "context_projections") and args.finetune != "full"
+        projections = ContextProjections(unet) if cached else None
         conditioning = step_conditioning([ms.Tensor(arrays["crossattn"][rows]), ms.Tensor(arrays["vector"][rows])], projections)
         inputs.append([ms.Tensor(arrays[name][rows]) for name in ("latents", "noise", "sigmas")]
                       + [conditioning, ms.Tensor(1.0, ms.float32), ms.Tensor(loss_weight, ms.float32)])

@@ -155,6 +155,89 @@ class AdamW(nn.Cell):
         return done
 
 
+_adamw_one = ops.MultitypeFuncGraph("adamw_one")
+
+
+@_adamw_one.register("Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor",
+                     "Tensor", "Tensor")
+def _adamw_one_parameter(beta1, beta2, eps, weight_decay, learning_rate, bias_correction1, bias_correction2, lr_scale,
+                         param, m, v, grad):
+    lr = learning_rate * lr_scale
+    m_new = beta1 * m + (1.0 - beta1) * grad
+    v_new = beta2 * v + (1.0 - beta2) * grad * grad
+    denom = ops.sqrt(v_new) / ops.sqrt(bias_correction2) + eps
+    ops.assign(m, m_new)
+    ops.assign(v, v_new)
+    ops.assign(param, param * (1.0 - lr * weight_decay) - (lr / bias_correction1) * m_new / denom)
+    return True
+
+
+class AdamWPerParameter(nn.Cell):
+    """AdamW's update (as AdamW above) on each parameter in place, with moments per parameter (`adamw_m.<name>`,
+    `adamw_v.<name>`): for a full fine-tune, whose few hundred large parameters need no flat vector, and whose flat
+    copies of the weights, gradients and new values would each be the model's size. `grads`: one per parameter.
+    `lr_scales` as AdamW's."""
+
+    def __init__(self, params, learning_rate=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2, lr_scales=None):
+        super().__init__(auto_prefix=False)
+        self.params = ParameterTuple(params)
+        lr_scales = [1.0] * len(self.params) if lr_scales is None else list(lr_scales)
+        if len(lr_scales) != len(self.params):
+            raise ValueError(f"lr_scales has {len(lr_scales)} entries for {len(self.params)} parameters")
+        self.lr_scales = tuple(Tensor(float(scale), ms.float32) for scale in lr_scales)
+        self.exp_avg = self.params.clone(prefix="adamw_m", init="zeros")
+        self.exp_avg_sq = self.params.clone(prefix="adamw_v", init="zeros")
+        for moment in (*self.exp_avg, *self.exp_avg_sq):
+            moment.requires_grad = False
+        self.step = Parameter(Tensor(0, ms.int32), name="adamw_step", requires_grad=False)
+        self.learning_rate = Parameter(Tensor(learning_rate, ms.float32), name="adamw_lr", requires_grad=False)
+        self.beta1 = Tensor(beta1, ms.float32)
+        self.beta2 = Tensor(beta2, ms.float32)
+        self.eps = Tensor(eps, ms.float32)
+        self.weight_decay = Tensor(weight_decay, ms.float32)
+        self.hyper_map = ops.HyperMap()
+
+    def state(self) -> dict:
+        """As AdamW.state: name -> Parameter."""
+        return {p.name: p for p in (*self.exp_avg, *self.exp_avg_sq, self.step, self.learning_rate)}
+
+    def load_state(self, saved: dict, source: str = "the optimizer state"):
+        """As AdamW.load_state; also from AdamW's flat groups (the same values in the parameters' order)."""
+        sizes = [int(np.prod(p.shape)) for p in self.params]
+        for prefix, moments in (("adamw_m", self.exp_avg), ("adamw_v", self.exp_avg_sq)):
+            if all(moment.name in saved for moment in moments):
+                values = [saved[moment.name].asnumpy().reshape(-1) for moment in moments]
+            elif group_name(prefix, 0) in saved:
+                pieces, index = [], 0
+                while group_name(prefix, index) in saved:
+                    pieces.append(saved[group_name(prefix, index)].asnumpy().reshape(-1))
+                    index += 1
+                whole = np.concatenate(pieces)
+                if whole.size != sum(sizes):
+                    raise ValueError(f"{source} has {whole.size} values in {prefix} for {sum(sizes)} trainable values: "
+                                     "it was saved for other trainable parameters")
+                values = np.split(whole, np.cumsum(sizes)[:-1])
+            else:
+                missing = next(moment.name for moment in moments if moment.name not in saved)
+                raise ValueError(f"{source} lacks {missing}: it was saved for other trainable parameters")
+            for moment, value in zip(moments, values):
+                if value.size != int(np.prod(moment.shape)):
+                    raise ValueError(f"{source}: {moment.name} has {value.size} values for {moment.shape}")
+                moment.set_data(Tensor(value.reshape(moment.shape).astype(np.float32)))
+        for param in (self.step, self.learning_rate):
+            if param.name not in saved:
+                raise ValueError(f"{source} lacks {param.name}")
+            param.set_data(Tensor(saved[param.name].asnumpy()).astype(param.dtype))
+
+    def construct(self, grads):
+        step = self.step + 1
+        ops.assign(self.step, step)
+        step = step.astype(ms.float32)
+        update = ops.partial(_adamw_one, self.beta1, self.beta2, self.eps, self.weight_decay, self.learning_rate,
+                             1.0 - ops.pow(self.beta1, step), 1.0 - ops.pow(self.beta2, step))
+        return self.hyper_map(update, self.lr_scales, self.params, self.exp_avg, self.exp_avg_sq, grads)
+
+
 def _group_lr_scales(scales, sizes) -> Tensor:
     """A group's learning-rate factors: one scalar when alike, else one per element."""
     if all(scale == scales[0] for scale in scales):

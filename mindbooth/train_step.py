@@ -117,33 +117,47 @@ class ApplyStep(nn.Cell):
         return norm
 
 
+_square_sum = ops.MultitypeFuncGraph("square_sum")
+_all_finite = ops.MultitypeFuncGraph("all_finite")
+_times = ops.MultitypeFuncGraph("times")
+_hyper_map = ops.HyperMap()
+
+
+@_square_sum.register("Tensor")
+def _square_sum_one(grad):
+    return (grad * grad).sum()
+
+
+@_all_finite.register("Tensor")
+def _all_finite_one(grad):
+    return ops.isfinite(grad).all()
+
+
+@_times.register("Tensor", "Tensor")
+def _times_one(factor, grad):
+    return grad * factor
+
+
 def clip_and_update(optimizer, grads, clip_grad: bool, max_grad_norm: float):
-    """Clip the flat gradient groups `grads` by their global norm (when `clip_grad`) and run `optimizer` on them;
-    returns the norm before clipping."""
-    squares = ms.Tensor(0.0, ms.float32)
-    for i in range(len(grads)):
-        squares = squares + (grads[i] * grads[i]).sum()
-    norm = ops.sqrt(squares)
+    """Clip `grads` (flat groups, or one per parameter) by their global norm (when `clip_grad`) and run `optimizer`
+    on them; returns the norm before clipping. By HyperMap: a full fine-tune has hundreds of gradients."""
+    norm = ops.sqrt(ops.addn(_hyper_map(_square_sum, grads)))
     if clip_grad:
         clip = ops.minimum(max_grad_norm / (norm + 1e-6), ms.Tensor(1.0, ms.float32))
-        clipped = ()
-        for i in range(len(grads)):
-            clipped = clipped + (grads[i] * clip,)
-        grads = clipped
+        grads = _hyper_map(ops.partial(_times, clip), grads)
     return ops.depend(norm, optimizer(grads))
 
 
 class FusedStep(nn.Cell):
     """GradStep and ApplyStep in one graph, for a step of one pass (no accumulation, no split prior batch) without
-    a loss scale: the gradients go to AdamW as the backward makes them, with no accumulation buffer (for a full
-    fine-tune of SD 1.5 that buffer alone is 3.2 GiB). Takes GradStep's inputs (`loss_scale` 1); returns GradStep's
+    a loss scale: the gradients go to `optimizer` (an AdamWPerParameter: no flat copies) as the backward makes them,
+    with no accumulation buffer (for a full fine-tune of SD 1.5 that buffer alone is 3.2 GiB). Takes GradStep's inputs (`loss_scale` 1); returns GradStep's
     outputs and the global gradient norm before clipping."""
 
     def __init__(self, loss_net: DreamBoothLoss, params, optimizer: nn.Cell, clip_grad: bool, max_grad_norm: float):
         super().__init__(auto_prefix=False)
         self.loss_net = loss_net
         self.params = ParameterTuple(params)
-        self.groups = flat_groups(self.params)
         self.optimizer = optimizer
         self.clip_grad = clip_grad
         self.max_grad_norm = float(max_grad_norm)
@@ -156,10 +170,7 @@ class FusedStep(nn.Cell):
 
     def construct(self, latents, noise, sigmas, conditioning, loss_scale, loss_weight):
         (loss, loss_instance, loss_class), grads = self.value_and_grad(latents, noise, sigmas, conditioning, loss_weight)
-        grads = flatten_groups(grads, self.groups)
-        finite = ops.isfinite(loss)
-        for i in range(len(self.groups)):
-            finite = ops.logical_and(finite, ops.isfinite(grads[i]).all())
+        finite = ops.logical_and(ops.isfinite(loss), ops.stack(_hyper_map(_all_finite, grads)).all())
         norm = ms.Tensor(float("nan"), ms.float32)
         if finite:  # else the step is skipped, as the trainer skips ApplyStep
             norm = clip_and_update(self.optimizer, grads, self.clip_grad, self.max_grad_norm)

@@ -29,7 +29,7 @@ from mindbooth.context_projections import ContextProjections
 from mindbooth.data import DreamBoothDataset, instance_prompts
 from mindbooth.distributed import Distributed
 from mindbooth.images import list_images, make_grid, remove_stale_temporaries, save_image_atomic
-from mindbooth.optim import AdamW
+from mindbooth.optim import AdamW, AdamWPerParameter
 from mindbooth.progress_log import LossLog
 from mindbooth.text_embeddings import encode_alone
 from mindbooth.sampling_model import size_multiple
@@ -194,7 +194,7 @@ class Steps(NamedTuple):
     """The trained parameters' gradient buffer, AdamW, the gradient and optimizer steps (mindbooth/train_step.py) and
     the loss scale; or, fused (a FusedStep as `grad_step`), no buffer and no `apply_step`."""
     buffers: object
-    optimizer: AdamW
+    optimizer: object  # AdamW, or AdamWPerParameter with a FusedStep
     grad_step: object  # GradStep, or FusedStep
     apply_step: object  # ApplyStep, or None with a FusedStep
     loss_scale: DynamicLossScale
@@ -211,17 +211,19 @@ def build_steps(engine, lora, run: Run, dist: Distributed, passes) -> Steps:
     # the text-encoder LoRA may train at its own rate (diffusers' --text_encoder_lr), under the same schedule
     text_encoder_lr = optim_cfg.get("text_encoder_learning_rate") or optim_cfg.learning_rate
     lr_scales = [float(text_encoder_lr) / float(optim_cfg.learning_rate) if name.startswith("conditioner.") else 1.0 for name in names]
-    optimizer = AdamW(params, learning_rate=float(optim_cfg.learning_rate), beta1=float(optim_cfg.get("beta1", 0.9)),
-                      beta2=float(optim_cfg.get("beta2", 0.999)), eps=float(optim_cfg.get("eps", 1e-8)),
-                      weight_decay=float(optim_cfg.get("weight_decay", 1e-2)), lr_scales=lr_scales)
-    loss_net = DreamBoothLoss(engine, float(run.config.dreambooth.get("prior_loss_weight", 1.0)), run.with_prior and len(passes) == 1,
-                              engine.trains_text_encoders)
     accumulation = int(train_cfg.get("gradient_accumulation_steps", 1))
-    clip_grad, max_grad_norm = bool(train_cfg.get("clip_grad", False)), float(train_cfg.get("max_grad_norm", 1.0))
     fp16 = str(train_cfg.get("precision", "fp32")) == "fp16"
     # A full fine-tune's gradient buffer is as large as the model: with nothing to accumulate, one graph needs none.
     # (Data parallel keeps the buffer: its all-reduce runs over the buffer's flat groups.)
-    if finetune.is_full(run.config) and accumulation == 1 and len(passes) == 1 and not fp16 and dist.world_size == 1:
+    fused = finetune.is_full(run.config) and accumulation == 1 and len(passes) == 1 and not fp16 and dist.world_size == 1
+    optimizer = (AdamWPerParameter if fused else AdamW)(
+        params, learning_rate=float(optim_cfg.learning_rate), beta1=float(optim_cfg.get("beta1", 0.9)),
+        beta2=float(optim_cfg.get("beta2", 0.999)), eps=float(optim_cfg.get("eps", 1e-8)),
+        weight_decay=float(optim_cfg.get("weight_decay", 1e-2)), lr_scales=lr_scales)
+    loss_net = DreamBoothLoss(engine, float(run.config.dreambooth.get("prior_loss_weight", 1.0)), run.with_prior and len(passes) == 1,
+                              engine.trains_text_encoders)
+    clip_grad, max_grad_norm = bool(train_cfg.get("clip_grad", False)), float(train_cfg.get("max_grad_norm", 1.0))
+    if fused:
         grad_step, apply_step, buffers = FusedStep(loss_net, params, optimizer, clip_grad, max_grad_norm), None, None
     else:
         buffers = make_buffers(params)

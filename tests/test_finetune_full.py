@@ -19,7 +19,7 @@ from gm.util import instantiate_from_config
 from mindbooth import finetune, optim
 from mindbooth.checkpoint import _tensor_names, load_weights, read_checkpoint
 from mindbooth.config import load_config
-from mindbooth.optim import AdamW
+from mindbooth.optim import AdamW, AdamWPerParameter
 from mindbooth.train_step import ApplyStep, DreamBoothLoss, FusedStep, GradStep, buffered_gradients, make_buffers
 from tiny_workspace import make_workspace
 
@@ -125,7 +125,7 @@ def test_the_fused_step_takes_the_two_graph_step_and_skips_a_non_finite_one(work
         engine.make_trainable(["model.diffusion_model."])
         named = sorted((n, p) for n, p in engine.parameters_and_names() if p.requires_grad)
         params = [p for _, p in named]
-        optimizer = AdamW(params, learning_rate=1e-3)
+        optimizer = (AdamWPerParameter if fused else AdamW)(params, learning_rate=1e-3)
         if fused:
             step = FusedStep(DreamBoothLoss(engine, 1.0, True), params, optimizer, True, 1.0)
             loss, _, _, finite, norm = step(*_step_inputs(engine), ONE, ONE)

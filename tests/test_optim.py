@@ -1,5 +1,6 @@
-"""Our AdamW equals torch.optim.AdamW step for step, in PyNative and GRAPH mode, with a parameter group at its
-own learning rate (the text-encoder LoRA's --text_encoder_lr)."""
+"""Our AdamW (flat groups) and AdamWPerParameter (a full fine-tune's) equal torch.optim.AdamW step for step, in
+PyNative and GRAPH mode, with a parameter group at its own learning rate (the text-encoder LoRA's --text_encoder_lr);
+a state moves between their layouts."""
 import mindspore as ms
 import numpy as np
 import pytest
@@ -7,7 +8,7 @@ import torch
 from mindspore import Parameter, Tensor, nn
 
 from mindbooth import optim
-from mindbooth.optim import AdamW, flatten, flatten_groups
+from mindbooth.optim import AdamW, AdamWPerParameter, flatten, flatten_groups
 
 
 class _Step(nn.Cell):
@@ -17,6 +18,70 @@ class _Step(nn.Cell):
 
     def construct(self, grads):
         return self.optimizer(flatten_groups(grads, self.optimizer.groups))
+
+
+class _PerParameterStep(nn.Cell):
+    def __init__(self, optimizer):
+        super().__init__(auto_prefix=False)
+        self.optimizer = optimizer
+
+    def construct(self, grads):
+        return self.optimizer(grads)
+
+
+@pytest.mark.parametrize("mode", [ms.PYNATIVE_MODE, ms.GRAPH_MODE])
+def test_per_parameter_adamw_matches_torch(mode):
+    rng = np.random.default_rng(3)
+    shapes = [(4, 6), (6,), (3, 2)]
+    initial = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    grads = [[rng.standard_normal(s).astype(np.float32) for s in shapes] for _ in range(5)]
+    torch_params = [torch.nn.Parameter(torch.from_numpy(p.copy())) for p in initial]
+    torch_opt = torch.optim.AdamW([{"params": torch_params[:2]}, {"params": torch_params[2:], "lr": 7.5e-4}], lr=3e-3,
+                                  betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)
+    ms_params = [Parameter(Tensor(p.copy()), name=f"p{i}") for i, p in enumerate(initial)]
+    step = _PerParameterStep(AdamWPerParameter(ms_params, learning_rate=3e-3, beta1=0.8, beta2=0.95, eps=1e-6,
+                                               weight_decay=0.1, lr_scales=[1, 1, 0.25]))
+    ms.set_context(mode=mode)
+    try:
+        for g in grads:
+            for p, gi in zip(torch_params, g):
+                p.grad = torch.from_numpy(gi)
+            torch_opt.step()
+            step(tuple(Tensor(gi) for gi in g))
+            for ours, ref in zip(ms_params, torch_params):
+                np.testing.assert_allclose(ours.asnumpy(), ref.detach().numpy(), rtol=1e-5, atol=1e-6)
+    finally:
+        ms.set_context(mode=ms.PYNATIVE_MODE)
+    assert int(step.optimizer.step.asnumpy()) == 5
+    assert sorted(step.optimizer.state()) == ["adamw_lr", "adamw_m.p0", "adamw_m.p1", "adamw_m.p2", "adamw_step",
+                                              "adamw_v.p0", "adamw_v.p1", "adamw_v.p2"]
+
+
+def test_a_state_moves_between_flat_groups_and_per_parameter_moments(monkeypatch):
+    """A full fine-tune's state saved by AdamW (flat groups: accumulation or data parallel) resumes in
+    AdamWPerParameter (the fused step) and back: the same moments, then the same step."""
+    rng = np.random.default_rng(4)
+    shapes = [(4, 6), (6,), (3, 2)]
+    initial = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    monkeypatch.setattr(optim, "GROUP_ELEMENTS", 24)  # two groups
+    flat = AdamW([Parameter(Tensor(p.copy()), name=f"w{i}") for i, p in enumerate(initial)])
+    for moments in (flat.exp_avg, flat.exp_avg_sq):
+        for moment in moments:
+            moment.set_data(Tensor(rng.random(moment.shape).astype(np.float32)))
+    flat.step.set_data(Tensor(4, ms.int32))
+    per_parameter = AdamWPerParameter([Parameter(Tensor(p.copy()), name=f"w{i}") for i, p in enumerate(initial)])
+    per_parameter.load_state({name: Tensor(p.asnumpy()) for name, p in flat.state().items()})
+    np.testing.assert_array_equal(np.concatenate([m.asnumpy().ravel() for m in per_parameter.exp_avg_sq]),
+                                  np.concatenate([m.asnumpy() for m in flat.exp_avg_sq]))
+    back = AdamW([Parameter(Tensor(p.copy()), name=f"w{i}") for i, p in enumerate(initial)])
+    back.load_state({name: Tensor(p.asnumpy()) for name, p in per_parameter.state().items()})
+    grads = tuple(Tensor(rng.standard_normal(s).astype(np.float32)) for s in shapes)
+    per_parameter(grads)
+    back(flatten_groups(grads, back.groups))
+    for ours, other in zip(per_parameter.params, back.params):
+        np.testing.assert_allclose(ours.asnumpy(), other.asnumpy(), rtol=0, atol=1e-7)
+    with pytest.raises(ValueError, match="lacks adamw_m.w0"):
+        AdamWPerParameter(per_parameter.params).load_state({"adamw_step": Tensor(1, ms.int32)})
 
 
 @pytest.mark.parametrize("group_elements", [1 << 26, 24])  # one flat group; three groups ([p0], [p1, p2]... cut at 24)
