@@ -72,30 +72,16 @@ def _assign_piece_one(flat, param, begin, size):
     return True
 
 
-class AdamW(nn.Cell):
-    """`lr_scales`: one factor per parameter (default 1): its learning rate is learning_rate * factor, so a
-    group (e.g. the text-encoder LoRA) can train at its own rate under the same schedule.
+class _AdamWState(nn.Cell):
+    """What both AdamW layouts share: the hyperparameters, the step count and learning rate (Parameters, so a schedule
+    changes the rate without recompiling), the state's names and how a saved state's moments are read."""
 
-    The update runs over the parameters laid end to end in flat groups (`flat_groups`), moments stored flat per
-    group (`adamw_m`, `adamw_v`, then `adamw_m_group1`, ...): a LoRA has ~1100 small parameters in one group, and
-    a dozen element-wise launches per parameter cost more than the arithmetic. The new values are then sliced back
-    into the parameters. `grads`: one flat vector per group (`flatten_groups`)."""
-
-    def __init__(self, params, learning_rate=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2, lr_scales=None):
+    def __init__(self, params, learning_rate, beta1, beta2, eps, weight_decay, lr_scales):
         super().__init__(auto_prefix=False)
         self.params = ParameterTuple(params)
-        lr_scales = [1.0] * len(self.params) if lr_scales is None else list(lr_scales)
-        if len(lr_scales) != len(self.params):
-            raise ValueError(f"lr_scales has {len(lr_scales)} entries for {len(self.params)} parameters")
-        self.groups = flat_groups(self.params)
-        self.layouts = tuple(flat_layout(self.params[start:stop]) for start, stop in self.groups)
-        self.totals = tuple(sum(sizes) for sizes, _ in self.layouts)
-        self.lr_scales = tuple(_group_lr_scales(lr_scales[start:stop], sizes) for (start, stop), (sizes, _) in
-                               zip(self.groups, self.layouts))
-        self.exp_avg = ParameterTuple([Parameter(Tensor(np.zeros(total, np.float32)), name=group_name("adamw_m", i),
-                                                 requires_grad=False) for i, total in enumerate(self.totals)])
-        self.exp_avg_sq = ParameterTuple([Parameter(Tensor(np.zeros(total, np.float32)), name=group_name("adamw_v", i),
-                                                    requires_grad=False) for i, total in enumerate(self.totals)])
+        self.lr_scale_list = [1.0] * len(self.params) if lr_scales is None else [float(s) for s in lr_scales]
+        if len(self.lr_scale_list) != len(self.params):
+            raise ValueError(f"lr_scales has {len(self.lr_scale_list)} entries for {len(self.params)} parameters")
         self.step = Parameter(Tensor(0, ms.int32), name="adamw_step", requires_grad=False)
         self.learning_rate = Parameter(Tensor(learning_rate, ms.float32), name="adamw_lr", requires_grad=False)
         self.beta1 = Tensor(beta1, ms.float32)
@@ -108,30 +94,58 @@ class AdamW(nn.Cell):
         """Everything needed to resume: moments, step count, current learning rate (name -> Parameter)."""
         return {p.name: p for p in (*self.exp_avg, *self.exp_avg_sq, self.step, self.learning_rate)}
 
+    def _saved_moments(self, saved: dict, prefix: str, source: str) -> np.ndarray:
+        """The moments `prefix` of `saved`, laid end to end in the parameters' order, from either layout: flat groups
+        (`adamw_m`, `adamw_m_group1`, ...) or one per parameter (`adamw_m.<parameter name>`)."""
+        pieces = []
+        while group_name(prefix, len(pieces)) in saved:
+            pieces.append(saved[group_name(prefix, len(pieces))].asnumpy().reshape(-1))
+        if not pieces:
+            per_parameter = [f"{prefix}.{p.name}" for p in self.params]
+            missing = [key for key in per_parameter if key not in saved]
+            if missing:
+                raise ValueError(f"{source} lacks {missing[0]}: it was saved for other trainable parameters")
+            pieces = [saved[key].asnumpy().reshape(-1) for key in per_parameter]
+        whole = np.concatenate(pieces)
+        total = sum(int(np.prod(p.shape)) for p in self.params)
+        if whole.size != total:
+            raise ValueError(f"{source} has {whole.size} values in {prefix} for {total} trainable values: it was "
+                             "saved for other trainable parameters")
+        return whole
+
     def load_state(self, saved: dict, source: str = "the optimizer state"):
-        """Set the state from `saved` (name -> Tensor/Parameter), as state() names it (in any number of groups: the
-        moments are the same values in the parameters' order), or as MindBooth saved them before the flat moments
-        (`adamw_m.<parameter name>`, one per parameter)."""
+        """Set the state from `saved` (name -> Tensor/Parameter), as either layout's state() names it."""
         for prefix, moments in (("adamw_m", self.exp_avg), ("adamw_v", self.exp_avg_sq)):
-            pieces = []
-            while group_name(prefix, len(pieces)) in saved:
-                pieces.append(saved[group_name(prefix, len(pieces))].asnumpy().reshape(-1))
-            if not pieces:
-                per_parameter = [f"{prefix}.{p.name}" for p in self.params]
-                missing = [key for key in per_parameter if key not in saved]
-                if missing:
-                    raise ValueError(f"{source} lacks {missing[0]}: it was saved for other trainable parameters")
-                pieces = [saved[key].asnumpy().reshape(-1) for key in per_parameter]
-            whole = np.concatenate(pieces)
-            if whole.size != sum(self.totals):
-                raise ValueError(f"{source} has {whole.size} values in {prefix} for {sum(self.totals)} trainable "
-                                 "values: it was saved for other trainable parameters")
-            for flat, value in zip(moments, np.split(whole, np.cumsum(self.totals)[:-1])):
-                flat.set_data(Tensor(value.astype(np.float32)))
+            whole = self._saved_moments(saved, prefix, source)
+            sizes = [int(np.prod(m.shape)) for m in moments]
+            for moment, value in zip(moments, np.split(whole, np.cumsum(sizes)[:-1])):
+                moment.set_data(Tensor(value.reshape(moment.shape).astype(np.float32)))
         for param in (self.step, self.learning_rate):
             if param.name not in saved:
                 raise ValueError(f"{source} lacks {param.name}")
             param.set_data(Tensor(saved[param.name].asnumpy()).astype(param.dtype))
+
+
+class AdamW(_AdamWState):
+    """`lr_scales`: one factor per parameter (default 1): its learning rate is learning_rate * factor, so a
+    group (e.g. the text-encoder LoRA) can train at its own rate under the same schedule.
+
+    The update runs over the parameters laid end to end in flat groups (`flat_groups`), moments stored flat per
+    group (`adamw_m`, `adamw_v`, then `adamw_m_group1`, ...): a LoRA has ~1100 small parameters in one group, and
+    a dozen element-wise launches per parameter cost more than the arithmetic. The new values are then sliced back
+    into the parameters. `grads`: one flat vector per group (`flatten_groups`)."""
+
+    def __init__(self, params, learning_rate=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2, lr_scales=None):
+        super().__init__(params, learning_rate, beta1, beta2, eps, weight_decay, lr_scales)
+        self.groups = flat_groups(self.params)
+        self.layouts = tuple(flat_layout(self.params[start:stop]) for start, stop in self.groups)
+        self.totals = tuple(sum(sizes) for sizes, _ in self.layouts)
+        self.lr_scales = tuple(_group_lr_scales(self.lr_scale_list[start:stop], sizes) for (start, stop), (sizes, _) in
+                               zip(self.groups, self.layouts))
+        self.exp_avg = ParameterTuple([Parameter(Tensor(np.zeros(total, np.float32)), name=group_name("adamw_m", i),
+                                                 requires_grad=False) for i, total in enumerate(self.totals)])
+        self.exp_avg_sq = ParameterTuple([Parameter(Tensor(np.zeros(total, np.float32)), name=group_name("adamw_v", i),
+                                                    requires_grad=False) for i, total in enumerate(self.totals)])
 
     def construct(self, grads):
         step = self.step + 1
@@ -172,62 +186,19 @@ def _adamw_one_parameter(beta1, beta2, eps, weight_decay, learning_rate, bias_co
     return True
 
 
-class AdamWPerParameter(nn.Cell):
+class AdamWPerParameter(_AdamWState):
     """AdamW's update (as AdamW above) on each parameter in place, with moments per parameter (`adamw_m.<name>`,
     `adamw_v.<name>`): for a full fine-tune, whose few hundred large parameters need no flat vector, and whose flat
     copies of the weights, gradients and new values would each be the model's size. `grads`: one per parameter.
     `lr_scales` as AdamW's."""
 
     def __init__(self, params, learning_rate=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2, lr_scales=None):
-        super().__init__(auto_prefix=False)
-        self.params = ParameterTuple(params)
-        lr_scales = [1.0] * len(self.params) if lr_scales is None else list(lr_scales)
-        if len(lr_scales) != len(self.params):
-            raise ValueError(f"lr_scales has {len(lr_scales)} entries for {len(self.params)} parameters")
-        self.lr_scales = tuple(Tensor(float(scale), ms.float32) for scale in lr_scales)
+        super().__init__(params, learning_rate, beta1, beta2, eps, weight_decay, lr_scales)
+        self.lr_scales = tuple(Tensor(scale, ms.float32) for scale in self.lr_scale_list)
         self.exp_avg = self.params.clone(prefix="adamw_m", init="zeros")
         self.exp_avg_sq = self.params.clone(prefix="adamw_v", init="zeros")
         for moment in (*self.exp_avg, *self.exp_avg_sq):
             moment.requires_grad = False
-        self.step = Parameter(Tensor(0, ms.int32), name="adamw_step", requires_grad=False)
-        self.learning_rate = Parameter(Tensor(learning_rate, ms.float32), name="adamw_lr", requires_grad=False)
-        self.beta1 = Tensor(beta1, ms.float32)
-        self.beta2 = Tensor(beta2, ms.float32)
-        self.eps = Tensor(eps, ms.float32)
-        self.weight_decay = Tensor(weight_decay, ms.float32)
-        self.hyper_map = ops.HyperMap()
-
-    def state(self) -> dict:
-        """As AdamW.state: name -> Parameter."""
-        return {p.name: p for p in (*self.exp_avg, *self.exp_avg_sq, self.step, self.learning_rate)}
-
-    def load_state(self, saved: dict, source: str = "the optimizer state"):
-        """As AdamW.load_state; also from AdamW's flat groups (the same values in the parameters' order)."""
-        sizes = [int(np.prod(p.shape)) for p in self.params]
-        for prefix, moments in (("adamw_m", self.exp_avg), ("adamw_v", self.exp_avg_sq)):
-            if all(moment.name in saved for moment in moments):
-                values = [saved[moment.name].asnumpy().reshape(-1) for moment in moments]
-            elif group_name(prefix, 0) in saved:
-                pieces, index = [], 0
-                while group_name(prefix, index) in saved:
-                    pieces.append(saved[group_name(prefix, index)].asnumpy().reshape(-1))
-                    index += 1
-                whole = np.concatenate(pieces)
-                if whole.size != sum(sizes):
-                    raise ValueError(f"{source} has {whole.size} values in {prefix} for {sum(sizes)} trainable values: "
-                                     "it was saved for other trainable parameters")
-                values = np.split(whole, np.cumsum(sizes)[:-1])
-            else:
-                missing = next(moment.name for moment in moments if moment.name not in saved)
-                raise ValueError(f"{source} lacks {missing}: it was saved for other trainable parameters")
-            for moment, value in zip(moments, values):
-                if value.size != int(np.prod(moment.shape)):
-                    raise ValueError(f"{source}: {moment.name} has {value.size} values for {moment.shape}")
-                moment.set_data(Tensor(value.reshape(moment.shape).astype(np.float32)))
-        for param in (self.step, self.learning_rate):
-            if param.name not in saved:
-                raise ValueError(f"{source} lacks {param.name}")
-            param.set_data(Tensor(saved[param.name].asnumpy()).astype(param.dtype))
 
     def construct(self, grads):
         step = self.step + 1

@@ -12,49 +12,17 @@ from mindbooth.optim import AdamW, AdamWPerParameter, flatten, flatten_groups
 
 
 class _Step(nn.Cell):
+    """The optimizer on gradients as the training steps pass them: flat groups to AdamW, one per parameter else."""
+
     def __init__(self, optimizer):
         super().__init__(auto_prefix=False)
         self.optimizer = optimizer
+        self.flat = isinstance(optimizer, AdamW)
 
     def construct(self, grads):
-        return self.optimizer(flatten_groups(grads, self.optimizer.groups))
-
-
-class _PerParameterStep(nn.Cell):
-    def __init__(self, optimizer):
-        super().__init__(auto_prefix=False)
-        self.optimizer = optimizer
-
-    def construct(self, grads):
+        if self.flat:
+            grads = flatten_groups(grads, self.optimizer.groups)
         return self.optimizer(grads)
-
-
-@pytest.mark.parametrize("mode", [ms.PYNATIVE_MODE, ms.GRAPH_MODE])
-def test_per_parameter_adamw_matches_torch(mode):
-    rng = np.random.default_rng(3)
-    shapes = [(4, 6), (6,), (3, 2)]
-    initial = [rng.standard_normal(s).astype(np.float32) for s in shapes]
-    grads = [[rng.standard_normal(s).astype(np.float32) for s in shapes] for _ in range(5)]
-    torch_params = [torch.nn.Parameter(torch.from_numpy(p.copy())) for p in initial]
-    torch_opt = torch.optim.AdamW([{"params": torch_params[:2]}, {"params": torch_params[2:], "lr": 7.5e-4}], lr=3e-3,
-                                  betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)
-    ms_params = [Parameter(Tensor(p.copy()), name=f"p{i}") for i, p in enumerate(initial)]
-    step = _PerParameterStep(AdamWPerParameter(ms_params, learning_rate=3e-3, beta1=0.8, beta2=0.95, eps=1e-6,
-                                               weight_decay=0.1, lr_scales=[1, 1, 0.25]))
-    ms.set_context(mode=mode)
-    try:
-        for g in grads:
-            for p, gi in zip(torch_params, g):
-                p.grad = torch.from_numpy(gi)
-            torch_opt.step()
-            step(tuple(Tensor(gi) for gi in g))
-            for ours, ref in zip(ms_params, torch_params):
-                np.testing.assert_allclose(ours.asnumpy(), ref.detach().numpy(), rtol=1e-5, atol=1e-6)
-    finally:
-        ms.set_context(mode=ms.PYNATIVE_MODE)
-    assert int(step.optimizer.step.asnumpy()) == 5
-    assert sorted(step.optimizer.state()) == ["adamw_lr", "adamw_m.p0", "adamw_m.p1", "adamw_m.p2", "adamw_step",
-                                              "adamw_v.p0", "adamw_v.p1", "adamw_v.p2"]
 
 
 def test_a_state_moves_between_flat_groups_and_per_parameter_moments(monkeypatch):
@@ -84,10 +52,12 @@ def test_a_state_moves_between_flat_groups_and_per_parameter_moments(monkeypatch
         AdamWPerParameter(per_parameter.params).load_state({"adamw_step": Tensor(1, ms.int32)})
 
 
-@pytest.mark.parametrize("group_elements", [1 << 26, 24])  # one flat group; three groups ([p0], [p1, p2]... cut at 24)
+# one flat group; two groups ([p0], [p1, p2]: cut at 24); moments per parameter (AdamWPerParameter)
+@pytest.mark.parametrize("layout", ["one group", "groups of 24", "per parameter"])
 @pytest.mark.parametrize("mode", [ms.PYNATIVE_MODE, ms.GRAPH_MODE])
-def test_adamw_matches_torch(mode, group_elements, monkeypatch):
-    monkeypatch.setattr(optim, "GROUP_ELEMENTS", group_elements)
+def test_adamw_matches_torch(mode, layout, monkeypatch):
+    monkeypatch.setattr(optim, "GROUP_ELEMENTS", 24 if layout == "groups of 24" else 1 << 26)
+    optimizer_class = AdamWPerParameter if layout == "per parameter" else AdamW
     rng = np.random.default_rng(0)
     shapes = [(4, 6), (6,), (3, 2)]
     initial = [rng.standard_normal(s).astype(np.float32) for s in shapes]
@@ -97,7 +67,8 @@ def test_adamw_matches_torch(mode, group_elements, monkeypatch):
     torch_params = [torch.nn.Parameter(torch.from_numpy(p.copy())) for p in initial]
     torch_opt = torch.optim.AdamW([{"params": torch_params[:2]}, {"params": torch_params[2:], "lr": 7.5e-4}], **kwargs)
     ms_params = [Parameter(Tensor(p.copy()), name=f"p{i}") for i, p in enumerate(initial)]
-    step = _Step(AdamW(ms_params, learning_rate=3e-3, beta1=0.8, beta2=0.95, eps=1e-6, weight_decay=0.1, lr_scales=[1, 1, 0.25]))
+    step = _Step(optimizer_class(ms_params, learning_rate=3e-3, beta1=0.8, beta2=0.95, eps=1e-6, weight_decay=0.1,
+                                 lr_scales=[1, 1, 0.25]))
     ms.set_context(mode=mode)
     try:
         for g in grads:
@@ -110,7 +81,11 @@ def test_adamw_matches_torch(mode, group_elements, monkeypatch):
     finally:
         ms.set_context(mode=ms.PYNATIVE_MODE)
     assert int(step.optimizer.step.asnumpy()) == 5
-    assert len(step.optimizer.groups) == (1 if group_elements > 100 else 2)
+    if layout == "per parameter":
+        assert sorted(step.optimizer.state()) == ["adamw_lr", "adamw_m.p0", "adamw_m.p1", "adamw_m.p2", "adamw_step",
+                                                  "adamw_v.p0", "adamw_v.p1", "adamw_v.p2"]
+    else:
+        assert len(step.optimizer.groups) == (1 if layout == "one group" else 2)
 
 
 def test_adamw_takes_flat_gradients_and_loads_per_parameter_state():
