@@ -219,25 +219,31 @@ def test_release_weights_frees_them_and_keeps_what_compiling_reads():
 
 def test_the_cached_optimizer_step_holds_no_constant_of_the_trainable_size(tmp_path):
     """ApplyStep's graph file stays small with 4M trainable values: a constant as large as the gradients (a cleared
-    buffer's zeros) would make a full fine-tune's file > 2 GB, which MindSpore cannot write or read."""
-    import mindspore as ms
-    from mindspore import Parameter, Tensor
+    buffer's zeros) would make a full fine-tune's file > 2 GB, which MindSpore cannot write or read. In a script of its
+    own: MindSpore's cache reads the entry script (a pytest worker's is `-c`)."""
+    script = tmp_path / "compile_apply_step.py"
+    script.write_text(f"""import sys
+import mindspore as ms
+import numpy as np
+from mindspore import Parameter, Tensor
+sys.path.insert(0, {str(ROOT)!r})
+from mindbooth.compile_cache import compile_cache
+from mindbooth.optim import AdamW
+from mindbooth.train_step import ApplyStep, make_buffers
 
-    from mindbooth.compile_cache import compile_cache
-    from mindbooth.optim import AdamW
-    from mindbooth.train_step import ApplyStep, make_buffers
-
-    params = [Parameter(Tensor(np.ones(1 << 21, np.float32)), name=name) for name in ("a", "b")]
-    buffers = make_buffers(params)
-    apply_step = ApplyStep(buffers, AdamW(params), accumulation_steps=1, clip_grad=True, max_grad_norm=1.0)
-    ms.set_context(mode=ms.GRAPH_MODE)
-    try:
-        with compile_cache(tmp_path / "cache"):
-            apply_step.compile()
-        buffers[0].set_data(Tensor(np.full(buffers[0].shape, 0.5, np.float32)))
-        apply_step()
-    finally:
-        ms.set_context(mode=ms.PYNATIVE_MODE)
+ms.set_context(mode=ms.GRAPH_MODE)
+params = [Parameter(Tensor(np.ones(1 << 21, np.float32)), name=name) for name in ("a", "b")]
+buffers = make_buffers(params)
+apply_step = ApplyStep(buffers, AdamW(params), accumulation_steps=1, clip_grad=True, max_grad_norm=1.0)
+with compile_cache({str(tmp_path / "cache")!r}):
+    apply_step.compile()
+buffers[0].set_data(Tensor(np.full(buffers[0].shape, 0.5, np.float32)))
+apply_step()
+print("STEP", int(buffers[0].asnumpy().any()), float(params[0].asnumpy().max()))
+""")
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    cleared, largest = run.stdout.split("STEP")[1].split()
+    assert cleared == "0" and float(largest) < 1.0  # cleared, and the step was taken
     graphs = list((tmp_path / "cache").rglob("*.mindir"))
     assert graphs and sum(path.stat().st_size for path in graphs) < (1 << 20)  # the values alone would be 16 MiB
-    assert not buffers[0].asnumpy().any() and params[0].asnumpy().max() < 1.0  # cleared, and the step was taken
