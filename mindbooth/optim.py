@@ -90,6 +90,13 @@ class _AdamWState(nn.Cell):
         self.weight_decay = Tensor(weight_decay, ms.float32)
         self.hyper_map = ops.HyperMap()
 
+    def next_bias_corrections(self):
+        """Count one more step; returns AdamW's bias corrections (1 - beta1^t, 1 - beta2^t) for it."""
+        step = self.step + 1
+        ops.assign(self.step, step)
+        step = step.astype(ms.float32)
+        return 1.0 - ops.pow(self.beta1, step), 1.0 - ops.pow(self.beta2, step)
+
     def state(self) -> dict:
         """Everything needed to resume: moments, step count, current learning rate (name -> Parameter)."""
         return {p.name: p for p in (*self.exp_avg, *self.exp_avg_sq, self.step, self.learning_rate)}
@@ -148,25 +155,28 @@ class AdamW(_AdamWState):
                                                     requires_grad=False) for i, total in enumerate(self.totals)])
 
     def construct(self, grads):
-        step = self.step + 1
-        ops.assign(self.step, step)
-        step = step.astype(ms.float32)
-        bias_correction1 = 1.0 - ops.pow(self.beta1, step)
-        bias_correction2 = 1.0 - ops.pow(self.beta2, step)
+        bias_correction1, bias_correction2 = self.next_bias_corrections()
         done = ()
         for i in range(len(self.groups)):
             params = self.params[self.groups[i][0]:self.groups[i][1]]
-            lr = self.learning_rate * self.lr_scales[i]
-            m_new = self.beta1 * self.exp_avg[i] + (1.0 - self.beta1) * grads[i]
-            v_new = self.beta2 * self.exp_avg_sq[i] + (1.0 - self.beta2) * grads[i] * grads[i]
-            decayed = flatten(params) * (1.0 - lr * self.weight_decay)
-            denom = ops.sqrt(v_new) / ops.sqrt(bias_correction2) + self.eps
-            new_params = decayed - (lr / bias_correction1) * m_new / denom
+            m_new, v_new, new_params = adamw_values(self.beta1, self.beta2, self.eps, self.weight_decay,
+                                                    self.learning_rate * self.lr_scales[i], bias_correction1,
+                                                    bias_correction2, flatten(params), self.exp_avg[i],
+                                                    self.exp_avg_sq[i], grads[i])
             ops.assign(self.exp_avg[i], m_new)
             ops.assign(self.exp_avg_sq[i], v_new)
             sizes, offsets = self.layouts[i]
             done = done + (self.hyper_map(ops.partial(_assign_piece, new_params), params, offsets, sizes),)
         return done
+
+
+def adamw_values(beta1, beta2, eps, weight_decay, lr, bias_correction1, bias_correction2, value, m, v, grad):
+    """torch.optim.AdamW's update of one tensor `value` (decoupled weight decay, bias correction): (new first
+    moment, new second moment, new value)."""
+    m_new = beta1 * m + (1.0 - beta1) * grad
+    v_new = beta2 * v + (1.0 - beta2) * grad * grad
+    denom = ops.sqrt(v_new) / ops.sqrt(bias_correction2) + eps
+    return m_new, v_new, value * (1.0 - lr * weight_decay) - (lr / bias_correction1) * m_new / denom
 
 
 _adamw_one = ops.MultitypeFuncGraph("adamw_one")
@@ -176,13 +186,11 @@ _adamw_one = ops.MultitypeFuncGraph("adamw_one")
                      "Tensor", "Tensor")
 def _adamw_one_parameter(beta1, beta2, eps, weight_decay, learning_rate, bias_correction1, bias_correction2, lr_scale,
                          param, m, v, grad):
-    lr = learning_rate * lr_scale
-    m_new = beta1 * m + (1.0 - beta1) * grad
-    v_new = beta2 * v + (1.0 - beta2) * grad * grad
-    denom = ops.sqrt(v_new) / ops.sqrt(bias_correction2) + eps
+    m_new, v_new, value = adamw_values(beta1, beta2, eps, weight_decay, learning_rate * lr_scale, bias_correction1,
+                                       bias_correction2, param, m, v, grad)
     ops.assign(m, m_new)
     ops.assign(v, v_new)
-    ops.assign(param, param * (1.0 - lr * weight_decay) - (lr / bias_correction1) * m_new / denom)
+    ops.assign(param, value)
     return True
 
 
@@ -201,11 +209,9 @@ class AdamWPerParameter(_AdamWState):
             moment.requires_grad = False
 
     def construct(self, grads):
-        step = self.step + 1
-        ops.assign(self.step, step)
-        step = step.astype(ms.float32)
+        bias_correction1, bias_correction2 = self.next_bias_corrections()
         update = ops.partial(_adamw_one, self.beta1, self.beta2, self.eps, self.weight_decay, self.learning_rate,
-                             1.0 - ops.pow(self.beta1, step), 1.0 - ops.pow(self.beta2, step))
+                             bias_correction1, bias_correction2)
         return self.hyper_map(update, self.lr_scales, self.params, self.exp_avg, self.exp_avg_sq, grads)
 
 
