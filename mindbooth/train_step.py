@@ -151,8 +151,9 @@ def clip_and_update(optimizer, grads, clip_grad: bool, max_grad_norm: float):
 class FusedStep(nn.Cell):
     """GradStep and ApplyStep in one graph, for a step of one pass (no accumulation, no split prior batch) without
     a loss scale: the gradients go to `optimizer` (an AdamWPerParameter: no flat copies) as the backward makes them,
-    with no accumulation buffer (for a full fine-tune of SD 1.5 that buffer alone is 3.2 GiB). Takes GradStep's inputs (`loss_scale` 1); returns GradStep's
-    outputs and the global gradient norm before clipping."""
+    with no accumulation buffer (for a full fine-tune of SD 1.5 that buffer alone is 3.2 GiB). Takes GradStep's
+    inputs (`loss_scale` unused: 1); returns GradStep's outputs and the global gradient norm before clipping (NaN
+    where a gradient was not finite and the step was skipped)."""
 
     def __init__(self, loss_net: DreamBoothLoss, params, optimizer: nn.Cell, clip_grad: bool, max_grad_norm: float):
         super().__init__(auto_prefix=False)
